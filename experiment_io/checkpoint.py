@@ -1,0 +1,182 @@
+"""Checkpoint files: how the experiment objects map to the files of a run directory.
+
+================================  =================================================
+file                              content
+================================  =================================================
+``experiment_structure.pt``       pickled objects: training modules, controller,
+                                  database descriptor (loaded through the trust gate)
+``last_checkpoint.pt``            every ``state_dict`` (model, loss, evaluator,
+                                  controller, metric tracker, RNG, data position)
+``best_checkpoint.pt``            the same, at the best epoch
+``best_model.pt``                 the model's ``state_dict`` at the best epoch
+``checkpoint_epoch_N.pt``         as ``last_checkpoint.pt``, kept for epoch N
+``model_epoch_N.pt``              as ``best_model.pt``, kept for epoch N
+``experiment_manifest.json``      digest, size and provenance of every file above
+================================  =================================================
+
+State files hold plain data and tensors only: each loads with
+``torch.load(path, weights_only=True)``.
+"""
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import format as fmt
+from . import storage
+from .devices import module_device
+from .errors import NotACheckpointError
+from .rng import get_rng_state
+
+__all__ = [
+    "STRUCTURE_NAME",
+    "LAST_NAME",
+    "BEST_NAME",
+    "BEST_MODEL_NAME",
+    "epoch_checkpoint_name",
+    "epoch_model_name",
+    "TrainingPosition",
+    "RunWriter",
+    "structure_payload",
+    "checkpoint_payload",
+    "model_payload",
+]
+
+log = logging.getLogger(__name__)
+
+STRUCTURE_NAME = "experiment_structure.pt"
+LAST_NAME = "last_checkpoint.pt"
+BEST_NAME = "best_checkpoint.pt"
+BEST_MODEL_NAME = "best_model.pt"
+
+
+def epoch_checkpoint_name(epoch):
+    return f"checkpoint_epoch_{epoch}.pt"
+
+
+def epoch_model_name(epoch):
+    return f"model_epoch_{epoch}.pt"
+
+
+@dataclass
+class TrainingPosition:
+    """Where training stands inside the current epoch.
+
+    :ivar epoch: the epoch in progress (equal to the controller's ``current_epoch``).
+    :ivar samples_done: training samples of this epoch already trained on.
+    :ivar step: optimizer steps taken since the run began.
+    :ivar loss_sum: sum of batch loss times batch size over this epoch so far.
+    :ivar interrupted: why the checkpoint was written mid-epoch (``None`` at an epoch's end).
+    """
+
+    epoch: int = 0
+    samples_done: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    interrupted: str = None
+
+    def state_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state):
+        return cls(**{k: state[k] for k in ("epoch", "samples_done", "step", "loss_sum", "interrupted")})
+
+
+def structure_payload(training_modules, controller, database_descriptor):
+    """The pickled part of a run: whole objects, loaded back through the trust gate."""
+    return {
+        fmt.HEADER_KEY: fmt.make_header("structure"),
+        "training_modules": training_modules,
+        "controller": controller,
+        "database": database_descriptor,
+    }
+
+
+def checkpoint_payload(training_modules, controller, metric_tracker, database, position, structure_digest):
+    """Every state of a run as plain data and tensors."""
+    model, loss, evaluator = training_modules
+    return {
+        fmt.HEADER_KEY: fmt.make_header(
+            "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
+            model_device=str(module_device(model)),
+        ),
+        "model": model.state_dict(),
+        "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
+        "evaluator": evaluator.state_dict(),
+        "controller": controller.state_dict(),
+        "metric_tracker": metric_tracker.state_dict(),
+        "rng": get_rng_state(),
+        "position": position.state_dict(),
+        "database": database.state_dict() if hasattr(database, "state_dict") else None,
+    }
+
+
+def model_payload(model_state, epochs_done, step, structure_digest, model_device):
+    """A model's ``state_dict`` with a header."""
+    return {
+        fmt.HEADER_KEY: fmt.make_header(
+            "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest, model_device=str(model_device),
+        ),
+        "model": model_state,
+    }
+
+
+class RunWriter:
+    """Writes the files of one run directory and keeps its manifest.
+
+    Each file goes through :func:`storage.atomic_write`; the manifest is rewritten,
+    atomically, after every save, so it lists only files that were completely
+    written.
+
+    :param directory: the run directory (created if missing).
+    """
+
+    def __init__(self, directory):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        storage.remove_stale_temporaries(self.directory)
+        try:
+            existing = storage.read_manifest(self.directory)
+        except NotACheckpointError as e:
+            log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", self.directory, e)
+            existing = None
+        self.files = dict(existing[1]) if existing else {}
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+    def record(self, name):
+        """The manifest record of ``name`` (``None`` when it has none)."""
+        return self.files.get(name)
+
+    def has_intact(self, name):
+        """Whether ``name`` exists and matches its manifest record."""
+        record = self.files.get(name)
+        if record is None:
+            return False
+        try:
+            storage.verify_file(self.path(name), record)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def save(self, payloads):
+        """Write several payloads, then the manifest.
+
+        :param payloads: ``{file name: payload dict}``; each payload has a header.
+        :return: ``{file name: FileRecord}``.
+        """
+        records = {}
+        for name, payload in payloads.items():
+            header = payload[fmt.HEADER_KEY]
+            record = storage.atomic_write(self.path(name), lambda f, p=payload: torch.save(p, f))
+            records[name] = record
+            entry = record.as_dict()
+            entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})
+            entry["written_at"] = time.time()
+            self.files[name] = entry
+        storage.write_manifest(self.directory, self.files)
+        return records

@@ -1,0 +1,264 @@
+"""Databases: named numpy arrays split into train, valid and test, served in batches.
+
+The split and the per-epoch shuffling are pure functions of the seed (and the
+epoch), so a restarted run sees the very same data order without any generator
+state to carry: the order of epoch ``e`` is :meth:`Database.epoch_order`\\ ``(e)``.
+
+Databases read from a file (:class:`NPZDatabase`, :class:`HDF5Database`) are
+:class:`Restartable`: the structure file stores a descriptor (the class's import
+path and the arguments that rebuild it) instead of the arrays.
+"""
+import importlib
+import logging
+import os
+import sys
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import DatabaseRestartError, IncompatibleCheckpointError
+
+__all__ = ["Database", "Restartable", "NPZDatabase", "HDF5Database", "restore_database", "SPLITS"]
+
+log = logging.getLogger(__name__)
+
+#: The names of the splits, in the order their indices are drawn.
+SPLITS = ("train", "valid", "test")
+
+_SPLIT_STREAM = 0x5EED
+_EPOCH_STREAM = 0xE90C
+
+
+def _split_count(size, n, name):
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise TypeError(f"{name} must be a fraction in [0, 1) or a number of samples, not {size!r}")
+    if isinstance(size, float):
+        if not 0.0 <= size < 1.0:
+            raise ValueError(f"{name}={size} must be a fraction in [0, 1) or an integer count")
+        return int(round(size * n))
+    if size < 0 or size > n:
+        raise ValueError(f"{name}={size} must lie between 0 and the number of samples ({n})")
+    return size
+
+
+class Database:
+    """Named arrays with a seeded split and a seeded shuffle per epoch.
+
+    :param arrays: ``{name: numpy array}``, all with the same first dimension.
+    :param inputs: names of the arrays fed to the model, in order.
+    :param targets: names of the arrays the loss compares with, in order.
+    :param seed: seed of the split and of every epoch's shuffle.
+    :param valid_size: fraction (float) or number (int) of samples for validation.
+    :param test_size: fraction (float) or number (int) of samples for testing.
+    :param float_dtype: dtype that floating arrays are cast to (default: torch's
+        default dtype, normally float32).
+    """
+
+    restartable = False
+
+    def __init__(self, arrays, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
+        inputs, targets = list(inputs), list(targets)
+        if not inputs or not targets:
+            raise ValueError("a database needs at least one input and one target array")
+        missing = [name for name in inputs + targets if name not in arrays]
+        if missing:
+            raise KeyError(f"arrays {missing} were named as inputs or targets but are not in the database (it has {sorted(arrays)})")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+        dtype = np.dtype(float_dtype) if float_dtype is not None else torch.empty(0).numpy().dtype
+        self.arrays = {}
+        for name in dict.fromkeys(inputs + targets):
+            array = np.asarray(arrays[name])
+            if np.issubdtype(array.dtype, np.floating):
+                array = array.astype(dtype, copy=False)
+            self.arrays[name] = array
+        lengths = {name: len(a) for name, a in self.arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must all have the same number of samples, got {lengths}")
+        self.n_samples = next(iter(lengths.values()))
+        self.inputs, self.targets = inputs, targets
+        self.seed = seed
+        self.valid_size, self.test_size = valid_size, test_size
+        self.float_dtype = str(dtype)
+        n_test = _split_count(test_size, self.n_samples, "test_size")
+        n_valid = _split_count(valid_size, self.n_samples, "valid_size")
+        if n_test + n_valid >= self.n_samples:
+            raise ValueError(f"valid_size and test_size leave no training samples out of {self.n_samples}")
+        order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(self.n_samples)
+        self.splits = {
+            "test": np.sort(order[:n_test]),
+            "valid": np.sort(order[n_test:n_test + n_valid]),
+            "train": np.sort(order[n_test + n_valid:]),
+        }
+
+    def __len__(self):
+        return self.n_samples
+
+    def split_size(self, split):
+        return len(self._split_indices(split))
+
+    def _split_indices(self, split):
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(f"unknown split {split!r}; the splits are {list(SPLITS)}") from None
+
+    def epoch_order(self, epoch):
+        """The order in which epoch ``epoch`` visits the training split.
+
+        :return: positions within the training split, a permutation of
+            ``range(split_size("train"))`` that depends only on the seed and the epoch.
+        """
+        return np.random.default_rng([self.seed, _EPOCH_STREAM, int(epoch)]).permutation(self.split_size("train"))
+
+    def sample_indices(self, split, positions):
+        """Map positions within a split to indices of the arrays."""
+        return self._split_indices(split)[positions]
+
+    def get(self, indices):
+        """The samples at ``indices`` (of the arrays) as ``(inputs, targets)`` tuples of CPU tensors."""
+        def take(name):
+            return torch.from_numpy(np.ascontiguousarray(self.arrays[name][indices]))
+        return tuple(take(n) for n in self.inputs), tuple(take(n) for n in self.targets)
+
+    def batches(self, split, batch_size, *, order=None, start=0):
+        """Iterate over a split in batches.
+
+        :param order: positions within the split to visit (default: the split in
+            index order).
+        :param start: number of samples of ``order`` to skip (for a resumed epoch).
+        :return: an iterator of ``(inputs, targets)``.
+        """
+        if order is None:
+            order = np.arange(self.split_size(split))
+        indices = self.sample_indices(split, order[start:])
+        for begin in range(0, len(indices), batch_size):
+            yield self.get(indices[begin:begin + batch_size])
+
+    def state_dict(self):
+        """What a resume must find unchanged: the seed and the split sizes."""
+        return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS}}
+
+    def load_state_dict(self, state):
+        """Check that this database is the one a checkpoint was trained on.
+
+        :raises IncompatibleCheckpointError: when the seed or the split sizes differ
+            (the data order of the resumed run would silently differ).
+        """
+        mine = self.state_dict()
+        if mine != state:
+            raise IncompatibleCheckpointError(
+                f"the database given for the restart differs from the one the run was trained on "
+                f"(checkpoint: {state}, given: {mine}); the resumed run would see other data in another "
+                "order. Pass the same data, seed and split sizes, or start a new run."
+            )
+
+
+class Restartable:
+    """Mixin of databases that can be rebuilt from a descriptor.
+
+    A subclass stores the keyword arguments that rebuild it in ``self.restart_kwargs``
+    (plain data only) and is rebuilt as ``cls(**restart_kwargs)``.
+    """
+
+    restartable = True
+
+    def descriptor(self):
+        """``{"class": "module.QualName", "kwargs": {...}}``, plain data."""
+        cls = type(self)
+        return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": dict(self.restart_kwargs)}
+
+
+def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype):
+    return {
+        "path": os.path.abspath(os.fspath(path)), "inputs": list(inputs), "targets": list(targets), "seed": seed,
+        "valid_size": valid_size, "test_size": test_size, "float_dtype": None if float_dtype is None else str(np.dtype(float_dtype)),
+    }
+
+
+class NPZDatabase(Restartable, Database):
+    """A database read from a numpy ``.npz`` archive.
+
+    :param path: the archive; its arrays are looked up by the names in ``inputs``
+        and ``targets``. Other parameters as :class:`Database`.
+    """
+
+    def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
+        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
+        with np.load(self.restart_kwargs["path"], allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in dict.fromkeys(list(inputs) + list(targets)) if name in archive}
+        super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
+        self.path = self.restart_kwargs["path"]
+
+
+class HDF5Database(Restartable, Database):
+    """A database read from an HDF5 file; each named array is a dataset of the file.
+
+    :param path: the HDF5 file. Other parameters as :class:`Database`.
+    """
+
+    def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
+        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
+        with h5py.File(self.restart_kwargs["path"], "r") as h5:
+            arrays = {name: h5[name][()] for name in dict.fromkeys(list(inputs) + list(targets)) if name in h5}
+        super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
+        self.path = self.restart_kwargs["path"]
+
+
+def _find_class(path, allowed_modules):
+    """Resolve ``module.QualName`` without importing anything not allowed."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        module = sys.modules.get(module_name)
+        if module is None and any(module_name == m or module_name.startswith(m + ".") for m in allowed_modules):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        if module is None:
+            continue
+        obj = module
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def restore_database(descriptor, *, allow=()):
+    """Rebuild a database from its descriptor.
+
+    Only classes from experiment_io, from modules already imported, or from modules
+    named in ``allow`` are used; nothing else is imported.
+
+    :raises DatabaseRestartError: when the class cannot be found or is not a
+        restartable database, or its file is gone; the message names both.
+    """
+    class_path = descriptor.get("class") if isinstance(descriptor, dict) else None
+    kwargs = descriptor.get("kwargs") if isinstance(descriptor, dict) else None
+    if not isinstance(class_path, str) or not isinstance(kwargs, dict):
+        raise DatabaseRestartError(f"the database descriptor {descriptor!r} is malformed; pass database= yourself")
+    allowed = ["experiment_io"] + [a for a in allow if isinstance(a, str)]
+    cls = _find_class(class_path, allowed)
+    where = kwargs.get("path", "<no file>")
+    if not (isinstance(cls, type) and issubclass(cls, Restartable) and issubclass(cls, Database)):
+        raise DatabaseRestartError(
+            f"cannot rebuild the database: class {class_path} (data file {where}) "
+            + ("is not a restartable Database" if isinstance(cls, type) else "cannot be found among the modules imported or allowed")
+            + ". Import its module first, name the module in allow=[...], or pass database= yourself."
+        )
+    if "path" in kwargs and not os.path.exists(kwargs["path"]):
+        raise DatabaseRestartError(
+            f"cannot rebuild the database {class_path}: its data file {where} does not exist (moved or deleted?). "
+            f"Pass database={cls.__name__}('<new path>', ...) with the same seed and splits to the load function."
+        )
+    try:
+        database = cls(**kwargs)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DatabaseRestartError(f"rebuilding the database {class_path} from {where} failed: {e}. Pass database= yourself.") from e
+    log.info("database rebuilt: %s from %s", class_path, where)
+    return database

@@ -1,0 +1,87 @@
+"""Devices: which device each kind of object lands on after a load.
+
+The placement rules, per object type, for a load with ``model_device``:
+
+=====================  =============================================
+object                 device
+=====================  =============================================
+model, training loss   ``model_device``
+evaluation losses      CPU
+optimizer state        the device of the parameter it belongs to
+RNG states             CPU (``uint8`` tensors), always
+database               CPU
+=====================  =============================================
+"""
+import logging
+
+import torch
+
+from .errors import DeviceError
+
+__all__ = ["resolve_device", "check_location_args", "module_device"]
+
+log = logging.getLogger(__name__)
+
+
+def _accelerator_count(device_type):
+    if device_type == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device_type == "mps":
+        return 1 if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else 0
+    return None
+
+
+def resolve_device(spec):
+    """Turn a device request into a :class:`torch.device` that exists on this machine.
+
+    :param spec: ``None``, ``"auto"`` (CUDA when present, else CPU), a string such
+        as ``"cpu"`` or ``"cuda:1"``, or a :class:`torch.device`.
+    :return: a :class:`torch.device`, or ``None`` for ``None``.
+    :raises DeviceError: for a malformed or unavailable device.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec == "auto":
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        log.info("model_device='auto' resolved to %s", device)
+        return device
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"{spec!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from e
+    count = _accelerator_count(device.type)
+    if count is not None:
+        if count == 0:
+            raise DeviceError(
+                f"device {spec!r} was asked for, but this machine has no {device.type} device. "
+                "Pass model_device='cpu', or model_device='auto' to use the best device available."
+            )
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"device {spec!r} was asked for, but this machine has only {count} {device.type} device(s) "
+                f"(indices 0..{count - 1}). Pick one of those, or model_device='auto'."
+            )
+    return device
+
+
+def check_location_args(map_location, model_device):
+    """Refuse ``map_location`` and ``model_device`` given together.
+
+    :raises DeviceError: naming which argument to drop.
+    """
+    if map_location is not None and model_device is not None:
+        raise DeviceError(
+            "map_location and model_device were both given; pass only one. Drop map_location to "
+            "place each object on its proper device (model and training loss on model_device, the rest "
+            "on the CPU), or drop model_device to send every tensor where map_location says."
+        )
+
+
+def module_device(module, default="cpu"):
+    """The device of a module's first parameter or buffer (``default`` when it has none)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in module.parameters():
+            return tensor.device
+        for tensor in module.buffers():
+            return tensor.device
+    return torch.device(default)

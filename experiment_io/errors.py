@@ -1,0 +1,120 @@
+"""The exceptions of experiment_io.
+
+Every error the library raises on purpose derives from :class:`ExperimentIOError`
+and also from the built-in exception that fits it, so existing ``except
+FileNotFoundError`` or ``except ValueError`` clauses keep working. Each message says
+what went wrong, which file it concerns and how to fix it.
+"""
+import pickle
+
+__all__ = [
+    "ExperimentIOError",
+    "CheckpointNotFoundError",
+    "NotACheckpointError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleCheckpointError",
+    "UnsafeCheckpointError",
+    "StructureClassError",
+    "DatabaseRestartError",
+    "MissingDatabaseError",
+    "DeviceError",
+    "CheckpointWriteError",
+]
+
+
+class ExperimentIOError(Exception):
+    """Base class of every error raised by experiment_io.
+
+    Catch this to handle any failure of the library in one place.
+    """
+
+
+class CheckpointNotFoundError(ExperimentIOError, FileNotFoundError):
+    """A checkpoint file or run directory that was asked for does not exist.
+
+    Raised for a wrong path, or for a directory that holds no checkpoint of this
+    library. The message names the path and the files that were looked for.
+    """
+
+
+class NotACheckpointError(ExperimentIOError, ValueError):
+    """A file exists but is not a checkpoint written by experiment_io.
+
+    Raised for text files, plain ``torch.save`` files of other objects, and files
+    too damaged to be recognised. The message names the file.
+    """
+
+
+class CorruptCheckpointError(ExperimentIOError, ValueError):
+    """A checkpoint file does not match the digest recorded when it was written.
+
+    The file was truncated or changed after it was saved. The message names the file
+    and gives the expected and the actual digest and size. Nothing of the file was
+    unpickled.
+    """
+
+
+class FormatVersionError(ExperimentIOError, ValueError):
+    """A checkpoint was written by a newer on-disk format than this library reads.
+
+    Upgrade experiment_io to load it; the message names the file and both versions.
+    """
+
+
+class IncompatibleCheckpointError(ExperimentIOError, ValueError):
+    """The parts that a load combines do not belong together.
+
+    Raised when a state file lacks an entry the structure needs, when a state file
+    was written for another structure file, or when a database given for a restart is
+    not the one the run was trained on.
+    """
+
+
+class UnsafeCheckpointError(ExperimentIOError, pickle.UnpicklingError):
+    """A structure file refers to globals that the trust gate does not admit.
+
+    Loading it would let the file construct objects, or call functions, that were
+    not allowed. The message names every offending global and the two ways out:
+    ``allow=[...]`` for the names you trust, or ``trusted=True`` for a file you
+    wrote yourself.
+    """
+
+
+class StructureClassError(ExperimentIOError, ImportError):
+    """A class named in a structure file can no longer be found.
+
+    The class was moved or renamed since the file was saved, or its module is not
+    installed. The message names the class and the file.
+    """
+
+
+class DatabaseRestartError(ExperimentIOError, RuntimeError):
+    """The database descriptor stored with a run could not be turned back into a database.
+
+    Its class no longer imports, or its data file moved. The message names both the
+    class and the file, and how to pass a database yourself instead.
+    """
+
+
+class MissingDatabaseError(ExperimentIOError, ValueError):
+    """A restart needs a database that the checkpoint cannot rebuild.
+
+    In-memory databases are not restartable: pass ``database=`` to the load
+    function.
+    """
+
+
+class DeviceError(ExperimentIOError, ValueError):
+    """A device request cannot be met.
+
+    Raised for an unknown or unavailable device, and for ``map_location`` and
+    ``model_device`` given together.
+    """
+
+
+class CheckpointWriteError(ExperimentIOError, OSError):
+    """Writing a checkpoint failed (disk full, I/O error, permissions).
+
+    The temporary file was removed and the previous checkpoint is intact.
+    """

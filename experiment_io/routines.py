@@ -1,0 +1,315 @@
+"""Routines: set up an experiment, train it with checkpoints, test it."""
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    BEST_MODEL_NAME,
+    BEST_NAME,
+    LAST_NAME,
+    STRUCTURE_NAME,
+    RunWriter,
+    TrainingPosition,
+    checkpoint_payload,
+    epoch_checkpoint_name,
+    epoch_model_name,
+    model_payload,
+    structure_payload,
+)
+from .controllers import Controller, PatienceController
+from .databases import SPLITS
+from .devices import module_device, resolve_device
+from .metric_tracker import MetricTracker
+from .training_modules import Evaluator, TrainingModules, as_tuple
+
+__all__ = ["SetupParams", "setup_training", "train_model", "test_model", "setup_and_train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SetupParams:
+    """What :func:`setup_training` needs to build the controller and metric tracker.
+
+    :ivar stopping_key: the evaluation loss (on the validation split) that picks the best model.
+    :ivar batch_size: training batch size.
+    :ivar max_epochs: number of epochs to train.
+    :ivar optimizer: an optimizer class (built over the model's parameters with
+        ``learning_rate`` and ``optimizer_kwargs``) or an optimizer instance.
+    :ivar learning_rate: the learning rate given to an optimizer class.
+    :ivar device: where the model and training loss go: ``"cpu"``, ``"cuda:N"``, ``"auto"``.
+    :ivar eval_batch_size: evaluation batch size (default: ``batch_size``).
+    :ivar scheduler: ``None``, or a callable ``scheduler(optimizer)`` returning an LR
+        scheduler (e.g. ``functools.partial(ReduceLROnPlateau, patience=5)``), or a
+        list of such callables.
+    :ivar termination_patience: stop after this many epochs without improvement
+        (uses a :class:`PatienceController`); ``None`` trains ``max_epochs``.
+    :ivar optimizer_kwargs: further keyword arguments for an optimizer class.
+    """
+
+    stopping_key: str
+    batch_size: int
+    max_epochs: int
+    optimizer: Any = torch.optim.Adam
+    learning_rate: float = 1e-3
+    device: Any = "cpu"
+    eval_batch_size: int = None
+    scheduler: Any = None
+    termination_patience: int = None
+    optimizer_kwargs: dict = field(default_factory=dict)
+
+
+def setup_training(training_modules, setup_params):
+    """Place the modules on their devices and build the controller and metric tracker.
+
+    :param training_modules: a :class:`TrainingModules`.
+    :param setup_params: a :class:`SetupParams`.
+    :return: ``(training_modules, controller, metric_tracker)``.
+    """
+    if not isinstance(training_modules, TrainingModules):
+        training_modules = TrainingModules(*training_modules)
+    model, loss, evaluator = training_modules
+    params = setup_params
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"the model must be a torch.nn.Module, not {type(model).__name__}")
+    if not isinstance(evaluator, Evaluator):
+        raise TypeError(f"the evaluator must be an experiment_io Evaluator, not {type(evaluator).__name__}")
+    if evaluator.model is not model:
+        raise ValueError("the evaluator evaluates another model than the one being trained")
+    if params.stopping_key not in evaluator.evaluation_losses:
+        raise KeyError(
+            f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses {sorted(evaluator.evaluation_losses)}"
+        )
+    device = resolve_device(params.device)
+    model.to(device)
+    if isinstance(loss, torch.nn.Module):
+        loss.to(device)
+    for fn in evaluator.evaluation_losses.values():
+        if isinstance(fn, torch.nn.Module):
+            fn.to("cpu")
+    if isinstance(params.optimizer, torch.optim.Optimizer):
+        optimizer = params.optimizer
+        model_params = {id(p) for p in model.parameters()}
+        if not all(id(p) in model_params for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError("the optimizer given in SetupParams holds parameters that are not the model's")
+    else:
+        optimizer = params.optimizer(model.parameters(), lr=params.learning_rate, **params.optimizer_kwargs)
+    makers = params.scheduler if isinstance(params.scheduler, (list, tuple)) else [params.scheduler] if params.scheduler else []
+    schedulers = [make(optimizer) for make in makers]
+    common = dict(eval_batch_size=params.eval_batch_size)
+    if params.termination_patience is not None:
+        controller = PatienceController(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key,
+                                        termination_patience=params.termination_patience, **common)
+    else:
+        controller = Controller(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key, **common)
+    metric_tracker = MetricTracker(params.stopping_key)
+    log.info("training set up on %s: %s, %d scheduler(s), %s", device, type(optimizer).__name__, len(schedulers), type(controller).__name__)
+    return training_modules, controller, metric_tracker
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a request to stop at the next batch boundary.
+
+    A second Ctrl-C raises :class:`KeyboardInterrupt` at once. Nothing is installed
+    outside the main thread; the previous handler is restored on exit.
+    """
+
+    def __init__(self):
+        self.requested = None
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: training stops after the current batch, once the checkpoint is written", self.requested)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_database(database):
+    for split in ("train", "valid"):
+        if database.split_size(split) == 0:
+            raise ValueError(
+                f"the database's {split!r} split is empty; training needs training samples and validation "
+                "samples to pick the best model (raise valid_size)"
+            )
+
+
+def _call_all(callbacks, *args):
+    for cb in callbacks or ():
+        cb(*args)
+
+
+class _Saver:
+    """Writes the checkpoint files of one training run."""
+
+    def __init__(self, directory, training_modules, controller, metric_tracker, database, resuming):
+        self.writer = RunWriter(directory)
+        self.training_modules, self.controller = training_modules, controller
+        self.metric_tracker, self.database = metric_tracker, database
+        if resuming and self.writer.has_intact(STRUCTURE_NAME):
+            log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
+        else:
+            descriptor = database.descriptor() if getattr(database, "restartable", False) else None
+            self.writer.save({STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
+        self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
+
+    def save(self, position, *, better=False, store_best=True, keep_epoch=False):
+        payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
+                                     position, self.structure_digest)
+        files = {LAST_NAME: payload}
+        model = self.training_modules.model
+        model_file = model_payload(payload["model"], position.epoch, position.step, self.structure_digest, module_device(model))
+        if better and store_best:
+            files[BEST_NAME] = payload
+            files[BEST_MODEL_NAME] = model_file
+        if keep_epoch:
+            ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
+            files[epoch_checkpoint_name(ended)] = payload
+            files[epoch_model_name(ended)] = model_file
+        self.writer.save(files)
+        log.debug("saved %s", ", ".join(files))
+
+
+def train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
+                store_all_better=False, store_best=True, store_every=0, quiet=False, *, directory=None):
+    """Train, writing checkpoints into the run directory.
+
+    Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
+    ``best_checkpoint.pt`` and ``best_model.pt`` when the stopping metric improves
+    (with ``store_best``), and ``checkpoint_epoch_N.pt`` / ``model_epoch_N.pt`` every
+    ``store_every`` epochs and, with ``store_all_better``, at every better epoch.
+    A first Ctrl-C (SIGINT) ends training after the current batch, once a mid-epoch
+    ``last_checkpoint.pt`` is written; resuming from it continues with the next
+    sample. A second Ctrl-C raises :class:`KeyboardInterrupt` at once.
+
+    :param training_modules: :class:`TrainingModules` ``(model, loss, evaluator)``.
+    :param database: a :class:`~experiment_io.databases.Database`.
+    :param controller: a :class:`Controller`.
+    :param metric_tracker: a :class:`MetricTracker`.
+    :param callbacks: ``None`` or callables ``cb(epoch, better_model)``, called after each epoch.
+    :param batch_callbacks: ``None`` or callables ``cb(batch_inputs, batch_model_outputs, batch_targets)``.
+    :param store_all_better: keep the epoch files of every better epoch.
+    :param store_best: write ``best_checkpoint.pt`` and ``best_model.pt``.
+    :param store_every: keep the epoch files every this many epochs (0: never).
+    :param quiet: no progress bar.
+    :param directory: the run directory (default: the current working directory).
+    :return: the metric tracker.
+    """
+    if not isinstance(training_modules, TrainingModules):
+        training_modules = TrainingModules(*training_modules)
+    model, loss_fn, evaluator = training_modules
+    _check_database(database)
+    if not isinstance(store_every, int) or store_every < 0:
+        raise ValueError(f"store_every must be a non-negative integer, not {store_every!r}")
+    directory = os.path.abspath(directory or os.getcwd())
+    position = getattr(controller, "resume_position", None) or TrainingPosition(epoch=controller.current_epoch)
+    controller.resume_position = None
+    resuming = controller.current_epoch > 0 or position.samples_done > 0
+    if resuming:
+        log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
+    saver = _Saver(directory, training_modules, controller, metric_tracker, database, resuming)
+    evaluator.database = database
+    device = module_device(model)
+    n_train = database.split_size("train")
+
+    with _InterruptFlag() as interrupt:
+        while controller.current_epoch < controller.max_epochs and controller.stop_reason is None:
+            epoch = controller.current_epoch
+            position.epoch = epoch
+            started = time.perf_counter()
+            model.train()
+            order = database.epoch_order(epoch)
+            bar = tqdm(total=n_train, initial=position.samples_done, disable=quiet, desc=f"epoch {epoch}", unit="sample", leave=False)
+            with contextlib.closing(bar):
+                for batch_inputs, batch_targets in database.batches("train", controller.batch_size, order=order, start=position.samples_done):
+                    inputs = [t.to(device) for t in batch_inputs]
+                    targets = [t.to(device) for t in batch_targets]
+                    controller.optimizer.zero_grad(set_to_none=True)
+                    outputs = as_tuple(model(*inputs))
+                    loss = loss_fn(*outputs, *targets)
+                    loss.backward()
+                    controller.optimizer.step()
+                    n = len(batch_targets[0])
+                    position.samples_done += n
+                    position.step += 1
+                    position.loss_sum += float(loss.detach()) * n
+                    bar.update(n)
+                    _call_all(batch_callbacks, inputs, outputs, targets)
+                    if interrupt.requested:
+                        position.interrupted = interrupt.requested
+                        saver.save(position)
+                        log.warning("training interrupted by %s in epoch %d after %d of %d samples; %s written",
+                                    interrupt.requested, epoch, position.samples_done, n_train, LAST_NAME)
+                        metric_tracker.stop_reason = f"interrupted by {interrupt.requested}"
+                        return metric_tracker
+
+            metrics = {"train": {"loss": position.loss_sum / n_train},
+                       "valid": evaluator.evaluate("valid", batch_size=controller.eval_batch_size)}
+            better = metric_tracker.register_metrics(metrics, epoch, epoch_time=time.perf_counter() - started)
+            if better:
+                metric_tracker.record_best_model(model)
+            controller.push_epoch(epoch, better, metric_tracker.stopping_value(metrics))
+            position = TrainingPosition(epoch=epoch + 1, step=position.step)
+            _call_all(callbacks, epoch, better)
+            keep = (store_every and (epoch + 1) % store_every == 0) or (store_all_better and better)
+            saver.save(position, better=better, store_best=store_best, keep_epoch=bool(keep))
+            log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
+                     metric_tracker.stopping_key, metric_tracker.stopping_value(metrics), " (best so far)" if better else "")
+            if interrupt.requested:
+                metric_tracker.stop_reason = f"interrupted by {interrupt.requested}"
+                log.warning("training interrupted by %s at the end of epoch %d; %s written", interrupt.requested, epoch, LAST_NAME)
+                return metric_tracker
+
+    metric_tracker.stop_reason = controller.stop_reason or f"reached max_epochs={controller.max_epochs}"
+    log.info("training ended (%s); %s", metric_tracker.stop_reason, metric_tracker.summary())
+    return metric_tracker
+
+
+def test_model(database, evaluator, batch_size, when, metric_tracker=None):
+    """Evaluate the model on every non-empty split.
+
+    :param when: a label for these results (e.g. ``"best"``).
+    :param metric_tracker: when given, the results are kept in its ``evaluations[when]``.
+    :return: ``{split: {name: value}}``.
+    """
+    results = {split: evaluator.evaluate(split, database=database, batch_size=batch_size)
+               for split in SPLITS if database.split_size(split) > 0}
+    for split, values in results.items():
+        log.info("%s %s: %s", when, split, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+    if metric_tracker is not None:
+        metric_tracker.evaluations[str(when)] = results
+    return results
+
+
+def setup_and_train(training_modules, database, setup_params, *, store_all_better=False, store_best=True,
+                    store_every=0, quiet=False, callbacks=None, batch_callbacks=None, directory=None):
+    """Set up, train, then load the best model and test it on every split.
+
+    :return: the metric tracker (its ``evaluations["best"]`` holds the test results).
+    """
+    training_modules, controller, metric_tracker = setup_training(training_modules, setup_params)
+    train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
+                store_all_better=store_all_better, store_best=store_best, store_every=store_every, quiet=quiet,
+                directory=directory)
+    if metric_tracker.best_model_state is not None:
+        training_modules.model.load_state_dict(metric_tracker.best_model_state)
+    test_model(database, training_modules.evaluator, controller.eval_batch_size, "best", metric_tracker)
+    return metric_tracker

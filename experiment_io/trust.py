@@ -1,0 +1,179 @@
+"""The trust gate: what a structure file may construct when it is loaded.
+
+A structure file is a pickle of whole objects, and unpickling can run code. The
+gate reads the file's globals without running anything
+(:func:`torch.serialization.get_unsafe_globals_in_checkpoint`) and admits a global
+only when it is
+
+* a class (never a function),
+* of a known family: :class:`torch.nn.Module`, :class:`torch.optim.Optimizer`, LR
+  schedulers, experiment_io's own structure classes, plain containers, or a class
+  registered with :func:`register_safe_classes`,
+* from a module that is torch, experiment_io, already imported, or named by the
+  user in ``allow``.
+
+Globals named exactly in ``allow`` (by object or by ``"module.Name"``) are admitted
+whatever they are. Everything else is refused with an
+:class:`~experiment_io.errors.UnsafeCheckpointError` that lists each offending
+global. The file is then loaded with ``torch.load(weights_only=True)`` and the
+admitted classes; ``trusted=True`` skips the gate for one call and loads with
+full pickle. Refusing never imports a module the user did not allow.
+"""
+import collections
+import contextlib
+import importlib
+import logging
+import sys
+
+import torch
+
+from .controllers import Controller
+from .errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
+from .training_modules import Evaluator, TrainingModules
+
+__all__ = ["register_safe_classes", "admitted_globals", "load_structure"]
+
+log = logging.getLogger(__name__)
+
+_FAMILIES = (
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.optim.lr_scheduler.LRScheduler,
+    torch.optim.lr_scheduler.ReduceLROnPlateau,
+    Controller,
+    Evaluator,
+    TrainingModules,
+)
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedDict, collections.defaultdict,
+                         collections.Counter, collections.deque})
+_IMPORTABLE_ROOTS = ("torch", "experiment_io")
+_registered = set()
+
+
+def register_safe_classes(*classes):
+    """Admit further classes in every structure file (for library authors).
+
+    Use it for classes that are neither modules, optimizers nor schedulers but that
+    your library puts into the objects it trains, e.g. a custom controller.
+
+    :param classes: classes (functions are refused).
+    :raises TypeError: for anything that is not a class.
+    """
+    for cls in classes:
+        if not isinstance(cls, type):
+            raise TypeError(f"register_safe_classes takes classes only, not {cls!r}; pass a function through allow=[...] per load")
+        _registered.add(cls)
+
+
+def _name_of(obj):
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _under(module_name, roots):
+    return any(module_name == r or module_name.startswith(r + ".") for r in roots)
+
+
+def _resolve(global_name, importable):
+    """Find the object a global names, importing only modules under ``importable``.
+
+    :return: ``(object or None, why not)``.
+    """
+    parts = global_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        module = sys.modules.get(module_name)
+        if module is None and _under(module_name, importable):
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(module_name)
+        if module is None:
+            continue
+        obj = module
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
+            obj = getattr(obj, attr)
+        return obj, None
+    return None, "its module is neither imported nor allowed (it was not imported)"
+
+
+def admitted_globals(global_names, *, allow=()):
+    """Decide which globals of a structure file to admit.
+
+    :param global_names: globals the file refers to (as ``"module.Name"``).
+    :param allow: objects or names the user trusts: a class or function object, an
+        exact ``"module.Name"``, or a module name whose family classes are admitted
+        (and which may then be imported).
+    :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
+    :raises UnsafeCheckpointError: naming every refused global.
+    :raises StructureClassError: when an admissible module lacks the named class.
+    """
+    allowed_objects = {_name_of(a): a for a in allow if not isinstance(a, str)}
+    allowed_names = {a for a in allow if isinstance(a, str)}
+    importable = _IMPORTABLE_ROOTS + tuple(allowed_names)
+    admitted, refused, missing = [], [], []
+    for name in sorted(global_names):
+        if name in allowed_objects:
+            admitted.append((allowed_objects[name], name))
+            continue
+        obj, why = _resolve(name, importable)
+        if obj is None:
+            (missing if why.startswith("module ") else refused).append((name, why))
+            continue
+        if name in allowed_names:
+            admitted.append((obj, name))
+        elif not isinstance(obj, type):
+            refused.append((name, f"it is a {type(obj).__name__}, not a class"))
+        elif obj in _CONTAINERS or obj in _registered or issubclass(obj, _FAMILIES):
+            admitted.append((obj, name))
+        else:
+            refused.append((name, "it is a class outside the admitted families (modules, optimizers, schedulers, experiment_io classes, containers)"))
+    if refused:
+        lines = "\n".join(f"  - {n}: {why}" for n, why in refused)
+        raise UnsafeCheckpointError(
+            f"the structure file refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
+            f"If you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function; "
+            "if you wrote this file yourself, pass trusted=True to load it with full pickle."
+        )
+    if missing:
+        lines = "\n".join(f"  - {n}: {why}" for n, why in missing)
+        raise StructureClassError(
+            f"the structure file names classes that cannot be found:\n{lines}\n"
+            "Install or restore the code that defines them (or import it under its old name) before loading."
+        )
+    return admitted
+
+
+@contextlib.contextmanager
+def _extra_safe_globals(entries):
+    """Admit ``entries`` for the duration of one load, leaving the user's own list as it was."""
+    before = list(torch.serialization.get_safe_globals())
+    torch.serialization.add_safe_globals([e for e in entries if e not in before])
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def load_structure(path, *, allow=(), trusted=False, digest=None):
+    """Load a structure file through the trust gate, with every tensor on the CPU.
+
+    :param path: the structure file (already verified against its digest).
+    :param allow: see :func:`admitted_globals`.
+    :param trusted: load with full pickle, skipping the gate (logged).
+    :param digest: the file's digest, for the log.
+    :return: the unpickled payload.
+    """
+    if trusted:
+        log.warning("loading %s (digest %s) with full pickle because trusted=True was given", path, digest)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, EOFError, OSError) as e:
+        raise NotACheckpointError(f"{path} is not a structure file of experiment_io (not a torch.save archive: {e})") from e
+    entries = admitted_globals(names, allow=allow)
+    with _extra_safe_globals(entries):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler raises many types for malformed input
+            raise NotACheckpointError(f"{path} could not be unpickled as a structure file: {e}") from e

@@ -1,0 +1,3 @@
+"""The version of experiment_io."""
+
+__version__ = "0.1.0"
