@@ -164,7 +164,11 @@ class RunWriter:
         return True
 
     def save(self, payloads):
-        """Write several payloads, then the manifest.
+        """Write several payloads, then commit them by writing the manifest.
+
+        Each file's previous generation is kept as ``<name>.prev.pt`` (with its record)
+        until the next save, so that a crash at any instant leaves, for every file,
+        a generation that verifies.
 
         :param payloads: ``{file name: payload dict}``; each payload has a header.
         :return: ``{file name: FileRecord}``.
@@ -172,11 +176,20 @@ class RunWriter:
         records = {}
         for name, payload in payloads.items():
             header = payload[fmt.HEADER_KEY]
-            record = storage.atomic_write(self.path(name), lambda f, p=payload: torch.save(p, f))
+            previous = storage.previous_name(name)
+            had_current = os.path.exists(self.path(name))
+            record = storage.atomic_write(self.path(name), lambda f, p=payload: torch.save(p, f),
+                                          keep_previous=self.path(previous))
             records[name] = record
+            if had_current and name in self.files:
+                self.files[previous] = self.files[name]
+            else:
+                self.files.pop(previous, None)
             entry = record.as_dict()
             entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})
             entry["written_at"] = time.time()
             self.files[name] = entry
+            storage._stage("file_saved", self.path(name))
+        storage._stage("manifest", self.directory)
         storage.write_manifest(self.directory, self.files)
         return records

@@ -20,6 +20,7 @@ __all__ = [
     "MissingDatabaseError",
     "DeviceError",
     "CheckpointWriteError",
+    "RunLockedError",
 ]
 
 
@@ -117,4 +118,13 @@ class CheckpointWriteError(ExperimentIOError, OSError):
     """Writing a checkpoint failed (disk full, I/O error, permissions).
 
     The temporary file was removed and the previous checkpoint is intact.
+    """
+
+
+class RunLockedError(ExperimentIOError, BlockingIOError):
+    """Another live process is writing the same run directory.
+
+    Typically a requeued job started while the old one is still dying. The message
+    names the holder's pid and host. A lock left by a dead process is taken over
+    automatically.
     """

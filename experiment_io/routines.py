@@ -28,6 +28,8 @@ from .checkpoint import (
 from .controllers import Controller, PatienceController
 from .databases import SPLITS
 from .devices import module_device, resolve_device
+from .errors import MissingDatabaseError
+from .storage import RunLock
 from .metric_tracker import MetricTracker
 from .training_modules import Evaluator, TrainingModules, as_tuple
 
@@ -189,7 +191,8 @@ class _Saver:
 
 
 def train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
-                store_all_better=False, store_best=True, store_every=0, quiet=False, *, directory=None):
+                store_all_better=False, store_best=True, store_every=0, quiet=False, *, directory=None,
+                checkpoint_every_batches=0):
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -211,15 +214,32 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     :param store_every: keep the epoch files every this many epochs (0: never).
     :param quiet: no progress bar.
     :param directory: the run directory (default: the current working directory).
+    :param checkpoint_every_batches: also write a mid-epoch ``last_checkpoint.pt``
+        every this many batches (0: only at the end of each epoch).
     :return: the metric tracker.
+    :raises RunLockedError: when another live process is training in the same directory.
     """
     if not isinstance(training_modules, TrainingModules):
         training_modules = TrainingModules(*training_modules)
-    model, loss_fn, evaluator = training_modules
+    for name, value in (("store_every", store_every), ("checkpoint_every_batches", checkpoint_every_batches)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    if database is None:
+        raise MissingDatabaseError(
+            "train_model got no database. A run trained on an in-memory Database cannot rebuild it: "
+            "pass database= to load_checkpoint_from_cwd (or to train_model)."
+        )
     _check_database(database)
-    if not isinstance(store_every, int) or store_every < 0:
-        raise ValueError(f"store_every must be a non-negative integer, not {store_every!r}")
     directory = os.path.abspath(directory or os.getcwd())
+    os.makedirs(directory, exist_ok=True)
+    with RunLock(directory):
+        return _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
+                      store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches)
+
+
+def _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
+           store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches):
+    model, loss_fn, evaluator = training_modules
     position = getattr(controller, "resume_position", None) or TrainingPosition(epoch=controller.current_epoch)
     controller.resume_position = None
     resuming = controller.current_epoch > 0 or position.samples_done > 0
@@ -253,6 +273,8 @@ def train_model(training_modules, database, controller, metric_tracker, callback
                     position.loss_sum += float(loss.detach()) * n
                     bar.update(n)
                     _call_all(batch_callbacks, inputs, outputs, targets)
+                    if checkpoint_every_batches and position.step % checkpoint_every_batches == 0 and not interrupt.requested:
+                        saver.save(position)
                     if interrupt.requested:
                         position.interrupted = interrupt.requested
                         saver.save(position)

@@ -17,6 +17,7 @@ from .databases import restore_database
 from .devices import check_location_args, resolve_device
 from .errors import (
     CheckpointNotFoundError,
+    ExperimentIOError,
     CorruptCheckpointError,
     DeviceError,
     IncompatibleCheckpointError,
@@ -41,41 +42,53 @@ def _exists(path, what):
             " (it is a directory; give the file inside it)" if os.path.isdir(path) else "") + ".")
 
 
-def _verified_record(path, verify):
-    """Verify ``path`` against the manifest of its directory; return its record (or ``None``)."""
-    directory, name = os.path.split(os.path.abspath(path))
+def _read_manifest(directory):
     manifest = storage.read_manifest(directory)
-    if manifest is None or name not in manifest[1]:
-        if not verify:
-            log.warning("loading %s without verification (verify=False)", path)
-            return None
-        where = "there is no manifest beside it" if manifest is None else f"{storage.MANIFEST_NAME} has no record of it"
+    return manifest[1] if manifest else None
+
+
+def _verified_record(path, verify):
+    """Verify a file named by the user against the manifest of its directory; return its record.
+
+    The file may match the record of its own name or of the other generation of its
+    name (a crash between a rename and the manifest's commit leaves it so).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    files = _read_manifest(directory)
+    if not verify:
+        log.warning("loading %s without verification (verify=False)", path)
+        return files.get(name) if files else None
+    base = name.replace(".prev.", ".")
+    if files is None or not ({base, storage.previous_name(base)} & set(files)):
+        where = "there is no manifest beside it" if files is None else f"{storage.MANIFEST_NAME} has no record of it"
         raise CorruptCheckpointError(
             f"{path} cannot be verified: {where}. Keep {storage.MANIFEST_NAME} with the checkpoint files "
             "(copy the run directory whole), or pass verify=False to load it unverified."
         )
-    record = manifest[1][name]
-    if verify:
-        storage.verify_file(path, record)
-    return record
+    generations, problems = storage.find_generations(directory, base, files)
+    for found, record in generations:
+        if os.path.samefile(found, path):
+            return record
+    problem = next((p for p in problems if p.startswith(os.path.abspath(path))), f"{path}: does not verify")
+    raise CorruptCheckpointError(f"{problem}. The file was truncated or modified after it was written.")
 
 
-def _load_state_file(path, kinds, map_location, verify):
-    _exists(path, "checkpoint file")
-    record = _verified_record(path, verify)
+def _torch_load(path, map_location):
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a foreign or damaged file
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
-    return payload, fmt.check_payload(payload, path, kinds), record
 
 
-def _load_structure_file(path, allow, trusted, verify):
-    _exists(path, "structure file")
-    record = _verified_record(path, verify)
+def _load_state_file(path, kinds, map_location, record):
+    payload = _torch_load(path, map_location)
+    return payload, fmt.check_payload(payload, path, kinds)
+
+
+def _load_structure_file(path, allow, trusted, record):
     payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
     fmt.check_payload(payload, path, ("structure",))
-    return payload, record
+    return payload
 
 
 def _check_pairing(state_path, header, structure_path, structure_record):
@@ -112,10 +125,16 @@ def _load_model_state(model, state, path):
         raise IncompatibleCheckpointError(f"the model state in {path} does not fit the model of the structure file: {e}") from e
 
 
+def _plain_device(map_location):
+    """The device a plain ``map_location`` (string or device) names, else ``None``."""
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return None
+
+
 def _place(training_modules, device, map_location):
     model, loss, evaluator = training_modules
-    if device is None and map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        device = torch.device(map_location)
+    device = device if device is not None else _plain_device(map_location)
     if device is not None:
         model.to(device)
         if isinstance(loss, torch.nn.Module):
@@ -123,6 +142,48 @@ def _place(training_modules, device, map_location):
     for fn in evaluator.evaluation_losses.values():
         if isinstance(fn, torch.nn.Module):
             fn.to("cpu")
+
+
+def _assemble(structure, structure_path, state, header, state_path, *, map_location, model_device, database,
+              restart_db, allow, restore_rng):
+    """Turn a loaded structure and state into the objects ``train_model`` takes."""
+    device = _target_device(map_location, model_device, header, state_path)
+    training_modules = structure["training_modules"]
+    controller = structure["controller"]
+    if not isinstance(training_modules, TrainingModules):
+        raise NotACheckpointError(f"{structure_path} holds no TrainingModules (found {type(training_modules).__name__})")
+    try:
+        _place(training_modules, device, map_location)
+        model, loss, evaluator = training_modules
+        _load_model_state(model, state["model"], state_path)
+        if isinstance(loss, torch.nn.Module):
+            loss.load_state_dict(state["loss"])
+        evaluator.load_state_dict(state["evaluator"])
+        controller.load_state_dict(state["controller"])
+        metric_tracker = MetricTracker.from_state_dict(state["metric_tracker"])
+        position = TrainingPosition.from_state_dict(state["position"])
+        rng_state = placed_on_cpu(state["rng"])
+    except ExperimentIOError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
+        raise IncompatibleCheckpointError(f"{state_path} does not fit the objects of {structure_path}: {e!r}") from e
+    position.interrupted = None
+    controller.resume_position = position
+    if restore_rng:
+        set_rng_state(rng_state)
+
+    if database is None and restart_db:
+        descriptor = structure["database"]
+        if descriptor is None:
+            raise MissingDatabaseError(
+                f"the run in {os.path.dirname(os.path.abspath(structure_path))} was trained on an in-memory Database, "
+                "which cannot be rebuilt from the checkpoint. Pass database=<the same Database> to the load function."
+            )
+        database = restore_database(descriptor, allow=allow)
+    if database is not None and state.get("database") is not None and hasattr(database, "load_state_dict"):
+        database.load_state_dict(state["database"])
+    log.info("loaded %s (%s epochs done, step %s) with %s", state_path, header.get("epochs_done"), header.get("step"), structure_path)
+    return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
 
 
 def load_checkpoint(structure_fname, state_fname, restart_db=False, map_location=None, model_device=None, *,
@@ -144,124 +205,155 @@ def load_checkpoint(structure_fname, state_fname, restart_db=False, map_location
         beyond the default families (see :mod:`experiment_io.trust`).
     :param trusted: load the structure file with full pickle (only for files you wrote).
     :param restore_rng: restore every random stream from the checkpoint.
-    :param verify: check every file against the manifest first (``False`` loads
+    :param verify: check both files against the manifest first (``False`` loads
         files that have no manifest, with a warning).
     :return: ``{"training_modules", "controller", "metric_tracker", "database"}``.
-    :raises CheckpointNotFoundError, NotACheckpointError, CorruptCheckpointError,
-        FormatVersionError, IncompatibleCheckpointError, UnsafeCheckpointError,
-        MissingDatabaseError, DatabaseRestartError, DeviceError: see :mod:`experiment_io.errors`.
+    :raises ExperimentIOError: a subclass from :mod:`experiment_io.errors` naming the
+        file and the fix; no file is modified.
     """
     check_location_args(map_location, model_device)
-    structure, structure_record = _load_structure_file(structure_fname, allow, trusted, verify)
-    state, header, _ = _load_state_file(state_fname, ("checkpoint",), map_location if map_location is not None else "cpu", verify)
+    _exists(structure_fname, "structure file")
+    _exists(state_fname, "checkpoint file")
+    structure_record = _verified_record(structure_fname, verify)
+    state_record = _verified_record(state_fname, verify)
+    structure = _load_structure_file(structure_fname, allow, trusted, structure_record)
+    state, header = _load_state_file(state_fname, ("checkpoint",), _location(map_location), state_record)
     _check_pairing(state_fname, header, structure_fname, structure_record)
-    device = _target_device(map_location, model_device, header, state_fname)
+    return _assemble(structure, structure_fname, state, header, state_fname, map_location=map_location,
+                     model_device=model_device, database=database, restart_db=restart_db, allow=allow,
+                     restore_rng=restore_rng)
 
-    training_modules = structure["training_modules"]
-    if not isinstance(training_modules, TrainingModules):
-        raise NotACheckpointError(f"{structure_fname} does not hold TrainingModules")
-    controller = structure["controller"]
-    _place(training_modules, device, map_location)
-    model, loss, evaluator = training_modules
-    _load_model_state(model, state["model"], state_fname)
-    if isinstance(loss, torch.nn.Module):
-        loss.load_state_dict(state["loss"])
-    try:
-        evaluator.load_state_dict(state["evaluator"])
-        controller.load_state_dict(state["controller"])
-    except (KeyError, ValueError) as e:
-        raise IncompatibleCheckpointError(f"{state_fname} does not fit the objects of {structure_fname}: {e}") from e
-    metric_tracker = MetricTracker.from_state_dict(state["metric_tracker"])
-    position = TrainingPosition.from_state_dict(state["position"])
-    position.interrupted = None
-    controller.resume_position = position
-    if restore_rng:
-        set_rng_state(placed_on_cpu(state["rng"]))
 
-    if database is None and restart_db:
-        descriptor = structure["database"]
-        if descriptor is None:
-            raise MissingDatabaseError(
-                f"the run in {os.path.dirname(os.path.abspath(structure_fname))} was trained on an in-memory Database, "
-                "which cannot be rebuilt from the checkpoint. Pass database=<the same Database> to the load function."
-            )
-        database = restore_database(descriptor, allow=allow)
-    if database is not None and state.get("database") is not None and hasattr(database, "load_state_dict"):
-        database.load_state_dict(state["database"])
-    log.info("loaded %s (%s epochs done, step %s) with %s", state_fname, header.get("epochs_done"), header.get("step"), structure_fname)
-    return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
+def _location(map_location):
+    return map_location if map_location is not None else "cpu"
 
 
 def _run_directory(directory):
     directory = os.path.abspath(directory if directory is not None else os.getcwd())
     if not os.path.isdir(directory):
         raise CheckpointNotFoundError(f"run directory {directory} does not exist.")
-    if not os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+    files = _read_manifest(directory)
+    if files is None:
+        if os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+            raise CorruptCheckpointError(
+                f"{directory} holds {STRUCTURE_NAME} but no {storage.MANIFEST_NAME}, so nothing in it can be verified. "
+                "Restore the manifest, or load the files by path with load_checkpoint(..., verify=False)."
+            )
         raise CheckpointNotFoundError(
-            f"{directory} holds no experiment_io run ({STRUCTURE_NAME} is missing). "
+            f"{directory} holds no experiment_io run (no {storage.MANIFEST_NAME} or {STRUCTURE_NAME}). "
             "Change to the directory train_model ran in, or start a new run."
         )
-    return directory
+    return directory, files
 
 
-def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=True, *, which="last",
-                             directory=None, **kwargs):
+def _pick(directory, files, roles, strict, structure_digest=None):
+    """The newest intact generation among ``roles`` (in order) that belongs to ``structure_digest``.
+
+    :return: ``(path, record, problems)``.
+    :raises CorruptCheckpointError: in strict mode at the first problem; otherwise
+        when no generation verifies.
+    """
+    problems = []
+    for role in roles:
+        generations, role_problems = storage.find_generations(directory, role, files)
+        if strict and role_problems:
+            raise CorruptCheckpointError(f"{role_problems[0]} (strict=True: no fallback to another generation).")
+        problems += role_problems
+        for path, record in generations:
+            if structure_digest is not None and record.get("structure_digest") not in (None, structure_digest):
+                problems.append(f"{path}: written for another structure file than the one loaded")
+                if strict:
+                    raise IncompatibleCheckpointError(f"{problems[-1]} (strict=True).")
+                continue
+            if problems:
+                log.warning("using %s; skipped: %s", path, "; ".join(problems))
+            return path, record, problems
+    listed = "\n  - ".join(problems) if problems else "none of them exists"
+    raise (CorruptCheckpointError if problems else CheckpointNotFoundError)(
+        f"no intact generation of {' or '.join(roles)} in {directory}:\n  - {listed}"
+    )
+
+
+def _pick_structure_and_state(directory, files, roles, strict):
+    """A structure generation and a state generation written for it (newest first)."""
+    structures, structure_problems = storage.find_generations(directory, STRUCTURE_NAME, files)
+    if strict and structure_problems:
+        raise CorruptCheckpointError(f"{structure_problems[0]} (strict=True: no fallback to another generation).")
+    if not structures:
+        raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {directory}:\n  - " + "\n  - ".join(structure_problems))
+    error = None
+    for structure_path, structure_record in structures:
+        try:
+            state_path, state_record, _ = _pick(directory, files, roles, strict, structure_record["digest"])
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            error = error or e
+            continue
+        if structure_problems:
+            log.warning("using %s; skipped: %s", structure_path, "; ".join(structure_problems))
+        return structure_path, structure_record, state_path, state_record
+    raise error
+
+
+def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=True, *, which="last", strict=False,
+                             directory=None, database=None, allow=(), trusted=False, restore_rng=True):
     """Load the run in the current directory, ready for ``train_model(**check)``.
+
+    Every file is verified first. With ``which="last"`` the newest checkpoint that
+    verifies is taken: ``last_checkpoint.pt``, then its previous generation, then
+    ``best_checkpoint.pt``; each skipped file is logged with the reason.
 
     :param which: ``"last"`` (the newest checkpoint: it also carries the best model
         and the whole metric history) or ``"best"`` (restart from the best epoch).
+    :param strict: raise at the first file that does not verify instead of falling back.
     :param directory: the run directory (default: the current working directory).
-    :param kwargs: further options of :func:`load_checkpoint` (``database``,
-        ``allow``, ``trusted``, ``restore_rng``, ``verify``).
+    :param database, allow, trusted, restore_rng: as for :func:`load_checkpoint`.
     :return: as :func:`load_checkpoint`.
     """
     if which not in _CHECKPOINT_NAMES:
         raise ValueError(f"which={which!r}; choose 'last' or 'best'")
-    directory = _run_directory(directory)
-    state_path = os.path.join(directory, _CHECKPOINT_NAMES[which])
-    if not os.path.isfile(state_path):
-        raise CheckpointNotFoundError(
-            f"{directory} has no {_CHECKPOINT_NAMES[which]}: the run wrote its structure but no checkpoint yet. "
-            "Start it again from the beginning."
-        )
-    return load_checkpoint(os.path.join(directory, STRUCTURE_NAME), state_path, restart_db=restart_db,
-                           map_location=map_location, model_device=model_device, **kwargs)
+    check_location_args(map_location, model_device)
+    directory, files = _run_directory(directory)
+    roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
+    structure_path, structure_record, state_path, state_record = _pick_structure_and_state(directory, files, roles, strict)
+    structure = _load_structure_file(structure_path, allow, trusted, structure_record)
+    state, header = _load_state_file(state_path, ("checkpoint",), _location(map_location), state_record)
+    return _assemble(structure, structure_path, state, header, state_path, map_location=map_location,
+                     model_device=model_device, database=database, restart_db=restart_db, allow=allow,
+                     restore_rng=restore_rng)
 
 
-def load_model_from_cwd(map_location=None, model_device=None, *, directory=None, allow=(), trusted=False, verify=True):
+def load_model_from_cwd(map_location=None, model_device=None, *, directory=None, strict=False, allow=(), trusted=False):
     """Load the best model of the run in the current directory, ready for prediction.
 
-    The model comes from the structure file with the weights of ``best_model.pt``
-    (or, when the run did not store it, the best model state carried by
-    ``last_checkpoint.pt``), in evaluation mode.
+    The model comes from the structure file with the weights of ``best_model.pt``; if
+    that does not verify (or the run did not store it), the best model state carried
+    by ``last_checkpoint.pt``, then by ``best_checkpoint.pt``, is used. It is returned
+    in evaluation mode.
 
     :param map_location: as for :func:`torch.load`.
     :param model_device: ``'cpu'``, ``'cuda:N'`` or ``'auto'``; not with ``map_location``.
+    :param strict: raise at the first file that does not verify instead of falling back.
     :return: the :class:`torch.nn.Module`.
     """
     check_location_args(map_location, model_device)
-    directory = _run_directory(directory)
-    structure_path = os.path.join(directory, STRUCTURE_NAME)
-    structure, structure_record = _load_structure_file(structure_path, allow, trusted, verify)
-    location = map_location if map_location is not None else "cpu"
-    model_path = os.path.join(directory, BEST_MODEL_NAME)
-    if os.path.isfile(model_path):
-        payload, header, _ = _load_state_file(model_path, ("model",), location, verify)
+    directory, files = _run_directory(directory)
+    structure_path, structure_record, model_path, record = _pick_structure_and_state(
+        directory, files, [BEST_MODEL_NAME, LAST_NAME, BEST_NAME], strict)
+    structure = _load_structure_file(structure_path, allow, trusted, structure_record)
+    payload, header = _load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record)
+    _check_pairing(model_path, header, structure_path, structure_record)
+    if header["kind"] == "model":
         model_state = payload["model"]
     else:
-        model_path = os.path.join(directory, LAST_NAME)
-        payload, header, _ = _load_state_file(model_path, ("checkpoint",), location, verify)
-        model_state = payload["metric_tracker"]["best_model_state"]
+        model_state = payload["metric_tracker"].get("best_model_state") if isinstance(payload["metric_tracker"], dict) else None
         if model_state is None:
             raise CheckpointNotFoundError(f"{directory} holds no best model yet: no epoch has finished.")
-        log.info("%s is absent; using the best model state carried by %s", BEST_MODEL_NAME, LAST_NAME)
-    _check_pairing(model_path, header, structure_path, structure_record)
+        log.info("using the best model state carried by %s", model_path)
     device = _target_device(map_location, model_device, header, model_path)
     model = structure["training_modules"].model
-    if device is not None:
-        model.to(device)
-    elif map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
-        model.to(torch.device(map_location))
+    target = device if device is not None else _plain_device(map_location)
+    if target is not None:
+        model.to(target)
     _load_model_state(model, model_state, model_path)
     model.eval()
     log.info("best model (after %s epochs) loaded from %s", header.get("epochs_done"), model_path)

@@ -10,16 +10,20 @@ hashing costs no second pass over the data.
 The manifest (:data:`MANIFEST_NAME`) records, per file, its digest and size and
 what it holds; loaders verify a file against it before unpickling anything.
 """
+import fcntl
+import json
 import logging
 import os
 import re
 import secrets
+import socket
+import time
 from dataclasses import dataclass
 
 import xxhash
 
 from . import format as fmt
-from .errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, RunLockedError
 
 __all__ = [
     "DIGEST_NAME",
@@ -32,6 +36,10 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "remove_stale_temporaries",
+    "previous_name",
+    "find_generations",
+    "RunLock",
+    "LOCK_NAME",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 DIGEST_NAME = "xxh3_128"
 #: The manifest's file name inside a run directory.
 MANIFEST_NAME = "experiment_manifest.json"
+#: The lock file that marks the one process writing a run directory.
+LOCK_NAME = "experiment_io.lock"
 
 _CHUNK = 16 * 1024 * 1024
 _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)\.tmp$")
@@ -102,7 +112,7 @@ def fsync_directory(directory):
         os.close(fd)
 
 
-def atomic_write(path, write, *, hashed=True):
+def atomic_write(path, write, *, hashed=True, keep_previous=None):
     """Write a file atomically and durably.
 
     :param path: the target path; its directory must exist.
@@ -110,6 +120,9 @@ def atomic_write(path, write, *, hashed=True):
         With ``hashed=True`` ``f`` only supports ``write`` and ``flush``; otherwise it
         is a real file opened ``"w+b"`` (seekable, as h5py needs).
     :param hashed: compute the digest while writing.
+    :param keep_previous: when given, an existing file at ``path`` is renamed to
+        this path (in the same directory) just before the new one takes its place,
+        so that the previous generation survives until the caller commits the new one.
     :return: the :class:`FileRecord` of the new file, or ``None`` when not hashed.
     :raises CheckpointWriteError: when the write fails (disk full, I/O error); the
         temporary file is removed and the previous file at ``path`` is untouched.
@@ -126,6 +139,9 @@ def atomic_write(path, write, *, hashed=True):
             os.fsync(raw.fileno())
             _stage("fsynced", temporary)
         record = target.record() if hashed else None
+        if keep_previous is not None and os.path.exists(path):
+            os.replace(path, keep_previous)
+            _stage("rotated", keep_previous)
         os.replace(temporary, path)
         _stage("replaced", path)
         fsync_directory(directory)
@@ -241,3 +257,106 @@ def remove_stale_temporaries(directory):
     if removed:
         log.info("removed %d leftover temporary file(s) in %s: %s", len(removed), directory, ", ".join(removed))
     return removed
+
+
+def previous_name(name):
+    """The name under which the previous generation of ``name`` is kept (``a.pt`` -> ``a.prev.pt``)."""
+    base, ext = os.path.splitext(name)
+    return f"{base}.prev{ext}"
+
+
+def _describe_mismatch(path, record, actual):
+    if record is None:
+        return f"{path}: found {actual.size} bytes with digest {actual.digest}, which no manifest record describes"
+    return (f"{path}: expected {record['size']} bytes with digest {record['digest']}, "
+            f"found {actual.size} bytes with digest {actual.digest}")
+
+
+def find_generations(directory, name, files):
+    """The intact generations of one file of a run, newest first.
+
+    A generation is intact when the file (``name`` or its previous generation) has
+    the digest and size of one of the manifest records of ``name`` and
+    ``previous_name(name)``; matching by digest keeps a load correct whichever
+    instant of a save a crash interrupted.
+
+    :param files: the manifest's records.
+    :return: ``(generations, problems)``: ``[(path, record)]`` sorted by step, newest
+        first, and one text per file that exists (or should) but does not verify.
+    """
+    names = (name, previous_name(name))
+    records = [files[n] for n in names if n in files]
+    found, problems = [], []
+    for candidate in names:
+        path = os.path.join(directory, candidate)
+        try:
+            actual = file_digest(path)
+        except FileNotFoundError:
+            if candidate in files or candidate == name:
+                problems.append(f"{path}: missing")
+            continue
+        match = next((r for r in records if r["digest"] == actual.digest and r["size"] == actual.size), None)
+        if match is None:
+            problems.append(_describe_mismatch(path, files.get(candidate), actual))
+        else:
+            found.append((path, match))
+    found.sort(key=lambda g: (g[1].get("step", 0), g[1].get("written_at", 0)), reverse=True)
+    return found, problems
+
+
+class RunLock:
+    """An advisory lock that admits one writing process per run directory.
+
+    The lock is an ``flock`` on :data:`LOCK_NAME`, so the kernel releases it when its
+    holder dies, however it dies: a lock file left by a dead process is taken over
+    without any guessing. The file records the holder's pid and host for the error
+    that a second writer gets.
+
+    :param directory: the run directory.
+    """
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"{os.path.dirname(self.path)} is being written by another process "
+                f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}). "
+                "Wait for it to end, or stop it, before training in this directory; two writers would interleave their checkpoints."
+            ) from e
+        stale = self._read_holder(fd)
+        if stale:
+            log.info("taking over the lock of %s left by pid %s on %s, which no longer holds it",
+                     self.path, stale.get("pid"), stale.get("host"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _read_holder(fd):
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (ValueError, OSError):
+            return {}
+
+    def release(self):
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
