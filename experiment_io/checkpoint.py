@@ -144,6 +144,7 @@ class RunWriter:
             log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", self.directory, e)
             existing = None
         self.files = dict(existing[1]) if existing else {}
+        self._known_good = set()  # names whose file on disk is the one this writer committed
 
     def path(self, name):
         return os.path.join(self.directory, name)
@@ -173,23 +174,49 @@ class RunWriter:
         :param payloads: ``{file name: payload dict}``; each payload has a header.
         :return: ``{file name: FileRecord}``.
         """
-        records = {}
-        for name, payload in payloads.items():
-            header = payload[fmt.HEADER_KEY]
-            previous = storage.previous_name(name)
-            had_current = os.path.exists(self.path(name))
-            record = storage.atomic_write(self.path(name), lambda f, p=payload: torch.save(p, f),
-                                          keep_previous=self.path(previous))
-            records[name] = record
-            if had_current and name in self.files:
-                self.files[previous] = self.files[name]
-            else:
-                self.files.pop(previous, None)
-            entry = record.as_dict()
-            entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})
-            entry["written_at"] = time.time()
-            self.files[name] = entry
-            storage._stage("file_saved", self.path(name))
-        storage._stage("manifest", self.directory)
-        storage.write_manifest(self.directory, self.files)
+        snapshot = dict(self.files)
+        try:
+            records = {name: self._write_generation(name, payload) for name, payload in payloads.items()}
+            storage._stage("manifest", self.directory)
+            storage.write_manifest(self.directory, self.files)
+        except BaseException:
+            self.files = snapshot  # nothing of this save was committed
+            self._known_good.clear()
+            raise
+        self._known_good.update(payloads)
         return records
+
+    def _matches(self, name, record):
+        if record is None:
+            return False
+        try:
+            actual = storage.file_digest(self.path(name))
+        except FileNotFoundError:
+            return False
+        return (actual.digest, actual.size) == (record["digest"], record["size"])
+
+    def _write_generation(self, name, payload):
+        previous = storage.previous_name(name)
+        committed = self.files.get(name)
+        if name in self._known_good or self._matches(name, committed):
+            # the committed file becomes the previous generation
+            keep_previous = self.path(previous)
+            self.files[previous] = committed
+        else:
+            # the file at ``name`` is absent, damaged, or an uncommitted leftover of a
+            # crashed save: overwrite it, and keep whichever previous generation verifies
+            keep_previous = None
+            if self._matches(previous, committed):
+                self.files[previous] = committed
+            elif not self._matches(previous, self.files.get(previous)):
+                self.files.pop(previous, None)
+        if self.files.get(previous) is None:
+            self.files.pop(previous, None)
+        record = storage.atomic_write(self.path(name), lambda f: torch.save(payload, f), keep_previous=keep_previous)
+        entry = record.as_dict()
+        header = payload[fmt.HEADER_KEY]
+        entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})
+        entry["written_at"] = time.time()
+        self.files[name] = entry
+        storage._stage("file_saved", self.path(name))
+        return record

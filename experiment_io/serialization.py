@@ -247,18 +247,27 @@ def _run_directory(directory):
 
 
 def _pick(directory, files, roles, strict, structure_digest=None):
-    """The newest intact generation among ``roles`` (in order) that belongs to ``structure_digest``.
+    """The first intact generation, in the order of ``roles``, that belongs to ``structure_digest``.
 
+    :param roles: file names, each optionally suffixed ``":current"`` (only the
+        generation holding the committed record of that name) or ``":older"`` (only
+        the previous generation).
     :return: ``(path, record, problems)``.
     :raises CorruptCheckpointError: in strict mode at the first problem; otherwise
         when no generation verifies.
     """
     problems = []
     for role in roles:
-        generations, role_problems = storage.find_generations(directory, role, files)
+        name, _, which = role.partition(":")
+        generations, role_problems = storage.find_generations(directory, name, files)
+        if which == "current":
+            generations = [g for g in generations if g[1] is files.get(name)]
+        elif which == "older":
+            generations = [g for g in generations if g[1] is not files.get(name)]
+            role_problems = []  # reported with the current generation already
         if strict and role_problems:
             raise CorruptCheckpointError(f"{role_problems[0]} (strict=True: no fallback to another generation).")
-        problems += role_problems
+        problems += [p for p in role_problems if p not in problems]
         for path, record in generations:
             if structure_digest is not None and record.get("structure_digest") not in (None, structure_digest):
                 problems.append(f"{path}: written for another structure file than the one loaded")
@@ -268,9 +277,10 @@ def _pick(directory, files, roles, strict, structure_digest=None):
             if problems:
                 log.warning("using %s; skipped: %s", path, "; ".join(problems))
             return path, record, problems
+    names = sorted({role.partition(":")[0] for role in roles})
     listed = "\n  - ".join(problems) if problems else "none of them exists"
     raise (CorruptCheckpointError if problems else CheckpointNotFoundError)(
-        f"no intact generation of {' or '.join(roles)} in {directory}:\n  - {listed}"
+        f"no intact generation of {' or '.join(names)} in {directory}:\n  - {listed}"
     )
 
 
@@ -338,7 +348,7 @@ def load_model_from_cwd(map_location=None, model_device=None, *, directory=None,
     check_location_args(map_location, model_device)
     directory, files = _run_directory(directory)
     structure_path, structure_record, model_path, record = _pick_structure_and_state(
-        directory, files, [BEST_MODEL_NAME, LAST_NAME, BEST_NAME], strict)
+        directory, files, [BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], strict)
     structure = _load_structure_file(structure_path, allow, trusted, structure_record)
     payload, header = _load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record)
     _check_pairing(model_path, header, structure_path, structure_record)

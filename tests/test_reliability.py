@@ -1,0 +1,413 @@
+"""Crash safety: kills at random instants, crashes at every step of the write protocol,
+damaged files, full disks and two writers on one directory.
+
+Crashes are real: a forked child process saves or trains and is ended by SIGKILL (or
+ends itself with ``os._exit`` at a chosen step of the write protocol, which, like a
+kill, runs no cleanup). After every crash the directory must load, verify, and hold
+at least every save that the child reported as committed.
+"""
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import experiment_io.storage as storage
+from experiment_io.checkpoint import (
+    BEST_MODEL_NAME,
+    BEST_NAME,
+    LAST_NAME,
+    STRUCTURE_NAME,
+    RunWriter,
+    TrainingPosition,
+    checkpoint_payload,
+    model_payload,
+    structure_payload,
+)
+from experiment_io.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    ExperimentIOError,
+    RunLockedError,
+)
+from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.routines import setup_training, train_model, SetupParams
+
+from helpers import flip_bit, make_database, make_training_modules, snapshot_directory
+
+torch.set_num_threads(1)
+
+
+def _objects():
+    database = make_database()
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=2))
+    return database, tm, controller, tracker
+
+
+def build_run(directory):
+    """Write the structure file of a run into ``directory``; return ``(save, database)``."""
+    database, tm, controller, _ = _objects()
+    RunWriter(directory).save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    return saver(directory), database
+
+
+def saver(directory):
+    """A save function as a new process would have it: its own writer, reading the manifest afresh.
+
+    ``save(step)`` writes ``last_checkpoint.pt`` and, every third step, also the best
+    checkpoint and best model (three files in one save).
+    """
+    database, tm, controller, tracker = _objects()
+    writer = RunWriter(directory)
+    digest = writer.record(STRUCTURE_NAME)["digest"]
+
+    def save(step):
+        with torch.no_grad():
+            for p in tm.model.parameters():
+                p.add_(0.001)
+        position = TrainingPosition(epoch=step // 7, samples_done=step % 7, step=step)
+        if step % 3 == 0:
+            tracker.record_best_model(tm.model)
+        payload = checkpoint_payload(tm, controller, tracker, database, position, digest)
+        files = {LAST_NAME: payload}
+        if step % 3 == 0:
+            files.update({BEST_NAME: payload, BEST_MODEL_NAME: model_payload(payload["model"], position.epoch, step, digest, "cpu")})
+        writer.save(files)
+
+    return save
+
+
+def check_loads(directory, database, committed):
+    """The directory loads and verifies; the loaded step is at least ``committed``."""
+    check = load_checkpoint_from_cwd(directory=directory, database=database, restore_rng=False)
+    step = check["controller"].resume_position.step
+    assert step >= committed, f"loaded step {step} < committed step {committed}"
+    if check["metric_tracker"].best_model_state is None and not os.path.exists(os.path.join(directory, BEST_MODEL_NAME)):
+        with pytest.raises(CheckpointNotFoundError, match="no best model yet"):
+            load_model_from_cwd(directory=directory)
+    else:
+        assert isinstance(load_model_from_cwd(directory=directory), torch.nn.Module)
+    return step
+
+
+def fork_child(body):
+    """Run ``body(report)`` in a forked child; ``report(n)`` sends ``n`` to the parent.
+
+    :return: ``(pid, read_reports)``; ``read_reports()`` returns every number sent.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        try:
+            body(lambda n: os.write(write_fd, f"{n}\n".encode()))
+        except BaseException:
+            os._exit(70)
+        os._exit(0)
+    os.close(write_fd)
+
+    def read_reports():
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_fd)
+        return [int(x) for x in b"".join(chunks).decode().split()]
+
+    return pid, read_reports
+
+
+def test_kill_storm_while_saving(tmp_path):
+    """70 SIGKILLs at random instants of a process that saves without pause."""
+    save, database = build_run(tmp_path)
+    save(0)
+    rng = random.Random(1)
+    committed, step = 0, 1
+    for _ in range(70):
+        start = step
+
+        def body(report, start=start):
+            save = saver(str(tmp_path))
+            s = start
+            while True:
+                save(s)
+                report(s)
+                s += 1
+
+        pid, read_reports = fork_child(body)
+        time.sleep(rng.uniform(0.0, 0.08))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        reports = read_reports()
+        if reports:
+            committed = reports[-1]
+        loaded = check_loads(str(tmp_path), database, committed)
+        step = loaded + 1
+    assert committed > 0, "the writer never committed a save; the storm tested nothing"
+
+
+def test_kill_storm_while_training_with_a_save_every_batch(tmp_path):
+    """35 SIGKILLs of a training process that checkpoints after every batch."""
+    database = make_database(n=400)
+    rng = random.Random(2)
+    committed = 0
+    original_write_manifest = storage.write_manifest
+    for attempt in range(35):
+        manifest = storage.read_manifest(str(tmp_path))
+        fresh = manifest is None or LAST_NAME not in manifest[1]
+
+        def body(report, fresh=fresh):
+            def write_manifest_and_report(directory, files, **fields):
+                result = original_write_manifest(directory, files, **fields)
+                if LAST_NAME in files:
+                    report(files[LAST_NAME]["step"])
+                return result
+
+            storage.write_manifest = write_manifest_and_report
+            if fresh:
+                tm, controller, tracker = setup_training(make_training_modules(),
+                                                         SetupParams(stopping_key="mse", batch_size=8, max_epochs=1000))
+                train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                            checkpoint_every_batches=1)
+            else:
+                check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+                train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
+                            checkpoint_every_batches=1)
+
+        pid, read_reports = fork_child(body)
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        reports = read_reports()
+        if reports:
+            committed = max(committed, reports[-1])
+        if committed:
+            check_loads(str(tmp_path), database, committed)
+    assert committed > 35, "training made too little progress for the storm to test anything"
+
+
+# Each step of the write protocol at which a crash is simulated, and which of the
+# three files of a "better" save (last, best, best model) it hits.
+STAGES = ["written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved"]
+
+
+@pytest.mark.parametrize("nth_file", [1, 2, 3])
+@pytest.mark.parametrize("stage", STAGES)
+def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
+    save, database = build_run(tmp_path)
+    for step in range(1, 4):  # step 3 is a "better" save of three files
+        save(step)
+    committed = 3
+
+    def body(report):
+        calls = {"n": 0}
+
+        def crash(at_stage, path):
+            if at_stage == stage:
+                calls["n"] += 1
+                if calls["n"] == nth_file:
+                    os._exit(99)
+
+        storage._stage = crash
+        saver(str(tmp_path))(6)  # a better save: three files
+        report(6)
+
+    pid, read_reports = fork_child(body)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 99, "the simulated crash did not happen"
+    assert read_reports() == []
+    step = check_loads(str(tmp_path), database, committed)
+    assert step in (3, 6)
+
+
+def test_crash_before_the_manifest_keeps_the_previous_generation(tmp_path):
+    save, database = build_run(tmp_path)
+    for step in (1, 2, 3):
+        save(step)
+
+    def body(report):
+        def crash(at_stage, path):
+            if at_stage == "manifest":
+                os._exit(99)
+
+        storage._stage = crash
+        saver(str(tmp_path))(6)
+
+    pid, _ = fork_child(body)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 99
+    # every new file is in place but uncommitted: the loader takes the committed generation
+    assert check_loads(str(tmp_path), database, 3) == 3
+
+
+def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
+    save, database = build_run(tmp_path)
+    save(3)
+
+    def body(report):
+        def crash(at_stage, path):
+            if at_stage == "fsynced":
+                os._exit(99)
+
+        storage._stage = crash
+        saver(str(tmp_path))(4)
+
+    pid, _ = fork_child(body)
+    os.waitpid(pid, 0)
+    leftovers = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert leftovers, "the crash should have left a temporary file"
+    assert check_loads(str(tmp_path), database, 3) == 3
+    RunWriter(str(tmp_path))  # the next writer cleans up
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    save, database = build_run(tmp_path)
+    for step in range(1, 8):
+        save(step)
+    return tmp_path, database
+
+
+DAMAGES = {
+    "bit flip": lambda path: flip_bit(path),
+    "bit flip near the end": lambda path: flip_bit(path, os.path.getsize(path) - 30),
+    "empty": lambda path: open(path, "wb").close(),
+    "truncated mid-file": lambda path: os.truncate(path, os.path.getsize(path) // 2),
+    "one byte short": lambda path: os.truncate(path, os.path.getsize(path) - 1),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("name", [LAST_NAME, BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME])
+def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, monkeypatch):
+    directory, database = saved_run
+    DAMAGES[damage](directory / name)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(str(f))) or real_load(f, *a, **k))
+
+    strict_loaders = {
+        LAST_NAME: lambda: load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True),
+        STRUCTURE_NAME: lambda: load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True),
+        BEST_NAME: lambda: load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True, which="best"),
+        BEST_MODEL_NAME: lambda: load_model_from_cwd(directory=str(directory), strict=True),
+    }
+    with pytest.raises(CorruptCheckpointError, match=name):
+        strict_loaders[name]()
+    assert name not in loads, "a damaged file was unpickled"
+
+    if name == STRUCTURE_NAME:
+        # the structure file has no other generation: no fallback can help
+        with pytest.raises(CorruptCheckpointError, match=STRUCTURE_NAME):
+            load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+        return
+    # Without strict, the loaders fall back to the newest generation that verifies.
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step == (6 if name == LAST_NAME else 7)
+    best = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False, which="best")
+    assert best["controller"].resume_position.step == (3 if name == BEST_NAME else 6)
+    model = load_model_from_cwd(directory=str(directory))
+    reference = best["metric_tracker"].best_model_state if name != BEST_NAME else check["metric_tracker"].best_model_state
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), "the fallback did not give the newest best model"
+    assert name not in loads
+
+
+def test_fallback_reaches_best_when_both_generations_of_last_are_bad(saved_run, caplog):
+    directory, database = saved_run
+    flip_bit(directory / LAST_NAME)
+    flip_bit(directory / storage.previous_name(LAST_NAME))
+    with caplog.at_level("WARNING"):
+        check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step == 6  # the newest best save
+    assert LAST_NAME in caplog.text and BEST_NAME in caplog.text
+
+
+def test_failed_load_modifies_no_file(saved_run):
+    directory, database = saved_run
+    flip_bit(directory / LAST_NAME)
+    before = snapshot_directory(directory)
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True)
+    load_checkpoint_from_cwd(directory=str(directory), database=database)
+    assert snapshot_directory(directory) == before
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_disk_full_or_io_error_during_a_save(saved_run, code, monkeypatch):
+    directory, database = saved_run
+    before = snapshot_directory(directory)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial data")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    writer = RunWriter(str(directory))
+    with pytest.raises(CheckpointWriteError) as excinfo:
+        writer.save({LAST_NAME: {"experiment_io": {"kind": "checkpoint"}}})
+    assert isinstance(excinfo.value, OSError)
+    assert os.strerror(code) in str(excinfo.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not [n for n in os.listdir(directory) if n.endswith(".tmp")]
+    assert snapshot_directory(directory) == before
+    assert check_loads(str(directory), database, 7) == 7
+
+
+def test_second_writer_gets_a_clear_error(tmp_path):
+    lock = storage.RunLock(str(tmp_path)).acquire()
+    try:
+        database = make_database()
+        tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=1))
+        code = (
+            "import sys; sys.path.insert(0, %r)\n"
+            "from helpers import train_tiny_run\n"
+            "from experiment_io.errors import RunLockedError\n"
+            "try:\n    train_tiny_run(%r)\nexcept RunLockedError as e:\n    print('LOCKED', e); sys.exit(0)\n"
+            "sys.exit(1)\n"
+        ) % (os.path.dirname(__file__), str(tmp_path))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"pid {os.getpid()}" in proc.stdout
+        with pytest.raises(RunLockedError):
+            train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))
+    finally:
+        lock.release()
+    assert not (tmp_path / LAST_NAME).exists()
+
+
+def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
+    code = (
+        "import sys, time; from experiment_io.storage import RunLock\n"
+        "RunLock(%r).acquire(); print('HELD', flush=True); time.sleep(60)\n"
+    ) % str(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "HELD"
+    with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+        storage.RunLock(str(tmp_path)).acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    lock = storage.RunLock(str(tmp_path)).acquire()  # the dead holder's lock is taken over
+    lock.release()
+    from helpers import train_tiny_run
+    train_tiny_run(tmp_path)
+    assert (tmp_path / LAST_NAME).exists()
+
+
+def test_every_error_is_a_library_error(saved_run):
+    directory, database = saved_run
+    os.remove(directory / storage.MANIFEST_NAME)
+    with pytest.raises(ExperimentIOError, match="no experiment_manifest.json"):
+        load_checkpoint_from_cwd(directory=str(directory), database=database)
