@@ -278,10 +278,13 @@ def _pick(directory, files, roles, strict, structure_digest=None):
                 log.warning("using %s; skipped: %s", path, "; ".join(problems))
             return path, record, problems
     names = sorted({role.partition(":")[0] for role in roles})
-    listed = "\n  - ".join(problems) if problems else "none of them exists"
-    raise (CorruptCheckpointError if problems else CheckpointNotFoundError)(
-        f"no intact generation of {' or '.join(names)} in {directory}:\n  - {listed}"
-    )
+    if not problems:
+        raise CheckpointNotFoundError(
+            f"{directory} has no {' or '.join(names)}: no checkpoint has been written there yet. "
+            "Start the run from the beginning."
+        )
+    listed = "\n  - ".join(problems)
+    raise CorruptCheckpointError(f"no intact generation of {' or '.join(names)} in {directory}:\n  - {listed}")
 
 
 def _pick_structure_and_state(directory, files, roles, strict):

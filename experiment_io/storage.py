@@ -292,8 +292,8 @@ def find_generations(directory, name, files):
         try:
             actual = file_digest(path)
         except FileNotFoundError:
-            if candidate in files or candidate == name:
-                problems.append(f"{path}: missing")
+            if candidate in files:
+                problems.append(f"{path}: missing, although the manifest lists it")
             continue
         match = next((r for r in records if r["digest"] == actual.digest and r["size"] == actual.size), None)
         if match is None:

@@ -83,8 +83,11 @@ def _resolve(global_name, importable):
         module_name = ".".join(parts[:cut])
         module = sys.modules.get(module_name)
         if module is None and _under(module_name, importable):
-            with contextlib.suppress(ImportError):
+            try:
                 module = importlib.import_module(module_name)
+            except ImportError:
+                if cut == 1:
+                    return None, f"module {module_name} cannot be imported (it is allowed, but not installed)"
         if module is None:
             continue
         obj = module
@@ -96,13 +99,14 @@ def _resolve(global_name, importable):
     return None, "its module is neither imported nor allowed (it was not imported)"
 
 
-def admitted_globals(global_names, *, allow=()):
+def admitted_globals(global_names, *, allow=(), source="the structure file"):
     """Decide which globals of a structure file to admit.
 
     :param global_names: globals the file refers to (as ``"module.Name"``).
     :param allow: objects or names the user trusts: a class or function object, an
         exact ``"module.Name"``, or a module name whose family classes are admitted
         (and which may then be imported).
+    :param source: the file, for error messages.
     :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
     :raises UnsafeCheckpointError: naming every refused global.
     :raises StructureClassError: when an admissible module lacks the named class.
@@ -130,14 +134,14 @@ def admitted_globals(global_names, *, allow=()):
     if refused:
         lines = "\n".join(f"  - {n}: {why}" for n, why in refused)
         raise UnsafeCheckpointError(
-            f"the structure file refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
+            f"{source} refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
             f"If you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function; "
             "if you wrote this file yourself, pass trusted=True to load it with full pickle."
         )
     if missing:
         lines = "\n".join(f"  - {n}: {why}" for n, why in missing)
         raise StructureClassError(
-            f"the structure file names classes that cannot be found:\n{lines}\n"
+            f"{source} names classes that cannot be found:\n{lines}\n"
             "Install or restore the code that defines them (or import it under its old name) before loading."
         )
     return admitted
@@ -171,7 +175,7 @@ def load_structure(path, *, allow=(), trusted=False, digest=None):
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except (ValueError, RuntimeError, EOFError, OSError) as e:
         raise NotACheckpointError(f"{path} is not a structure file of experiment_io (not a torch.save archive: {e})") from e
-    entries = admitted_globals(names, allow=allow)
+    entries = admitted_globals(names, allow=allow, source=str(path))
     with _extra_safe_globals(entries):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
