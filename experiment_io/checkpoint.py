@@ -101,7 +101,7 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, p
     return {
         fmt.HEADER_KEY: fmt.make_header(
             "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
-            model_device=str(module_device(model)),
+            model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
         ),
         "model": model.state_dict(),
         "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},

@@ -1,9 +1,9 @@
 """Routines: set up an experiment, train it with checkpoints, test it."""
 import contextlib
 import logging
-import math
 import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,31 +118,67 @@ def setup_training(training_modules, setup_params):
     return training_modules, controller, metric_tracker
 
 
-class _InterruptFlag:
-    """Turns the first Ctrl-C into a request to stop at the next batch boundary.
+#: Exit status of a process that stopped on a preemption signal after saving its
+#: checkpoint (``EX_TEMPFAIL``: "try again"); a job script requeues on it.
+PREEMPTED_EXIT_CODE = 75
 
-    A second Ctrl-C raises :class:`KeyboardInterrupt` at once. Nothing is installed
-    outside the main thread; the previous handler is restored on exit.
+#: The signals that :func:`train_model` turns into "save and stop" by default.
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class _SignalFlag:
+    """Turns the signals of a run into a request to stop at the next batch boundary.
+
+    The handler only records the signal. A second SIGINT raises
+    :class:`KeyboardInterrupt` at once (the checkpoint files stay intact: every write
+    is atomic); further scheduler signals are logged and ignored while the checkpoint
+    is written. Nothing is installed outside the main thread; the previous handlers
+    are restored on exit.
     """
 
-    def __init__(self):
+    def __init__(self, signals):
+        self.signals = tuple(signal.Signals(s) for s in signals)
         self.requested = None
-        self._previous = None
+        self._previous = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning("%s received: training stops after the current batch, once the checkpoint is written", self.requested)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            log.warning("%s received while stopping after %s; the checkpoint is being written", name, self.requested)
+            return
+        self.requested = name
+        log.warning("%s received: training stops after the current batch, once the checkpoint is written", name)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        elif self.signals:
+            log.info("train_model runs outside the main thread: no signal handlers installed")
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _requeue_under_slurm():
+    """Ask SLURM to requeue this job (once); log what was done."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.info("requeue=True but not running under SLURM (no SLURM_JOB_ID): nothing requeued")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("scontrol requeue %s failed: %s", job, e)
+        return
+    if result.returncode == 0:
+        log.warning("requeued SLURM job %s (restart count so far: %s)", job, os.environ.get("SLURM_RESTART_COUNT", "0"))
+    else:
+        log.error("scontrol requeue %s failed (exit %d): %s", job, result.returncode, result.stderr.strip())
 
 
 def _check_database(database):
@@ -169,6 +205,9 @@ class _Saver:
         if resuming and self.writer.has_intact(STRUCTURE_NAME):
             log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
         else:
+            if self.writer.record(STRUCTURE_NAME) is not None:
+                log.warning("starting a new run in %s, which holds another run; the new run's checkpoints supersede it "
+                            "(use a new directory to keep both)", directory)
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
             self.writer.save({STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
@@ -190,18 +229,37 @@ class _Saver:
         log.debug("saved %s", ", ".join(files))
 
 
+@dataclass
+class _Options:
+    store_all_better: bool
+    store_best: bool
+    store_every: int
+    quiet: bool
+    directory: str
+    checkpoint_every_batches: int
+    checkpoint_every_seconds: float
+    signals: tuple
+
+
 def train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
                 store_all_better=False, store_best=True, store_every=0, quiet=False, *, directory=None,
-                checkpoint_every_batches=0):
+                checkpoint_every_batches=0, checkpoint_every_seconds=None, signals=DEFAULT_SIGNALS,
+                exit_on_preemption=True, requeue=False):
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
     ``best_checkpoint.pt`` and ``best_model.pt`` when the stopping metric improves
     (with ``store_best``), and ``checkpoint_epoch_N.pt`` / ``model_epoch_N.pt`` every
     ``store_every`` epochs and, with ``store_all_better``, at every better epoch.
-    A first Ctrl-C (SIGINT) ends training after the current batch, once a mid-epoch
-    ``last_checkpoint.pt`` is written; resuming from it continues with the next
-    sample. A second Ctrl-C raises :class:`KeyboardInterrupt` at once.
+
+    Signals (``signals``, by default SIGTERM, SIGUSR1 and SIGINT) stop training at the
+    next batch boundary, after a mid-epoch ``last_checkpoint.pt`` is written; resuming
+    from it continues with the next sample. After SIGINT (Ctrl-C) ``train_model``
+    returns; a second Ctrl-C raises :class:`KeyboardInterrupt` at once. After SIGTERM
+    or SIGUSR1 (a scheduler's time limit or preemption) the process exits with
+    status :data:`PREEMPTED_EXIT_CODE` (75), which a job script can test to requeue
+    the job, unless ``exit_on_preemption=False``, in which case ``train_model``
+    returns as for SIGINT.
 
     :param training_modules: :class:`TrainingModules` ``(model, loss, evaluator)``.
     :param database: a :class:`~experiment_io.databases.Database`.
@@ -216,14 +274,24 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     :param directory: the run directory (default: the current working directory).
     :param checkpoint_every_batches: also write a mid-epoch ``last_checkpoint.pt``
         every this many batches (0: only at the end of each epoch).
-    :return: the metric tracker.
+    :param checkpoint_every_seconds: also write a mid-epoch ``last_checkpoint.pt``
+        when this many seconds passed since the last save (``None``: never).
+    :param signals: the signals that stop training after a checkpoint (``()``: none).
+    :param exit_on_preemption: exit the process with :data:`PREEMPTED_EXIT_CODE` after
+        a signal other than SIGINT.
+    :param requeue: after such a signal, under SLURM, requeue the job once with
+        ``scontrol requeue $SLURM_JOB_ID``.
+    :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunLockedError: when another live process is training in the same directory.
+    :raises SystemExit: with :data:`PREEMPTED_EXIT_CODE`, see above.
     """
     if not isinstance(training_modules, TrainingModules):
         training_modules = TrainingModules(*training_modules)
     for name, value in (("store_every", store_every), ("checkpoint_every_batches", checkpoint_every_batches)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    if checkpoint_every_seconds is not None and not checkpoint_every_seconds > 0:
+        raise ValueError(f"checkpoint_every_seconds must be positive or None, not {checkpoint_every_seconds!r}")
     if database is None:
         raise MissingDatabaseError(
             "train_model got no database. A run trained on an in-memory Database cannot rebuild it: "
@@ -232,32 +300,41 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     _check_database(database)
     directory = os.path.abspath(directory or os.getcwd())
     os.makedirs(directory, exist_ok=True)
+    options = _Options(store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches,
+                       checkpoint_every_seconds, tuple(signals))
     with RunLock(directory):
-        return _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
-                      store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches)
+        tracker = _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options)
+    preempted = tracker.stop_reason if tracker.stop_reason and tracker.stop_reason.startswith("interrupted by SIG") else None
+    if preempted and not preempted.endswith("SIGINT"):
+        if requeue:
+            _requeue_under_slurm()
+        if exit_on_preemption:
+            log.warning("%s: checkpoint saved, exiting with status %d", preempted, PREEMPTED_EXIT_CODE)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
+    return tracker
 
 
-def _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
-           store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches):
+def _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options):
     model, loss_fn, evaluator = training_modules
     position = getattr(controller, "resume_position", None) or TrainingPosition(epoch=controller.current_epoch)
     controller.resume_position = None
     resuming = controller.current_epoch > 0 or position.samples_done > 0
     if resuming:
         log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
-    saver = _Saver(directory, training_modules, controller, metric_tracker, database, resuming)
+    saver = _Saver(options.directory, training_modules, controller, metric_tracker, database, resuming)
     evaluator.database = database
     device = module_device(model)
     n_train = database.split_size("train")
 
-    with _InterruptFlag() as interrupt:
+    last_save = time.monotonic()
+    with _SignalFlag(options.signals) as interrupt:
         while controller.current_epoch < controller.max_epochs and controller.stop_reason is None:
             epoch = controller.current_epoch
             position.epoch = epoch
             started = time.perf_counter()
             model.train()
             order = database.epoch_order(epoch)
-            bar = tqdm(total=n_train, initial=position.samples_done, disable=quiet, desc=f"epoch {epoch}", unit="sample", leave=False)
+            bar = tqdm(total=n_train, initial=position.samples_done, disable=options.quiet, desc=f"epoch {epoch}", unit="sample", leave=False)
             with contextlib.closing(bar):
                 for batch_inputs, batch_targets in database.batches("train", controller.batch_size, order=order, start=position.samples_done):
                     inputs = [t.to(device) for t in batch_inputs]
@@ -273,8 +350,12 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
                     position.loss_sum += float(loss.detach()) * n
                     bar.update(n)
                     _call_all(batch_callbacks, inputs, outputs, targets)
-                    if checkpoint_every_batches and position.step % checkpoint_every_batches == 0 and not interrupt.requested:
+                    every = options.checkpoint_every_batches
+                    due = (every and position.step % every == 0) or (
+                        options.checkpoint_every_seconds and time.monotonic() - last_save >= options.checkpoint_every_seconds)
+                    if due and not interrupt.requested and position.samples_done < n_train:
                         saver.save(position)
+                        last_save = time.monotonic()
                     if interrupt.requested:
                         position.interrupted = interrupt.requested
                         saver.save(position)
@@ -291,8 +372,9 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
             controller.push_epoch(epoch, better, metric_tracker.stopping_value(metrics))
             position = TrainingPosition(epoch=epoch + 1, step=position.step)
             _call_all(callbacks, epoch, better)
-            keep = (store_every and (epoch + 1) % store_every == 0) or (store_all_better and better)
-            saver.save(position, better=better, store_best=store_best, keep_epoch=bool(keep))
+            keep = (options.store_every and (epoch + 1) % options.store_every == 0) or (options.store_all_better and better)
+            saver.save(position, better=better, store_best=options.store_best, keep_epoch=bool(keep))
+            last_save = time.monotonic()
             log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
                      metric_tracker.stopping_key, metric_tracker.stopping_value(metrics), " (best so far)" if better else "")
             if interrupt.requested:

@@ -1,0 +1,132 @@
+"""Small builders shared by the unit tests: a tiny model, tiny data, a tiny run.
+
+Everything here is module level so that the trust gate admits it: the module is
+already imported when a structure file that names :class:`TinyNet` is loaded.
+"""
+import os
+
+import numpy as np
+import torch
+
+from experiment_io import (
+    Controller,
+    PatienceController,
+    Database,
+    Evaluator,
+    SetupParams,
+    TrainingModules,
+    setup_training,
+    train_model,
+)
+from experiment_io import storage
+
+N_FEATURES = 3
+
+
+class TinyNet(torch.nn.Module):
+    """A two-layer perceptron small enough to train in milliseconds."""
+
+    def __init__(self, n_in=N_FEATURES, n_hidden=8):
+        super().__init__()
+        self.layer1 = torch.nn.Linear(n_in, n_hidden)
+        self.layer2 = torch.nn.Linear(n_hidden, 1)
+
+    def forward(self, x):
+        return self.layer2(torch.tanh(self.layer1(x)))
+
+
+class RenamedLater(torch.nn.Module):
+    """A module class that tests rename (delete from this module) after saving."""
+
+    def forward(self, x):
+        return x
+
+
+class ScaledMSE(torch.nn.Module):
+    """A mean squared error with a buffer, so that its device can be seen."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, prediction, target):
+        return self.scale * torch.mean((prediction - target) ** 2)
+
+
+def make_arrays(n=200, seed=0):
+    """``{"x": (n, 3), "y": (n, 1), "idx": (n,)}`` of float32/int64 numpy arrays."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, N_FEATURES)).astype(np.float32)
+    y = (np.sin(x).sum(axis=1, keepdims=True) + 0.1 * rng.standard_normal((n, 1))).astype(np.float32)
+    return {"x": x, "y": y, "idx": np.arange(n, dtype=np.int64)}
+
+
+def make_database(n=200, seed=0, valid_size=0.1, test_size=0.1, data_seed=0):
+    """An in-memory :class:`Database` over :func:`make_arrays`."""
+    return Database(make_arrays(n, data_seed), ["x"], ["y"], seed, valid_size, test_size)
+
+
+def make_training_modules(seed=0, *, buffered=False):
+    """``TrainingModules(TinyNet, MSELoss, Evaluator{mse, mae})`` with seeded weights.
+
+    :param buffered: use :class:`ScaledMSE` (a loss with a buffer) as the training
+        loss and as the ``mse`` evaluation loss.
+    """
+    torch.manual_seed(seed)
+    model = TinyNet()
+    mse = ScaledMSE if buffered else torch.nn.MSELoss
+    evaluator = Evaluator(model, {"mse": mse(), "mae": torch.nn.L1Loss()}, batch_size=64)
+    return TrainingModules(model, mse(), evaluator)
+
+
+def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batch_size=32, seed=0, buffered=False,
+                   **setup_kwargs):
+    """Set up and train a tiny run in ``directory``.
+
+    :return: ``(training_modules, controller, metric_tracker, database)``.
+    """
+    database = database if database is not None else make_database()
+    tm = make_training_modules(seed, buffered=buffered)
+    params = SetupParams(stopping_key="mse", batch_size=batch_size, max_epochs=max_epochs, device=device, **setup_kwargs)
+    tm, controller, tracker = setup_training(tm, params)
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(directory))
+    return tm, controller, tracker, database
+
+
+def snapshot_directory(directory):
+    """``{relative path: digest}`` of every file below ``directory`` (to prove nothing changed)."""
+    result = {}
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            result[os.path.relpath(path, directory)] = storage.file_digest(path).digest
+    return result
+
+
+def make_controller(*, schedulers=(), lr=0.05, patience=None, seed=0, max_epochs=100):
+    """A model with an Adam optimizer over it and a controller with ``schedulers`` (factories)."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    built = [make(optimizer) for make in schedulers]
+    if patience is None:
+        controller = Controller(optimizer, built, 16, max_epochs, "mse")
+    else:
+        controller = PatienceController(optimizer, built, 16, max_epochs, "mse", termination_patience=patience)
+    return model, controller
+
+
+def flip_bit(path, offset=None):
+    """Flip one bit of the file at ``path`` (in the middle by default)."""
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        at = len(data) // 2 if offset is None else offset
+        data[at] ^= 0x01
+        f.seek(0)
+        f.write(bytes(data))
+
+
+__all__ = [
+    "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
+    "snapshot_directory", "make_controller", "flip_bit",
+]
