@@ -46,17 +46,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The pickled objects of a run, written once at its start.
 STRUCTURE_NAME = "experiment_structure.pt"
+#: Every state of the run after its newest save.
 LAST_NAME = "last_checkpoint.pt"
+#: Every state of the run at its best epoch.
 BEST_NAME = "best_checkpoint.pt"
+#: The model's ``state_dict`` at the best epoch.
 BEST_MODEL_NAME = "best_model.pt"
 
 
 def epoch_checkpoint_name(epoch):
+    """The name of the checkpoint kept for the 0-based ``epoch``."""
     return f"checkpoint_epoch_{epoch}.pt"
 
 
 def epoch_model_name(epoch):
+    """The name of the model state kept for the 0-based ``epoch``."""
     return f"model_epoch_{epoch}.pt"
 
 
@@ -78,10 +84,12 @@ class TrainingPosition:
     interrupted: str = None
 
     def state_dict(self):
+        """The position as a plain dict."""
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state):
+        """Build a position from :meth:`state_dict`'s output."""
         return cls(**{k: state[k] for k in ("epoch", "samples_done", "step", "loss_sum", "interrupted")})
 
 
@@ -147,6 +155,7 @@ class RunWriter:
         self._known_good = set()  # names whose file on disk is the one this writer committed
 
     def path(self, name):
+        """The path of ``name`` in the run directory."""
         return os.path.join(self.directory, name)
 
     def record(self, name):

@@ -96,6 +96,7 @@ class Database:
         return self.n_samples
 
     def split_size(self, split):
+        """The number of samples in ``split``."""
         return len(self._split_indices(split))
 
     def _split_indices(self, split):

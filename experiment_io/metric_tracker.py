@@ -60,6 +60,7 @@ class MetricTracker:
             ) from e
 
     def is_better(self, value):
+        """Whether ``value`` of the stopping metric beats the best so far (NaN never does)."""
         if math.isnan(value):
             return False
         best = self.best_value
@@ -114,6 +115,7 @@ class MetricTracker:
         }
 
     def load_state_dict(self, state):
+        """Restore what :meth:`state_dict` returned."""
         self.stopping_key = state["stopping_key"]
         self.stopping_split = state["stopping_split"]
         self.larger_is_better = state["larger_is_better"]

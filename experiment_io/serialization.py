@@ -246,18 +246,20 @@ def _run_directory(directory):
     return directory, files
 
 
-def _pick(directory, files, roles, strict, structure_digest=None):
+def _pick(directory, files, roles, strict, structure_digest=None, newest_first=False):
     """The first intact generation, in the order of ``roles``, that belongs to ``structure_digest``.
 
     :param roles: file names, each optionally suffixed ``":current"`` (only the
         generation holding the committed record of that name) or ``":older"`` (only
         the previous generation).
+    :param newest_first: take the generation with the highest step first, whatever
+        its role (ties go to the earlier role).
     :return: ``(path, record, problems)``.
     :raises CorruptCheckpointError: in strict mode at the first problem; otherwise
         when no generation verifies.
     """
-    problems = []
-    for role in roles:
+    problems, candidates = [], []
+    for rank, role in enumerate(roles):
         name, _, which = role.partition(":")
         generations, role_problems = storage.find_generations(directory, name, files)
         if which == "current":
@@ -268,15 +270,18 @@ def _pick(directory, files, roles, strict, structure_digest=None):
         if strict and role_problems:
             raise CorruptCheckpointError(f"{role_problems[0]} (strict=True: no fallback to another generation).")
         problems += [p for p in role_problems if p not in problems]
-        for path, record in generations:
-            if structure_digest is not None and record.get("structure_digest") not in (None, structure_digest):
-                problems.append(f"{path}: written for another structure file than the one loaded")
-                if strict:
-                    raise IncompatibleCheckpointError(f"{problems[-1]} (strict=True).")
-                continue
-            if problems:
-                log.warning("using %s; skipped: %s", path, "; ".join(problems))
-            return path, record, problems
+        candidates += [(path, record, rank) for path, record in generations]
+    if newest_first:
+        candidates.sort(key=lambda c: (-c[1].get("step", 0), c[2]))
+    for path, record, _ in candidates:
+        if structure_digest is not None and record.get("structure_digest") not in (None, structure_digest):
+            problems.append(f"{path}: written for another structure file than the one loaded")
+            if strict:
+                raise IncompatibleCheckpointError(f"{problems[-1]} (strict=True).")
+            continue
+        if problems:
+            log.warning("using %s; skipped: %s", path, "; ".join(problems))
+        return path, record, problems
     names = sorted({role.partition(":")[0] for role in roles})
     if not problems:
         raise CheckpointNotFoundError(
@@ -287,7 +292,7 @@ def _pick(directory, files, roles, strict, structure_digest=None):
     raise CorruptCheckpointError(f"no intact generation of {' or '.join(names)} in {directory}:\n  - {listed}")
 
 
-def _pick_structure_and_state(directory, files, roles, strict):
+def _pick_structure_and_state(directory, files, roles, strict, newest_first=False):
     """A structure generation and a state generation written for it (newest first)."""
     structures, structure_problems = storage.find_generations(directory, STRUCTURE_NAME, files)
     if strict and structure_problems:
@@ -297,7 +302,7 @@ def _pick_structure_and_state(directory, files, roles, strict):
     error = None
     for structure_path, structure_record in structures:
         try:
-            state_path, state_record, _ = _pick(directory, files, roles, strict, structure_record["digest"])
+            state_path, state_record, _ = _pick(directory, files, roles, strict, structure_record["digest"], newest_first)
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
             error = error or e
             continue
@@ -311,15 +316,19 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
                              directory=None, database=None, allow=(), trusted=False, restore_rng=True):
     """Load the run in the current directory, ready for ``train_model(**check)``.
 
-    Every file is verified first. With ``which="last"`` the newest checkpoint that
-    verifies is taken: ``last_checkpoint.pt``, then its previous generation, then
-    ``best_checkpoint.pt``; each skipped file is logged with the reason.
+    Every file is verified first, and the newest checkpoint that verifies is taken:
+    with ``which="last"``, among ``last_checkpoint.pt``, its previous generation and
+    ``best_checkpoint.pt`` (and its previous generation), the one with the highest
+    step, ``last`` winning ties; each skipped file is logged with the reason.
 
     :param which: ``"last"`` (the newest checkpoint: it also carries the best model
         and the whole metric history) or ``"best"`` (restart from the best epoch).
     :param strict: raise at the first file that does not verify instead of falling back.
     :param directory: the run directory (default: the current working directory).
-    :param database, allow, trusted, restore_rng: as for :func:`load_checkpoint`.
+    :param database: as for :func:`load_checkpoint`.
+    :param allow: as for :func:`load_checkpoint`.
+    :param trusted: as for :func:`load_checkpoint`.
+    :param restore_rng: as for :func:`load_checkpoint`.
     :return: as :func:`load_checkpoint`.
     """
     if which not in _CHECKPOINT_NAMES:
@@ -327,7 +336,8 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
     check_location_args(map_location, model_device)
     directory, files = _run_directory(directory)
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
-    structure_path, structure_record, state_path, state_record = _pick_structure_and_state(directory, files, roles, strict)
+    structure_path, structure_record, state_path, state_record = _pick_structure_and_state(
+        directory, files, roles, strict, newest_first=True)
     structure = _load_structure_file(structure_path, allow, trusted, structure_record)
     state, header = _load_state_file(state_path, ("checkpoint",), _location(map_location), state_record)
     return _assemble(structure, structure_path, state, header, state_path, map_location=map_location,

@@ -71,6 +71,7 @@ class FileRecord:
     digest: str
 
     def as_dict(self):
+        """``{"size": ..., "digest": ...}``."""
         return {"size": self.size, "digest": self.digest}
 
 
@@ -320,6 +321,10 @@ class RunLock:
         self._fd = None
 
     def acquire(self):
+        """Take the lock.
+
+        :raises RunLockedError: naming the pid and host of the live holder.
+        """
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -349,6 +354,7 @@ class RunLock:
             return {}
 
     def release(self):
+        """Give the lock back."""
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -67,6 +67,7 @@ class Evaluator:
         return {name: fn.state_dict() for name, fn in self.evaluation_losses.items() if isinstance(fn, torch.nn.Module)}
 
     def load_state_dict(self, state):
+        """Restore the state of the evaluation losses from :meth:`state_dict`'s output."""
         for name, fn_state in state.items():
             if name not in self.evaluation_losses:
                 raise KeyError(f"evaluation loss {name!r} is in the state but not in this evaluator")

@@ -173,8 +173,8 @@ def load_structure(path, *, allow=(), trusted=False, digest=None):
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (ValueError, RuntimeError, EOFError, OSError) as e:
-        raise NotACheckpointError(f"{path} is not a structure file of experiment_io (not a torch.save archive: {e})") from e
+    except Exception as e:  # a damaged archive or pickle raises many types here
+        raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: {e!r})") from e
     entries = admitted_globals(names, allow=allow, source=str(path))
     with _extra_safe_globals(entries):
         try:

@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from experiment_io import NPZDatabase, storage, train_model
-from experiment_io.checkpoint import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME, RunWriter, structure_payload
+from experiment_io.checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, RunWriter, structure_payload
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -175,14 +175,29 @@ def test_damaged_last_checkpoint_strict(run):
     assert str(run / LAST_NAME) in str(info.value)
 
 
-def test_damaged_last_checkpoint_falls_back_to_its_previous_generation(run, caplog):
-    previous = run / storage.previous_name(LAST_NAME)
-    assert previous.exists()
-    expected = torch.load(previous, weights_only=True)
+def test_damaged_last_checkpoint_falls_back_to_the_newest_intact_generation(run, caplog):
+    """best_checkpoint.pt was written in the same save as the damaged last_checkpoint.pt:
+    it is newer than the previous generation of last, so it is taken."""
+    best = torch.load(run / BEST_NAME, weights_only=True)
+    assert best["controller"]["current_epoch"] == 2
     flip_bit(run / LAST_NAME)
     with caplog.at_level(logging.WARNING, logger="experiment_io"):
         loaded = load_last(run)
     assert str(run / LAST_NAME) in caplog.text
+    assert loaded["controller"].current_epoch == 2
+    for key, value in loaded["training_modules"].model.state_dict().items():
+        assert torch.equal(value, best["model"][key]), key
+
+
+def test_damaged_last_and_best_fall_back_to_the_previous_generation_of_last(run, caplog):
+    previous = run / storage.previous_name(LAST_NAME)
+    assert previous.exists()
+    expected = torch.load(previous, weights_only=True)
+    flip_bit(run / LAST_NAME)
+    flip_bit(run / BEST_NAME)
+    with caplog.at_level(logging.WARNING, logger="experiment_io"):
+        loaded = load_last(run)
+    assert str(run / LAST_NAME) in caplog.text and str(run / BEST_NAME) in caplog.text
     assert loaded["controller"].current_epoch == expected["controller"]["current_epoch"] == 1
     for key, value in loaded["training_modules"].model.state_dict().items():
         assert torch.equal(value, expected["model"][key]), key

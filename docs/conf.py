@@ -1,0 +1,30 @@
+"""Sphinx configuration of the experiment_io documentation.
+
+Build with ``python -m sphinx -W -b html docs docs/_build/html`` from the
+repository root.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+from experiment_io import __version__  # noqa: E402
+
+project = "experiment_io"
+author = "the experiment_io authors"
+copyright = "the experiment_io authors"
+version = release = __version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.viewcode",
+]
+
+exclude_patterns = ["_build"]
+nitpicky = False
+
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints = "none"
+
+html_theme = "alabaster"
