@@ -313,7 +313,8 @@ def _pick_structure_and_state(directory, files, roles, strict, newest_first=Fals
 
 
 def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=True, *, which="last", strict=False,
-                             directory=None, database=None, allow=(), trusted=False, restore_rng=True):
+                             directory=None, database=None, allow=(), trusted=False, restore_rng=True,
+                             missing_ok=False):
     """Load the run in the current directory, ready for ``train_model(**check)``.
 
     Every file is verified first, and the newest checkpoint that verifies is taken:
@@ -329,15 +330,28 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
     :param allow: as for :func:`load_checkpoint`.
     :param trusted: as for :func:`load_checkpoint`.
     :param restore_rng: as for :func:`load_checkpoint`.
+    :param missing_ok: return ``None`` instead of raising when the directory holds no
+        checkpoint yet (damaged files still raise). This makes the restart script and
+        the first start one script::
+
+            check = load_checkpoint_from_cwd(missing_ok=True) or start_fresh()
+            train_model(**check, callbacks=None, batch_callbacks=None)
+
     :return: as :func:`load_checkpoint`.
     """
     if which not in _CHECKPOINT_NAMES:
         raise ValueError(f"which={which!r}; choose 'last' or 'best'")
     check_location_args(map_location, model_device)
-    directory, files = _run_directory(directory)
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
-    structure_path, structure_record, state_path, state_record = _pick_structure_and_state(
-        directory, files, roles, strict, newest_first=True)
+    try:
+        directory, files = _run_directory(directory)
+        structure_path, structure_record, state_path, state_record = _pick_structure_and_state(
+            directory, files, roles, strict, newest_first=True)
+    except CheckpointNotFoundError:
+        if missing_ok:
+            log.info("no checkpoint in %s: starting fresh", directory or os.getcwd())
+            return None
+        raise
     structure = _load_structure_file(structure_path, allow, trusted, structure_record)
     state, header = _load_state_file(state_path, ("checkpoint",), _location(map_location), state_record)
     return _assemble(structure, structure_path, state, header, state_path, map_location=map_location,
