@@ -124,6 +124,27 @@ def test_sigkill_then_restart_is_bit_for_bit(reference, tmp_path, seed):
     assert lines[record["step"]:len(killed_log)] == reference[1][record["step"]:record["step"] + lost]
 
 
+@pytest.mark.parametrize("every,seed", [(3, 0), (7, 1)])
+def test_sigkill_with_checkpoint_every_batches_loses_at_most_n_batches(reference, tmp_path, every, seed):
+    rng = random.Random(200 + seed)
+    proc = start_driver(tmp_path, "fresh", "--batch-sleep", "0.01", "--every", str(every))
+    target = rng.randint(5, 80)
+    wait_until(lambda: len(log_lines(tmp_path)) >= target, proc, f"batch {target}")
+    time.sleep(rng.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    record = last_record(tmp_path)
+    killed_log = log_lines(tmp_path)
+    lost = len(killed_log) - record["step"]
+    assert 0 <= lost <= every, f"{lost} batches would be recomputed, more than checkpoint_every_batches={every}"
+
+    resumed = run_driver(tmp_path, "resume", "--every", str(every))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_result(reference[0], load_result(tmp_path))
+    lines = log_lines(tmp_path)
+    assert lines[:record["step"]] + lines[len(killed_log):] == reference[1]
+
+
 @pytest.mark.parametrize("signame,seed", [("SIGINT", 0), ("SIGINT", 1), ("SIGTERM", 2), ("SIGUSR1", 3)])
 def test_signal_mid_epoch_then_restart_is_bit_for_bit(reference, tmp_path, signame, seed):
     """A signal at a random batch of a random epoch: checkpoint, documented exit, exact resume."""

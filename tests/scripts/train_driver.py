@@ -1,7 +1,7 @@
 """Trains a small model in the current directory; used by the subprocess tests.
 
-    python train_driver.py fresh  [--epochs E] [--batch-sleep S] [--batch-size B]
-    python train_driver.py resume [--epochs E] [--batch-sleep S] [--batch-size B]
+    python train_driver.py fresh  [--epochs E] [--batch-sleep S] [--batch-size B] [--every N]
+    python train_driver.py resume [--epochs E] [--batch-sleep S] [--batch-size B] [--every N]
 
 Both write ``result.pt`` (final parameters, optimizer state, metric history) when
 training ends, and append one line per trained batch to ``batches.log`` (the
@@ -41,6 +41,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-sleep", type=float, default=0.0)
+    parser.add_argument("--every", type=int, default=0, help="checkpoint_every_batches")
     args = parser.parse_args()
     torch.set_num_threads(1)
     log = open("batches.log", "a", buffering=1)
@@ -65,12 +66,13 @@ def main():
                        lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1, factor=0.5)],
         )
         training_modules, controller, metrics = setup_training(TrainingModules(model, torch.nn.MSELoss(), evaluator), params)
-        train_model(training_modules, database, controller, metrics, callbacks=None, batch_callbacks=[record], quiet=True)
+        train_model(training_modules, database, controller, metrics, callbacks=None, batch_callbacks=[record], quiet=True,
+                    checkpoint_every_batches=args.every)
     else:
         check = load_checkpoint_from_cwd()
         controller, metrics = check["controller"], check["metric_tracker"]
         training_modules = check["training_modules"]
-        train_model(**check, callbacks=None, batch_callbacks=[record], quiet=True)
+        train_model(**check, callbacks=None, batch_callbacks=[record], quiet=True, checkpoint_every_batches=args.every)
     if metrics.stop_reason.startswith("interrupted"):
         print("INTERRUPTED", flush=True)
         return 3

@@ -1,0 +1,65 @@
+"""Mid-epoch resume inside one process: the position is counted in samples."""
+import os
+import signal
+
+import numpy as np
+import torch
+
+from experiment_io import Database, Evaluator, SetupParams, TrainingModules, setup_training, train_model
+from experiment_io.serialization import load_checkpoint_from_cwd
+
+from helpers import make_arrays
+
+
+class IndexedNet(torch.nn.Module):
+    """Takes the sample index as a second input (and ignores it), so callbacks can see which samples were trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def forward(self, x, idx):
+        return self.layer(x)
+
+
+def indexed_database():
+    return Database(make_arrays(300), ["x", "idx"], ["y"], seed=3, valid_size=0.1, test_size=0.1)
+
+
+def test_batch_size_changed_between_save_and_restart_sees_each_remaining_sample_once(tmp_path):
+    database = indexed_database()
+    model = IndexedNet()
+    evaluator = Evaluator(model, {"mse": torch.nn.MSELoss()})
+    tm, controller, tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), evaluator),
+                                             SetupParams(stopping_key="mse", batch_size=16, max_epochs=2))
+    seen = []  # (epoch, batch of sample indices)
+
+    def record_and_interrupt(inputs, outputs, targets):
+        seen.append((controller.current_epoch, inputs[1].tolist()))
+        if controller.current_epoch == 1 and sum(1 for e, _ in seen if e == 1) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the 5th batch of epoch 1
+
+    tracker = train_model(tm, database, controller, tracker, None, [record_and_interrupt], quiet=True, directory=str(tmp_path))
+    assert tracker.stop_reason == "interrupted by SIGINT"
+    before = [i for e, batch in seen if e == 1 for i in batch]
+    assert len(before) == 5 * 16
+
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    assert check["controller"].resume_position.samples_done == 80
+    check["controller"].batch_size = 24
+    after_batches = []
+    train_model(**check, callbacks=None, batch_callbacks=[lambda i, o, t: after_batches.append(i[1].tolist())],
+                quiet=True, directory=str(tmp_path))
+    after = [i for batch in after_batches for i in batch]
+
+    expected = database.sample_indices("train", database.epoch_order(1)).tolist()
+    assert before + after == expected  # the epoch's order, each remaining sample exactly once
+    assert sorted(before + after) == sorted(database.splits["train"].tolist())
+    assert all(len(b) == 24 for b in after_batches[:-1])
+    assert len(set(before) & set(after)) == 0
+
+
+def test_epoch_order_differs_between_epochs_and_is_reproducible():
+    database = indexed_database()
+    assert not np.array_equal(database.epoch_order(0), database.epoch_order(1))
+    assert np.array_equal(database.epoch_order(4), indexed_database().epoch_order(4))
