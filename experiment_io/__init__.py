@@ -10,6 +10,8 @@ from .controllers import Controller, PatienceController
 from .databases import Database, HDF5Database, NPZDatabase, Restartable
 from .metric_tracker import MetricTracker
 from .routines import SetupParams, setup_and_train, setup_training, test_model, train_model
+from .sampler import ResumableSampler
+from .standalone import atomic_save, verified_load
 from .training_modules import Evaluator, TrainingModules
 from .trust import register_safe_classes
 
@@ -32,4 +34,7 @@ __all__ = [
     "test_model",
     "setup_and_train",
     "register_safe_classes",
+    "atomic_save",
+    "verified_load",
+    "ResumableSampler",
 ]

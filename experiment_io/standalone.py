@@ -1,0 +1,235 @@
+"""Checkpoints for your own training loop: :func:`atomic_save` and :func:`verified_load`.
+
+They give one object the guarantees of the library's own writes, for users who do
+not train with :func:`~experiment_io.routines.train_model`:
+
+- :func:`atomic_save` writes through :func:`~experiment_io.storage.atomic_write`
+  (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
+  fsync; the digest is computed while writing), keeps the previous generation of the
+  file as ``<name>.prev<ext>``, and then records the new file's digest and size in
+  the directory's manifest (:data:`~experiment_io.storage.MANIFEST_NAME`), written
+  atomically after the file. A process killed at any instant leaves a generation
+  that verifies: the newest committed one, or the one before it.
+- :func:`verified_load` verifies the file against the manifest before unpickling
+  anything, falls back to the previous generation when the current one does not
+  verify (or raises, with ``strict=True``), and loads with
+  ``torch.load(..., weights_only=True)``, always passed explicitly.
+
+The file itself is exactly what ``torch.save(obj, path)`` writes, so plain
+``torch.load`` reads it too (without the verification).
+
+**One writer per directory.** The manifest is shared by every file of a directory
+and each save rewrites it, so two processes saving into one directory at the same
+time can drop each other's records. A dropped record is not a silent error: the
+file it described no longer verifies and :func:`verified_load` refuses it. Save
+from one process (rank 0 in data-parallel training) or give each process its own
+directory, and keep :func:`atomic_save` out of a directory that
+:func:`~experiment_io.routines.train_model` is writing. :func:`atomic_save` takes
+no lock itself: a lock held for one save would only catch two writers whose saves
+happen to overlap, and would collide with the lock that a job holds for its whole
+run. To have a second job refused at its start (a requeued job starting while the
+old one is still dying), hold :class:`~experiment_io.storage.RunLock` around your
+training loop, as ``train_model`` does::
+
+    with RunLock(directory):
+        for step in ...:
+            ...
+            atomic_save(state, os.path.join(directory, "checkpoint.pt"))
+
+Readers take no lock; a load that runs while another process saves the same file
+may fall back to the previous generation or, rarely, fail; load again.
+"""
+import logging
+import os
+import pickle
+import time
+
+import torch
+
+from . import storage
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
+from .version import __version__
+
+__all__ = ["atomic_save", "verified_load"]
+
+log = logging.getLogger(__name__)
+
+#: The ``kind`` of the manifest records that :func:`atomic_save` writes.
+USER_KIND = "user"
+
+
+def _split(path):
+    path = os.path.abspath(os.fspath(path))
+    return (path, *os.path.split(path))
+
+
+def _check_name(path, name):
+    if name in (storage.MANIFEST_NAME, storage.LOCK_NAME):
+        raise ValueError(f"{path}: {name} is a file of experiment_io itself; save under another name.")
+    if os.path.splitext(name)[0].endswith(".prev"):
+        raise ValueError(
+            f"{path}: names of the form <name>.prev<ext> hold the previous generation of <name><ext>; "
+            "save under a name without '.prev'."
+        )
+
+
+def _manifest_files(directory):
+    """The records of the directory's manifest, for a writer (an unreadable manifest is replaced)."""
+    try:
+        manifest = storage.read_manifest(directory)
+    except NotACheckpointError as e:
+        log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", directory, e)
+        manifest = None
+    return dict(manifest[1]) if manifest else {}
+
+
+def _holds(directory, name, record):
+    """Whether the file ``name`` is the one that ``record`` describes."""
+    if record is None:
+        return False
+    path = os.path.join(directory, name)
+    try:
+        if os.stat(path).st_size != record["size"]:
+            return False
+        actual = storage.file_digest(path)
+    except FileNotFoundError:
+        return False
+    return (actual.digest, actual.size) == (record["digest"], record["size"])
+
+
+def atomic_save(obj, path):
+    """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
+
+    The previous file at ``path``, if it is the committed generation, is kept as
+    ``<name>.prev<ext>`` until the next save, so that a crash at any instant leaves a
+    generation that :func:`verified_load` accepts. Before rotating it, the previous
+    file is read once to make sure it is the committed generation and not the
+    uncommitted leftover of a crashed save (which is overwritten instead).
+
+    Save what ``torch.load(weights_only=True)`` reads back: tensors, ``state_dict``\\ s,
+    plain containers, numbers and strings. Objects of your own classes are written,
+    but :func:`verified_load` refuses them unless you register them with
+    :func:`torch.serialization.add_safe_globals`.
+
+    One process should write a directory at a time (see the module's description).
+
+    :param obj: the object to save.
+    :param path: the file to write; its directory is created if missing. The
+        directory's manifest (:data:`~experiment_io.storage.MANIFEST_NAME`) records
+        the file's digest and size with ``"kind": "user"``.
+    :return: the :class:`~experiment_io.storage.FileRecord` (size and digest) of the file.
+    :raises CheckpointWriteError: when writing fails (disk full, permissions); the
+        previous generation and the manifest are untouched.
+    :raises ValueError: for a name that experiment_io uses itself (the manifest, the
+        lock file, or a ``.prev`` name).
+    """
+    path, directory, name = _split(path)
+    _check_name(path, name)
+    os.makedirs(directory, exist_ok=True)
+    storage.remove_stale_temporaries(directory)
+    files = _manifest_files(directory)
+    previous = storage.previous_name(name)
+    committed = files.get(name)
+    if _holds(directory, name, committed):
+        # the committed file becomes the previous generation
+        keep_previous = os.path.join(directory, previous)
+        files[previous] = committed
+    else:
+        # the file is absent, damaged, or an uncommitted leftover of a crashed save:
+        # overwrite it, and keep whichever previous generation verifies
+        keep_previous = None
+        if _holds(directory, previous, committed):
+            files[previous] = committed
+        elif not _holds(directory, previous, files.get(previous)):
+            files.pop(previous, None)
+    record = storage.atomic_write(path, lambda f: torch.save(obj, f), keep_previous=keep_previous)
+    files[name] = {
+        **record.as_dict(),
+        "kind": USER_KIND,
+        "written_at": time.time(),
+        "library_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+    storage.write_manifest(directory, files)
+    log.debug("saved %s (%s)", path, record.digest)
+    return record
+
+
+def _pick(path, directory, name, files, strict):
+    """The generation to load: ``(path, record)``."""
+    committed = files.get(name)
+    generations, problems = storage.find_generations(directory, name, files)
+    if strict:
+        generations = [g for g in generations if g[1] is committed]
+    if generations:
+        chosen, record = generations[0]
+        if record is not committed:
+            log.warning("%s does not verify; loading its previous generation %s instead (%s)",
+                        path, chosen, "; ".join(problems))
+        elif chosen != path:
+            log.info("loading %s from %s, where an interrupted save left it", path, chosen)
+        return chosen, record
+    if not any(os.path.exists(os.path.join(directory, n)) for n in (name, storage.previous_name(name))):
+        raise CheckpointNotFoundError(f"{path} does not exist (nor its previous generation), although "
+                                      f"{storage.MANIFEST_NAME} lists it: it was deleted after it was saved.")
+    listed = "\n  - ".join(problems or [f"{storage.MANIFEST_NAME} records only the previous generation"])
+    if strict:
+        raise CorruptCheckpointError(
+            f"the committed generation of {path} does not verify (strict=True: no fallback to the previous "
+            f"generation):\n  - {listed}")
+    raise CorruptCheckpointError(f"no intact generation of {path} in {directory}:\n  - {listed}")
+
+
+def verified_load(path, *, map_location=None, strict=False):
+    """Load a file written by :func:`atomic_save`, after proving it intact.
+
+    The file is checked against the digest and size that its directory's manifest
+    records. When it does not verify (truncated, bit-flipped, missing), the previous
+    generation ``<name>.prev<ext>`` is loaded instead if it verifies, and a warning
+    names both; after a save that a crash interrupted, the last committed
+    generation is loaded, wherever the crash left it.
+
+    Nothing is unpickled before it verifies, and then only with
+    ``torch.load(..., weights_only=True)``, passed explicitly (so the
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable does not weaken it). There is no
+    retry with ``weights_only=False``.
+
+    :param path: the file that :func:`atomic_save` wrote.
+    :param map_location: as for :func:`torch.load`.
+    :param strict: load only the committed generation: raise instead of falling back
+        to the previous one.
+    :return: the saved object.
+    :raises CheckpointNotFoundError: when the file does not exist.
+    :raises CorruptCheckpointError: when no acceptable generation verifies, or when
+        the file cannot be verified at all: no manifest beside it, or no record of it
+        in the manifest (a file written by plain ``torch.save``).
+    :raises UnsafeCheckpointError: when the file holds objects that
+        ``weights_only=True`` does not admit.
+    :raises NotACheckpointError: when ``torch.load`` fails otherwise (for instance,
+        ``map_location`` names a device that this machine lacks).
+    """
+    path, directory, name = _split(path)
+    manifest = storage.read_manifest(directory) if os.path.isdir(directory) else None
+    files = manifest[1] if manifest else {}
+    if name not in files and storage.previous_name(name) not in files:
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"{path} does not exist.")
+        where = "there is no manifest beside it" if manifest is None else f"{storage.MANIFEST_NAME} has no record of it"
+        raise CorruptCheckpointError(
+            f"{path} cannot be verified: {where}. verified_load reads only files written by atomic_save, "
+            f"with {storage.MANIFEST_NAME} kept beside them (copy the directory whole). "
+            "A file you trust that was written otherwise loads with torch.load(path, weights_only=True)."
+        )
+    chosen, _ = _pick(path, directory, name, files, strict)
+    try:
+        return torch.load(chosen, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
+            "Save state_dicts and plain data instead, or, for classes you trust, register them with "
+            "torch.serialization.add_safe_globals([...]) before loading. verified_load never loads "
+            "with weights_only=False."
+        ) from e
+    except Exception as e:  # torch raises many types for bytes it cannot read
+        raise NotACheckpointError(
+            f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e

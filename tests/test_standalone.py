@@ -1,0 +1,402 @@
+"""atomic_save and verified_load: round trips, generations, damage, crashes, kills and weights_only."""
+import json
+import logging
+import os
+import random
+import runpy
+import signal
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import experiment_io.storage as storage
+from experiment_io import ResumableSampler, atomic_save, verified_load
+from experiment_io.errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    ExperimentIOError,
+    RunLockedError,
+    UnsafeCheckpointError,
+)
+from experiment_io.rng import get_rng_state, set_rng_state
+
+from helpers import flip_bit, snapshot_directory
+from test_reliability import fork_child
+
+torch.set_num_threads(1)
+
+
+def state(step, n=64):
+    """A checkpoint-like object whose every part depends on ``step``."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "step": step,
+        "model": {"weight": torch.randn(n, 4, generator=g), "bias": torch.full((4,), float(step))},
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(n, generator=g)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+        "history": [float(step), [step, "epoch"]],
+    }
+
+
+def assert_bitwise_equal(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_bitwise_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bitwise_equal(x, y)
+    else:
+        assert a == b
+
+
+def manifest_files(directory):
+    return storage.read_manifest(str(directory))[1]
+
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+DAMAGE = {"bit flip": flip_bit, "truncation": truncate}
+
+
+def test_round_trip_is_bitwise_and_recorded(tmp_path):
+    obj = {
+        "nested": {"a": torch.tensor([float("nan"), -0.0, 1e-45, float("inf")]), "b": [torch.arange(5), (1, "x")]},
+        "half": torch.randn(3, 3).to(torch.bfloat16),
+        "double": torch.randn(2, dtype=torch.float64),
+        "mask": torch.tensor([True, False]),
+        "complex": torch.randn(2, dtype=torch.complex64),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+        "plain": {"epoch": 3, "lr": 0.5, "name": "run", "none": None},
+    }
+    path = tmp_path / "ckpt.pt"
+    record = atomic_save(obj, path)
+    assert_bitwise_equal(verified_load(path), obj)
+    assert_bitwise_equal(torch.load(path, weights_only=True), obj)  # the file is what torch.save writes
+    entry = manifest_files(tmp_path)["ckpt.pt"]
+    assert entry["kind"] == "user"
+    assert entry["size"] == os.path.getsize(path) == record.size
+    assert entry["digest"] == storage.file_digest(path).digest == record.digest
+    assert abs(entry["written_at"] - time.time()) < 60
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.recursive(
+    st.one_of(st.integers(-2**62, 2**62), st.floats(allow_nan=False), st.text(max_size=5), st.none(),
+              st.lists(st.floats(width=32, allow_nan=True), max_size=6).map(lambda v: torch.tensor(v, dtype=torch.float32))),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=4), children, max_size=3)),
+    max_leaves=8))
+def test_round_trip_property(tmp_path, obj):
+    path = tmp_path / "prop.pt"
+    atomic_save(obj, path)
+    assert_bitwise_equal(verified_load(path), obj)
+
+
+def test_generations_rotate_and_several_files_share_the_manifest(tmp_path):
+    for step in range(3):
+        atomic_save(state(step), tmp_path / "a.pt")
+    atomic_save(state(10), tmp_path / "b.pt")
+    assert_bitwise_equal(torch.load(tmp_path / "a.prev.pt", weights_only=True), state(1))
+    files = manifest_files(tmp_path)
+    assert set(files) == {"a.pt", "a.prev.pt", "b.pt"}
+    assert files["a.prev.pt"]["digest"] == storage.file_digest(tmp_path / "a.prev.pt").digest
+    assert verified_load(tmp_path / "a.pt")["step"] == 2
+    assert verified_load(tmp_path / "b.pt")["step"] == 10
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_file_falls_back_or_raises_in_strict_mode(tmp_path, caplog, damage):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    DAMAGE[damage](path)
+    before = snapshot_directory(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match="strict=True") as excinfo:
+        verified_load(path, strict=True)
+    assert str(path) in str(excinfo.value)
+    with caplog.at_level(logging.WARNING, logger="experiment_io.standalone"):
+        loaded = verified_load(path)
+    assert_bitwise_equal(loaded, state(1))
+    assert "ckpt.prev.pt" in caplog.text and str(path) in caplog.text
+    assert snapshot_directory(tmp_path) == before  # a load modifies nothing
+
+    # both generations damaged: nothing to fall back to
+    DAMAGE[damage](tmp_path / "ckpt.prev.pt")
+    with pytest.raises(CorruptCheckpointError, match="no intact generation"):
+        verified_load(path)
+
+
+def test_save_after_damage_keeps_the_intact_previous_generation(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    flip_bit(path)
+    atomic_save(state(3), path)  # the damaged file is overwritten, not rotated
+    assert verified_load(path, strict=True)["step"] == 3
+    flip_bit(path)
+    assert verified_load(path)["step"] == 1
+
+
+class Crash(BaseException):
+    """Ends a save at a chosen step of the write protocol, as a kill would."""
+
+
+@pytest.mark.parametrize("target", ["file", "manifest"])
+@pytest.mark.parametrize("stage", ["written", "fsynced", "rotated", "replaced", "directory_fsynced"])
+def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, monkeypatch, stage, target):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    watched = "ckpt.pt" if target == "file" else storage.MANIFEST_NAME
+
+    def crash(stage_now, where):
+        name = os.path.basename(where)  # the temporary ".<name>.<pid>.<token>.tmp" before the rename
+        if stage_now == stage and (name in (watched, storage.previous_name(watched)) or name.startswith(f".{watched}.")):
+            raise Crash(stage)
+
+    monkeypatch.setattr(storage, "_stage", crash)
+    if target == "manifest" and stage == "rotated":
+        atomic_save(state(3), path)  # the manifest keeps no previous generation: no rotation to crash in
+    else:
+        with pytest.raises(Crash):
+            atomic_save(state(3), path)
+    monkeypatch.undo()
+    committed = 3 if target == "manifest" and stage in ("replaced", "directory_fsynced", "rotated") else 2
+    assert verified_load(path, strict=True)["step"] == committed
+    assert verified_load(path)["step"] == committed
+    # the next save recovers, and a damage to it falls back to a committed generation
+    atomic_save(state(4), path)
+    assert verified_load(path, strict=True)["step"] == 4
+    flip_bit(path)
+    assert verified_load(path)["step"] == committed
+
+
+def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    atomic_save(state(0, n=4096), path)
+    rng = random.Random(3)
+    committed, step, kills = 0, 1, 0
+    for _ in range(30):
+        def body(report, start=step):
+            s = start
+            while True:
+                atomic_save(state(s, n=4096), path)
+                report(s)
+                s += 1
+
+        pid, read_reports = fork_child(body)
+        time.sleep(rng.uniform(0.0, 0.04))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        kills += 1
+        reports = read_reports()
+        if reports:
+            committed = reports[-1]
+        loaded = verified_load(path, strict=True)
+        assert loaded["step"] >= committed, f"loaded step {loaded['step']} < committed step {committed}"
+        assert_bitwise_equal(loaded, state(loaded["step"], n=4096))
+        step = loaded["step"] + 1
+    assert kills == 30 and committed > 0, "the writer never committed a save; the storm tested nothing"
+    leftovers = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    atomic_save(state(step, n=4096), path)  # a new writer removes the temporaries of killed ones
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], leftovers
+
+
+@pytest.fixture(params=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def environment(request, monkeypatch):
+    if request.param != "default":
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    return request.param
+
+
+def test_torch_load_always_gets_weights_only_true(tmp_path, monkeypatch, environment):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only", "MISSING"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    verified_load(path)
+    verified_load(path, map_location="cpu", strict=True)
+    flip_bit(path)
+    verified_load(path)  # the fallback generation too
+    assert calls == [True, True, True]
+
+
+class Gadget:
+    """Pickles as a call of ``function(*args)``: what a malicious file would hold."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def test_a_file_that_would_run_code_is_refused(tmp_path, environment):
+    canary = tmp_path / "CANARY"
+    path = tmp_path / "evil.pt"
+    atomic_save({"weights": torch.zeros(2), "payload": Gadget(open, str(canary), "w")}, path)
+    with pytest.raises(UnsafeCheckpointError, match="add_safe_globals"):
+        verified_load(path)
+    assert not canary.exists()
+
+
+def test_a_file_without_a_manifest_record_fails_closed(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save(state(1), plain)
+    with pytest.raises(CorruptCheckpointError, match="no manifest beside it"):
+        verified_load(plain)
+    atomic_save(state(2), tmp_path / "other.pt")  # now there is a manifest, without a record of plain.pt
+    with pytest.raises(CorruptCheckpointError, match="has no record of it") as excinfo:
+        verified_load(plain)
+    assert str(plain) in str(excinfo.value) and "atomic_save" in str(excinfo.value)
+
+
+def test_missing_files_are_not_found(tmp_path):
+    with pytest.raises(CheckpointNotFoundError):
+        verified_load(tmp_path / "nowhere" / "ckpt.pt")
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(FileNotFoundError):
+        verified_load(path)
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    os.remove(path)
+    assert verified_load(path)["step"] == 1
+    os.remove(tmp_path / "ckpt.prev.pt")
+    with pytest.raises(CheckpointNotFoundError, match="deleted"):
+        verified_load(path)
+
+
+def test_failed_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    atomic_save(state(2), path)
+    before = snapshot_directory(tmp_path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        atomic_save(state(3), path)
+    monkeypatch.undo()
+    assert snapshot_directory(tmp_path) == before
+    assert verified_load(path, strict=True)["step"] == 2
+
+
+@pytest.mark.parametrize("name", [storage.MANIFEST_NAME, storage.LOCK_NAME, "ckpt.prev.pt"])
+def test_names_of_the_library_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="another name|without '.prev'"):
+        atomic_save(state(1), tmp_path / name)
+    assert not os.path.exists(tmp_path / name)
+
+
+def test_an_unreadable_manifest_is_replaced_on_save(tmp_path, caplog):
+    (tmp_path / storage.MANIFEST_NAME).write_text("not json")
+    with caplog.at_level(logging.WARNING, logger="experiment_io.standalone"):
+        atomic_save(state(1), tmp_path / "ckpt.pt")
+    assert "unreadable manifest" in caplog.text
+    assert verified_load(tmp_path / "ckpt.pt")["step"] == 1
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_vouched_garbage_raises_a_library_error(tmp_path, data):
+    """With the manifest forged to vouch for any bytes, the load still fails only with a library error."""
+    path = tmp_path / "fuzz.pt"
+    atomic_save(state(1), path)
+    path.write_bytes(data)
+    manifest_path = tmp_path / storage.MANIFEST_NAME
+    doc = json.loads(manifest_path.read_text())
+    doc["files"]["fuzz.pt"].update(storage.file_digest(path).as_dict())
+    manifest_path.write_text(json.dumps(doc))
+    try:
+        verified_load(path, strict=True)
+    except ExperimentIOError:
+        pass
+
+
+def doc_script():
+    """The first Python example of docs/own_loop.rst."""
+    rst = open(os.path.join(os.path.dirname(__file__), os.pardir, "docs", "own_loop.rst")).read()
+    block = rst.split(".. code-block:: python\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+def run_doc_script(script, directory, monkeypatch):
+    """Run the script in this process (no second torch import), in ``directory``."""
+    rng = get_rng_state()
+    directory.mkdir(exist_ok=True)
+    monkeypatch.chdir(directory)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        set_rng_state(rng)
+
+
+def test_the_documented_loop_resumes_bit_for_bit_after_a_kill(tmp_path, monkeypatch, capsys):
+    """docs/own_loop.rst's script, killed mid-epoch 10 steps after a save, ends where an uninterrupted run does."""
+    script = tmp_path / "own_loop.py"
+    script.write_text(doc_script())
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_doc_script(script, uninterrupted, monkeypatch)
+
+    def killed_job(report):
+        os.setpgrp()  # the job's processes: this one and its loader workers, killed together
+        advance, count = ResumableSampler.advance, [0]
+
+        def advance_then_die(self, n):
+            advance(self, n)
+            count[0] += 1
+            if count[0] == 50:
+                os.killpg(0, signal.SIGKILL)
+
+        ResumableSampler.advance = advance_then_die
+        os.chdir(resumed)
+        runpy.run_path(str(script), run_name="__main__")
+
+    resumed.mkdir()
+    pid, _ = fork_child(killed_job)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    lock = storage.RunLock(str(resumed / "checkpoints"))
+    for _ in range(100):  # the killed workers release the lock they inherited as they die
+        try:
+            lock.acquire().release()
+            break
+        except RunLockedError:
+            time.sleep(0.05)
+    capsys.readouterr()
+    run_doc_script(script, resumed, monkeypatch)
+    output = capsys.readouterr().out
+    assert "resuming at step 40, epoch 1, sample 256" in output, output  # 32 batches an epoch: step 40 is mid-epoch
+
+    a = verified_load(uninterrupted / "checkpoints" / "checkpoint.pt", strict=True)
+    b = verified_load(resumed / "checkpoints" / "checkpoint.pt", strict=True)
+    assert a["step"] == b["step"] == 5 * 32
+    for key in ("model", "optimizer", "sampler"):
+        assert_bitwise_equal(a[key], b[key])
