@@ -1,0 +1,128 @@
+"""The command line: inspect and verify run directories without loading any pickle.
+
+::
+
+    experiment-io info   [DIR]            the files of a run and what they hold
+    experiment-io verify [DIR]            check every file against the manifest
+    experiment-io metrics [DIR] [--hdf5 OUT]
+                                          the metric history (printed, or exported)
+
+Everything here reads state files with ``torch.load(weights_only=True)`` and never
+opens the structure file, so it is safe on a run directory of unknown origin.
+Exit status: 0 when all is well, 1 when a check fails, 2 for bad usage.
+"""
+import argparse
+import datetime
+import logging
+import os
+import sys
+
+import torch
+
+from . import storage
+from .checkpoint import BEST_NAME, LAST_NAME
+from .errors import ExperimentIOError
+from .metric_tracker import MetricTracker
+from .version import __version__
+
+__all__ = ["main"]
+
+
+def _manifest(directory):
+    manifest = storage.read_manifest(directory)
+    if manifest is None:
+        raise ExperimentIOError(f"{directory} has no {storage.MANIFEST_NAME}: it holds no experiment_io run")
+    return manifest[1]
+
+
+def _roles(files):
+    """The file names of a run without their previous generations, in a stable order."""
+    return sorted({name.replace(".prev.", ".") for name in files})
+
+
+def _when(record):
+    stamp = record.get("written_at")
+    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else "?"
+
+
+def cmd_info(args):
+    files = _manifest(args.directory)
+    print(f"run directory {os.path.abspath(args.directory)}")
+    print(f"{'file':32} {'kind':10} {'epochs':>6} {'step':>8} {'size':>12}  written              note")
+    for name in sorted(files):
+        record = files[name]
+        note = f"interrupted by {record['interrupted']}" if record.get("interrupted") else ""
+        print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>6} {record.get('step', ''):>8} "
+              f"{record['size']:>12}  {_when(record)}  {note}")
+    return 0
+
+
+def cmd_verify(args):
+    files = _manifest(args.directory)
+    failures = 0
+    for role in _roles(files):
+        generations, problems = storage.find_generations(args.directory, role, files)
+        for path, record in generations:
+            committed = "committed" if record is files.get(role) else "previous"
+            print(f"ok       {os.path.basename(path):32} ({committed}, step {record.get('step', '-')})")
+        for problem in problems:
+            print(f"DAMAGED  {problem}")
+        if not generations:
+            failures += 1
+    if failures:
+        print(f"{failures} file(s) without any intact generation")
+        return 1
+    print("every file has an intact generation")
+    return 0
+
+
+def _newest_tracker(directory):
+    files = _manifest(directory)
+    for name in (LAST_NAME, BEST_NAME):
+        generations, _ = storage.find_generations(directory, name, files)
+        if generations:
+            path = generations[0][0]
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return MetricTracker.from_state_dict(state["metric_tracker"]), path
+    raise ExperimentIOError(f"{directory} holds no intact checkpoint")
+
+
+def cmd_metrics(args):
+    tracker, path = _newest_tracker(args.directory)
+    if args.hdf5:
+        tracker.to_hdf5(args.hdf5)
+        print(f"metric history of {len(tracker.epochs)} epochs from {path} written to {args.hdf5}")
+        return 0
+    columns = [(split, name) for split, values in tracker.history.items() for name in values]
+    print("epoch " + " ".join(f"{split + '/' + name:>14}" for split, name in columns))
+    for row, epoch in enumerate(tracker.epochs):
+        marker = " *" if epoch == tracker.best_epoch else ""
+        print(f"{epoch:5d} " + " ".join(f"{tracker.history[s][n][row]:14.6g}" for s, n in columns) + marker)
+    print(tracker.summary())
+    return 0
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="experiment-io", description="Inspect and verify experiment_io run directories.")
+    parser.add_argument("--version", action="version", version=f"experiment_io {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, function, text in (("info", cmd_info, "list the files of a run"),
+                                 ("verify", cmd_verify, "check every file against the manifest"),
+                                 ("metrics", cmd_metrics, "print or export the metric history")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("directory", nargs="?", default=".", help="the run directory (default: .)")
+        sub.set_defaults(function=function)
+        if name == "metrics":
+            sub.add_argument("--hdf5", metavar="OUT", help="write the history to this HDF5 file instead")
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; return its exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.function(args)
+    except ExperimentIOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
