@@ -126,7 +126,36 @@ def flip_bit(path, offset=None):
         f.write(bytes(data))
 
 
+def fork_child(body):
+    """Run ``body(report)`` in a forked child; ``report(n)`` sends ``n`` to the parent.
+
+    :return: ``(pid, read_reports)``; ``read_reports()`` returns every number sent.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_fd)
+        try:
+            body(lambda n: os.write(write_fd, f"{n}\n".encode()))
+        except BaseException:
+            os._exit(70)
+        os._exit(0)
+    os.close(write_fd)
+
+    def read_reports():
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_fd)
+        return [int(x) for x in b"".join(chunks).decode().split()]
+
+    return pid, read_reports
+
+
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
-    "snapshot_directory", "make_controller", "flip_bit",
+    "snapshot_directory", "make_controller", "flip_bit", "fork_child",
 ]

@@ -39,7 +39,7 @@ from experiment_io.errors import (
 from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.routines import setup_training, train_model, SetupParams
 
-from helpers import flip_bit, make_database, make_training_modules, snapshot_directory
+from helpers import flip_bit, fork_child, make_database, make_training_modules, snapshot_directory
 
 torch.set_num_threads(1)
 
@@ -93,35 +93,6 @@ def check_loads(directory, database, committed):
     except CheckpointNotFoundError as e:  # only before the first best model was ever committed
         assert "no best model yet" in str(e) and check["metric_tracker"].best_model_state is None
     return step
-
-
-def fork_child(body):
-    """Run ``body(report)`` in a forked child; ``report(n)`` sends ``n`` to the parent.
-
-    :return: ``(pid, read_reports)``; ``read_reports()`` returns every number sent.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_fd)
-        try:
-            body(lambda n: os.write(write_fd, f"{n}\n".encode()))
-        except BaseException:
-            os._exit(70)
-        os._exit(0)
-    os.close(write_fd)
-
-    def read_reports():
-        chunks = []
-        while True:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(read_fd)
-        return [int(x) for x in b"".join(chunks).decode().split()]
-
-    return pid, read_reports
 
 
 def test_kill_storm_while_saving(tmp_path):

@@ -25,7 +25,7 @@ from experiment_io.errors import (
 from experiment_io.rng import get_rng_state, set_rng_state
 
 from helpers import flip_bit, snapshot_directory
-from test_reliability import fork_child
+from helpers import fork_child
 
 torch.set_num_threads(1)
 
