@@ -16,9 +16,15 @@ file                              content
 
 State files hold plain data and tensors only: each loads with
 ``torch.load(path, weights_only=True)``.
+
+Payloads are written by :func:`save_payload`: ``torch.save`` without the CRC-32 of
+each record, which ``torch.load`` never checks; every file's xxh3 digest, checked
+before any load, protects the bytes instead.
 """
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,6 +48,7 @@ __all__ = [
     "structure_payload",
     "checkpoint_payload",
     "model_payload",
+    "save_payload",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,49 @@ LAST_NAME = "last_checkpoint.pt"
 BEST_NAME = "best_checkpoint.pt"
 #: The model's ``state_dict`` at the best epoch.
 BEST_MODEL_NAME = "best_model.pt"
+
+
+_crc_lock = threading.Lock()
+_crc_users = 0
+_crc_before = True
+
+
+@contextlib.contextmanager
+def _without_crc32():
+    """``torch.save`` computes no CRC-32 inside this context (in every thread); the
+    setting in force before the outermost entry is restored on the last exit."""
+    global _crc_users, _crc_before
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:  # pragma: no cover - torch without the option always computes it
+        yield
+        return
+    with _crc_lock:
+        if _crc_users == 0:
+            _crc_before = get()
+            torch.serialization.set_crc32_options(False)
+        _crc_users += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_users -= 1
+            if _crc_users == 0:
+                torch.serialization.set_crc32_options(_crc_before)
+
+
+def save_payload(payload, f):
+    """Write ``payload`` to the binary file object ``f`` with :func:`torch.save`.
+
+    The zip records get no CRC-32 (``torch.load`` does not check it, and computing
+    it costs about as much as writing the bytes to the page cache); files load with
+    ``torch.load`` as usual. Python's :mod:`zipfile` reports them as damaged, which
+    they are not: the file's digest in the manifest is what proves it intact.
+    ``torch.save`` reads the setting when it opens ``f``, and the setting is global:
+    a ``torch.save`` that another thread starts while this one runs writes no CRC-32
+    either.
+    """
+    with _without_crc32():
+        torch.save(payload, f)
 
 
 def epoch_checkpoint_name(epoch):
@@ -221,7 +271,7 @@ class RunWriter:
                 self.files.pop(previous, None)
         if self.files.get(previous) is None:
             self.files.pop(previous, None)
-        record = storage.atomic_write(self.path(name), lambda f: torch.save(payload, f), keep_previous=keep_previous)
+        record = storage.atomic_write(self.path(name), lambda f: save_payload(payload, f), keep_previous=keep_previous)
         entry = record.as_dict()
         header = payload[fmt.HEADER_KEY]
         entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .asynchronous import BackgroundSaver
 from .checkpoint import (
     BEST_MODEL_NAME,
     BEST_NAME,
@@ -196,9 +197,15 @@ def _call_all(callbacks, *args):
 
 
 class _Saver:
-    """Writes the checkpoint files of one training run."""
+    """Writes the checkpoint files of one training run.
 
-    def __init__(self, directory, training_modules, controller, metric_tracker, database, resuming):
+    With ``async_save`` a save copies the state into staging buffers and writes it
+    in a background thread (:class:`~experiment_io.asynchronous.BackgroundSaver`);
+    :meth:`committing` makes sure the last save has committed before training ends.
+    The structure file is always written at once.
+    """
+
+    def __init__(self, directory, training_modules, controller, metric_tracker, database, resuming, async_save=False):
         self.writer = RunWriter(directory)
         self.training_modules, self.controller = training_modules, controller
         self.metric_tracker, self.database = metric_tracker, database
@@ -211,6 +218,7 @@ class _Saver:
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
             self.writer.save({STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
+        self.background = BackgroundSaver(self.writer) if async_save else None
 
     def save(self, position, *, better=False, store_best=True, keep_epoch=False):
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
@@ -225,8 +233,34 @@ class _Saver:
             ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
             files[epoch_checkpoint_name(ended)] = payload
             files[epoch_model_name(ended)] = model_file
-        self.writer.save(files)
-        log.debug("saved %s", ", ".join(files))
+        if self.background is not None:
+            self.background.save(files)
+            log.debug("saving %s in the background", ", ".join(files))
+        else:
+            self.writer.save(files)
+            log.debug("saved %s", ", ".join(files))
+
+    @contextlib.contextmanager
+    def committing(self):
+        """Leave only once the save in flight (if any) has committed.
+
+        On a normal exit an error of that save is raised. When an exception is
+        already on its way out, an error of the save is logged and attached to it as
+        a note, and the exception goes on.
+        """
+        try:
+            yield self
+        except BaseException as e:
+            if self.background is not None:
+                try:
+                    self.background.wait()
+                except BaseException as background_error:  # do not hide the exception on its way out
+                    log.error("the checkpoint written in the background failed too: %r", background_error)
+                    if hasattr(e, "add_note"):
+                        e.add_note(f"The checkpoint written in the background failed too: {background_error!r}")
+            raise
+        if self.background is not None:
+            self.background.wait()
 
 
 @dataclass
@@ -239,12 +273,13 @@ class _Options:
     checkpoint_every_batches: int
     checkpoint_every_seconds: float
     signals: tuple
+    async_save: bool = False
 
 
 def train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
                 store_all_better=False, store_best=True, store_every=0, quiet=False, *, directory=None,
                 checkpoint_every_batches=0, checkpoint_every_seconds=None, signals=DEFAULT_SIGNALS,
-                exit_on_preemption=True, requeue=False):
+                exit_on_preemption=True, requeue=False, async_save=False):
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -260,6 +295,15 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     status :data:`PREEMPTED_EXIT_CODE` (75), which a job script can test to requeue
     the job, unless ``exit_on_preemption=False``, in which case ``train_model``
     returns as for SIGINT.
+
+    With ``async_save=True`` a checkpoint blocks training only while the state is
+    copied into staging buffers (allocated at the first save, reused afterwards;
+    pinned memory for GPU tensors); writing, fsync, digest and manifest happen in a
+    background thread, with the same guarantees as a synchronous save. One save is
+    in flight at most: the next one waits for it to commit. An error of a background
+    save is raised at the next save or when training ends, and ``train_model`` never
+    returns, exits or raises before the last save has committed (a Ctrl-C while it
+    waits is raised once the save has committed).
 
     :param training_modules: :class:`TrainingModules` ``(model, loss, evaluator)``.
     :param database: a :class:`~experiment_io.databases.Database`.
@@ -281,8 +325,12 @@ def train_model(training_modules, database, controller, metric_tracker, callback
         a signal other than SIGINT.
     :param requeue: after such a signal, under SLURM, requeue the job once with
         ``scontrol requeue $SLURM_JOB_ID``.
+    :param async_save: write checkpoints in a background thread (see above); costs
+        host memory for one copy of the checkpointed state.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunLockedError: when another live process is training in the same directory.
+    :raises CheckpointWriteError: when a checkpoint cannot be written (disk full, I/O
+        error); the previous checkpoint is intact.
     :raises SystemExit: with :data:`PREEMPTED_EXIT_CODE`, see above.
     """
     if not isinstance(training_modules, TrainingModules):
@@ -301,7 +349,7 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     directory = os.path.abspath(directory or os.getcwd())
     os.makedirs(directory, exist_ok=True)
     options = _Options(store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches,
-                       checkpoint_every_seconds, tuple(signals))
+                       checkpoint_every_seconds, tuple(signals), bool(async_save))
     with RunLock(directory):
         tracker = _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options)
     preempted = tracker.stop_reason if tracker.stop_reason and tracker.stop_reason.startswith("interrupted by SIG") else None
@@ -321,13 +369,13 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
     resuming = controller.current_epoch > 0 or position.samples_done > 0
     if resuming:
         log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
-    saver = _Saver(options.directory, training_modules, controller, metric_tracker, database, resuming)
+    saver = _Saver(options.directory, training_modules, controller, metric_tracker, database, resuming, options.async_save)
     evaluator.database = database
     device = module_device(model)
     n_train = database.split_size("train")
 
     last_save = time.monotonic()
-    with _SignalFlag(options.signals) as interrupt:
+    with _SignalFlag(options.signals) as interrupt, saver.committing():
         while controller.current_epoch < controller.max_epochs and controller.stop_reason is None:
             epoch = controller.current_epoch
             position.epoch = epoch

@@ -4,15 +4,29 @@ Every file is verified against the run's manifest before anything in it is
 unpickled. State files load with ``torch.load(weights_only=True)``; the structure
 file goes through the trust gate (:mod:`experiment_io.trust`). After a load, every
 tensor lies on a known device (see :mod:`experiment_io.devices`).
+
+A load reads each file it uses once to verify it, and only the files it uses (and
+those it skips because they do not verify): candidates are verified one by one,
+best first, and the search stops at the first that verifies. The state file is
+verified in a second thread while the (already verified) structure file is
+unpickled. State files are then
+memory-mapped (``torch.load(mmap=True)``): their bytes, in the page cache since the
+verification, are copied straight into the model's parameters, with no second copy
+in between; the other tensors of the state (optimizer state, best model state, ...)
+are then copied into memory of their own, so that no file stays mapped after the
+load. After reading a file, the loader checks that its path still names the file it
+verified; a writer that replaced it meanwhile makes the load start over.
 """
 import logging
 import os
+import threading
 
 import torch
 
 from . import format as fmt
 from . import storage
 from .checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, TrainingPosition
+from .asynchronous import with_own_memory
 from .databases import restore_database
 from .devices import check_location_args, resolve_device
 from .errors import (
@@ -47,17 +61,43 @@ def _read_manifest(directory):
     return manifest[1] if manifest else None
 
 
-def _verified_record(path, verify):
-    """Verify a file named by the user against the manifest of its directory; return its record.
+class _Replaced(Exception):
+    """A file was replaced (by a writer) between its verification and its load."""
+
+
+#: How many times a load starts over when files it read were replaced meanwhile.
+_ATTEMPTS = 5
+
+
+def _until_stable(load):
+    """Run ``load()`` until no file it read was replaced while it ran."""
+    replaced = None
+    for _ in range(_ATTEMPTS):
+        try:
+            return load()
+        except _Replaced as e:
+            replaced = e.args[0]
+            log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
+    raise CorruptCheckpointError(
+        f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a process keeps "
+        "writing into the run directory. Load again when it pauses (or load the files of a copy of the directory)."
+    )
+
+
+def _verified_record(path, verify, verifier=None):
+    """Verify a file named by the user against the manifest of its directory.
 
     The file may match the record of its own name or of the other generation of its
     name (a crash between a rename and the manifest's commit leaves it so).
+
+    :return: ``(record, verifier)``; without ``verify`` the record of the file's name
+        (or ``None``) and no verifier.
     """
     directory, name = os.path.split(os.path.abspath(path))
     files = _read_manifest(directory)
     if not verify:
         log.warning("loading %s without verification (verify=False)", path)
-        return files.get(name) if files else None
+        return (files.get(name) if files else None), None
     base = name.replace(".prev.", ".")
     if files is None or not ({base, storage.previous_name(base)} & set(files)):
         where = "there is no manifest beside it" if files is None else f"{storage.MANIFEST_NAME} has no record of it"
@@ -65,28 +105,37 @@ def _verified_record(path, verify):
             f"{path} cannot be verified: {where}. Keep {storage.MANIFEST_NAME} with the checkpoint files "
             "(copy the run directory whole), or pass verify=False to load it unverified."
         )
-    generations, problems = storage.find_generations(directory, base, files)
-    for found, record in generations:
-        if os.path.samefile(found, path):
-            return record
-    problem = next((p for p in problems if p.startswith(os.path.abspath(path))), f"{path}: does not verify")
+    if verifier is None or verifier.directory != directory:
+        verifier = storage.Verifier(directory, files)
+    records = [files[n] for n in (base, storage.previous_name(base)) if n in files]
+    for record in records:
+        if verifier.matches(path, record):
+            return record, verifier
+    problem = verifier.describe(os.path.abspath(path), files.get(name))
     raise CorruptCheckpointError(f"{problem}. The file was truncated or modified after it was written.")
 
 
-def _torch_load(path, map_location):
+def _torch_load(path, map_location, *, mmap=False):
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a foreign or damaged file
+        if mmap:  # a file system without mmap, or a file of the legacy format: read it instead
+            return _torch_load(path, map_location)
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
 
 
-def _load_state_file(path, kinds, map_location, record):
-    payload = _torch_load(path, map_location)
+def _load_state_file(path, kinds, map_location, record, verifier=None):
+    """Load a verified state file through a memory map; check its kind and version."""
+    payload = _torch_load(path, map_location, mmap=True)
+    if verifier is not None and not verifier.unchanged(path):
+        raise _Replaced(path)
     return payload, fmt.check_payload(payload, path, kinds)
 
 
-def _load_structure_file(path, allow, trusted, record):
+def _load_structure_file(path, allow, trusted, record, verifier=None):
     payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
+    if verifier is not None and not verifier.unchanged(path):
+        raise _Replaced(path)
     fmt.check_payload(payload, path, ("structure",))
     return payload
 
@@ -152,6 +201,9 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     controller = structure["controller"]
     if not isinstance(training_modules, TrainingModules):
         raise NotACheckpointError(f"{structure_path} holds no TrainingModules (found {type(training_modules).__name__})")
+    # the modules copy their states into their own tensors; the rest of the state is
+    # kept, so it gets memory of its own instead of the file's mapping
+    state = {**state, **with_own_memory({k: v for k, v in state.items() if k not in ("model", "loss", "evaluator")})}
     try:
         _place(training_modules, device, map_location)
         model, loss, evaluator = training_modules
@@ -214,10 +266,16 @@ def load_checkpoint(structure_fname, state_fname, restart_db=False, map_location
     check_location_args(map_location, model_device)
     _exists(structure_fname, "structure file")
     _exists(state_fname, "checkpoint file")
-    structure_record = _verified_record(structure_fname, verify)
-    state_record = _verified_record(state_fname, verify)
-    structure = _load_structure_file(structure_fname, allow, trusted, structure_record)
-    state, header = _load_state_file(state_fname, ("checkpoint",), _location(map_location), state_record)
+
+    def load():
+        structure_record, verifier = _verified_record(structure_fname, verify)
+        state_record, state_verifier = _verified_record(state_fname, verify, verifier)
+        structure = _load_structure_file(structure_fname, allow, trusted, structure_record, verifier)
+        state, header = _load_state_file(state_fname, ("checkpoint",), _location(map_location), state_record,
+                                         state_verifier)
+        return structure, structure_record, state, header
+
+    structure, structure_record, state, header = _until_stable(load)
     _check_pairing(state_fname, header, structure_fname, structure_record)
     return _assemble(structure, structure_fname, state, header, state_fname, map_location=map_location,
                      model_device=model_device, database=database, restart_db=restart_db, allow=allow,
@@ -246,70 +304,152 @@ def _run_directory(directory):
     return directory, files
 
 
-def _pick(directory, files, roles, strict, structure_digest=None, newest_first=False):
-    """The first intact generation, in the order of ``roles``, that belongs to ``structure_digest``.
+class _Search:
+    """The generations of some files of a run, verified one by one, best first.
+
+    Candidates (a file and a manifest record of its size) are ranked without reading
+    any file; iterating verifies them in rank order, each file read at most once,
+    and yields those that verify. The first one yielded is the generation that a
+    verification of every file would pick; only the files ranked before it are read.
 
     :param roles: file names, each optionally suffixed ``":current"`` (only the
         generation holding the committed record of that name) or ``":older"`` (only
         the previous generation).
-    :param newest_first: take the generation with the highest step first, whatever
-        its role (ties go to the earlier role).
+    :param strict: raise at the first problem instead of going on to the next candidate.
+    :param newest_first: rank by step first, whatever the role (ties go to the
+        earlier role); otherwise by role first, then newest first.
+    :ivar problems: one text per file found wrong so far.
+    :raises CorruptCheckpointError: in strict mode, at the first problem.
+    """
+
+    def __init__(self, verifier, roles, strict, *, newest_first=False):
+        self.verifier, self.strict, self.problems = verifier, strict, []
+        files = verifier.files
+        self._candidates, self._reported = [], {}
+        for rank, role in enumerate(roles):
+            name, _, which = role.partition(":")
+            records = None
+            if which:
+                current = files.get(name)
+                records = [files[n] for n in (name, storage.previous_name(name)) if n in files]
+                records = [r for r in records if (r is current) == (which == "current")]
+            pairs, problems = verifier.candidates(name, records)
+            if which != "older":  # an older generation's problems are reported with the current one
+                for problem in problems:
+                    self.report(problem)
+            for order, (path, record) in enumerate(pairs):
+                step, written = record.get("step", 0), record.get("written_at", 0)
+                key = (-step, rank, -written, order) if newest_first else (rank, -step, -written, order)
+                self._candidates.append((key, path, record))
+                self._reported.setdefault(path, which == "older")  # older-only files are not reported
+        self._candidates.sort(key=lambda c: c[0])
+
+    def report(self, problem):
+        """Note a problem (raise it in strict mode)."""
+        if self.strict:
+            raise CorruptCheckpointError(f"{problem} (strict=True: no fallback to another generation).")
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def __iter__(self):
+        verifier = self.verifier
+        for _, path, record in self._candidates:
+            if verifier.matches(path, record):
+                yield path, record
+            elif not self._reported[path] and not any(verifier.matches(p, r) for _, p, r in self._candidates if p == path):
+                self._reported[path] = True
+                self.report(verifier.describe(path, verifier.files.get(os.path.basename(path))))
+
+
+def _pick(verifier, roles, strict, structure_digest=None, newest_first=False):
+    """The first intact generation, in the order of ``roles``, that belongs to ``structure_digest``.
+
+    :param roles: as for :class:`_Search`.
+    :param newest_first: as for :class:`_Search`.
     :return: ``(path, record, problems)``.
     :raises CorruptCheckpointError: in strict mode at the first problem; otherwise
         when no generation verifies.
     """
-    problems, candidates = [], []
-    for rank, role in enumerate(roles):
-        name, _, which = role.partition(":")
-        generations, role_problems = storage.find_generations(directory, name, files)
-        if which == "current":
-            generations = [g for g in generations if g[1] is files.get(name)]
-        elif which == "older":
-            generations = [g for g in generations if g[1] is not files.get(name)]
-            role_problems = []  # reported with the current generation already
-        if strict and role_problems:
-            raise CorruptCheckpointError(f"{role_problems[0]} (strict=True: no fallback to another generation).")
-        problems += [p for p in role_problems if p not in problems]
-        candidates += [(path, record, rank) for path, record in generations]
-    if newest_first:
-        candidates.sort(key=lambda c: (-c[1].get("step", 0), c[2]))
-    for path, record, _ in candidates:
+    search = _Search(verifier, roles, strict, newest_first=newest_first)
+    for path, record in search:
         if structure_digest is not None and record.get("structure_digest") not in (None, structure_digest):
-            problems.append(f"{path}: written for another structure file than the one loaded")
+            problem = f"{path}: written for another structure file than the one loaded"
             if strict:
-                raise IncompatibleCheckpointError(f"{problems[-1]} (strict=True).")
+                raise IncompatibleCheckpointError(f"{problem} (strict=True).")
+            search.problems.append(problem)
             continue
-        if problems:
-            log.warning("using %s; skipped: %s", path, "; ".join(problems))
-        return path, record, problems
+        if search.problems:
+            log.warning("using %s; skipped: %s", path, "; ".join(search.problems))
+        return path, record, search.problems
     names = sorted({role.partition(":")[0] for role in roles})
-    if not problems:
+    if not search.problems:
         raise CheckpointNotFoundError(
-            f"{directory} has no {' or '.join(names)}: no checkpoint has been written there yet. "
+            f"{verifier.directory} has no {' or '.join(names)}: no checkpoint has been written there yet. "
             "Start the run from the beginning."
         )
-    listed = "\n  - ".join(problems)
-    raise CorruptCheckpointError(f"no intact generation of {' or '.join(names)} in {directory}:\n  - {listed}")
+    listed = "\n  - ".join(search.problems)
+    raise CorruptCheckpointError(f"no intact generation of {' or '.join(names)} in {verifier.directory}:\n  - {listed}")
 
 
-def _pick_structure_and_state(directory, files, roles, strict, newest_first=False):
-    """A structure generation and a state generation written for it (newest first)."""
-    structures, structure_problems = storage.find_generations(directory, STRUCTURE_NAME, files)
-    if strict and structure_problems:
-        raise CorruptCheckpointError(f"{structure_problems[0]} (strict=True: no fallback to another generation).")
-    if not structures:
-        raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {directory}:\n  - " + "\n  - ".join(structure_problems))
+class _Concurrently:
+    """Runs ``fn()`` in a thread; :meth:`result` waits for it and returns or raises what it did."""
+
+    def __init__(self, fn):
+        self._outcome = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="experiment_io-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._outcome = (True, fn())
+        except BaseException as e:  # handed to the caller by result()
+            self._outcome = (False, e)
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def _pick_structure_and_state(verifier, roles, strict, newest_first, load_structure):
+    """A structure generation, loaded, and a state generation written for it (newest first).
+
+    While the structure file is loaded (``load_structure(path, record)``), the state
+    file is looked for and verified in a second thread: the verification of the
+    state reads its file while the structure is unpickled.
+
+    :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
+    """
+    structures = _Search(verifier, [STRUCTURE_NAME], strict)
     error = None
     for structure_path, structure_record in structures:
+        digest = structure_record["digest"]
+        state_pick = _Concurrently(lambda: _pick(verifier, roles, strict, digest, newest_first))
         try:
-            state_path, state_record, _ = _pick(directory, files, roles, strict, structure_record["digest"], newest_first)
+            structure = load_structure(structure_path, structure_record)
+        except BaseException as load_error:
+            try:
+                state_pick.result()
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if isinstance(load_error, Exception):  # no state for this structure: it would not be loaded
+                    error = error or e
+                    continue
+            except Exception:  # the load's error is the one to report
+                pass
+            raise
+        try:
+            state_path, state_record, _ = state_pick.result()
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
             error = error or e
             continue
-        if structure_problems:
-            log.warning("using %s; skipped: %s", structure_path, "; ".join(structure_problems))
-        return structure_path, structure_record, state_path, state_record
-    raise error
+        if structures.problems:
+            log.warning("using %s; skipped: %s", structure_path, "; ".join(structures.problems))
+        return structure_path, structure_record, structure, state_path, state_record
+    if error is not None:
+        raise error
+    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - " + "\n  - ".join(structures.problems))
 
 
 def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=True, *, which="last", strict=False,
@@ -343,17 +483,21 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
         raise ValueError(f"which={which!r}; choose 'last' or 'best'")
     check_location_args(map_location, model_device)
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
+
+    def load():
+        verifier = storage.Verifier(*_run_directory(directory))
+        structure_path, structure_record, structure, state_path, state_record = _pick_structure_and_state(
+            verifier, roles, strict, True, lambda path, record: _load_structure_file(path, allow, trusted, record, verifier))
+        state, header = _load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier)
+        return structure, structure_path, state, header, state_path
+
     try:
-        directory, files = _run_directory(directory)
-        structure_path, structure_record, state_path, state_record = _pick_structure_and_state(
-            directory, files, roles, strict, newest_first=True)
+        structure, structure_path, state, header, state_path = _until_stable(load)
     except CheckpointNotFoundError:
         if missing_ok:
             log.info("no checkpoint in %s: starting fresh", directory or os.getcwd())
             return None
         raise
-    structure = _load_structure_file(structure_path, allow, trusted, structure_record)
-    state, header = _load_state_file(state_path, ("checkpoint",), _location(map_location), state_record)
     return _assemble(structure, structure_path, state, header, state_path, map_location=map_location,
                      model_device=model_device, database=database, restart_db=restart_db, allow=allow,
                      restore_rng=restore_rng)
@@ -373,11 +517,16 @@ def load_model_from_cwd(map_location=None, model_device=None, *, directory=None,
     :return: the :class:`torch.nn.Module`.
     """
     check_location_args(map_location, model_device)
-    directory, files = _run_directory(directory)
-    structure_path, structure_record, model_path, record = _pick_structure_and_state(
-        directory, files, [BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], strict)
-    structure = _load_structure_file(structure_path, allow, trusted, structure_record)
-    payload, header = _load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record)
+
+    def load():
+        verifier = storage.Verifier(*_run_directory(directory))
+        structure_path, structure_record, structure, model_path, record = _pick_structure_and_state(
+            verifier, [BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], strict, False,
+            lambda path, record: _load_structure_file(path, allow, trusted, record, verifier))
+        payload, header = _load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record, verifier)
+        return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
+
+    directory, structure, structure_path, structure_record, payload, header, model_path = _until_stable(load)
     _check_pairing(model_path, header, structure_path, structure_record)
     if header["kind"] == "model":
         model_state = payload["model"]

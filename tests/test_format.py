@@ -226,7 +226,7 @@ _records = st.fixed_dictionaries(
               "kind": st.sampled_from(sorted(fmt.KINDS)), "extra": _scalars},
 )
 _files = st.dictionaries(st.text(min_size=1, max_size=30), _records, max_size=8)
-_reserved = {"kind", "format_version", "library_version", "torch_version"}
+_reserved = {"kind", "format_version", "library_version", "torch_version", "files"}  # "files" is manifest_to_bytes's own parameter
 _fields = st.dictionaries(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(lambda k: k not in _reserved),
     _scalars, max_size=4,

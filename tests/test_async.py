@@ -1,0 +1,541 @@
+"""Asynchronous saving (``train_model(async_save=True)``).
+
+The loop is blocked only while the state is copied into staging buffers; the write,
+fsync, digest and manifest happen in a background thread. These tests check that
+what the thread writes is exactly what a synchronous save writes, that a resume from
+it is exact, that errors of the thread reach the training loop, that training never
+ends (return, Ctrl-C, preemption exit, exception) before the last save committed,
+that the staging buffers are reused, and that SIGKILLs at random instants leave a
+directory that loads, as for synchronous saves.
+"""
+import errno
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+import experiment_io.storage as storage
+from experiment_io.asynchronous import BackgroundSaver, StagingArea, with_own_memory
+from experiment_io.checkpoint import (
+    BEST_MODEL_NAME,
+    BEST_NAME,
+    LAST_NAME,
+    STRUCTURE_NAME,
+    RunWriter,
+    TrainingPosition,
+    checkpoint_payload,
+    model_payload,
+    save_payload,
+    structure_payload,
+)
+from experiment_io.errors import CheckpointWriteError
+from experiment_io.routines import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model
+from experiment_io.serialization import load_checkpoint_from_cwd
+
+from helpers import fork_child, make_database, make_training_modules
+
+torch.set_num_threads(1)  # the kill storm forks this process
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def setup(max_epochs=3, batch_size=16, seed=0, **kwargs):
+    return setup_training(make_training_modules(seed), SetupParams(stopping_key="mse", batch_size=batch_size,
+                                                                    max_epochs=max_epochs, **kwargs))
+
+
+def train(directory, database, *, async_save, max_epochs=3, batch_callbacks=None, **kwargs):
+    tm, controller, tracker = setup(max_epochs)
+    tracker = train_model(tm, database, controller, tracker, None, batch_callbacks, quiet=True, directory=str(directory),
+                          async_save=async_save, **kwargs)
+    return tm, controller, tracker
+
+
+def manifest(directory):
+    with open(os.path.join(directory, storage.MANIFEST_NAME)) as f:
+        return json.load(f)["files"]
+
+
+def to_bytes(payload):
+    buffer = io.BytesIO()
+    save_payload(payload, buffer)
+    return buffer.getvalue()
+
+
+def assert_same_training_state(a, b):
+    """Bit-for-bit equality of two (training_modules, controller, tracker) triples."""
+    (tm_a, c_a, t_a), (tm_b, c_b, t_b) = a, b
+    for (name, pa), (_, pb) in zip(tm_a.model.state_dict().items(), tm_b.model.state_dict().items()):
+        assert torch.equal(pa, pb), f"parameter {name} differs"
+    sa, sb = c_a.optimizer.state_dict(), c_b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for p in sa["state"]:
+        for k in sa["state"][p]:
+            assert torch.equal(sa["state"][p][k], sb["state"][p][k]), f"optimizer state {p}/{k} differs"
+    assert t_a.history == t_b.history
+    assert t_a.best_epoch == t_b.best_epoch
+    for k in t_a.best_model_state:
+        assert torch.equal(t_a.best_model_state[k], t_b.best_model_state[k])
+
+
+@pytest.fixture
+def slow_background(monkeypatch):
+    """Make every write of the background thread slow, so that saves are still in flight."""
+    original = storage._stage
+
+    def stage(at, path):
+        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+            time.sleep(0.05)
+        original(at, path)
+
+    monkeypatch.setattr(storage, "_stage", stage)
+
+
+# --- what the background thread writes ---------------------------------------------
+
+
+def test_staged_payload_encodes_to_the_same_bytes():
+    tm, controller, tracker = setup()
+    tm.model(torch.randn(4, 3)).sum().backward()
+    controller.optimizer.step()  # optimizer state with tensors (exp_avg, step, ...)
+    tracker.record_best_model(tm.model)
+    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(epoch=1, step=5), "xxh3_128:0")
+    weight = tm.model.layer1.weight
+    payload["views"] = {"row": weight[1], "column": weight[:, 2], "whole": weight, "again": weight}
+    staged = StagingArea().copy({LAST_NAME: payload, BEST_NAME: payload})
+    assert staged[LAST_NAME] is staged[BEST_NAME]  # an object reached twice is copied once
+    assert to_bytes(staged[LAST_NAME]) == to_bytes(payload)
+    assert staged[LAST_NAME]["model"]._metadata == payload["model"]._metadata
+    views = staged[LAST_NAME]["views"]
+    assert views["row"].untyped_storage().data_ptr() == views["whole"].untyped_storage().data_ptr()
+    assert views["whole"] is views["again"]
+    assert views["row"].data_ptr() != weight[1].data_ptr()
+
+
+def test_staged_copy_does_not_follow_the_training_loop():
+    tm, controller, tracker = setup()
+    tm.model(torch.randn(4, 3)).sum().backward()
+    controller.optimizer.step()
+    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(), "xxh3_128:0")
+    staged = StagingArea().copy(payload)
+    expected = to_bytes(payload)
+    with torch.no_grad():
+        for p in tm.model.parameters():
+            p.add_(1.0)
+    tm.model(torch.randn(4, 3)).sum().backward()
+    controller.optimizer.step()  # changes exp_avg, exp_avg_sq and step in place
+    payload["controller"]["current_epoch"] = 99
+    assert to_bytes(staged) == expected
+
+
+def without_times(payload):
+    """The payload with the metric tracker's wall-clock epoch times zeroed (they differ between any two runs)."""
+    if "metric_tracker" in payload:
+        payload["metric_tracker"]["epoch_times"] = [0.0] * len(payload["metric_tracker"]["epoch_times"])
+    return payload
+
+
+def test_async_run_writes_the_same_files_as_a_sync_run(tmp_path):
+    database = make_database()
+    sync = train(tmp_path / "sync", database, async_save=False, checkpoint_every_batches=2, store_every=1)
+    asynchronous = train(tmp_path / "async", database, async_save=True, checkpoint_every_batches=2, store_every=1)
+    assert_same_training_state(sync, asynchronous)
+    files_sync, files_async = manifest(tmp_path / "sync"), manifest(tmp_path / "async")
+    assert sorted(files_sync) == sorted(files_async)
+    for name in files_sync:
+        same = {k for k in files_sync[name] if k not in ("written_at", "digest")}
+        assert {k: files_sync[name][k] for k in same} == {k: files_async[name][k] for k in same}, name
+        if name == STRUCTURE_NAME or name.startswith("model_epoch") or name.startswith(BEST_MODEL_NAME[:-3]):
+            assert (tmp_path / "sync" / name).read_bytes() == (tmp_path / "async" / name).read_bytes(), name
+        else:  # equal but for the wall-clock epoch times, down to the bytes torch.save writes
+            a = torch.load(tmp_path / "sync" / name, weights_only=True)
+            b = torch.load(tmp_path / "async" / name, weights_only=True)
+            assert to_bytes(without_times(a)) == to_bytes(without_times(b)), name
+
+
+def test_resume_from_async_checkpoints_is_exact(tmp_path):
+    database = make_database(n=300)
+    reference = train(tmp_path / "reference", database, async_save=False, max_epochs=4)
+
+    tm, controller, tracker = setup(4)
+    batches = []
+
+    def interrupt(inputs, outputs, targets):
+        batches.append(1)
+        if controller.current_epoch == 2 and len(batches) == 2 * 15 + 4:  # 15 batches per epoch
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tracker = train_model(tm, database, controller, tracker, None, [interrupt], quiet=True,
+                          directory=str(tmp_path / "run"), async_save=True, checkpoint_every_batches=3)
+    assert tracker.stop_reason == "interrupted by SIGINT"
+    record = manifest(tmp_path / "run")[LAST_NAME]
+    assert record["interrupted"] == "SIGINT" and record["step"] == len(batches)
+
+    check = load_checkpoint_from_cwd(directory=str(tmp_path / "run"), database=database)
+    train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path / "run"),
+                async_save=True, checkpoint_every_batches=3)
+    assert_same_training_state(reference, (check["training_modules"], check["controller"], check["metric_tracker"]))
+
+
+# --- training never ends before the last save committed ----------------------------
+
+
+def test_return_waits_for_the_last_save(tmp_path, slow_background):
+    database = make_database()
+    tm, controller, tracker = train(tmp_path, database, async_save=True, max_epochs=2)
+    assert manifest(tmp_path)[LAST_NAME]["epochs_done"] == 2
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert not any(t.name == "experiment_io-save" for t in threading.enumerate())
+
+
+def test_sigint_does_not_lose_the_last_save(tmp_path, slow_background):
+    database = make_database()
+    tm, controller, tracker = setup(5)
+    trained = []
+
+    def ctrl_c(inputs, outputs, targets):
+        trained.append(1)
+        if len(trained) == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tracker = train_model(tm, database, controller, tracker, None, [ctrl_c], quiet=True, directory=str(tmp_path),
+                          async_save=True, checkpoint_every_batches=1)
+    assert tracker.stop_reason == "interrupted by SIGINT"
+    record = manifest(tmp_path)[LAST_NAME]
+    assert record["interrupted"] == "SIGINT"
+    assert record["step"] == 20
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    assert check["controller"].resume_position.step == 20
+    for name, value in check["training_modules"].model.state_dict().items():
+        assert torch.equal(value, tm.model.state_dict()[name])
+
+
+def test_exception_in_the_loop_waits_for_the_save_in_flight(tmp_path, slow_background):
+    database = make_database()
+    tm, controller, tracker = setup(5)
+    trained = []
+
+    def fail(inputs, outputs, targets):
+        trained.append(1)
+        if len(trained) == 7:
+            raise RuntimeError("the user's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        train_model(tm, database, controller, tracker, None, [fail], quiet=True, directory=str(tmp_path),
+                    async_save=True, checkpoint_every_batches=6)
+    assert manifest(tmp_path)[LAST_NAME]["step"] == 6  # submitted at batch 6, committed before the raise
+    assert not any(t.name == "experiment_io-save" for t in threading.enumerate())
+
+
+PREEMPTED_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    sys.path.insert(0, {tests!r})
+    import experiment_io.storage as storage
+    from helpers import fork_child, make_database, make_training_modules
+    from experiment_io import SetupParams, setup_training, train_model
+
+    original = storage._stage
+    def slow(at, path):
+        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+            time.sleep(0.3)
+        original(at, path)
+    storage._stage = slow
+    batches = []
+    def preempt(inputs, outputs, targets):
+        batches.append(1)
+        if len(batches) == 9:
+            os.kill(os.getpid(), signal.{signal})
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=16, max_epochs=3))
+    try:
+        train_model(tm, make_database(), controller, tracker, None, [preempt], quiet=True, directory={directory!r},
+                    async_save=True, checkpoint_every_batches=4)
+    except SystemExit:  # what is committed when train_model exits
+        files = storage.read_manifest({directory!r})[1]
+        print("COMMITTED", files["last_checkpoint.pt"]["step"], flush=True)
+        raise
+    print("RETURNED")
+""")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_preemption_exits_75_after_the_last_save_committed(tmp_path, signame):
+    script = PREEMPTED_SCRIPT.format(tests=HERE, signal=signame, directory=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr
+    assert "RETURNED" not in proc.stdout
+    assert "COMMITTED 9" in proc.stdout  # committed before train_model raised SystemExit
+    record = manifest(tmp_path)[LAST_NAME]
+    assert record["interrupted"] == signame and record["step"] == 9
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+# --- errors of the background thread -----------------------------------------------
+
+
+def failing_atomic_write(monkeypatch, fail_at):
+    """Make the ``fail_at``-th write of the background thread raise ENOSPC (a raw OSError)."""
+    original = storage.atomic_write
+    calls = []
+
+    def atomic_write(path, *args, **kwargs):
+        if threading.current_thread().name == "experiment_io-save":
+            calls.append(path)
+            if len(calls) == fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "atomic_write", atomic_write)
+    return calls
+
+
+@pytest.mark.parametrize("fail_at", [1, 5, 13])  # the first save, a mid-epoch one, the end of an epoch
+def test_background_error_surfaces_in_train_model(tmp_path, monkeypatch, fail_at):
+    database = make_database()
+    calls = failing_atomic_write(monkeypatch, fail_at)
+    tm, controller, tracker = setup(3)
+    with pytest.raises(CheckpointWriteError) as info:
+        train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                    async_save=True, checkpoint_every_batches=4)
+    assert isinstance(info.value, OSError)
+    assert os.strerror(errno.ENOSPC) in str(info.value)
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert len(calls) == fail_at  # no save was started after the failed one
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    if fail_at > 1:  # the saves committed before the failure load
+        check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+        assert check["controller"].resume_position.step > 0
+
+
+def test_error_of_the_last_save_surfaces_when_training_ends(tmp_path, monkeypatch):
+    database = make_database()
+    calls = failing_atomic_write(monkeypatch, fail_at=0)  # count the writes of a whole run
+    tm, controller, tracker = setup(2)
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path / "count"),
+                async_save=True)
+    failing_atomic_write(monkeypatch, fail_at=len(calls))  # the very last write: the last manifest
+    tm, controller, tracker = setup(2)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path / "run"),
+                    async_save=True)
+    assert manifest(tmp_path / "run")[LAST_NAME]["epochs_done"] == 1  # the previous save stays committed
+
+
+def test_background_error_is_not_lost_when_the_loop_fails_too(tmp_path, monkeypatch, caplog, slow_background):
+    database = make_database()
+    failing_atomic_write(monkeypatch, fail_at=1)
+    tm, controller, tracker = setup(3)
+    trained = []
+
+    def fail(inputs, outputs, targets):
+        trained.append(1)
+        if len(trained) == 5:
+            raise RuntimeError("the loop failed")
+
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="the loop failed") as info:
+        train_model(tm, database, controller, tracker, None, [fail], quiet=True, directory=str(tmp_path),
+                    async_save=True, checkpoint_every_batches=4)
+    assert "No space left on device" in caplog.text
+    if hasattr(info.value, "__notes__"):
+        assert any("No space left on device" in note for note in info.value.__notes__)
+
+
+# --- BackgroundSaver and the staging buffers ---------------------------------------
+
+
+def writer_with_structure(directory):
+    tm, controller, tracker = setup()
+    writer = RunWriter(str(directory))
+    writer.save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    digest = writer.record(STRUCTURE_NAME)["digest"]
+    return writer, tm, controller, tracker, digest
+
+
+def test_staging_buffers_are_reused(tmp_path):
+    writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
+    saver = BackgroundSaver(writer)
+    pointers = []
+    for step in range(1, 4):
+        with torch.no_grad():
+            for p in tm.model.parameters():
+                p.add_(0.1)
+        payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=step), digest)
+        saver.save({LAST_NAME: payload})
+        pointers.append(sorted(b.data_ptr() for b in saver.staging.buffers()))
+        saver.wait()
+    assert pointers[0] == pointers[1] == pointers[2]
+    assert saver.staging.allocated == len(pointers[0])
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), restore_rng=False)
+    assert check["controller"].resume_position.step == 3
+    for name, value in check["training_modules"].model.state_dict().items():
+        assert torch.equal(value, tm.model.state_dict()[name])
+
+
+def test_staging_buffers_are_reused_by_train_model(tmp_path, monkeypatch):
+    pointers, original = [], StagingArea.copy
+
+    def recording_copy(self, obj):
+        result = original(self, obj)
+        pointers.append({b.data_ptr() for b in self.buffers()})
+        return result
+
+    monkeypatch.setattr(StagingArea, "copy", recording_copy)
+    tm, controller, tracker = setup(3, termination_patience=None)
+    train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                async_save=True, checkpoint_every_batches=2)
+    assert len(pointers) > 10
+    # once the state has its final shape (Adam's state exists, a best model is recorded), no buffer is new
+    settled = pointers[-1]
+    assert all(p == settled for p in pointers[-5:])
+
+
+def test_staging_releases_buffers_that_are_not_used_any_more():
+    area = StagingArea()
+    area.copy({"a": torch.zeros(1000), "b": torch.zeros(10)})
+    assert area.nbytes == 4040
+    area.copy({"a": torch.zeros(1000)})
+    assert area.nbytes == 4000 and area.allocated == 2
+
+
+def test_one_save_in_flight(tmp_path, monkeypatch):
+    writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
+    release = threading.Event()
+    original = storage._stage
+    committed_steps_seen_by_second_save = []
+
+    def stage(at, path):
+        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+            release.wait(10)
+        original(at, path)
+
+    monkeypatch.setattr(storage, "_stage", stage)
+    saver = BackgroundSaver(writer)
+    saver.save({LAST_NAME: checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)})
+    assert saver.in_flight
+    original_copy = saver.staging.copy
+
+    def copy_after_commit(obj):
+        committed_steps_seen_by_second_save.append(manifest(tmp_path)[LAST_NAME]["step"])
+        return original_copy(obj)
+
+    saver.staging.copy = copy_after_commit
+    threading.Timer(0.2, release.set).start()
+    started = time.perf_counter()
+    saver.save({LAST_NAME: checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=2), digest)})
+    assert time.perf_counter() - started >= 0.15  # the second save waited for the first to commit
+    assert committed_steps_seen_by_second_save == [1]
+    saver.wait()
+    assert manifest(tmp_path)[LAST_NAME]["step"] == 2
+
+
+def test_with_own_memory_detaches_memory_mapped_tensors(tmp_path):
+    path = str(tmp_path / "state.pt")
+    state = {"a": torch.arange(10.0), "b": [torch.ones(3)]}
+    state["view"] = state["a"][2:5]
+    torch.save(state, path)
+    mapped = torch.load(path, weights_only=True, mmap=True)
+    own = with_own_memory(mapped)
+    os.truncate(path, 0)  # a tensor still mapped would now fault
+    assert torch.equal(own["a"], torch.arange(10.0)) and torch.equal(own["b"][0], torch.ones(3))
+    assert torch.equal(own["view"], torch.arange(10.0)[2:5])
+    assert own["view"].untyped_storage().data_ptr() == own["a"].untyped_storage().data_ptr()
+
+
+@pytest.mark.cuda
+def test_staging_from_the_gpu_uses_pinned_buffers_and_decodes_equal():
+    state = {"w": torch.randn(64, 64, device="cuda"), "step": torch.tensor(3.0, device="cuda")}
+    area = StagingArea()
+    staged = area.copy(state)
+    assert all(b.is_pinned() for b in area.buffers())
+    assert all(t.device.type == "cpu" for t in staged.values())
+    for key in state:
+        assert torch.equal(staged[key], state[key].cpu())
+    pointers = [b.data_ptr() for b in area.buffers()]
+    area.copy(state)
+    assert [b.data_ptr() for b in area.buffers()] == pointers
+
+
+# --- SIGKILL at random instants, with saves in the background ----------------------
+
+
+def test_kill_storm_while_training_with_async_saves_every_batch(tmp_path):
+    """20 SIGKILLs of a process that trains with async_save=True and a checkpoint after every batch."""
+    database = make_database(n=400)
+    rng = random.Random(5)
+    committed = 0
+    original_write_manifest = storage.write_manifest
+    for attempt in range(20):
+        manifest_now = storage.read_manifest(str(tmp_path))
+        fresh = manifest_now is None or LAST_NAME not in manifest_now[1]
+
+        def body(report, fresh=fresh):
+            def write_manifest_and_report(directory, files, **fields):
+                result = original_write_manifest(directory, files, **fields)
+                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
+                    report(files[LAST_NAME]["step"])
+                return result
+
+            storage.write_manifest = write_manifest_and_report
+            if fresh:
+                tm, controller, tracker = setup(1000, batch_size=8)
+                train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                            checkpoint_every_batches=1, async_save=True)
+            else:
+                check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+                train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
+                            checkpoint_every_batches=1, async_save=True)
+
+        pid, read_reports = fork_child(body)
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        reports = read_reports()
+        if reports:
+            committed = max(committed, reports[-1])
+        if committed:
+            check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
+            step = check["controller"].resume_position.step
+            assert step >= committed, f"loaded step {step} < committed step {committed}"
+    assert committed > 20, "training made too little progress for the storm to test anything"
+
+
+STAGES = ["written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved", "manifest"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
+    """The process dies (os._exit from the background thread) at each step of a background save."""
+    writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
+    database = make_database()
+    for step in (1, 2, 3):
+        payload = checkpoint_payload(tm, controller, tracker, database, TrainingPosition(step=step), digest)
+        writer.save({LAST_NAME: payload, BEST_NAME: payload})
+
+    def body(report):
+        def crash(at_stage, path):
+            if at_stage == stage and threading.current_thread().name == "experiment_io-save":
+                os._exit(99)
+
+        storage._stage = crash
+        tracker.record_best_model(tm.model)
+        saver = BackgroundSaver(RunWriter(str(tmp_path)))
+        payload = checkpoint_payload(tm, controller, tracker, database, TrainingPosition(step=6), digest)
+        saver.save({LAST_NAME: payload, BEST_NAME: payload,
+                    BEST_MODEL_NAME: model_payload(payload["model"], 0, 6, digest, "cpu")})
+        saver.wait()
+        report(6)
+
+    pid, read_reports = fork_child(body)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 99, "the simulated crash did not happen"
+    assert read_reports() == []
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step in (3, 6)

@@ -1,0 +1,526 @@
+"""The fast paths of saving and loading are still exact and still verified.
+
+Saves: ``torch.save`` without CRC-32 (the files load bit for bit, with and without
+mmap, and the previous setting is restored), small writes gathered into blocks and
+the kernel asked to write back early (the bytes and the digest are those of the
+data, whatever the pattern of writes). Loads: candidates verified lazily (the same
+generation as verifying everything, reading only what is needed, each file once),
+state files memory-mapped (nothing stays mapped after the load), files replaced
+while they are read (the load starts over), and digests that catch a damaged byte
+that ``torch.load`` alone would load silently.
+"""
+import errno
+import io
+import itertools
+import os
+import random
+import threading
+import zipfile
+
+import pytest
+import torch
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+import experiment_io.serialization as serialization
+import experiment_io.storage as storage
+from experiment_io import checkpoint
+from experiment_io.checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
+from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError
+from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+
+from helpers import flip_bit, make_database, train_tiny_run
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
+          torch.uint8, torch.bool, torch.complex64]
+
+
+def random_tensor(dtype, shape, seed):
+    generator = torch.Generator().manual_seed(seed)
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype, generator=generator)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=generator).bool()
+    return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=generator).to(dtype)
+
+
+def raw_bytes(tensor):
+    return tensor.reshape(-1).contiguous().view(torch.uint8)
+
+
+def assert_identical(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(raw_bytes(a), raw_bytes(b))
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_identical(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_identical(x, y)
+    else:
+        assert a == b
+
+
+# --- saving without CRC-32 ----------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 7), max_size=3), seed=st.integers(0, 1000),
+       mmap=st.booleans())
+def test_files_without_crc_round_trip_bit_for_bit(tmp_path, dtype, shape, seed, mmap):
+    tensor = random_tensor(dtype, shape, seed)
+    payload = {"t": tensor, "view": tensor.view(-1)[1:] if tensor.numel() > 1 else tensor, "n": [1, 2.5, "x", None]}
+    path = tmp_path / f"p{seed}{dtype}{mmap}.pt".replace("torch.", "")
+    record = storage.atomic_write(path, lambda f: save_payload(payload, f))
+    assert record == storage.file_digest(path)
+    loaded = torch.load(path, weights_only=True, mmap=mmap)
+    assert_identical(loaded, payload)
+    # the view still shares the storage of the tensor it views, as in the original
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["t"].untyped_storage().data_ptr()
+
+
+def test_no_crc_is_computed_and_the_setting_is_restored(tmp_path):
+    path = tmp_path / "a.pt"
+    assert torch.serialization.get_crc32_options() is True
+    storage.atomic_write(path, lambda f: save_payload({"w": torch.arange(1000.0)}, f))
+    assert torch.serialization.get_crc32_options() is True
+    with zipfile.ZipFile(path) as archive:
+        assert [info.CRC for info in archive.infolist()] == [0] * len(archive.infolist())
+    reference = io.BytesIO()
+    torch.save({"w": torch.arange(1000.0)}, reference)  # plain torch.save still computes it
+    with zipfile.ZipFile(reference) as archive:
+        assert any(info.CRC != 0 for info in archive.infolist())
+
+
+def test_crc_setting_restored_after_an_error_and_kept_when_off():
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_payload({"x": Unpicklable()}, io.BytesIO())
+    assert torch.serialization.get_crc32_options() is True
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_payload({"x": 1}, io.BytesIO())
+        assert torch.serialization.get_crc32_options() is False
+    finally:
+        torch.serialization.set_crc32_options(True)
+
+
+def test_overlapping_saves_in_threads_restore_the_setting():
+    barrier = threading.Barrier(4)
+
+    class Slow:
+        def __reduce__(self):
+            barrier.wait(10)  # all four saves are inside save_payload at once
+            return int, (1,)
+
+    threads = [threading.Thread(target=save_payload, args=({"x": Slow()}, io.BytesIO())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.serialization.get_crc32_options() is True
+    assert checkpoint._crc_users == 0
+
+
+def test_run_files_load_with_plain_torch_load(tmp_path):
+    train_tiny_run(tmp_path)
+    for name in (LAST_NAME, BEST_NAME, BEST_MODEL_NAME):
+        for mmap in (False, True):
+            payload = torch.load(tmp_path / name, weights_only=True, mmap=mmap)
+            assert payload["experiment_io"]["format_version"] >= 1
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(tmp_path / STRUCTURE_NAME))
+
+
+# --- the hashing writer -------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 4096, storage._DIRECT_WRITE - 1, storage._DIRECT_WRITE,
+                                       storage._WRITE_BLOCK - 3, storage._WRITE_BLOCK + 5]), max_size=12),
+       seed=st.integers(0, 2**16))
+def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, seed):
+    rng = random.Random(seed)
+    chunks = [rng.randbytes(n) for n in sizes]
+    path = tmp_path / f"w{seed}.bin"
+
+    def write(f):
+        for i, chunk in enumerate(chunks):  # bytes, bytearrays and memoryviews, as torch.save passes them
+            f.write(chunk if i % 3 == 0 else bytearray(chunk) if i % 3 == 1 else memoryview(chunk))
+
+    record = storage.atomic_write(path, write)
+    data = b"".join(chunks)
+    assert path.read_bytes() == data
+    assert record == storage.file_digest(path) and record.size == len(data)
+
+
+@pytest.mark.parametrize("size", [0, 1, storage._READ_CHUNK - 1, storage._READ_CHUNK, storage._READ_CHUNK + 1,
+                                  3 * storage._READ_CHUNK + 17])
+def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    record = storage.atomic_write_bytes(tmp_path / "d.bin", data)
+    assert record == storage.file_digest(tmp_path / "d.bin")
+    assert storage.Verifier(str(tmp_path), {}).digest(tmp_path / "d.bin") == record
+
+
+def test_writes_without_early_writeback(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "_sync_file_range", None)
+    data = os.urandom(3 * storage._WRITEBACK_EVERY)
+    assert storage.atomic_write_bytes(tmp_path / "x", data) == storage.file_digest(tmp_path / "x")
+    assert (tmp_path / "x").read_bytes() == data
+
+
+def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(fd, offset, nbytes, flags):
+        calls.append((offset, nbytes))
+        return -1
+
+    monkeypatch.setattr(storage, "_sync_file_range", failing)
+    data = os.urandom(3 * storage._WRITEBACK_EVERY)
+    storage.atomic_write(tmp_path / "x", lambda f: [f.write(data[i:i + 2**20]) for i in range(0, len(data), 2**20)])
+    assert (tmp_path / "x").read_bytes() == data
+    assert len(calls) == 1 and storage._sync_file_range is None  # tried once, then given up
+
+
+@pytest.mark.skipif(storage._sync_file_range is None, reason="no sync_file_range here")
+def test_early_writeback_covers_the_file_in_order(tmp_path, monkeypatch):
+    calls, real = [], storage._sync_file_range
+
+    def recording(fd, offset, nbytes, flags):
+        calls.append((offset, nbytes))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(storage, "_sync_file_range", recording)
+    tensors = {str(i): torch.randn(2**20) for i in range(6)}  # 24 MiB
+    storage.atomic_write(tmp_path / "t.pt", lambda f: save_payload(tensors, f))
+    assert calls and calls[0][0] == 0
+    assert all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))  # contiguous ranges, in order
+
+
+def test_a_failing_write_still_reports_the_error(tmp_path, monkeypatch):
+    real_write = os.write
+
+    def full(fd, data):
+        if len(data) >= storage._DIRECT_WRITE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(storage.CheckpointWriteError, match="No space left"):
+        storage.atomic_write(tmp_path / "big.pt", lambda f: save_payload({"w": torch.zeros(2**20)}, f))
+    assert os.listdir(tmp_path) == []
+
+
+# --- lazy verification ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run with every generation: steps 1..7, a better model at steps 3 and 6 (as in test_reliability)."""
+    from test_reliability import build_run
+    directory = tmp_path_factory.mktemp("saved")
+    save, database = build_run(str(directory))
+    for step in range(1, 8):
+        save(step)
+    return directory, database
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path):
+    import shutil
+    directory, database = saved_run
+    target = tmp_path / "run"
+    shutil.copytree(directory, target)
+    return target, database
+
+
+@pytest.fixture
+def digested(monkeypatch):
+    """Records the path of every file digested."""
+    paths, real = [], storage.Verifier.digest
+
+    def digest(self, path):
+        if os.path.abspath(path) not in self._digests:
+            paths.append(os.path.basename(path))
+        return real(self, path)
+
+    monkeypatch.setattr(storage.Verifier, "digest", digest)
+    return paths
+
+
+def test_load_checkpoint_reads_only_the_files_it_uses(run_copy, digested):
+    directory, database = run_copy
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step == 7
+    assert sorted(digested) == sorted([STRUCTURE_NAME, LAST_NAME])  # each once; no older generation read
+
+
+def test_load_model_reads_only_the_files_it_uses(run_copy, digested):
+    directory, _ = run_copy
+    load_model_from_cwd(directory=str(directory))
+    assert sorted(digested) == sorted([STRUCTURE_NAME, BEST_MODEL_NAME])
+
+
+def test_load_by_path_reads_each_file_once(run_copy, digested):
+    directory, database = run_copy
+    load_checkpoint(directory / STRUCTURE_NAME, directory / BEST_NAME, database=database, restore_rng=False)
+    assert sorted(digested) == sorted([STRUCTURE_NAME, BEST_NAME])
+
+
+def reference_pick(directory, files, roles, newest_first):
+    """The pre-lazy selection: verify every generation of every role, then choose."""
+    candidates = []
+    for rank, role in enumerate(roles):
+        name, _, which = role.partition(":")
+        generations, _ = storage.find_generations(str(directory), name, files)
+        if which == "current":
+            generations = [g for g in generations if g[1] is files.get(name)]
+        elif which == "older":
+            generations = [g for g in generations if g[1] is not files.get(name)]
+        candidates += [(path, record, rank) for path, record in generations]
+    if newest_first:
+        candidates.sort(key=lambda c: (-c[1].get("step", 0), c[2]))
+    return candidates[0][0] if candidates else None
+
+
+DAMAGE = {
+    "flip": flip_bit,
+    "cut": lambda path: os.truncate(path, os.path.getsize(path) // 2),
+    "delete": os.remove,
+}
+GENERATION_FILES = [LAST_NAME, storage.previous_name(LAST_NAME), BEST_NAME, storage.previous_name(BEST_NAME),
+                    BEST_MODEL_NAME, storage.previous_name(BEST_MODEL_NAME)]
+
+
+def crash_states(directory):
+    """Rename patterns that a crash between two steps of a save leaves (new file in place, old moved aside)."""
+    return {
+        "none": lambda: None,
+        "last rotated, new not yet in place": lambda: os.replace(directory / LAST_NAME, directory / storage.previous_name(LAST_NAME)),
+        "best model rotated": lambda: os.replace(directory / BEST_MODEL_NAME, directory / storage.previous_name(BEST_MODEL_NAME)),
+    }
+
+
+@pytest.mark.parametrize("crash", ["none", "last rotated, new not yet in place", "best model rotated"])
+@pytest.mark.parametrize("damaged", [(), *[(n,) for n in GENERATION_FILES],
+                                     *itertools.combinations(GENERATION_FILES[:4], 2),
+                                     (LAST_NAME, BEST_NAME, storage.previous_name(LAST_NAME))])
+def test_lazy_pick_equals_verifying_everything(run_copy, crash, damaged):
+    directory, database = run_copy
+    crash_states(directory)[crash]()
+    rng = random.Random(str(damaged) + crash)
+    for name in damaged:
+        if (directory / name).exists():
+            DAMAGE[rng.choice(sorted(DAMAGE))](directory / name)
+    files = storage.read_manifest(str(directory))[1]
+    for roles, newest_first in (([LAST_NAME, BEST_NAME], True), ([BEST_NAME], True),
+                                ([BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], False)):
+        expected = reference_pick(directory, files, roles, newest_first)
+        try:
+            path, _, _ = serialization._pick(storage.Verifier(str(directory), files), roles, False, None, newest_first)
+        except (CorruptCheckpointError, CheckpointNotFoundError):
+            path = None
+        assert path == expected, (roles, damaged, crash)
+
+
+def test_strict_raises_at_the_first_damaged_file_it_needs(run_copy):
+    directory, database = run_copy
+    flip_bit(directory / storage.previous_name(LAST_NAME))  # not needed: last_checkpoint.pt is intact
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True, restore_rng=False)
+    assert check["controller"].resume_position.step == 7
+    flip_bit(directory / LAST_NAME)
+    with pytest.raises(CorruptCheckpointError, match=LAST_NAME):
+        load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True)
+
+
+# --- memory-mapped loads ---------------------------------------------------------------
+
+
+def mapped_files():
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("loader", ["load_checkpoint_from_cwd", "load_model_from_cwd", "load_checkpoint"])
+def test_no_file_stays_mapped_after_a_load(run_copy, loader):
+    directory, database = run_copy
+    if loader == "load_checkpoint_from_cwd":
+        result = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    elif loader == "load_model_from_cwd":
+        result = load_model_from_cwd(directory=str(directory))
+    else:
+        result = load_checkpoint(directory / STRUCTURE_NAME, directory / LAST_NAME, database=database, restore_rng=False)
+    assert not {p for p in mapped_files() if p.startswith(str(directory))}
+    # and nothing of the result depends on the files any more
+    for name in os.listdir(directory):
+        os.truncate(directory / name, 0)
+    if isinstance(result, dict):
+        optimizer_state = result["controller"].optimizer.state_dict()["state"]
+        assert all(torch.isfinite(t).all() for s in optimizer_state.values() for t in s.values())
+        assert all(torch.isfinite(t).all() for t in result["metric_tracker"].best_model_state.values())
+
+
+def test_mapped_load_equals_plain_load(run_copy):
+    directory, database = run_copy
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    plain = torch.load(directory / LAST_NAME, weights_only=True)
+    for name, value in check["training_modules"].model.state_dict().items():
+        assert torch.equal(value, plain["model"][name])
+    state = check["controller"].optimizer.state_dict()
+    assert state["param_groups"] == plain["controller"]["optimizer"]["param_groups"]
+    for k, v in check["metric_tracker"].best_model_state.items():
+        assert torch.equal(v, plain["metric_tracker"]["best_model_state"][k])
+
+
+def test_a_file_that_cannot_be_mapped_is_read(run_copy, monkeypatch):
+    directory, database = run_copy
+    real_load = torch.load
+
+    def no_mmap(*args, mmap=None, **kwargs):
+        if mmap:
+            raise OSError(errno.ENODEV, "mmap not supported by this file system")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step == 7
+
+
+def test_a_file_replaced_while_it_is_read_makes_the_load_start_over(run_copy, monkeypatch, caplog):
+    from test_reliability import saver
+    directory, database = run_copy
+    real_load, replaced = torch.load, []
+
+    def load_then_save(path, *args, **kwargs):
+        result = real_load(path, *args, **kwargs)
+        if os.path.basename(str(path)) == LAST_NAME and not replaced:
+            replaced.append(True)
+            saver(str(directory))(8)  # a writer commits step 8 meanwhile
+        return result
+
+    monkeypatch.setattr(torch, "load", load_then_save)
+    with caplog.at_level("INFO", logger="experiment_io"):
+        check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert check["controller"].resume_position.step == 8  # what is on disk and verified, not what was read first
+    assert "loading again" in caplog.text
+
+
+def test_a_directory_that_never_stops_changing_gives_a_clear_error(run_copy, monkeypatch):
+    from test_reliability import saver
+    directory, database = run_copy
+    real_load, save, steps = torch.load, saver(str(directory)), itertools.count(8)
+
+    def load_then_save(path, *args, **kwargs):
+        result = real_load(path, *args, **kwargs)
+        if os.path.basename(str(path)) == LAST_NAME:
+            save(next(steps))
+        return result
+
+    monkeypatch.setattr(torch, "load", load_then_save)
+    with pytest.raises(ExperimentIOError, match="keeps writing"):
+        load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+
+
+# --- digests still protect the fast path ----------------------------------------------
+
+
+def tensor_data_offset(path, key):
+    """Offset in the file of the first byte of the data of one storage (no CRC guards it)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(f"data/{key}"))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def test_a_flipped_bit_in_tensor_data_loads_silently_with_torch_but_not_with_the_loader(run_copy, monkeypatch):
+    directory, database = run_copy
+    path = directory / BEST_MODEL_NAME
+    before = torch.load(path, weights_only=True)
+    offset = tensor_data_offset(path, 0)
+    flip_bit(path, offset)
+    after = torch.load(path, weights_only=True, mmap=True)  # torch alone: a wrong value, no error
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(str(f))) or real_load(f, *a, **k))
+    with pytest.raises(CorruptCheckpointError, match=BEST_MODEL_NAME):
+        load_model_from_cwd(directory=str(directory), strict=True)
+    assert BEST_MODEL_NAME not in loads
+    model = load_model_from_cwd(directory=str(directory))  # falls back to the best state in the last checkpoint
+    reference = torch.load(directory / LAST_NAME, weights_only=True)["metric_tracker"]["best_model_state"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k])
+
+
+@pytest.mark.parametrize("where", ["first byte", "middle", "last byte"])
+def test_the_verifier_catches_any_changed_byte(tmp_path, where):
+    path = tmp_path / "f.pt"
+    record = storage.atomic_write(path, lambda f: save_payload({"w": torch.randn(3 * storage._READ_CHUNK // 4)}, f))
+    size = os.path.getsize(path)
+    flip_bit(path, {"first byte": 0, "middle": size // 2, "last byte": size - 1}[where])
+    verifier = storage.Verifier(str(tmp_path), {"f.pt": record.as_dict()})
+    assert not verifier.matches(path, record.as_dict())
+    assert "expected" in verifier.describe(str(path), record.as_dict())
+
+
+def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
+    data = os.urandom(3 * storage._MAP_AT_LEAST + 5)
+    record = storage.atomic_write_bytes(tmp_path / "m.bin", data)
+    assert storage.file_digest(tmp_path / "m.bin") == record  # through a memory map
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(errno.ENODEV, "no mmap here")
+
+    monkeypatch.setattr(storage.mmap, "mmap", no_mmap)
+    assert storage.file_digest(tmp_path / "m.bin") == record  # read in blocks
+
+
+# --- the state is verified while the structure is loaded ------------------------------
+
+
+def test_state_is_verified_in_a_second_thread_while_the_structure_loads(run_copy, monkeypatch):
+    directory, database = run_copy
+    threads, real = {}, storage.Verifier.digest
+
+    def digest(self, path):
+        threads.setdefault(os.path.basename(path), threading.current_thread().name)
+        return real(self, path)
+
+    monkeypatch.setattr(storage.Verifier, "digest", digest)
+    load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert threads[STRUCTURE_NAME] == threading.main_thread().name
+    assert threads[LAST_NAME] == "experiment_io-verify"
+    assert not any(t.name == "experiment_io-verify" for t in threading.enumerate())
+
+
+def test_an_error_of_the_structure_load_waits_for_the_verification_thread(run_copy, monkeypatch):
+    directory, database = run_copy
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the structure file could not be loaded")
+
+    monkeypatch.setattr(serialization, "load_structure", failing)
+    for load in (lambda: load_checkpoint_from_cwd(directory=str(directory), database=database),
+                 lambda: load_model_from_cwd(directory=str(directory))):
+        with pytest.raises(RuntimeError, match="could not be loaded"):
+            load()
+        assert not any(t.name == "experiment_io-verify" for t in threading.enumerate())
+
+
+def test_missing_ok_still_returns_none_when_the_structure_has_no_checkpoint(tmp_path):
+    from test_reliability import build_run
+    build_run(str(tmp_path))  # a structure file, no checkpoint yet
+    assert load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), missing_ok=True) is None
