@@ -350,8 +350,11 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     os.makedirs(directory, exist_ok=True)
     options = _Options(store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches,
                        checkpoint_every_seconds, tuple(signals), bool(async_save))
-    with RunLock(directory):
-        tracker = _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options)
+    # signals are handled from here on, so that one arriving while the run is set up
+    # still ends in a checkpoint and the documented exit status
+    with _SignalFlag(options.signals) as interrupt, RunLock(directory):
+        tracker = _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options,
+                         interrupt)
     preempted = tracker.stop_reason if tracker.stop_reason and tracker.stop_reason.startswith("interrupted by SIG") else None
     if preempted and not preempted.endswith("SIGINT"):
         if requeue:
@@ -362,7 +365,17 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     return tracker
 
 
-def _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options):
+def _stop(saver, position, metric_tracker, signame, n_train):
+    """Write the checkpoint of a run stopped by ``signame``; return the metric tracker."""
+    position.interrupted = signame
+    saver.save(position)
+    log.warning("training interrupted by %s in epoch %d after %d of %d samples; %s written",
+                signame, position.epoch, position.samples_done, n_train, LAST_NAME)
+    metric_tracker.stop_reason = f"interrupted by {signame}"
+    return metric_tracker
+
+
+def _train(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, options, interrupt):
     model, loss_fn, evaluator = training_modules
     position = getattr(controller, "resume_position", None) or TrainingPosition(epoch=controller.current_epoch)
     controller.resume_position = None
@@ -375,7 +388,7 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
     n_train = database.split_size("train")
 
     last_save = time.monotonic()
-    with _SignalFlag(options.signals) as interrupt, saver.committing():
+    with saver.committing():
         while controller.current_epoch < controller.max_epochs and controller.stop_reason is None:
             epoch = controller.current_epoch
             position.epoch = epoch
@@ -385,6 +398,8 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
             bar = tqdm(total=n_train, initial=position.samples_done, disable=options.quiet, desc=f"epoch {epoch}", unit="sample", leave=False)
             with contextlib.closing(bar):
                 for batch_inputs, batch_targets in database.batches("train", controller.batch_size, order=order, start=position.samples_done):
+                    if interrupt.requested:  # checked before each batch: a signal stops training at the next boundary
+                        return _stop(saver, position, metric_tracker, interrupt.requested, n_train)
                     inputs = [t.to(device) for t in batch_inputs]
                     targets = [t.to(device) for t in batch_targets]
                     controller.optimizer.zero_grad(set_to_none=True)
@@ -401,16 +416,11 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
                     every = options.checkpoint_every_batches
                     due = (every and position.step % every == 0) or (
                         options.checkpoint_every_seconds and time.monotonic() - last_save >= options.checkpoint_every_seconds)
-                    if due and not interrupt.requested and position.samples_done < n_train:
+                    if interrupt.requested and position.samples_done < n_train:
+                        return _stop(saver, position, metric_tracker, interrupt.requested, n_train)
+                    if due and position.samples_done < n_train:
                         saver.save(position)
                         last_save = time.monotonic()
-                    if interrupt.requested:
-                        position.interrupted = interrupt.requested
-                        saver.save(position)
-                        log.warning("training interrupted by %s in epoch %d after %d of %d samples; %s written",
-                                    interrupt.requested, epoch, position.samples_done, n_train, LAST_NAME)
-                        metric_tracker.stop_reason = f"interrupted by {interrupt.requested}"
-                        return metric_tracker
 
             metrics = {"train": {"loss": position.loss_sum / n_train},
                        "valid": evaluator.evaluate("valid", batch_size=controller.eval_batch_size)}
@@ -426,9 +436,7 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
             log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
                      metric_tracker.stopping_key, metric_tracker.stopping_value(metrics), " (best so far)" if better else "")
             if interrupt.requested:
-                metric_tracker.stop_reason = f"interrupted by {interrupt.requested}"
-                log.warning("training interrupted by %s at the end of epoch %d; %s written", interrupt.requested, epoch, LAST_NAME)
-                return metric_tracker
+                return _stop(saver, position, metric_tracker, interrupt.requested, n_train)
 
     metric_tracker.stop_reason = controller.stop_reason or f"reached max_epochs={controller.max_epochs}"
     log.info("training ended (%s); %s", metric_tracker.stop_reason, metric_tracker.summary())

@@ -292,9 +292,17 @@ def _run_directory(directory):
         raise CheckpointNotFoundError(f"run directory {directory} does not exist.")
     files = _read_manifest(directory)
     if files is None:
-        if os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+        names = [LAST_NAME, BEST_NAME, BEST_MODEL_NAME]
+        names += [storage.previous_name(name) for name in names]
+        state_files = [name for name in names if os.path.isfile(os.path.join(directory, name))]
+        if not state_files and os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+            raise CheckpointNotFoundError(
+                f"{directory} holds only the {STRUCTURE_NAME} of a run that was killed before its first save "
+                "committed: there is no checkpoint to resume from. Start the run from the beginning."
+            )
+        if state_files:
             raise CorruptCheckpointError(
-                f"{directory} holds {STRUCTURE_NAME} but no {storage.MANIFEST_NAME}, so nothing in it can be verified. "
+                f"{directory} holds {', '.join(state_files)} but no {storage.MANIFEST_NAME}, so nothing in it can be verified. "
                 "Restore the manifest, or load the files by path with load_checkpoint(..., verify=False)."
             )
         raise CheckpointNotFoundError(
@@ -315,17 +323,20 @@ class _Search:
     :param roles: file names, each optionally suffixed ``":current"`` (only the
         generation holding the committed record of that name) or ``":older"`` (only
         the previous generation).
-    :param strict: raise at the first problem instead of going on to the next candidate.
+    :param strict: consider only the committed generation (the one the manifest's
+        record of its name describes, whichever file holds it after a crash) of the
+        first file the manifest lists: no fallback.
     :param newest_first: rank by step first, whatever the role (ties go to the
         earlier role); otherwise by role first, then newest first.
     :ivar problems: one text per file found wrong so far.
-    :raises CorruptCheckpointError: in strict mode, at the first problem.
     """
 
     def __init__(self, verifier, roles, strict, *, newest_first=False):
         self.verifier, self.strict, self.problems = verifier, strict, []
         files = verifier.files
         self._candidates, self._reported = [], {}
+        if strict:  # only the committed generation of the first file the manifest lists
+            roles = [next((r for r in roles if r.partition(":")[0] in files), roles[0]).partition(":")[0] + ":current"]
         for rank, role in enumerate(roles):
             name, _, which = role.partition(":")
             records = None
@@ -345,9 +356,7 @@ class _Search:
         self._candidates.sort(key=lambda c: c[0])
 
     def report(self, problem):
-        """Note a problem (raise it in strict mode)."""
-        if self.strict:
-            raise CorruptCheckpointError(f"{problem} (strict=True: no fallback to another generation).")
+        """Note a problem."""
         if problem not in self.problems:
             self.problems.append(problem)
 
@@ -388,7 +397,8 @@ def _pick(verifier, roles, strict, structure_digest=None, newest_first=False):
             "Start the run from the beginning."
         )
     listed = "\n  - ".join(search.problems)
-    raise CorruptCheckpointError(f"no intact generation of {' or '.join(names)} in {verifier.directory}:\n  - {listed}")
+    what = "the committed generation (strict=True: no fallback)" if strict else "an intact generation"
+    raise CorruptCheckpointError(f"no {what} of {' or '.join(names)} in {verifier.directory}:\n  - {listed}")
 
 
 class _Concurrently:

@@ -195,8 +195,12 @@ def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 99, "the simulated crash did not happen"
     assert read_reports() == []
-    step = check_loads(str(tmp_path), database, committed)
-    assert step in (3, 6)
+    # nothing of the crashed save was committed: every loader gives the committed step,
+    # and strict mode too finds the committed generation intact, whichever file holds it
+    assert check_loads(str(tmp_path), database, committed) == 3
+    strict = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False, strict=True)
+    assert strict["controller"].resume_position.step == 3
+    assert isinstance(load_model_from_cwd(directory=str(tmp_path), strict=True), torch.nn.Module)
 
 
 def test_crash_before_the_manifest_keeps_the_previous_generation(tmp_path):
@@ -381,3 +385,13 @@ def test_every_error_is_a_library_error(saved_run):
     os.remove(directory / storage.MANIFEST_NAME)
     with pytest.raises(ExperimentIOError, match="no experiment_manifest.json"):
         load_checkpoint_from_cwd(directory=str(directory), database=database)
+
+
+def test_run_killed_before_its_first_commit_starts_fresh(tmp_path):
+    """Only the structure file was renamed into place; no manifest was ever written."""
+    database, tm, controller, _ = _objects()
+    RunWriter(str(tmp_path)).save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    os.remove(tmp_path / storage.MANIFEST_NAME)
+    with pytest.raises(CheckpointNotFoundError, match="before its first save"):
+        load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    assert load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True) is None

@@ -63,3 +63,29 @@ def test_epoch_order_differs_between_epochs_and_is_reproducible():
     database = indexed_database()
     assert not np.array_equal(database.epoch_order(0), database.epoch_order(1))
     assert np.array_equal(database.epoch_order(4), indexed_database().epoch_order(4))
+
+
+def test_signal_during_setup_still_ends_in_a_checkpoint(tmp_path, monkeypatch):
+    """A scheduler signal that arrives before the first batch (while the run is set up)."""
+    import experiment_io.routines as routines
+    from experiment_io import storage
+
+    real_init = routines._Saver.__init__
+
+    def init_then_signal(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(routines._Saver, "__init__", init_then_signal)
+    database = indexed_database()
+    model = IndexedNet()
+    tm, controller, tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), Evaluator(model, {"mse": torch.nn.MSELoss()})),
+                                             SetupParams(stopping_key="mse", batch_size=16, max_epochs=2))
+    trained = []
+    tracker = train_model(tm, database, controller, tracker, None, [lambda *a: trained.append(1)], quiet=True,
+                          directory=str(tmp_path), exit_on_preemption=False)
+    assert tracker.stop_reason == "interrupted by SIGUSR1"
+    assert trained == []  # stopped before the first batch
+    record = storage.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
+    assert record["interrupted"] == "SIGUSR1" and record["step"] == 0
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back

@@ -164,7 +164,8 @@ def test_signal_mid_epoch_then_restart_is_bit_for_bit(reference, tmp_path, signa
     assert record["interrupted"] == signame
     # The checkpoint written on the signal holds every batch trained: nothing is redone.
     assert record["step"] == len(log_lines(tmp_path))
-    assert 0 < record["samples_done"]
+    # (samples_done is 0 when the signal came during the evaluation at an epoch's end)
+    assert 0 <= record["samples_done"] < 240  # the training split holds 240 samples
 
     resumed = run_driver(tmp_path, "resume")
     assert resumed.returncode == 0, resumed.stderr
