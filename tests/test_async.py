@@ -12,7 +12,6 @@ import errno
 import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -463,48 +462,8 @@ def test_staging_from_the_gpu_uses_pinned_buffers_and_decodes_equal():
     assert [b.data_ptr() for b in area.buffers()] == pointers
 
 
-# --- SIGKILL at random instants, with saves in the background ----------------------
-
-
-def test_kill_storm_while_training_with_async_saves_every_batch(tmp_path):
-    """20 SIGKILLs of a process that trains with async_save=True and a checkpoint after every batch."""
-    database = make_database(n=400)
-    rng = random.Random(5)
-    committed = 0
-    original_write_manifest = storage.write_manifest
-    for attempt in range(20):
-        manifest_now = storage.read_manifest(str(tmp_path))
-        fresh = manifest_now is None or LAST_NAME not in manifest_now[1]
-
-        def body(report, fresh=fresh):
-            def write_manifest_and_report(directory, files, **fields):
-                result = original_write_manifest(directory, files, **fields)
-                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
-                    report(files[LAST_NAME]["step"])
-                return result
-
-            storage.write_manifest = write_manifest_and_report
-            if fresh:
-                tm, controller, tracker = setup(1000, batch_size=8)
-                train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1, async_save=True)
-            else:
-                check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-                train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1, async_save=True)
-
-        pid, read_reports = fork_child(body)
-        time.sleep(rng.uniform(0.05, 0.4))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        reports = read_reports()
-        if reports:
-            committed = max(committed, reports[-1])
-        if committed:
-            check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
-            step = check["controller"].resume_position.step
-            assert step >= committed, f"loaded step {step} < committed step {committed}"
-    assert committed > 20, "training made too little progress for the storm to test anything"
+# --- SIGKILL at random instants, with saves in the background: the storm of
+# tests/test_reliability.py::test_kill_storm_while_training_with_a_save_every_batch[async]
 
 
 STAGES = ["written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved", "manifest"]

@@ -125,20 +125,21 @@ def test_kill_storm_while_saving(tmp_path):
     assert committed > 0, "the writer never committed a save; the storm tested nothing"
 
 
-def test_kill_storm_while_training_with_a_save_every_batch(tmp_path):
-    """35 SIGKILLs of a training process that checkpoints after every batch."""
+@pytest.mark.parametrize("async_save,kills", [(False, 35), (True, 20)], ids=["sync", "async"])
+def test_kill_storm_while_training_with_a_save_every_batch(tmp_path, async_save, kills):
+    """SIGKILLs of a training process that checkpoints after every batch (in the background with async_save)."""
     database = make_database(n=400)
-    rng = random.Random(2)
+    rng = random.Random(2 if not async_save else 5)
     committed = 0
     original_write_manifest = storage.write_manifest
-    for attempt in range(35):
+    for attempt in range(kills):
         manifest = storage.read_manifest(str(tmp_path))
         fresh = manifest is None or LAST_NAME not in manifest[1]
 
         def body(report, fresh=fresh):
             def write_manifest_and_report(directory, files, **fields):
                 result = original_write_manifest(directory, files, **fields)
-                if LAST_NAME in files:
+                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
                     report(files[LAST_NAME]["step"])
                 return result
 
@@ -147,11 +148,11 @@ def test_kill_storm_while_training_with_a_save_every_batch(tmp_path):
                 tm, controller, tracker = setup_training(make_training_modules(),
                                                          SetupParams(stopping_key="mse", batch_size=8, max_epochs=1000))
                 train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1)
+                            checkpoint_every_batches=1, async_save=async_save)
             else:
                 check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
                 train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1)
+                            checkpoint_every_batches=1, async_save=async_save)
 
         pid, read_reports = fork_child(body)
         time.sleep(rng.uniform(0.05, 0.4))
@@ -162,7 +163,7 @@ def test_kill_storm_while_training_with_a_save_every_batch(tmp_path):
             committed = max(committed, reports[-1])
         if committed:
             check_loads(str(tmp_path), database, committed)
-    assert committed > 35, "training made too little progress for the storm to test anything"
+    assert committed > kills, "training made too little progress for the storm to test anything"
 
 
 # Each step of the write protocol at which a crash is simulated, and which of the
