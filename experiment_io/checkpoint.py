@@ -226,35 +226,53 @@ class RunWriter:
     def save(self, payloads):
         """Write several payloads, then commit them by writing the manifest.
 
+        :param payloads: ``{file name: payload dict}``; each payload has a header,
+            whose plain fields (kind, step, epochs done...) go into the file's record.
+        :return: ``{file name: FileRecord}``.
+        """
+        return self.save_files({
+            name: (lambda f, p=payload: save_payload(p, f),
+                   {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None})
+            for name, payload in payloads.items()
+        })
+
+    def save_files(self, writes):
+        """Write several files, then commit them by writing the manifest.
+
         Each file's previous generation is kept as ``<name>.prev.pt`` (with its record)
         until the next save, so that a crash at any instant leaves, for every file,
         a generation that verifies.
 
-        :param payloads: ``{file name: payload dict}``; each payload has a header.
+        :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the
+            file's bytes to ``f``; ``fields`` (plain data) go into its manifest record.
         :return: ``{file name: FileRecord}``.
         """
         snapshot = dict(self.files)
         try:
-            records = {name: self._write_generation(name, payload) for name, payload in payloads.items()}
+            records = {name: self._write_generation(name, write, fields) for name, (write, fields) in writes.items()}
             storage._stage("manifest", self.directory)
             storage.write_manifest(self.directory, self.files)
         except BaseException:
             self.files = snapshot  # nothing of this save was committed
             self._known_good.clear()
             raise
-        self._known_good.update(payloads)
+        self._known_good.update(writes)
         return records
 
     def _matches(self, name, record):
+        """Whether the file ``name`` is the one that ``record`` describes."""
         if record is None:
             return False
+        path = self.path(name)
         try:
-            actual = storage.file_digest(self.path(name))
+            if os.stat(path).st_size != record["size"]:
+                return False
+            actual = storage.file_digest(path)
         except FileNotFoundError:
             return False
         return (actual.digest, actual.size) == (record["digest"], record["size"])
 
-    def _write_generation(self, name, payload):
+    def _write_generation(self, name, write, fields):
         previous = storage.previous_name(name)
         committed = self.files.get(name)
         if name in self._known_good or self._matches(name, committed):
@@ -271,11 +289,7 @@ class RunWriter:
                 self.files.pop(previous, None)
         if self.files.get(previous) is None:
             self.files.pop(previous, None)
-        record = storage.atomic_write(self.path(name), lambda f: save_payload(payload, f), keep_previous=keep_previous)
-        entry = record.as_dict()
-        header = payload[fmt.HEADER_KEY]
-        entry.update({k: v for k, v in header.items() if isinstance(v, (int, float, str)) or v is None})
-        entry["written_at"] = time.time()
-        self.files[name] = entry
+        record = storage.atomic_write(self.path(name), write, keep_previous=keep_previous)
+        self.files[name] = {**record.as_dict(), **fields, "written_at": time.time()}
         storage._stage("file_saved", self.path(name))
         return record

@@ -42,11 +42,11 @@ may fall back to the previous generation or, rarely, fail; load again.
 import logging
 import os
 import pickle
-import time
 
 import torch
 
 from . import storage
+from .checkpoint import RunWriter
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .version import __version__
 
@@ -71,30 +71,6 @@ def _check_name(path, name):
             f"{path}: names of the form <name>.prev<ext> hold the previous generation of <name><ext>; "
             "save under a name without '.prev'."
         )
-
-
-def _manifest_files(directory):
-    """The records of the directory's manifest, for a writer (an unreadable manifest is replaced)."""
-    try:
-        manifest = storage.read_manifest(directory)
-    except NotACheckpointError as e:
-        log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", directory, e)
-        manifest = None
-    return dict(manifest[1]) if manifest else {}
-
-
-def _holds(directory, name, record):
-    """Whether the file ``name`` is the one that ``record`` describes."""
-    if record is None:
-        return False
-    path = os.path.join(directory, name)
-    try:
-        if os.stat(path).st_size != record["size"]:
-            return False
-        actual = storage.file_digest(path)
-    except FileNotFoundError:
-        return False
-    return (actual.digest, actual.size) == (record["digest"], record["size"])
 
 
 def atomic_save(obj, path):
@@ -125,32 +101,8 @@ def atomic_save(obj, path):
     """
     path, directory, name = _split(path)
     _check_name(path, name)
-    os.makedirs(directory, exist_ok=True)
-    storage.remove_stale_temporaries(directory)
-    files = _manifest_files(directory)
-    previous = storage.previous_name(name)
-    committed = files.get(name)
-    if _holds(directory, name, committed):
-        # the committed file becomes the previous generation
-        keep_previous = os.path.join(directory, previous)
-        files[previous] = committed
-    else:
-        # the file is absent, damaged, or an uncommitted leftover of a crashed save:
-        # overwrite it, and keep whichever previous generation verifies
-        keep_previous = None
-        if _holds(directory, previous, committed):
-            files[previous] = committed
-        elif not _holds(directory, previous, files.get(previous)):
-            files.pop(previous, None)
-    record = storage.atomic_write(path, lambda f: torch.save(obj, f), keep_previous=keep_previous)
-    files[name] = {
-        **record.as_dict(),
-        "kind": USER_KIND,
-        "written_at": time.time(),
-        "library_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
-    storage.write_manifest(directory, files)
+    fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
+    record = RunWriter(directory).save_files({name: (lambda f: torch.save(obj, f), fields)})[name]
     log.debug("saved %s (%s)", path, record.digest)
     return record
 
