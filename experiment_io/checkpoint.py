@@ -213,15 +213,11 @@ class RunWriter:
         return self.files.get(name)
 
     def has_intact(self, name):
-        """Whether ``name`` exists and matches its manifest record."""
-        record = self.files.get(name)
-        if record is None:
-            return False
+        """Whether ``name`` exists, is readable and matches its manifest record."""
         try:
-            storage.verify_file(self.path(name), record)
-        except (OSError, ValueError):
+            return storage.file_matches(self.path(name), self.files.get(name))
+        except OSError:
             return False
-        return True
 
     def save(self, payloads):
         """Write several payloads, then commit them by writing the manifest.
@@ -259,23 +255,10 @@ class RunWriter:
         self._known_good.update(writes)
         return records
 
-    def _matches(self, name, record):
-        """Whether the file ``name`` is the one that ``record`` describes."""
-        if record is None:
-            return False
-        path = self.path(name)
-        try:
-            if os.stat(path).st_size != record["size"]:
-                return False
-            actual = storage.file_digest(path)
-        except FileNotFoundError:
-            return False
-        return (actual.digest, actual.size) == (record["digest"], record["size"])
-
     def _write_generation(self, name, write, fields):
         previous = storage.previous_name(name)
         committed = self.files.get(name)
-        if name in self._known_good or self._matches(name, committed):
+        if name in self._known_good or storage.file_matches(self.path(name), committed):
             # the committed file becomes the previous generation
             keep_previous = self.path(previous)
             self.files[previous] = committed
@@ -283,9 +266,9 @@ class RunWriter:
             # the file at ``name`` is absent, damaged, or an uncommitted leftover of a
             # crashed save: overwrite it, and keep whichever previous generation verifies
             keep_previous = None
-            if self._matches(previous, committed):
+            if storage.file_matches(self.path(previous), committed):
                 self.files[previous] = committed
-            elif not self._matches(previous, self.files.get(previous)):
+            elif not storage.file_matches(self.path(previous), self.files.get(previous)):
                 self.files.pop(previous, None)
         if self.files.get(previous) is None:
             self.files.pop(previous, None)

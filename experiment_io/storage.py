@@ -45,6 +45,7 @@ __all__ = [
     "atomic_write_bytes",
     "file_digest",
     "verify_file",
+    "file_matches",
     "read_manifest",
     "write_manifest",
     "remove_stale_temporaries",
@@ -309,6 +310,23 @@ def file_digest(path):
         return _digest_fd(fd)
     finally:
         os.close(fd)
+
+
+def file_matches(path, record):
+    """Whether the file at ``path`` has the size and digest of the manifest ``record``.
+
+    The size is compared first, so a file of another size is not read. A missing
+    file or a ``None`` record does not match.
+    """
+    if record is None:
+        return False
+    try:
+        if os.stat(path).st_size != record["size"]:
+            return False
+        actual = file_digest(path)
+    except FileNotFoundError:
+        return False
+    return (actual.digest, actual.size) == (record["digest"], record["size"])
 
 
 def verify_file(path, record):
