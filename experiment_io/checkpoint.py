@@ -4,7 +4,8 @@
 file                              content
 ================================  =================================================
 ``experiment_structure.pt``       pickled objects: training modules, controller,
-                                  database descriptor (loaded through the trust gate)
+                                  database descriptor (loaded through the trust gate);
+                                  the tensors the state files restore are left out
 ``last_checkpoint.pt``            every ``state_dict`` (model, loss, evaluator,
                                   controller, metric tracker, RNG, data position)
 ``best_checkpoint.pt``            the same, at the best epoch
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import format as fmt
-from . import storage
+from . import skeleton, storage
 from .devices import module_device
 from .errors import NotACheckpointError
 from .rng import get_rng_state
@@ -101,9 +102,16 @@ def save_payload(payload, f):
     ``torch.save`` reads the setting when it opens ``f``, and the setting is global:
     a ``torch.save`` that another thread starts while this one runs writes no CRC-32
     either.
+
+    A structure payload is written without the data of the tensors that the state
+    files restore (see :mod:`experiment_io.skeleton`).
     """
+    options = {}
+    if payload.get(fmt.HEADER_KEY, {}).get("kind") == "structure":
+        model, loss, _evaluator = payload["training_modules"]
+        options["pickle_module"] = skeleton.pickle_module_without(skeleton.restored_tensors(model, loss))
     with _without_crc32():
-        torch.save(payload, f)
+        torch.save(payload, f, **options)
 
 
 def epoch_checkpoint_name(epoch):
@@ -144,7 +152,11 @@ class TrainingPosition:
 
 
 def structure_payload(training_modules, controller, database_descriptor):
-    """The pickled part of a run: whole objects, loaded back through the trust gate."""
+    """The pickled part of a run: whole objects, loaded back through the trust gate.
+
+    :func:`save_payload` writes the model's and the loss's parameters and persistent
+    buffers without their data: the state files hold it.
+    """
     return {
         fmt.HEADER_KEY: fmt.make_header("structure"),
         "training_modules": training_modules,

@@ -23,8 +23,13 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout. Raise it whenever a payload or the manifest
-#: changes shape; readers refuse versions newer than their own.
-FORMAT_VERSION = 1
+#: changes shape; readers refuse versions newer than their own and read every
+#: older one.
+#:
+#: 1. First version.
+#: 2. Structure files hold the parameters and persistent buffers of the model and
+#:    of the training loss as meta tensors (no data): the state files restore them.
+FORMAT_VERSION = 2
 
 #: Key of the header entry in every payload.
 HEADER_KEY = "experiment_io"

@@ -40,6 +40,7 @@ from .errors import (
 )
 from .metric_tracker import MetricTracker
 from .rng import placed_on_cpu, set_rng_state
+from .skeleton import materialize
 from .training_modules import TrainingModules
 from .trust import load_structure
 
@@ -205,8 +206,12 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     # kept, so it gets memory of its own instead of the file's mapping
     state = {**state, **with_own_memory({k: v for k, v in state.items() if k not in ("model", "loss", "evaluator")})}
     try:
-        _place(training_modules, device, map_location)
         model, loss, evaluator = training_modules
+        # a structure file of format 2 holds the modules' state tensors as meta tensors
+        target = device if device is not None else _plain_device(map_location)
+        state["model"] = materialize(model, state["model"], state_path, device=target)
+        state["loss"] = materialize(loss, state["loss"], state_path, device=target)
+        _place(training_modules, device, map_location)
         _load_model_state(model, state["model"], state_path)
         if isinstance(loss, torch.nn.Module):
             loss.load_state_dict(state["loss"])
@@ -513,7 +518,8 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
                      restore_rng=restore_rng)
 
 
-def load_model_from_cwd(map_location=None, model_device=None, *, directory=None, strict=False, allow=(), trusted=False):
+def load_model_from_cwd(map_location=None, model_device=None, *, directory=None, strict=False, allow=(), trusted=False,
+                        mmap=True):
     """Load the best model of the run in the current directory, ready for prediction.
 
     The model comes from the structure file with the weights of ``best_model.pt``; if
@@ -524,6 +530,12 @@ def load_model_from_cwd(map_location=None, model_device=None, *, directory=None,
     :param map_location: as for :func:`torch.load`.
     :param model_device: ``'cpu'``, ``'cuda:N'`` or ``'auto'``; not with ``map_location``.
     :param strict: raise at the first file that does not verify instead of falling back.
+    :param mmap: on the CPU, leave the weights in the verified file's memory map
+        (private, copy-on-write: changing them never changes the file, and
+        processes that load the same model share its pages); the file stays
+        mapped, and its disk space in use after a writer replaces it, while the
+        model lives. ``False`` copies them into memory of their own. Weights
+        moved to a GPU never refer to the file.
     :return: the :class:`torch.nn.Module`.
     """
     check_location_args(map_location, model_device)
@@ -548,6 +560,8 @@ def load_model_from_cwd(map_location=None, model_device=None, *, directory=None,
     device = _target_device(map_location, model_device, header, model_path)
     model = structure["training_modules"].model
     target = device if device is not None else _plain_device(map_location)
+    # the weights stay where torch.load put them (the file's memory map, on the CPU)
+    model_state = materialize(model, model_state, model_path, device=target, own_memory=not mmap)
     if target is not None:
         model.to(target)
     _load_model_state(model, model_state, model_path)

@@ -354,11 +354,12 @@ def mapped_files():
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
 @pytest.mark.parametrize("loader", ["load_checkpoint_from_cwd", "load_model_from_cwd", "load_checkpoint"])
 def test_no_file_stays_mapped_after_a_load(run_copy, loader):
+    """Resumes, and model loads with ``mmap=False``, hold no file."""
     directory, database = run_copy
     if loader == "load_checkpoint_from_cwd":
         result = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
     elif loader == "load_model_from_cwd":
-        result = load_model_from_cwd(directory=str(directory))
+        result = load_model_from_cwd(directory=str(directory), mmap=False)
     else:
         result = load_checkpoint(directory / STRUCTURE_NAME, directory / LAST_NAME, database=database, restore_rng=False)
     assert not {p for p in mapped_files() if p.startswith(str(directory))}
