@@ -7,7 +7,17 @@ speed); the containers around the tensors are copied too, so that the training
 loop may change its state as soon as the copy is done. :class:`BackgroundSaver`
 then hands the copy to :meth:`RunWriter.save <experiment_io.checkpoint.RunWriter.save>`
 in a thread: writing, fsync, digest and manifest happen exactly as in a
-synchronous save, only elsewhere. The training loop waits only for the copy.
+synchronous save, only elsewhere.
+
+The copy of the largest tensors can leave the training loop too. Parameters and
+optimizer state change only in the optimizer step, so ``train_model`` passes them
+as ``defer``: the background thread copies them while the loop computes the next
+batch's forward and backward pass, and the loop waits (:meth:`BackgroundSaver.staged`)
+only before its next optimizer step, if the copy is not done by then. Every
+deferred tensor's version counter is checked after its copy: a tensor changed in
+place meanwhile (a forward pass that writes a parameter) fails the save instead of
+writing a checkpoint that is not a snapshot. This is the pipelining of CheckFreq
+(Mohan et al., FAST 2021).
 
 At most one save is in flight: a new save, and :meth:`BackgroundSaver.wait`, first
 wait for the previous one to commit. An error of the background save is raised
@@ -30,7 +40,7 @@ from collections import defaultdict
 
 import torch
 
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, StagedStateModifiedError
 
 __all__ = ["StagingArea", "BackgroundSaver", "with_own_memory"]
 
@@ -135,6 +145,7 @@ class StagingArea(_TreeCopy):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._pool = defaultdict(list)  # (nbytes, pinned) -> buffers of the previous copy
         self.allocated = 0  # buffers allocated so far (for tests and logs)
+        self.deferred = []  # what copy() left to copy_deferred()
 
     @property
     def nbytes(self):
@@ -145,23 +156,62 @@ class StagingArea(_TreeCopy):
         """The buffers (``torch.UntypedStorage``) of the latest copy, in the order they were used."""
         return [b for buffers in self._pool.values() for b in buffers]
 
-    def copy(self, obj):
+    def copy(self, obj, *, defer=()):
         """A copy of ``obj`` (see :class:`_TreeCopy`) whose tensors live in this area's buffers.
 
         The buffers of the previous copy are reused for storages of the same size;
         those left over are released. Copies from a GPU are waited for before
         returning.
+
+        :param defer: tensors whose storages (on the CPU) are not copied now: the
+            result already refers to their buffers, and :meth:`copy_deferred` fills
+            them. Until it has, the caller must not change those tensors.
         """
         self._available = {key: list(buffers) for key, buffers in self._pool.items()}
         self._used = defaultdict(list)
         self._devices = set()
+        self._defer = {t.untyped_storage()._cdata for t in defer if t.device.type == "cpu"}
+        self._deferred = {}  # storage -> [buffer, source, [(tensor, its version when staged)]]
         try:
             result = self(obj)
             for device in self._devices:
                 torch.cuda.synchronize(device)
         finally:
             self._pool = self._used
-            del self._available, self._used, self._devices
+            self.deferred = list(self._deferred.values())
+            del self._available, self._used, self._devices, self._defer, self._deferred
+        return result
+
+    @property
+    def deferred_nbytes(self):
+        """Bytes that :meth:`copy_deferred` has to copy."""
+        return sum(source.nbytes() for _, source, _ in self.deferred)
+
+    def copy_deferred(self):
+        """Copy the storages that :meth:`copy` deferred into their buffers (in any thread).
+
+        :raises StagedStateModifiedError: when one of the deferred tensors was changed
+            in place before its copy was complete; the copy is then not a snapshot.
+        """
+        deferred, self.deferred = self.deferred, []
+        for buffer, source, versions in deferred:
+            _as_bytes(buffer).copy_(_as_bytes(source))
+            for tensor, version in versions:
+                if tensor._version != version:
+                    raise StagedStateModifiedError(
+                        f"a tensor of shape {tuple(tensor.shape)} ({tensor.dtype}) was changed in place while the "
+                        "checkpoint copied it in the background, before the next optimizer step; the checkpoint "
+                        "was not written (the previous one is intact). Parameters and optimizer state may change "
+                        "only in the optimizer step with async_save=True; use async_save='copy' for a model that "
+                        "changes them elsewhere (e.g. in its forward pass)."
+                    )
+
+    def _copy_tensor(self, tensor):
+        result = super()._copy_tensor(tensor)
+        if result is not tensor and tensor.layout == torch.strided and tensor.device.type == "cpu":
+            entry = self._deferred.get(tensor.untyped_storage()._cdata)
+            if entry is not None:
+                entry[2].append((tensor, tensor._version))
         return result
 
     def _storage_copy(self, source):
@@ -174,30 +224,42 @@ class StagingArea(_TreeCopy):
             buffer = torch.empty(key[0], dtype=torch.uint8, pin_memory=pinned).untyped_storage()
             self.allocated += 1
         self._used[key].append(buffer)
+        if source._cdata in self._defer:
+            self._deferred[source._cdata] = [buffer, source, []]
+            return buffer
         buffer.copy_(source, non_blocking=pinned)
         if source.device.type == "cuda":
             self._devices.add(source.device)
         return buffer
 
 
+def _as_bytes(storage):
+    """The bytes of an ``UntypedStorage`` as a tensor (whose copies use every intra-op thread)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
 class BackgroundSaver:
     """Saves through a :class:`~experiment_io.checkpoint.RunWriter` in a background thread.
 
     :param writer: the run's writer; while a save is in flight only the background
-        thread uses it.
+        thread uses it (``None`` for a saver that only runs :meth:`submit`).
     :param staging: the :class:`StagingArea` (default: a new one).
     """
 
-    def __init__(self, writer, *, staging=None):
+    def __init__(self, writer=None, *, staging=None):
         self.writer = writer
         self.staging = staging if staging is not None else StagingArea()
         self._thread = None
         self._done = threading.Event()
+        self._staged = threading.Event()
         self._error = None
+        self._result = None
         self._names = ()
         #: seconds the caller was blocked by the latest :meth:`save` (waiting for the
-        #: previous save included), and seconds the latest background save took
+        #: previous save included), by the latest :meth:`staged`, and seconds the
+        #: latest background save took
         self.blocked_s = 0.0
+        self.staged_wait_s = 0.0
         self.written_s = 0.0
 
     @property
@@ -205,35 +267,91 @@ class BackgroundSaver:
         """Whether a save has been started and not yet waited for."""
         return self._thread is not None
 
-    def save(self, payloads):
+    def save(self, payloads, *, defer=()):
         """Copy ``payloads`` into the staging buffers and write them in the background.
 
         Waits first for the previous save to commit.
 
         :param payloads: as for :meth:`RunWriter.save <experiment_io.checkpoint.RunWriter.save>`.
+        :param defer: tensors of ``payloads`` (on the CPU) that the background thread
+            copies before it writes, instead of this call: the caller promises not to
+            change them in place before :meth:`staged` has returned (``train_model``
+            passes the parameters and the optimizer state, and calls :meth:`staged`
+            before the next optimizer step). A change is detected by the tensors'
+            version counters and fails the save.
         :raises CheckpointWriteError: when the previous save failed (and then this
             one is not started).
         """
+        self.submit(payloads, self.writer.save, ", ".join(payloads), defer=defer)
+
+    def submit(self, obj, write, description, *, defer=()):
+        """Stage ``obj`` and run ``write(staged copy)`` in the background.
+
+        Waits first for the previous save to commit.
+
+        :param description: what is written, for logs and errors.
+        :param defer: as for :meth:`save`.
+        """
         started = time.perf_counter()
         self.wait()
-        staged = self.staging.copy(payloads)
-        self._names = tuple(payloads)
-        self._error = None
+        staged = self.staging.copy(obj, defer=defer)
+        self._names = (description,)
+        self._error = self._result = None
         self._done.clear()
-        self._thread = threading.Thread(target=self._write, args=(staged,), name="experiment_io-save", daemon=False)
+        self._staged.clear()
+        self._thread = threading.Thread(target=self._write, args=(staged, write), name="experiment_io-save", daemon=False)
         self._thread.start()
         self.blocked_s = time.perf_counter() - started
-        log.debug("staged %s in %.3f s; writing in the background", ", ".join(self._names), self.blocked_s)
+        log.debug("staged %s in %.3f s (%.0f MiB left to copy in the background); writing in the background",
+                  description, self.blocked_s, self.staging.deferred_nbytes / 2**20)
 
-    def _write(self, staged):
+    def _write(self, staged, write):
         started = time.perf_counter()
         try:
-            self.writer.save(staged)
+            try:
+                self.staging.copy_deferred()
+            finally:
+                self._staged.set()
+            self._result = write(staged)
         except BaseException as e:  # handed to the training loop by wait()
             self._error = e
+            log.error("the background save of %s failed: %r", ", ".join(self._names), e)
         finally:
             self.written_s = time.perf_counter() - started
             self._done.set()
+
+    def _wait_for(self, event):
+        """Wait for ``event``; a Ctrl-C meanwhile is held back and returned."""
+        interrupted = None
+        while not event.is_set():
+            try:
+                event.wait()
+            except KeyboardInterrupt as e:
+                interrupted = e
+                log.warning("interrupted while %s is written in the background; waiting for it to commit",
+                            ", ".join(self._names))
+        return interrupted
+
+    def staged(self):
+        """Wait until the save in flight no longer needs the caller's tensors.
+
+        Call it before changing a tensor passed as ``defer`` to :meth:`save`. It
+        returns at once when nothing was deferred or nothing is in flight.
+
+        :raises StagedStateModifiedError: when a deferred tensor changed before it
+            was copied (the save is abandoned; the previous checkpoint is intact).
+        """
+        if self._thread is None or self._staged.is_set():
+            self.staged_wait_s = 0.0
+            return
+        started = time.perf_counter()
+        interrupted = self._wait_for(self._staged)
+        self.staged_wait_s = time.perf_counter() - started
+        if interrupted is not None:
+            self.wait()
+            raise interrupted
+        if isinstance(self._error, StagedStateModifiedError):
+            self.wait()
 
     def wait(self):
         """Wait until the save in flight (if any) has committed.
@@ -241,19 +359,13 @@ class BackgroundSaver:
         A Ctrl-C while waiting does not abandon the save: the wait goes on, and the
         :class:`KeyboardInterrupt` is raised once the save has ended.
 
+        :return: what the save's write returned (``None`` when nothing was in flight).
         :raises CheckpointWriteError: when the background save failed with an
             :class:`OSError`; other exceptions of the save are raised as they are.
         """
         if self._thread is None:
-            return
-        interrupted = None
-        while not self._done.is_set():
-            try:
-                self._done.wait()
-            except KeyboardInterrupt as e:
-                interrupted = e
-                log.warning("interrupted while %s is written in the background; waiting for it to commit",
-                            ", ".join(self._names))
+            return None
+        interrupted = self._wait_for(self._done)
         self._thread.join()
         self._thread = None
         error, self._error = self._error, None
@@ -262,12 +374,14 @@ class BackgroundSaver:
         log.debug("background save of %s committed (%.3f s)", ", ".join(self._names), self.written_s)
         if interrupted is not None:
             raise interrupted
+        return self._result
 
     def _raise(self, error):
         if isinstance(error, CheckpointWriteError) or not isinstance(error, OSError):
             raise error
+        where = f" in {self.writer.directory}" if self.writer is not None else ""
         raise CheckpointWriteError(
-            f"The background save of {', '.join(self._names)} in {self.writer.directory} failed: "
+            f"The background save of {', '.join(self._names)}{where} failed: "
             f"{error.strerror or error}. The previous checkpoint is intact; free disk space or fix the "
             "directory's permissions and restart from it."
         ) from error

@@ -21,6 +21,7 @@ __all__ = [
     "DeviceError",
     "CheckpointWriteError",
     "RunLockedError",
+    "StagedStateModifiedError",
 ]
 
 
@@ -127,4 +128,14 @@ class RunLockedError(ExperimentIOError, BlockingIOError):
     Typically a requeued job started while the old one is still dying. The message
     names the holder's pid and host. A lock left by a dead process is taken over
     automatically.
+    """
+
+
+class StagedStateModifiedError(ExperimentIOError, RuntimeError):
+    """State was changed in place while an asynchronous save was still copying it.
+
+    With ``async_save=True`` the parameters and optimizer state are copied in the
+    background until the next optimizer step, and only the optimizer step may change
+    them. The checkpoint of that save is not written (the previous one is intact);
+    use ``async_save="copy"`` for a model that changes them elsewhere.
     """

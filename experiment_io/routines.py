@@ -201,6 +201,8 @@ class _Saver:
 
     With ``async_save`` a save copies the state into staging buffers and writes it
     in a background thread (:class:`~experiment_io.asynchronous.BackgroundSaver`);
+    with ``async_save=True`` the parameters and optimizer state are copied by that
+    thread, and :meth:`staged` waits for that copy before the state may change.
     :meth:`committing` makes sure the last save has committed before training ends.
     The structure file is always written at once.
     """
@@ -219,6 +221,23 @@ class _Saver:
             self.writer.save({STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
         self.background = BackgroundSaver(self.writer) if async_save else None
+        self.overlap = async_save is True
+
+    def _deferrable(self):
+        """The tensors that change only in the optimizer step (or, for the best model state, never in place)."""
+        model, loss, _ = self.training_modules
+        tensors = list(model.parameters())
+        if isinstance(loss, torch.nn.Module):
+            tensors += list(loss.parameters())
+        tensors += [v for state in self.controller.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor)]
+        tensors += [v for v in (self.metric_tracker.best_model_state or {}).values() if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def staged(self):
+        """Wait until the save in flight has copied what it deferred (before the optimizer step)."""
+        if self.background is not None:
+            self.background.staged()
 
     def save(self, position, *, better=False, store_best=True, keep_epoch=False):
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
@@ -234,7 +253,7 @@ class _Saver:
             files[epoch_checkpoint_name(ended)] = payload
             files[epoch_model_name(ended)] = model_file
         if self.background is not None:
-            self.background.save(files)
+            self.background.save(files, defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
             self.writer.save(files)
@@ -273,7 +292,7 @@ class _Options:
     checkpoint_every_batches: int
     checkpoint_every_seconds: float
     signals: tuple
-    async_save: bool = False
+    async_save: object = False
 
 
 def train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
@@ -296,14 +315,22 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     the job, unless ``exit_on_preemption=False``, in which case ``train_model``
     returns as for SIGINT.
 
-    With ``async_save=True`` a checkpoint blocks training only while the state is
-    copied into staging buffers (allocated at the first save, reused afterwards;
-    pinned memory for GPU tensors); writing, fsync, digest and manifest happen in a
-    background thread, with the same guarantees as a synchronous save. One save is
-    in flight at most: the next one waits for it to commit. An error of a background
-    save is raised at the next save or when training ends, and ``train_model`` never
-    returns, exits or raises before the last save has committed (a Ctrl-C while it
-    waits is raised once the save has committed).
+    With ``async_save=True`` checkpoints are written by a background thread, with
+    the same guarantees as a synchronous save. The state is copied into staging
+    buffers (allocated at the first save, reused afterwards; pinned memory for GPU
+    tensors): the small parts at once, the parameters, the optimizer state and the
+    best model state (on the CPU) by the background thread while training computes
+    the next batch's forward and backward pass; the optimizer step waits for that
+    copy if it is not done yet. Only the optimizer step may change parameters and
+    optimizer state in place meanwhile; a change elsewhere is detected and fails
+    the save with :class:`~experiment_io.errors.StagedStateModifiedError` (the
+    previous checkpoint is intact). ``async_save="copy"`` copies the whole state
+    before training goes on, for models that change their parameters elsewhere.
+    One save is in flight at most: the next one waits for it to commit. An error of
+    a background save is raised at the next optimizer step or save, or when
+    training ends, and ``train_model`` never returns, exits or raises before the
+    last save has committed (a Ctrl-C while it waits is raised once the save has
+    committed).
 
     :param training_modules: :class:`TrainingModules` ``(model, loss, evaluator)``.
     :param database: a :class:`~experiment_io.databases.Database`.
@@ -325,8 +352,9 @@ def train_model(training_modules, database, controller, metric_tracker, callback
         a signal other than SIGINT.
     :param requeue: after such a signal, under SLURM, requeue the job once with
         ``scontrol requeue $SLURM_JOB_ID``.
-    :param async_save: write checkpoints in a background thread (see above); costs
-        host memory for one copy of the checkpointed state.
+    :param async_save: ``False``, ``True`` or ``"copy"``: write checkpoints in a
+        background thread (see above); costs host memory for one copy of the
+        checkpointed state.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunLockedError: when another live process is training in the same directory.
     :raises CheckpointWriteError: when a checkpoint cannot be written (disk full, I/O
@@ -346,10 +374,12 @@ def train_model(training_modules, database, controller, metric_tracker, callback
             "pass database= to load_checkpoint_from_cwd (or to train_model)."
         )
     _check_database(database)
+    if async_save not in (False, True, "copy"):
+        raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")
     directory = os.path.abspath(directory or os.getcwd())
     os.makedirs(directory, exist_ok=True)
     options = _Options(store_all_better, store_best, store_every, quiet, directory, checkpoint_every_batches,
-                       checkpoint_every_seconds, tuple(signals), bool(async_save))
+                       checkpoint_every_seconds, tuple(signals), async_save)
     # signals are handled from here on, so that one arriving while the run is set up
     # still ends in a checkpoint and the documented exit status
     with _SignalFlag(options.signals) as interrupt, RunLock(directory):
@@ -406,6 +436,7 @@ def _train(training_modules, database, controller, metric_tracker, callbacks, ba
                     outputs = as_tuple(model(*inputs))
                     loss = loss_fn(*outputs, *targets)
                     loss.backward()
+                    saver.staged()
                     controller.optimizer.step()
                     n = len(batch_targets[0])
                     position.samples_done += n

@@ -36,7 +36,7 @@ from experiment_io.checkpoint import (
     save_payload,
     structure_payload,
 )
-from experiment_io.errors import CheckpointWriteError
+from experiment_io.errors import CheckpointWriteError, StagedStateModifiedError
 from experiment_io.routines import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model
 from experiment_io.serialization import load_checkpoint_from_cwd
 
@@ -143,10 +143,24 @@ def without_times(payload):
     return payload
 
 
-def test_async_run_writes_the_same_files_as_a_sync_run(tmp_path):
+@pytest.fixture
+def slow_deferred_copy(monkeypatch):
+    """Delay the background copy of the deferred tensors, so that the next batch's
+    forward and backward pass really run while it is under way."""
+    original = StagingArea.copy_deferred
+
+    def slow(self):
+        time.sleep(0.01)
+        original(self)
+
+    monkeypatch.setattr(StagingArea, "copy_deferred", slow)
+
+
+@pytest.mark.parametrize("mode", [True, "copy"])
+def test_async_run_writes_the_same_files_as_a_sync_run(tmp_path, mode, slow_deferred_copy):
     database = make_database()
     sync = train(tmp_path / "sync", database, async_save=False, checkpoint_every_batches=2, store_every=1)
-    asynchronous = train(tmp_path / "async", database, async_save=True, checkpoint_every_batches=2, store_every=1)
+    asynchronous = train(tmp_path / "async", database, async_save=mode, checkpoint_every_batches=2, store_every=1)
     assert_same_training_state(sync, asynchronous)
     files_sync, files_async = manifest(tmp_path / "sync"), manifest(tmp_path / "async")
     assert sorted(files_sync) == sorted(files_async)
@@ -161,7 +175,8 @@ def test_async_run_writes_the_same_files_as_a_sync_run(tmp_path):
             assert to_bytes(without_times(a)) == to_bytes(without_times(b)), name
 
 
-def test_resume_from_async_checkpoints_is_exact(tmp_path):
+@pytest.mark.parametrize("mode", [True, "copy"])
+def test_resume_from_async_checkpoints_is_exact(tmp_path, mode, slow_deferred_copy):
     database = make_database(n=300)
     reference = train(tmp_path / "reference", database, async_save=False, max_epochs=4)
 
@@ -174,15 +189,105 @@ def test_resume_from_async_checkpoints_is_exact(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     tracker = train_model(tm, database, controller, tracker, None, [interrupt], quiet=True,
-                          directory=str(tmp_path / "run"), async_save=True, checkpoint_every_batches=3)
+                          directory=str(tmp_path / "run"), async_save=mode, checkpoint_every_batches=3)
     assert tracker.stop_reason == "interrupted by SIGINT"
     record = manifest(tmp_path / "run")[LAST_NAME]
     assert record["interrupted"] == "SIGINT" and record["step"] == len(batches)
 
     check = load_checkpoint_from_cwd(directory=str(tmp_path / "run"), database=database)
     train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path / "run"),
-                async_save=True, checkpoint_every_batches=3)
+                async_save=mode, checkpoint_every_batches=3)
     assert_same_training_state(reference, (check["training_modules"], check["controller"], check["metric_tracker"]))
+
+
+# --- copies deferred to the background thread (async_save=True) -------------------
+
+
+def deferred_save(tmp_path, monkeypatch):
+    """A BackgroundSaver whose deferred copy waits for ``go``; returns (saver, model, go, expected bytes)."""
+    writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
+    tm.model(torch.randn(4, 3)).sum().backward()
+    controller.optimizer.step()
+    go, original = threading.Event(), StagingArea.copy_deferred
+
+    def held(self):
+        go.wait(10)
+        original(self)
+
+    monkeypatch.setattr(StagingArea, "copy_deferred", held)
+    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)
+    expected = to_bytes(payload)
+    saver = BackgroundSaver(writer)
+    deferred = list(tm.model.parameters()) + [v for s in controller.optimizer.state.values() for v in s.values()]
+    saver.save({LAST_NAME: payload}, defer=deferred)
+    assert saver.staging.deferred_nbytes == sum(t.untyped_storage().nbytes() for t in deferred)
+    return saver, tm, controller, go, expected
+
+
+def test_deferred_copies_are_written_as_a_snapshot(tmp_path, monkeypatch):
+    saver, tm, controller, go, expected = deferred_save(tmp_path, monkeypatch)
+    tm.model(torch.randn(4, 3)).sum().backward()  # the next batch's forward and backward: no change to the state
+    threading.Timer(0.05, go.set).start()
+    saver.staged()
+    assert saver.staged_wait_s > 0.02
+    controller.optimizer.step()  # after staged(): the copy is done, the file will not see this
+    saver.wait()
+    assert (tmp_path / LAST_NAME).read_bytes() == expected
+
+
+def test_a_deferred_tensor_changed_before_its_copy_fails_the_save(tmp_path, monkeypatch):
+    saver, tm, controller, go, _ = deferred_save(tmp_path, monkeypatch)
+    before = manifest(tmp_path)
+    with torch.no_grad():
+        tm.model.layer2.bias.add_(1.0)  # in place, outside the optimizer step
+    go.set()
+    with pytest.raises(StagedStateModifiedError, match="changed in place"):
+        saver.staged()
+    assert not saver.in_flight
+    assert manifest(tmp_path) == before and not (tmp_path / LAST_NAME).exists()
+
+
+class WritesItsWeightInForward(torch.nn.Module):
+    """A model that changes a parameter in place in its forward pass (as some projections do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.linear.weight.clamp_(-0.5, 0.5)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("mode", [True, "copy"])
+def test_a_model_that_writes_its_parameters_in_forward(tmp_path, monkeypatch, mode):
+    from experiment_io import Evaluator, TrainingModules
+    go, original = threading.Event(), StagingArea.copy_deferred
+
+    def slow(self):  # the copy is still under way when the next forward pass runs
+        time.sleep(0.02)
+        original(self)
+
+    monkeypatch.setattr(StagingArea, "copy_deferred", slow)
+    torch.manual_seed(0)
+    model = WritesItsWeightInForward()
+    tm, controller, tracker = setup_training(
+        TrainingModules(model, torch.nn.MSELoss(), Evaluator(model, {"mse": torch.nn.MSELoss()})),
+        SetupParams(stopping_key="mse", batch_size=16, max_epochs=2, learning_rate=0.5))
+    run = lambda: train_model(tm, make_database(), controller, tracker, None, None, quiet=True,  # noqa: E731
+                              directory=str(tmp_path), async_save=mode, checkpoint_every_batches=1)
+    if mode is True:
+        with pytest.raises(StagedStateModifiedError):
+            run()
+    else:
+        run()
+        assert manifest(tmp_path)[LAST_NAME]["epochs_done"] == 2
+
+
+def test_async_save_takes_false_true_or_copy(tmp_path):
+    with pytest.raises(ValueError, match="async_save"):
+        train(tmp_path, make_database(), async_save="yes")
 
 
 # --- training never ends before the last save committed ----------------------------
@@ -381,8 +486,8 @@ def test_staging_buffers_are_reused(tmp_path):
 def test_staging_buffers_are_reused_by_train_model(tmp_path, monkeypatch):
     pointers, original = [], StagingArea.copy
 
-    def recording_copy(self, obj):
-        result = original(self, obj)
+    def recording_copy(self, obj, **kwargs):
+        result = original(self, obj, **kwargs)
         pointers.append({b.data_ptr() for b in self.buffers()})
         return result
 
@@ -421,9 +526,9 @@ def test_one_save_in_flight(tmp_path, monkeypatch):
     assert saver.in_flight
     original_copy = saver.staging.copy
 
-    def copy_after_commit(obj):
+    def copy_after_commit(obj, **kwargs):
         committed_steps_seen_by_second_save.append(manifest(tmp_path)[LAST_NAME]["step"])
-        return original_copy(obj)
+        return original_copy(obj, **kwargs)
 
     saver.staging.copy = copy_after_commit
     threading.Timer(0.2, release.set).start()
