@@ -263,7 +263,7 @@ class WritesItsWeightInForward(torch.nn.Module):
 @pytest.mark.parametrize("mode", [True, "copy"])
 def test_a_model_that_writes_its_parameters_in_forward(tmp_path, monkeypatch, mode):
     from experiment_io import Evaluator, TrainingModules
-    go, original = threading.Event(), StagingArea.copy_deferred
+    original = StagingArea.copy_deferred
 
     def slow(self):  # the copy is still under way when the next forward pass runs
         time.sleep(0.02)
