@@ -11,7 +11,7 @@ from .databases import Database, HDF5Database, NPZDatabase, Restartable
 from .metric_tracker import MetricTracker
 from .routines import SetupParams, setup_and_train, setup_training, test_model, train_model
 from .sampler import ResumableSampler
-from .standalone import atomic_save, verified_load
+from .standalone import PendingSave, atomic_save, verified_load
 from .training_modules import Evaluator, TrainingModules
 from .trust import register_safe_classes
 
@@ -36,5 +36,6 @@ __all__ = [
     "register_safe_classes",
     "atomic_save",
     "verified_load",
+    "PendingSave",
     "ResumableSampler",
 ]

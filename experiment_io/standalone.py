@@ -42,15 +42,23 @@ may fall back to the previous generation or, rarely, fail; load again.
 import logging
 import os
 import pickle
+import threading
 
 import torch
 
 from . import storage
+from .asynchronous import BackgroundSaver
 from .checkpoint import RunWriter
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
+from .errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+    UnsafeCheckpointError,
+)
 from .version import __version__
 
-__all__ = ["atomic_save", "verified_load"]
+__all__ = ["atomic_save", "verified_load", "PendingSave"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,73 @@ def _check_name(path, name):
         )
 
 
-def atomic_save(obj, path):
+class PendingSave:
+    """An :func:`atomic_save` with ``async_save=True`` that may still be in flight."""
+
+    def __init__(self, path):
+        self.path = path
+        self._committed = threading.Event()
+        self._record = self._error = None
+
+    def _run(self, write):
+        try:
+            self._record = write()
+            return self._record
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            self._committed.set()
+
+    def done(self):
+        """Whether the save has ended (committed or failed)."""
+        return self._committed.is_set()
+
+    def wait(self):
+        """Wait until the save has committed.
+
+        :return: the :class:`~experiment_io.storage.FileRecord` of the file.
+        :raises CheckpointWriteError: when the save failed (the previous generation
+            is intact).
+        """
+        if not self._committed.is_set():
+            try:
+                _saver().wait()
+            except BaseException:
+                if self._error is None:  # the error of another save
+                    raise
+        if self._error is not None:
+            if isinstance(self._error, OSError) and not isinstance(self._error, CheckpointWriteError):
+                raise CheckpointWriteError(f"saving {self.path} in the background failed: {self._error}") from self._error
+            raise self._error
+        return self._record
+
+
+_process_saver = None
+_process_saver_lock = threading.Lock()
+_submit_lock = threading.Lock()
+
+
+def _forget_saver_in_child():
+    """A forked child starts without the parent's saver (whose thread it does not have)."""
+    global _process_saver, _process_saver_lock, _submit_lock
+    _process_saver, _process_saver_lock, _submit_lock = None, threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_saver_in_child)
+
+
+def _saver():
+    """The process's saver for :func:`atomic_save` with ``async_save=True`` (one save in flight)."""
+    global _process_saver
+    with _process_saver_lock:
+        if _process_saver is None:
+            _process_saver = BackgroundSaver()
+        return _process_saver
+
+
+def atomic_save(obj, path, *, async_save=False):
     """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
     The previous file at ``path``, if it is the committed generation, is kept as
@@ -89,11 +163,22 @@ def atomic_save(obj, path):
 
     One process should write a directory at a time (see the module's description).
 
+    With ``async_save=True`` the call copies the tensors of ``obj`` into staging
+    buffers (kept for the next save; pinned memory for GPU tensors) and returns; a
+    background thread writes the copy with the same guarantees. One save of the
+    process is in flight at most: the next ``atomic_save(..., async_save=True)``
+    first waits for it to commit, and raises its error if it failed. The process
+    does not exit before the save in flight has committed (the thread is not a
+    daemon), and an error of a save nobody waited for is logged.
+
     :param obj: the object to save.
     :param path: the file to write; its directory is created if missing. The
         directory's manifest (:data:`~experiment_io.storage.MANIFEST_NAME`) records
         the file's digest and size with ``"kind": "user"``.
-    :return: the :class:`~experiment_io.storage.FileRecord` (size and digest) of the file.
+    :param async_save: return once ``obj`` is copied, and write it in the background.
+    :return: the :class:`~experiment_io.storage.FileRecord` (size and digest) of the
+        file; with ``async_save=True`` a :class:`PendingSave`, whose ``wait()``
+        returns it.
     :raises CheckpointWriteError: when writing fails (disk full, permissions); the
         previous generation and the manifest are untouched.
     :raises ValueError: for a name that experiment_io uses itself (the manifest, the
@@ -102,9 +187,18 @@ def atomic_save(obj, path):
     path, directory, name = _split(path)
     _check_name(path, name)
     fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
-    record = RunWriter(directory).save_files({name: (lambda f: torch.save(obj, f), fields)})[name]
-    log.debug("saved %s (%s)", path, record.digest)
-    return record
+
+    def write(staged):
+        record = RunWriter(directory).save_files({name: (lambda f: torch.save(staged, f), fields)})[name]
+        log.debug("saved %s (%s)", path, record.digest)
+        return record
+
+    if not async_save:
+        return write(obj)
+    pending = PendingSave(path)
+    with _submit_lock:
+        _saver().submit(obj, lambda staged: pending._run(lambda: write(staged)), path)
+    return pending
 
 
 def _pick(path, directory, name, files, strict):

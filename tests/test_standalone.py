@@ -182,7 +182,8 @@ def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, monkeypat
     assert verified_load(path)["step"] == committed
 
 
-def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit(tmp_path, async_save):
     path = str(tmp_path / "ckpt.pt")
     atomic_save(state(0, n=4096), path)
     rng = random.Random(3)
@@ -191,8 +192,12 @@ def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit
         def body(report, start=step):
             s = start
             while True:
-                atomic_save(state(s, n=4096), path)
-                report(s)
+                if async_save:  # returns once the previous save has committed
+                    atomic_save(state(s, n=4096), path, async_save=True)
+                    report(s - 1)
+                else:
+                    atomic_save(state(s, n=4096), path)
+                    report(s)
                 s += 1
 
         pid, read_reports = fork_child(body)
@@ -400,3 +405,68 @@ def test_the_documented_loop_resumes_bit_for_bit_after_a_kill(tmp_path, monkeypa
     assert a["step"] == b["step"] == 5 * 32
     for key in ("model", "optimizer", "sampler"):
         assert_bitwise_equal(a[key], b[key])
+
+
+# --- atomic_save(..., async_save=True) ------------------------------------------------
+
+
+def test_async_save_writes_the_object_as_it_was_when_the_call_returned(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    obj, expected = state(1), state(1)
+    pending = atomic_save(obj, path, async_save=True)
+    with torch.no_grad():
+        obj["model"]["weight"].add_(1.0)
+        obj["optimizer"]["state"][0]["exp_avg"].zero_()
+    obj["history"].append("later")
+    record = pending.wait()
+    assert pending.done()
+    assert record.digest == manifest_files(tmp_path)["ckpt.pt"]["digest"]
+    assert_bitwise_equal(verified_load(path, strict=True), expected)
+    atomic_save(expected, tmp_path / "sync.pt")
+    assert (tmp_path / "sync.pt").read_bytes() == path.read_bytes()
+
+
+def test_async_saves_follow_each_other_and_rotate_generations(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    pendings = [atomic_save(state(s), path, async_save=True) for s in range(5)]
+    assert all(p.done() for p in pendings[:-1])  # each save waited for the previous to commit
+    pendings[-1].wait()
+    assert_bitwise_equal(verified_load(path, strict=True), state(4))
+    assert_bitwise_equal(torch.load(tmp_path / "ckpt.prev.pt", weights_only=True), state(3))
+
+
+def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(1), path)
+    before = snapshot_directory(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        atomic_save(state(2), path, async_save=True).wait()
+    atomic_save(state(3), path, async_save=True)  # nobody waits for this one...
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        atomic_save(state(4), path, async_save=True)  # ...so the next save raises its error
+    monkeypatch.setattr(torch, "save", real_save)
+    assert snapshot_directory(tmp_path) == before
+    assert verified_load(path, strict=True)["step"] == 1
+
+
+def test_the_process_exits_only_after_the_async_save_committed(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    path = tmp_path / "big.pt"
+    script = textwrap.dedent(f"""
+        import torch
+        from experiment_io import atomic_save
+        atomic_save({{"x": torch.arange(32 * 2**20, dtype=torch.float32)}}, {str(path)!r}, async_save=True)
+        # the script ends here, while the background thread writes 128 MiB
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    loaded = verified_load(path, strict=True)
+    assert torch.equal(loaded["x"], torch.arange(32 * 2**20, dtype=torch.float32))
