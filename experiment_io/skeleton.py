@@ -11,7 +11,9 @@ A tensor is left out only when the module that holds it restores it the standard
 way: it sits in a module's ``_parameters`` or persistent ``_buffers``, is the very
 object that ``state_dict(keep_vars=True)`` returns, and the module's
 ``state_dict``, ``_save_to_state_dict``, ``load_state_dict`` and
-``_load_from_state_dict`` are those of torch. Everything else (non-persistent
+``_load_from_state_dict`` are those of torch, and no module of the tree has
+``state_dict`` hooks or ``load_state_dict`` pre-hooks (which may rename or
+replace entries). Everything else (non-persistent
 buffers, tensors kept in plain attributes, optimizer state, evaluation losses)
 keeps its data in the structure file.
 
@@ -43,6 +45,12 @@ def _standard_state(module):
     return True
 
 
+def _has_state_hooks(module):
+    """Whether hooks of ``module`` may change which entry of a ``state_dict`` fills which tensor."""
+    return bool(getattr(module, "_state_dict_hooks", None) or getattr(module, "_state_dict_pre_hooks", None)
+                or getattr(module, "_load_state_dict_pre_hooks", None))
+
+
 def _slots(module):
     """``(key, tensor)`` of every parameter and persistent buffer below ``module``, in ``state_dict`` order."""
     for prefix, sub in module.named_modules(remove_duplicate=False):
@@ -63,7 +71,7 @@ def restored_tensors(*modules):
     """
     result = {}
     for module in modules:
-        if not isinstance(module, torch.nn.Module):
+        if not isinstance(module, torch.nn.Module) or any(map(_has_state_hooks, module.modules())):
             continue
         state = module.state_dict(keep_vars=True)
         for owner, key, tensor in _slots(module):

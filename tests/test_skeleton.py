@@ -83,6 +83,9 @@ def test_modules_with_their_own_loading_keep_their_data():
     left_out = skeleton.restored_tensors(torch.nn.ModuleList([plain, custom]))
     assert set(left_out) == {id(plain.weight), id(plain.bias)}
     assert skeleton.restored_tensors(object()) == {}
+    hooked = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    hooked._register_load_state_dict_pre_hook(lambda *args: None)  # may rename entries: keep every tensor
+    assert skeleton.restored_tensors(hooked) == {}
 
 
 def test_the_tied_model_predicts_with_one_shared_weight(tmp_path):
