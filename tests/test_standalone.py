@@ -456,17 +456,25 @@ def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeyp
     assert verified_load(path, strict=True)["step"] == 1
 
 
-def test_the_process_exits_only_after_the_async_save_committed(tmp_path):
+@pytest.mark.parametrize("ending", ["normal", "ctrl-c"])
+def test_the_process_exits_only_after_the_async_save_committed(tmp_path, ending):
     import subprocess
     import sys
     import textwrap
     path = tmp_path / "big.pt"
     script = textwrap.dedent(f"""
-        import torch
+        import os, signal, torch
         from experiment_io import atomic_save
         atomic_save({{"x": torch.arange(32 * 2**20, dtype=torch.float32)}}, {str(path)!r}, async_save=True)
         # the script ends here, while the background thread writes 128 MiB
+        if {ending == "ctrl-c"}:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pause()
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    if ending == "normal":
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     loaded = verified_load(path, strict=True)
     assert torch.equal(loaded["x"], torch.arange(32 * 2**20, dtype=torch.float32))
