@@ -109,7 +109,8 @@ def save_payload(payload, f):
     options = {}
     if payload.get(fmt.HEADER_KEY, {}).get("kind") == "structure":
         model, loss, _evaluator = payload["training_modules"]
-        options["pickle_module"] = skeleton.pickle_module_without(skeleton.restored_tensors(model, loss))
+        left_out = skeleton.without_aliases(payload, skeleton.restored_tensors(model, loss))
+        options["pickle_module"] = skeleton.pickle_module_without(left_out)
     with _without_crc32():
         torch.save(payload, f, **options)
 

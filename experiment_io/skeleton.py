@@ -13,9 +13,10 @@ object that ``state_dict(keep_vars=True)`` returns, and the module's
 ``state_dict``, ``_save_to_state_dict``, ``load_state_dict`` and
 ``_load_from_state_dict`` are those of torch, and no module of the tree has
 ``state_dict`` hooks or ``load_state_dict`` pre-hooks (which may rename or
-replace entries). Everything else (non-persistent
-buffers, tensors kept in plain attributes, optimizer state, evaluation losses)
-keeps its data in the structure file.
+replace entries), and no other tensor of the structure shares its memory (a
+view kept in an attribute). Everything else (non-persistent buffers, tensors
+kept in plain attributes, optimizer state, evaluation losses) keeps its data in
+the structure file.
 
 When a run is loaded, :func:`materialize` gives each meta tensor the data of the
 state file's entry, in place (:func:`torch.utils.swap_tensors`): the objects keep
@@ -24,12 +25,13 @@ tied between modules stay as they were.
 """
 import logging
 import pickle
+import types
 
 import torch
 
 from .errors import IncompatibleCheckpointError
 
-__all__ = ["restored_tensors", "pickle_module_without", "has_meta_tensors", "materialize"]
+__all__ = ["restored_tensors", "without_aliases", "pickle_module_without", "has_meta_tensors", "materialize"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def _has_state_hooks(module):
 
 
 def _slots(module):
-    """``(key, tensor)`` of every parameter and persistent buffer below ``module``, in ``state_dict`` order."""
+    """``(owner, key, tensor)`` of every parameter and persistent buffer below ``module``, in ``state_dict`` order."""
     for prefix, sub in module.named_modules(remove_duplicate=False):
         dot = prefix + "." if prefix else ""
         for name, tensor in sub._parameters.items():
@@ -79,6 +81,55 @@ def restored_tensors(*modules):
                     and tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type != "meta"):
                 result[id(tensor)] = tensor
     return result
+
+
+class _NullSink:
+    def write(self, data):
+        return len(data)
+
+
+def _storage_key(tensor):
+    """What identifies the memory of ``tensor`` (``None`` for a tensor without any)."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, ...: no single storage
+        return None
+    if storage.nbytes() == 0 or tensor.device.type == "meta":
+        return None
+    return tensor.device, storage.data_ptr()
+
+
+def without_aliases(obj, tensors):
+    """Those of ``tensors`` whose memory no other tensor reachable from ``obj`` shares.
+
+    A tensor that shares its storage with another object (a view kept in an
+    attribute, a buffer that views a parameter) keeps its data in the structure
+    file, so that the sharing survives a load as it did before format 2.
+
+    :param tensors: ``{id(tensor): tensor}``.
+    :return: the same kind of dict, without the aliased tensors.
+    """
+    seen = {}  # storage key -> ids of the tensor objects on it
+
+    class Census(pickle.Pickler):
+        def reducer_override(self, reached):
+            if isinstance(reached, torch.Tensor):
+                key = _storage_key(reached)
+                if key is not None:
+                    seen.setdefault(key, set()).add(id(reached))
+                return tuple, ()  # nothing of the tensor is pickled: only its storage counts
+            return NotImplemented
+
+    try:
+        Census(_NullSink(), protocol=2).dump(obj)
+    except Exception as e:  # the real save will raise it, with torch's own message
+        log.debug("could not look for aliased tensors (%r); every tensor keeps its data", e)
+        return {}
+    for key in (_storage_key(t) for t in tensors.values()):
+        if key is not None:
+            seen.setdefault(key, set())
+    aliased = {i for ids in seen.values() if len(ids) > 1 for i in ids}
+    return {i: t for i, t in tensors.items() if i not in aliased}
 
 
 def _meta_stand_in(tensor):
@@ -112,12 +163,7 @@ def pickle_module_without(tensors):
                 return stand_in.__reduce_ex__(self._protocol)
             return NotImplemented
 
-    class _Module:
-        pass
-
-    module = _Module()
-    module.Pickler, module.Unpickler, module.__name__ = Pickler, pickle.Unpickler, "pickle"
-    return module
+    return types.SimpleNamespace(Pickler=Pickler, Unpickler=pickle.Unpickler, __name__="pickle")
 
 
 def has_meta_tensors(module):

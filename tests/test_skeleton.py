@@ -40,10 +40,24 @@ class CustomLoad(torch.nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def train_tied(directory, max_epochs, seed=0):
+class ViewsItsWeight(torch.nn.Module):
+    """Keeps a view of a parameter in a plain attribute: the view must follow the parameter after a resume."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+        self.out = torch.nn.Linear(4, 1)
+        self.first_row = self.linear.weight[0]  # a view, in no state_dict
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.linear(x))) + (x * self.first_row.detach()).sum(dim=1, keepdim=True)
+
+
+def train_tied(directory, max_epochs, seed=0, model_class=None):
     torch.manual_seed(seed)
-    model = TiedNet()
-    model.hidden.weight.tag = "hidden"  # an attribute on a parameter survives the round trip
+    model = (model_class or TiedNet)()
+    if isinstance(model, TiedNet):
+        model.hidden.weight.tag = "hidden"  # an attribute on a parameter survives the round trip
     evaluator = Evaluator(model, {"mse": torch.nn.MSELoss()}, batch_size=64)
     tm, controller, tracker = setup_training(
         TrainingModules(model, torch.nn.MSELoss(), evaluator),
@@ -143,3 +157,18 @@ def test_a_state_that_does_not_fit_the_meta_model_is_refused():
     state = skeleton.materialize(meta, {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, "x.pt")
     assert meta.weight.device.type == "cpu" and state["weight"] is meta.weight
     assert not skeleton.has_meta_tensors(meta)
+
+
+def test_a_parameter_viewed_elsewhere_keeps_its_data_and_the_view_follows_it(tmp_path):
+    whole = train_tied(tmp_path / "whole", 3, model_class=ViewsItsWeight)[0].model
+    train_tied(tmp_path / "split", 2, model_class=ViewsItsWeight)
+    stored = raw_structure(tmp_path / "split")["training_modules"].model
+    assert stored.linear.weight.device.type == "cpu" and stored.out.weight.device.type == "meta"
+    check = load_checkpoint_from_cwd(directory=str(tmp_path / "split"), database=make_database())
+    model = check["training_modules"].model
+    assert model.first_row.data_ptr() == model.linear.weight.data_ptr()
+    check["controller"].max_epochs = 3
+    train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path / "split"))
+    assert torch.equal(model.first_row, model.linear.weight[0])
+    for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
