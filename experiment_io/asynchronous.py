@@ -335,14 +335,19 @@ class BackgroundSaver:
     def staged(self):
         """Wait until the save in flight no longer needs the caller's tensors.
 
-        Call it before changing a tensor passed as ``defer`` to :meth:`save`. It
+        Call it before changing a tensor passed as ``defer`` to :meth:`save` (and at
+        every step: it also raises the error of a save that failed meanwhile). It
         returns at once when nothing was deferred or nothing is in flight.
 
         :raises StagedStateModifiedError: when a deferred tensor changed before it
             was copied (the save is abandoned; the previous checkpoint is intact).
+        :raises CheckpointWriteError: when the save in flight has already failed
+            (as :meth:`wait` raises it).
         """
         if self._thread is None or self._staged.is_set():
             self.staged_wait_s = 0.0
+            if self._thread is not None and self._done.is_set() and self._error is not None:
+                self.wait()  # a failed save is raised at the first step after it failed
             return
         started = time.perf_counter()
         interrupted = self._wait_for(self._staged)

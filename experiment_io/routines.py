@@ -327,8 +327,8 @@ def train_model(training_modules, database, controller, metric_tracker, callback
     previous checkpoint is intact). ``async_save="copy"`` copies the whole state
     before training goes on, for models that change their parameters elsewhere.
     One save is in flight at most: the next one waits for it to commit. An error of
-    a background save is raised at the next optimizer step or save, or when
-    training ends, and ``train_model`` never returns, exits or raises before the
+    a background save is raised at the first optimizer step after it failed (or
+    at the next save, or when training ends), and ``train_model`` never returns, exits or raises before the
     last save has committed (a Ctrl-C while it waits is raised once the save has
     committed).
 

@@ -419,6 +419,24 @@ def test_background_error_surfaces_in_train_model(tmp_path, monkeypatch, fail_at
         assert check["controller"].resume_position.step > 0
 
 
+@pytest.mark.parametrize("mode", [True, "copy"])
+def test_a_failed_save_stops_training_at_the_next_step_not_the_next_save(tmp_path, monkeypatch, mode):
+    failing_atomic_write(monkeypatch, fail_at=1)  # the first checkpoint, at the end of epoch 1
+    tm, controller, tracker = setup(3)
+    steps, batches_per_epoch = [], 10  # 160 training samples in batches of 16
+
+    def step_done(*args):
+        steps.append(1)
+        if len(steps) == batches_per_epoch + 1:  # in epoch 2: let the failing save end before the next step
+            while any(t.name == "experiment_io-save" for t in threading.enumerate()):
+                time.sleep(0.001)
+
+    with pytest.raises(CheckpointWriteError):
+        train_model(tm, make_database(), controller, tracker, None, [step_done], quiet=True,
+                    directory=str(tmp_path), async_save=mode)
+    assert batches_per_epoch <= len(steps) <= batches_per_epoch + 1  # raised early in epoch 2, not at its save
+
+
 def test_error_of_the_last_save_surfaces_when_training_ends(tmp_path, monkeypatch):
     database = make_database()
     calls = failing_atomic_write(monkeypatch, fail_at=0)  # count the writes of a whole run
