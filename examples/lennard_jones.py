@@ -15,7 +15,8 @@ It runs these phases one after the other; each one can also be run alone
     of the pair distances alone, so the descriptor determines the target.
 ``train``
     Train a small network with ``setup_training`` and ``train_model`` in the run
-    directory ``experiment/``, from scratch. The full run starts this phase in a
+    directory ``experiment/``, from scratch, with checkpoints written in the
+    background (``async_save=True``). The full run starts this phase in a
     subprocess and kills it with SIGKILL once a ``last_checkpoint.pt`` is written,
     the way a batch scheduler ends a job at its wall-clock limit.
 ``restart``
@@ -170,7 +171,9 @@ def phase_train(args, run_name=RUN_NAME):
     training_modules, controller, metrics = setup_training(TrainingModules(model, loss, evaluator), params)
     print(f"[pid {os.getpid()}] training {args.epochs} epochs on {database.split_size('train')} clusters "
           f"in {run_dir}", flush=True)
-    train_model(training_modules, database, controller, metrics, callbacks=None, batch_callbacks=None, quiet=True)
+    # async_save=True: checkpoints are written by a background thread while training goes on
+    train_model(training_modules, database, controller, metrics, callbacks=None, batch_callbacks=None, quiet=True,
+                async_save=True)
     print(f"[pid {os.getpid()}] training ended: {metrics.stop_reason}; {metrics.summary()}", flush=True)
 
 
@@ -189,7 +192,7 @@ def phase_restart(args):
     print(f"[pid {os.getpid()}] restarting in {run_dir} at epoch {controller.current_epoch} "
           f"of {controller.max_epochs} ({len(check['metric_tracker'].epochs)} epochs already in the metric history)",
           flush=True)
-    metrics = train_model(**check, callbacks=None, batch_callbacks=None, quiet=True)
+    metrics = train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, async_save=True)
     print(f"[pid {os.getpid()}] training ended: {metrics.stop_reason}; {metrics.summary()}", flush=True)
 
 
