@@ -385,8 +385,8 @@ def test_preemption_exits_75_after_the_last_save_committed(tmp_path, signame):
 # --- errors of the background thread -----------------------------------------------
 
 
-def failing_atomic_write(monkeypatch, fail_at):
-    """Make the ``fail_at``-th write of the background thread raise ENOSPC (a raw OSError)."""
+def failing_atomic_write(monkeypatch, fail_at, delay=0.0):
+    """Make the ``fail_at``-th write of the background thread raise ENOSPC (a raw OSError) after ``delay`` s."""
     original = storage.atomic_write
     calls = []
 
@@ -394,6 +394,7 @@ def failing_atomic_write(monkeypatch, fail_at):
         if threading.current_thread().name == "experiment_io-save":
             calls.append(path)
             if len(calls) == fail_at:
+                time.sleep(delay)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(path, *args, **kwargs)
 
@@ -453,7 +454,7 @@ def test_error_of_the_last_save_surfaces_when_training_ends(tmp_path, monkeypatc
 
 def test_background_error_is_not_lost_when_the_loop_fails_too(tmp_path, monkeypatch, caplog, slow_background):
     database = make_database()
-    failing_atomic_write(monkeypatch, fail_at=1)
+    failing_atomic_write(monkeypatch, fail_at=1, delay=0.5)  # the loop fails while the save is in flight
     tm, controller, tracker = setup(3)
     trained = []
 
