@@ -254,7 +254,7 @@ class BackgroundSaver:
         self._staged = threading.Event()
         self._error = None
         self._result = None
-        self._names = ()
+        self._description = ""
         #: seconds the caller was blocked by the latest :meth:`save` (waiting for the
         #: previous save included), by the latest :meth:`staged`, and seconds the
         #: latest background save took
@@ -295,7 +295,7 @@ class BackgroundSaver:
         started = time.perf_counter()
         self.wait()
         staged = self.staging.copy(obj, defer=defer)
-        self._names = (description,)
+        self._description = description
         self._error = self._result = None
         self._done.clear()
         self._staged.clear()
@@ -308,15 +308,14 @@ class BackgroundSaver:
     def _write(self, staged, write):
         started = time.perf_counter()
         try:
-            try:
-                self.staging.copy_deferred()
-            finally:
-                self._staged.set()
+            self.staging.copy_deferred()
+            self._staged.set()
             self._result = write(staged)
-        except BaseException as e:  # handed to the training loop by wait()
-            self._error = e
-            log.error("the background save of %s failed: %r", ", ".join(self._names), e)
+        except BaseException as e:  # handed to the training loop by staged() or wait()
+            self._error = e  # before _staged is set: staged() sees a failed copy
+            log.error("the background save of %s failed: %r", self._description, e)
         finally:
+            self._staged.set()
             self.written_s = time.perf_counter() - started
             self._done.set()
 
@@ -329,7 +328,7 @@ class BackgroundSaver:
             except KeyboardInterrupt as e:
                 interrupted = e
                 log.warning("interrupted while %s is written in the background; waiting for it to commit",
-                            ", ".join(self._names))
+                            self._description)
         return interrupted
 
     def staged(self):
@@ -344,10 +343,8 @@ class BackgroundSaver:
         :raises CheckpointWriteError: when the save in flight has already failed
             (as :meth:`wait` raises it).
         """
-        if self._thread is None or self._staged.is_set():
-            self.staged_wait_s = 0.0
-            if self._thread is not None and self._done.is_set() and self._error is not None:
-                self.wait()  # a failed save is raised at the first step after it failed
+        self.staged_wait_s = 0.0
+        if self._thread is None:
             return
         started = time.perf_counter()
         interrupted = self._wait_for(self._staged)
@@ -355,7 +352,7 @@ class BackgroundSaver:
         if interrupted is not None:
             self.wait()
             raise interrupted
-        if isinstance(self._error, StagedStateModifiedError):
+        if self._error is not None:  # the copy failed, or the write already has
             self.wait()
 
     def wait(self):
@@ -375,18 +372,26 @@ class BackgroundSaver:
         self._thread = None
         error, self._error = self._error, None
         if error is not None:
-            self._raise(error)
-        log.debug("background save of %s committed (%.3f s)", ", ".join(self._names), self.written_s)
+            where = f" in {self.writer.directory}" if self.writer is not None else ""
+            raise surfaced(error, self._description + where)
+        log.debug("background save of %s committed (%.3f s)", self._description, self.written_s)
         if interrupted is not None:
             raise interrupted
         return self._result
 
-    def _raise(self, error):
-        if isinstance(error, CheckpointWriteError) or not isinstance(error, OSError):
-            raise error
-        where = f" in {self.writer.directory}" if self.writer is not None else ""
-        raise CheckpointWriteError(
-            f"The background save of {', '.join(self._names)}{where} failed: "
-            f"{error.strerror or error}. The previous checkpoint is intact; free disk space or fix the "
-            "directory's permissions and restart from it."
-        ) from error
+
+
+def surfaced(error, what):
+    """The exception to raise in the training loop for ``error`` of a background save of ``what``.
+
+    An :class:`OSError` becomes a :class:`~experiment_io.errors.CheckpointWriteError`
+    (caused by it); other exceptions are raised as they are.
+    """
+    if isinstance(error, CheckpointWriteError) or not isinstance(error, OSError):
+        return error
+    converted = CheckpointWriteError(
+        f"The background save of {what} failed: {error.strerror or error}. The previous checkpoint is intact; "
+        "free disk space or fix the directory's permissions and restart from it."
+    )
+    converted.__cause__ = error
+    return converted

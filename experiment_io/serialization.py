@@ -152,10 +152,11 @@ def _check_pairing(state_path, header, structure_path, structure_record):
 
 
 def _target_device(map_location, model_device, header, path):
-    """The device for the model and training loss, or ``None`` to leave them where ``map_location`` put them."""
+    """The device for the model and training loss: the one a plain ``map_location``
+    names, or ``None`` to leave them where another ``map_location`` put them."""
     check_location_args(map_location, model_device)
     if map_location is not None:
-        return None
+        return _plain_device(map_location)
     if model_device is not None:
         return resolve_device(model_device)
     saved = header.get("model_device", "cpu")
@@ -182,9 +183,9 @@ def _plain_device(map_location):
     return None
 
 
-def _place(training_modules, device, map_location):
+def _place(training_modules, device):
+    """Move the model and the training loss to ``device`` (``None``: leave them); evaluation losses to the CPU."""
     model, loss, evaluator = training_modules
-    device = device if device is not None else _plain_device(map_location)
     if device is not None:
         model.to(device)
         if isinstance(loss, torch.nn.Module):
@@ -208,10 +209,9 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     try:
         model, loss, evaluator = training_modules
         # a structure file of format 2 holds the modules' state tensors as meta tensors
-        target = device if device is not None else _plain_device(map_location)
-        state["model"] = materialize(model, state["model"], state_path, device=target)
-        state["loss"] = materialize(loss, state["loss"], state_path, device=target)
-        _place(training_modules, device, map_location)
+        state["model"] = materialize(model, state["model"], state_path, device=device)
+        state["loss"] = materialize(loss, state["loss"], state_path, device=device)
+        _place(training_modules, device)
         _load_model_state(model, state["model"], state_path)
         if isinstance(loss, torch.nn.Module):
             loss.load_state_dict(state["loss"])
@@ -559,11 +559,10 @@ def load_model_from_cwd(map_location=None, model_device=None, *, directory=None,
         log.info("using the best model state carried by %s", model_path)
     device = _target_device(map_location, model_device, header, model_path)
     model = structure["training_modules"].model
-    target = device if device is not None else _plain_device(map_location)
     # the weights stay where torch.load put them (the file's memory map, on the CPU)
-    model_state = materialize(model, model_state, model_path, device=target, own_memory=not mmap)
-    if target is not None:
-        model.to(target)
+    model_state = materialize(model, model_state, model_path, device=device, own_memory=not mmap)
+    if device is not None:
+        model.to(device)
     _load_model_state(model, model_state, model_path)
     model.eval()
     log.info("best model (after %s epochs) loaded from %s", header.get("epochs_done"), model_path)

@@ -31,7 +31,7 @@ import torch
 
 from .errors import IncompatibleCheckpointError
 
-__all__ = ["restored_tensors", "without_aliases", "pickle_module_without", "has_meta_tensors", "materialize"]
+__all__ = ["restored_tensors", "without_aliases", "pickle_module_without", "materialize"]
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,19 @@ def without_aliases(obj, tensors):
     return {i: t for i, t in tensors.items() if i not in aliased}
 
 
+def _dressed_as(tensor, data):
+    """``data`` as a tensor of ``tensor``'s type (plain or parameter), ``requires_grad`` and attributes."""
+    if isinstance(tensor, torch.nn.Parameter):
+        data = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
+    else:
+        data.requires_grad_(tensor.requires_grad)
+    data.__dict__.update(tensor.__dict__)
+    return data
+
+
 def _meta_stand_in(tensor):
     """A meta tensor of the same type, dtype, shape, strides, ``requires_grad`` and attributes."""
-    meta = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta")
-    if isinstance(tensor, torch.nn.Parameter):
-        meta = torch.nn.Parameter(meta, requires_grad=tensor.requires_grad)
-    elif tensor.requires_grad:
-        meta.requires_grad_(True)
-    meta.__dict__.update(tensor.__dict__)
-    return meta
+    return _dressed_as(tensor, torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta"))
 
 
 def pickle_module_without(tensors):
@@ -164,12 +168,6 @@ def pickle_module_without(tensors):
             return NotImplemented
 
     return types.SimpleNamespace(Pickler=Pickler, Unpickler=pickle.Unpickler, __name__="pickle")
-
-
-def has_meta_tensors(module):
-    """Whether any parameter or buffer below ``module`` is a meta tensor."""
-    return isinstance(module, torch.nn.Module) and any(
-        t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
 
 
 def materialize(module, state, path, *, device=None, own_memory=True):
@@ -216,12 +214,7 @@ def materialize(module, state, path, *, device=None, own_memory=True):
             data.copy_(source.detach())
         else:
             data = source.detach().to(target)
-        if isinstance(tensor, torch.nn.Parameter):
-            data = torch.nn.Parameter(data, requires_grad=tensor.requires_grad)
-        else:
-            data.requires_grad_(tensor.requires_grad)
-        data.__dict__.update(tensor.__dict__)
-        torch.utils.swap_tensors(tensor, data)
+        torch.utils.swap_tensors(tensor, _dressed_as(tensor, data))
         state.update(dict.fromkeys(keys, tensor))
     if pending:
         log.debug("materialized %d tensors from %s", len(pending), path)

@@ -47,15 +47,9 @@ import threading
 import torch
 
 from . import storage
-from .asynchronous import BackgroundSaver
+from .asynchronous import BackgroundSaver, surfaced
 from .checkpoint import RunWriter
-from .errors import (
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    NotACheckpointError,
-    UnsafeCheckpointError,
-)
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .version import __version__
 
 __all__ = ["atomic_save", "verified_load", "PendingSave"]
@@ -84,14 +78,16 @@ def _check_name(path, name):
 class PendingSave:
     """An :func:`atomic_save` with ``async_save=True`` that may still be in flight."""
 
-    def __init__(self, path):
+    def __init__(self, path, saver):
         self.path = path
+        self._saver = saver
         self._committed = threading.Event()
         self._record = self._error = None
 
-    def _run(self, write):
+    def _run(self, write, staged):
+        """Run ``write(staged)`` (in the saver's thread) and keep its outcome."""
         try:
-            self._record = write()
+            self._record = write(staged)
             return self._record
         except BaseException as e:
             self._error = e
@@ -110,41 +106,40 @@ class PendingSave:
         :raises CheckpointWriteError: when the save failed (the previous generation
             is intact).
         """
-        if not self._committed.is_set():
+        if not self._committed.is_set():  # then it is the saver's save in flight
             try:
-                _saver().wait()
+                self._saver.wait()
             except BaseException:
-                if self._error is None:  # the error of another save
+                if self._error is None:  # not the save's error: a Ctrl-C while waiting
                     raise
         if self._error is not None:
-            if isinstance(self._error, OSError) and not isinstance(self._error, CheckpointWriteError):
-                raise CheckpointWriteError(f"saving {self.path} in the background failed: {self._error}") from self._error
-            raise self._error
+            raise surfaced(self._error, self.path)
         return self._record
 
 
-_process_saver = None
-_process_saver_lock = threading.Lock()
-_submit_lock = threading.Lock()
+_saver = None  # the process's BackgroundSaver for async_save=True, made at its first use
+_saver_lock = threading.Lock()
 
 
 def _forget_saver_in_child():
     """A forked child starts without the parent's saver (whose thread it does not have)."""
-    global _process_saver, _process_saver_lock, _submit_lock
-    _process_saver, _process_saver_lock, _submit_lock = None, threading.Lock(), threading.Lock()
+    global _saver, _saver_lock
+    _saver, _saver_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_saver_in_child)
 
 
-def _saver():
-    """The process's saver for :func:`atomic_save` with ``async_save=True`` (one save in flight)."""
-    global _process_saver
-    with _process_saver_lock:
-        if _process_saver is None:
-            _process_saver = BackgroundSaver()
-        return _process_saver
+def _submit(obj, write, path):
+    """Stage ``obj`` and run ``write(staged copy)`` in the process's saver thread (one save in flight)."""
+    global _saver
+    with _saver_lock:
+        if _saver is None:
+            _saver = BackgroundSaver()
+        pending = PendingSave(path, _saver)
+        _saver.submit(obj, lambda staged: pending._run(write, staged), path)
+    return pending
 
 
 def atomic_save(obj, path, *, async_save=False):
@@ -193,12 +188,7 @@ def atomic_save(obj, path, *, async_save=False):
         log.debug("saved %s (%s)", path, record.digest)
         return record
 
-    if not async_save:
-        return write(obj)
-    pending = PendingSave(path)
-    with _submit_lock:
-        _saver().submit(obj, lambda staged: pending._run(lambda: write(staged)), path)
-    return pending
+    return _submit(obj, write, path) if async_save else write(obj)
 
 
 def _pick(path, directory, name, files, strict):
