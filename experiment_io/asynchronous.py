@@ -255,6 +255,8 @@ class BackgroundSaver:
         self._error = None
         self._result = None
         self._description = ""
+        #: how many saves were started; :meth:`submit` returns the new count
+        self.serial = 0
         #: seconds the caller was blocked by the latest :meth:`save` (waiting for the
         #: previous save included), by the latest :meth:`staged`, and seconds the
         #: latest background save took
@@ -291,6 +293,7 @@ class BackgroundSaver:
 
         :param description: what is written, for logs and errors.
         :param defer: as for :meth:`save`.
+        :return: the save's number (:attr:`serial`).
         """
         started = time.perf_counter()
         self.wait()
@@ -301,9 +304,11 @@ class BackgroundSaver:
         self._staged.clear()
         self._thread = threading.Thread(target=self._write, args=(staged, write), name="experiment_io-save", daemon=False)
         self._thread.start()
+        self.serial += 1
         self.blocked_s = time.perf_counter() - started
         log.debug("staged %s in %.3f s (%.0f MiB left to copy in the background); writing in the background",
                   description, self.blocked_s, self.staging.deferred_nbytes / 2**20)
+        return self.serial
 
     def _write(self, staged, write):
         started = time.perf_counter()

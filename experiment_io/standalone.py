@@ -81,6 +81,7 @@ class PendingSave:
     def __init__(self, path, saver):
         self.path = path
         self._saver = saver
+        self._serial = None  # the saver's number of this save
         self._committed = threading.Event()
         self._record = self._error = None
 
@@ -106,12 +107,13 @@ class PendingSave:
         :raises CheckpointWriteError: when the save failed (the previous generation
             is intact).
         """
-        if not self._committed.is_set():  # then it is the saver's save in flight
-            try:
-                self._saver.wait()
-            except BaseException:
-                if self._error is None:  # not the save's error: a Ctrl-C while waiting
-                    raise
+        with _saver_lock:
+            if self._saver.in_flight and self._saver.serial == self._serial:  # not waited for yet: wait here,
+                try:  # so that the next save does not raise this one's error again
+                    self._saver.wait()
+                except BaseException:
+                    if self._error is None:  # not the save's error: a Ctrl-C while waiting
+                        raise
         if self._error is not None:
             raise surfaced(self._error, self.path)
         return self._record
@@ -138,7 +140,7 @@ def _submit(obj, write, path):
         if _saver is None:
             _saver = BackgroundSaver()
         pending = PendingSave(path, _saver)
-        _saver.submit(obj, lambda staged: pending._run(write, staged), path)
+        pending._serial = _saver.submit(obj, lambda staged: pending._run(write, staged), path)
     return pending
 
 

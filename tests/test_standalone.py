@@ -448,7 +448,15 @@ def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeyp
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match="No space left"):
         atomic_save(state(2), path, async_save=True).wait()
-    atomic_save(state(3), path, async_save=True)  # nobody waits for this one...
+    failed = atomic_save(state(3), path, async_save=True)
+    while not failed.done():  # it has failed before anyone waits for it
+        time.sleep(0.001)
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        failed.wait()
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        failed.wait()  # as often as asked
+    # wait() raised that error, so this call does not raise it again; nobody waits for this one...
+    atomic_save(state(3), path, async_save=True)
     with pytest.raises(CheckpointWriteError, match="No space left"):
         atomic_save(state(4), path, async_save=True)  # ...so the next save raises its error
     monkeypatch.setattr(torch, "save", real_save)
