@@ -93,6 +93,40 @@ def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batc
     return tm, controller, tracker, database
 
 
+def assert_bitwise_equal(a, b):
+    """``a`` and ``b`` are the same tree: same types, dict keys in the same order, and
+    tensors of the same dtype, shape, strides and device holding the same bytes."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape, a.stride(), a.device) == (b.dtype, b.shape, b.stride(), b.device)
+        assert torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_bitwise_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_bitwise_equal(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def record_torch_loads(monkeypatch):
+    """Record every call of ``torch.load`` from now on (the calls still load).
+
+    :return: the list it fills: ``(file name, weights_only argument or "MISSING")`` per call.
+    """
+    calls, real_load = [], torch.load
+
+    def recording_load(f, *args, **kwargs):
+        calls.append((os.path.basename(str(f)), kwargs.get("weights_only", "MISSING")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    return calls
+
+
 def snapshot_directory(directory):
     """``{relative path: digest}`` of every file below ``directory`` (to prove nothing changed)."""
     result = {}

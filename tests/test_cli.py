@@ -1,16 +1,14 @@
 """The command line: info, verify and metrics on a real run directory."""
-import os
 import subprocess
 import sys
 
 import h5py
 import pytest
-import torch
 
 from experiment_io.checkpoint import LAST_NAME, STRUCTURE_NAME
 from experiment_io.cli import main
 
-from helpers import flip_bit, train_tiny_run
+from helpers import flip_bit, record_torch_loads, train_tiny_run
 
 
 @pytest.fixture
@@ -40,9 +38,7 @@ def test_verify_passes_then_reports_damage(run, capsys):
 
 def test_metrics_print_and_export_without_opening_the_structure(run, capsys, monkeypatch, tmp_path):
     directory, tracker = run
-    opened = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: opened.append((os.path.basename(str(f)), k.get("weights_only"))) or real_load(f, *a, **k))
+    opened = record_torch_loads(monkeypatch)
     assert main(["metrics", str(directory)]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 5 and "valid/mse" in out

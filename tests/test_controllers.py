@@ -11,7 +11,7 @@ from torch.optim import lr_scheduler
 
 from experiment_io import Controller, PatienceController
 
-from helpers import TinyNet, make_controller
+from helpers import TinyNet, assert_bitwise_equal, make_controller
 
 STEP = functools.partial(lr_scheduler.StepLR, step_size=2, gamma=0.5)
 EXPONENTIAL = functools.partial(lr_scheduler.ExponentialLR, gamma=0.9)
@@ -41,23 +41,6 @@ def run_epochs(model, controller, epochs):
     return lrs
 
 
-def assert_same_tensors(a, b):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor)
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert set(a) == set(b)
-        for key in a:
-            assert_same_tensors(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tensors(x, y)
-    else:
-        assert a == b, (a, b)
-
-
 def saved_and_loaded(state):
     """``state`` after torch.save and torch.load(weights_only=True), as a checkpoint holds it."""
     buffer = io.BytesIO()
@@ -82,7 +65,7 @@ def test_controller_state_round_trip_restores_every_field():
     for field in ("batch_size", "eval_batch_size", "max_epochs", "stopping_key", "current_epoch", "boredom", "stop_reason"):
         assert getattr(fresh, field) == getattr(controller, field), field
     assert fresh.current_epoch == 3
-    assert_same_tensors(fresh.optimizer.state_dict(), controller.optimizer.state_dict())
+    assert_bitwise_equal(fresh.optimizer.state_dict(), controller.optimizer.state_dict())
     assert fresh.scheduler.state_dict() == controller.scheduler.state_dict()
     assert fresh.state_dict().keys() == controller.state_dict().keys()
 
@@ -95,14 +78,14 @@ def test_patience_controller_state_round_trip():
     fresh.load_state_dict(saved_and_loaded(controller.state_dict()))
     assert fresh.termination_patience == 7
     assert fresh.boredom == controller.boredom and fresh.current_epoch == 3
-    assert_same_tensors(fresh.optimizer.state_dict(), controller.optimizer.state_dict())
+    assert_bitwise_equal(fresh.optimizer.state_dict(), controller.optimizer.state_dict())
 
 
 def test_state_dict_is_plain_data():
     model, controller = make_controller(schedulers=[STEP, PLATEAU], patience=3)
     run_epochs(model, controller, range(2))
     state = controller.state_dict()
-    assert_same_tensors(saved_and_loaded(state), state)
+    assert_bitwise_equal(saved_and_loaded(state), state)
 
 
 SCHEDULER_SETS = {
@@ -135,10 +118,10 @@ def test_restored_controller_continues_exactly(schedulers, k):
     assert lrs == expected_lrs
     assert restored.current_epoch == controller.current_epoch == n
     assert restored.boredom == controller.boredom
-    assert_same_tensors(restored.optimizer.state_dict(), controller.optimizer.state_dict())
+    assert_bitwise_equal(restored.optimizer.state_dict(), controller.optimizer.state_dict())
     for s_restored, s_original in zip(restored.schedulers, controller.schedulers):
         assert s_restored.state_dict() == s_original.state_dict()
-    assert_same_tensors(restored_model.state_dict(), model.state_dict())
+    assert_bitwise_equal(restored_model.state_dict(), model.state_dict())
 
 
 def test_schedulers_change_the_learning_rate():

@@ -16,7 +16,7 @@ from experiment_io.errors import DeviceError, ExperimentIOError
 from experiment_io.rng import get_rng_state, placed_on_cpu, set_rng_state
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import ScaledMSE, TinyNet, snapshot_directory, train_tiny_run
+from helpers import ScaledMSE, TinyNet, record_torch_loads, snapshot_directory, train_tiny_run
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
@@ -335,9 +335,7 @@ def test_default_returns_model_to_its_saved_device(run_copy, trained_run):
 @pytest.mark.parametrize("loader", ["load_checkpoint", "load_checkpoint_from_cwd", "load_model_from_cwd"])
 def test_map_location_and_model_device_refused_before_any_file_is_touched(tmp_path, loader, monkeypatch):
     missing = tmp_path / "no_such_run"
-    touched = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: touched.append(a) or real_load(*a, **k))
+    touched = record_torch_loads(monkeypatch)
     with pytest.raises(DeviceError) as info:
         if loader == "load_checkpoint":
             load_checkpoint(missing / ckpt.STRUCTURE_NAME, missing / ckpt.LAST_NAME, map_location="cpu", model_device="cpu")

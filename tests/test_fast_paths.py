@@ -29,7 +29,7 @@ from experiment_io.checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRU
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import flip_bit, make_database, train_tiny_run
+from helpers import assert_bitwise_equal, flip_bit, make_database, train_tiny_run
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool, torch.complex64]
@@ -46,27 +46,6 @@ def random_tensor(dtype, shape, seed):
     return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=generator).to(dtype)
 
 
-def raw_bytes(tensor):
-    return tensor.reshape(-1).contiguous().view(torch.uint8)
-
-
-def assert_identical(a, b):
-    assert type(a) is type(b)
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-        assert torch.equal(raw_bytes(a), raw_bytes(b))
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_identical(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_identical(x, y)
-    else:
-        assert a == b
-
-
 # --- saving without CRC-32 ----------------------------------------------------------
 
 
@@ -80,7 +59,7 @@ def test_files_without_crc_round_trip_bit_for_bit(tmp_path, dtype, shape, seed, 
     record = storage.atomic_write(path, lambda f: save_payload(payload, f))
     assert record == storage.file_digest(path)
     loaded = torch.load(path, weights_only=True, mmap=mmap)
-    assert_identical(loaded, payload)
+    assert_bitwise_equal(loaded, payload)
     # the view still shares the storage of the tensor it views, as in the original
     assert loaded["view"].untyped_storage().data_ptr() == loaded["t"].untyped_storage().data_ptr()
 

@@ -39,7 +39,7 @@ from experiment_io.errors import (
 from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.routines import setup_training, train_model, SetupParams
 
-from helpers import flip_bit, fork_child, make_database, make_training_modules, snapshot_directory
+from helpers import flip_bit, fork_child, make_database, make_training_modules, record_torch_loads, snapshot_directory
 
 torch.set_num_threads(1)
 
@@ -267,9 +267,7 @@ DAMAGES = {
 def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, monkeypatch):
     directory, database = saved_run
     DAMAGES[damage](directory / name)
-    loads = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(str(f))) or real_load(f, *a, **k))
+    loads = record_torch_loads(monkeypatch)
 
     strict_loaders = {
         LAST_NAME: lambda: load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True),
@@ -279,7 +277,7 @@ def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, mon
     }
     with pytest.raises(CorruptCheckpointError, match=name):
         strict_loaders[name]()
-    assert name not in loads, "a damaged file was unpickled"
+    assert name not in [loaded for loaded, _ in loads], "a damaged file was unpickled"
 
     if name == STRUCTURE_NAME:
         # the structure file has no other generation: no fallback can help

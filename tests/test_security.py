@@ -22,7 +22,7 @@ from experiment_io.errors import StructureClassError, UnsafeCheckpointError
 from experiment_io.format import HEADER_KEY, make_header
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import make_database, train_tiny_run
+from helpers import make_database, record_torch_loads, train_tiny_run
 
 
 class Gadget:
@@ -170,14 +170,7 @@ def test_moved_class_raises_structure_class_error(tmp_path):
 
 
 def test_no_call_passes_weights_only_false_unless_trusted(run_directory, monkeypatch):
-    calls = []
-    real_load = torch.load
-
-    def recording_load(*args, **kwargs):
-        calls.append(kwargs.get("weights_only", "MISSING"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recording_load)
+    loads = record_torch_loads(monkeypatch)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     directory = str(run_directory)
     load_checkpoint_from_cwd(directory=directory, database=make_database())
@@ -185,8 +178,8 @@ def test_no_call_passes_weights_only_false_unless_trusted(run_directory, monkeyp
     load_model_from_cwd(directory=directory)
     load_checkpoint(os.path.join(directory, STRUCTURE_NAME), os.path.join(directory, "last_checkpoint.pt"),
                     database=make_database())
-    assert calls and all(c is True for c in calls), calls
+    assert loads and all(weights_only is True for _, weights_only in loads), loads
 
-    calls.clear()
+    loads.clear()
     load_model_from_cwd(directory=directory, trusted=True)
-    assert calls == [False, True]  # only the structure file, and only because trusted=True was given
+    assert [weights_only for _, weights_only in loads] == [False, True]  # only the structure file, and only because trusted=True was given

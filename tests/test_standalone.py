@@ -24,8 +24,7 @@ from experiment_io.errors import (
 )
 from experiment_io.rng import get_rng_state, set_rng_state
 
-from helpers import flip_bit, snapshot_directory
-from helpers import fork_child
+from helpers import assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, snapshot_directory
 
 torch.set_num_threads(1)
 
@@ -39,23 +38,6 @@ def state(step, n=64):
         "optimizer": {"state": {0: {"exp_avg": torch.randn(n, generator=g)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
         "history": [float(step), [step, "epoch"]],
     }
-
-
-def assert_bitwise_equal(a, b):
-    assert type(a) is type(b)
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device)
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for key in a:
-            assert_bitwise_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bitwise_equal(x, y)
-    else:
-        assert a == b
 
 
 def manifest_files(directory):
@@ -230,19 +212,12 @@ def test_torch_load_always_gets_weights_only_true(tmp_path, monkeypatch, environ
     path = tmp_path / "ckpt.pt"
     atomic_save(state(1), path)
     atomic_save(state(2), path)
-    calls = []
-    real_load = torch.load
-
-    def recording_load(*args, **kwargs):
-        calls.append(kwargs.get("weights_only", "MISSING"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recording_load)
+    loads = record_torch_loads(monkeypatch)
     verified_load(path)
     verified_load(path, map_location="cpu", strict=True)
     flip_bit(path)
     verified_load(path)  # the fallback generation too
-    assert calls == [True, True, True]
+    assert [weights_only for _, weights_only in loads] == [True, True, True]
 
 
 class Gadget:
