@@ -4,6 +4,8 @@ Everything here is module level so that the trust gate admits it: the module is
 already imported when a structure file that names :class:`TinyNet` is loaded.
 """
 import os
+import signal
+import time
 
 import numpy as np
 import torch
@@ -189,7 +191,21 @@ def fork_child(body):
     return pid, read_reports
 
 
+def sigkill_after(body, seconds):
+    """Run ``body(report)`` in a forked child (see :func:`fork_child`), SIGKILL it after ``seconds``.
+
+    :return: every number the child reported before it died.
+    """
+    pid, read_reports = fork_child(body)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the child ended by itself ({status})"
+    return read_reports()
+
+
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
-    "snapshot_directory", "make_controller", "flip_bit", "fork_child",
+    "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
+    "record_torch_loads",
 ]

@@ -12,7 +12,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -39,7 +38,15 @@ from experiment_io.errors import (
 from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.routines import setup_training, train_model, SetupParams
 
-from helpers import flip_bit, fork_child, make_database, make_training_modules, record_torch_loads, snapshot_directory
+from helpers import (
+    flip_bit,
+    fork_child,
+    make_database,
+    make_training_modules,
+    record_torch_loads,
+    sigkill_after,
+    snapshot_directory,
+)
 
 torch.set_num_threads(1)
 
@@ -112,12 +119,7 @@ def test_kill_storm_while_saving(tmp_path):
                 report(s)
                 s += 1
 
-        pid, read_reports = fork_child(body)
-        time.sleep(rng.uniform(0.0, 0.08))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        reports = read_reports()
+        reports = sigkill_after(body, rng.uniform(0.0, 0.08))
         if reports:
             committed = reports[-1]
         loaded = check_loads(str(tmp_path), database, committed)
@@ -154,11 +156,7 @@ def test_kill_storm_while_training_with_a_save_every_batch(tmp_path, async_save,
                 train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
                             checkpoint_every_batches=1, async_save=async_save)
 
-        pid, read_reports = fork_child(body)
-        time.sleep(rng.uniform(0.05, 0.4))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        reports = read_reports()
+        reports = sigkill_after(body, rng.uniform(0.05, 0.4))
         if reports:
             committed = max(committed, reports[-1])
         if committed:

@@ -24,7 +24,7 @@ from experiment_io.errors import (
 )
 from experiment_io.rng import get_rng_state, set_rng_state
 
-from helpers import assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, snapshot_directory
+from helpers import assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, sigkill_after, snapshot_directory
 
 torch.set_num_threads(1)
 
@@ -182,13 +182,8 @@ def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit
                     report(s)
                 s += 1
 
-        pid, read_reports = fork_child(body)
-        time.sleep(rng.uniform(0.0, 0.04))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        reports = sigkill_after(body, rng.uniform(0.0, 0.04))
         kills += 1
-        reports = read_reports()
         if reports:
             committed = reports[-1]
         loaded = verified_load(path, strict=True)
