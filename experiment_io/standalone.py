@@ -164,7 +164,8 @@ def atomic_save(obj, path, *, async_save=False):
     buffers (kept for the next save; pinned memory for GPU tensors) and returns; a
     background thread writes the copy with the same guarantees. One save of the
     process is in flight at most: the next ``atomic_save(..., async_save=True)``
-    first waits for it to commit, and raises its error if it failed. The process
+    first waits for it to commit, and raises its error if it failed (unless
+    :meth:`PendingSave.wait` raised it already). The process
     does not exit before the save in flight has committed (the thread is not a
     daemon), and an error of a save nobody waited for is logged.
 
