@@ -4,22 +4,22 @@ A save in the background has two halves. :class:`StagingArea` copies every tenso
 of the payloads into host buffers that it allocates once and reuses from save to
 save (pinned memory when the tensor lives on a GPU, so that the copy runs at full
 speed); the containers around the tensors are copied too, so that the training
-loop may change its state as soon as the copy is done. :class:`BackgroundSaver`
-then hands the copy to :meth:`RunWriter.save <experiment_io.checkpoint.RunWriter.save>`
-in a thread: writing, fsync, digest and manifest happen exactly as in a
+loop may change its state as soon as the copy is done. :class:`BackgroundWriter`
+then hands the copy to the caller's write function (a
+:class:`~experiment_io.generations.RunWriter`'s save) in a thread: writing, fsync, digest and manifest happen exactly as in a
 synchronous save, only elsewhere.
 
 The copy of the largest tensors can leave the training loop too. Parameters and
 optimizer state change only in the optimizer step, so ``train_model`` passes them
 as ``defer``: the background thread copies them while the loop computes the next
-batch's forward and backward pass, and the loop waits (:meth:`BackgroundSaver.staged`)
+batch's forward and backward pass, and the loop waits (:meth:`BackgroundWriter.staged`)
 only before its next optimizer step, if the copy is not done by then. Every
 deferred tensor's version counter is checked after its copy: a tensor changed in
 place meanwhile (a forward pass that writes a parameter) fails the save instead of
 writing a checkpoint that is not a snapshot. This is the pipelining of CheckFreq
 (Mohan et al., FAST 2021).
 
-At most one save is in flight: a new save, and :meth:`BackgroundSaver.wait`, first
+At most one save is in flight: a new save, and :meth:`BackgroundWriter.wait`, first
 wait for the previous one to commit. An error of the background save is raised
 there, in the training loop (an :class:`OSError` as
 :class:`~experiment_io.errors.CheckpointWriteError`); it is never lost.
@@ -42,7 +42,7 @@ import torch
 
 from .errors import CheckpointWriteError, StagedStateModifiedError
 
-__all__ = ["StagingArea", "BackgroundSaver", "with_own_memory"]
+__all__ = ["StagingArea", "BackgroundWriter", "with_own_memory", "surfaced"]
 
 log = logging.getLogger(__name__)
 
@@ -238,16 +238,13 @@ def _as_bytes(storage):
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-class BackgroundSaver:
-    """Saves through a :class:`~experiment_io.checkpoint.RunWriter` in a background thread.
+class BackgroundWriter:
+    """Writes staged copies of state in a background thread, one save in flight at a time.
 
-    :param writer: the run's writer; while a save is in flight only the background
-        thread uses it (``None`` for a saver that only runs :meth:`submit`).
     :param staging: the :class:`StagingArea` (default: a new one).
     """
 
-    def __init__(self, writer=None, *, staging=None):
-        self.writer = writer
+    def __init__(self, *, staging=None):
         self.staging = staging if staging is not None else StagingArea()
         self._thread = None
         self._done = threading.Event()
@@ -257,10 +254,7 @@ class BackgroundSaver:
         self._description = ""
         #: how many saves were started; :meth:`submit` returns the new count
         self.serial = 0
-        #: seconds the caller was blocked by the latest :meth:`save` (waiting for the
-        #: previous save included), by the latest :meth:`staged`, and seconds the
-        #: latest background save took
-        self.blocked_s = 0.0
+        #: seconds the latest :meth:`staged` waited, and seconds the latest background save took
         self.staged_wait_s = 0.0
         self.written_s = 0.0
 
@@ -269,31 +263,21 @@ class BackgroundSaver:
         """Whether a save has been started and not yet waited for."""
         return self._thread is not None
 
-    def save(self, payloads, *, defer=()):
-        """Copy ``payloads`` into the staging buffers and write them in the background.
-
-        Waits first for the previous save to commit.
-
-        :param payloads: as for :meth:`RunWriter.save <experiment_io.checkpoint.RunWriter.save>`.
-        :param defer: tensors of ``payloads`` (on the CPU) that the background thread
-            copies before it writes, instead of this call: the caller promises not to
-            change them in place before :meth:`staged` has returned (``train_model``
-            passes the parameters and the optimizer state, and calls :meth:`staged`
-            before the next optimizer step). A change is detected by the tensors'
-            version counters and fails the save.
-        :raises CheckpointWriteError: when the previous save failed (and then this
-            one is not started).
-        """
-        self.submit(payloads, self.writer.save, ", ".join(payloads), defer=defer)
-
     def submit(self, obj, write, description, *, defer=()):
         """Stage ``obj`` and run ``write(staged copy)`` in the background.
 
         Waits first for the previous save to commit.
 
         :param description: what is written, for logs and errors.
-        :param defer: as for :meth:`save`.
+        :param defer: tensors of ``obj`` (on the CPU) that the background thread
+            copies before it writes, instead of this call: the caller promises not to
+            change them in place before :meth:`staged` has returned (``train_model``
+            passes the parameters and the optimizer state, and calls :meth:`staged`
+            before the next optimizer step). A change is detected by the tensors'
+            version counters and fails the save.
         :return: the save's number (:attr:`serial`).
+        :raises CheckpointWriteError: when the previous save failed (and then this
+            one is not started).
         """
         started = time.perf_counter()
         self.wait()
@@ -305,9 +289,8 @@ class BackgroundSaver:
         self._thread = threading.Thread(target=self._write, args=(staged, write), name="experiment_io-save", daemon=False)
         self._thread.start()
         self.serial += 1
-        self.blocked_s = time.perf_counter() - started
         log.debug("staged %s in %.3f s (%.0f MiB left to copy in the background); writing in the background",
-                  description, self.blocked_s, self.staging.deferred_nbytes / 2**20)
+                  description, time.perf_counter() - started, self.staging.deferred_nbytes / 2**20)
         return self.serial
 
     def _write(self, staged, write):
@@ -377,8 +360,7 @@ class BackgroundSaver:
         self._thread = None
         error, self._error = self._error, None
         if error is not None:
-            where = f" in {self.writer.directory}" if self.writer is not None else ""
-            raise surfaced(error, self._description + where)
+            raise surfaced(error, self._description)
         log.debug("background save of %s committed (%.3f s)", self._description, self.written_s)
         if interrupted is not None:
             raise interrupted

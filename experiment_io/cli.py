@@ -20,9 +20,11 @@ import sys
 import torch
 
 from . import storage
-from .checkpoint import BEST_NAME, LAST_NAME
 from .errors import ExperimentIOError
+from .generations import Search, base_name
 from .metric_tracker import MetricTracker
+from .payloads import BEST_NAME, LAST_NAME
+from .verification import Verifier
 from .version import __version__
 
 __all__ = ["main"]
@@ -37,7 +39,7 @@ def _manifest(directory):
 
 def _roles(files):
     """The file names of a run without their previous generations, in a stable order."""
-    return sorted({name.replace(".prev.", ".") for name in files})
+    return sorted({base_name(name) for name in files})
 
 
 def _when(record):
@@ -59,9 +61,10 @@ def cmd_info(args):
 
 def cmd_verify(args):
     files = _manifest(args.directory)
+    verifier = Verifier(os.path.abspath(args.directory), files)
     failures = 0
     for role in _roles(files):
-        generations, problems = storage.find_generations(args.directory, role, files)
+        generations, problems = Search(verifier, [role]).all()
         for path, record in generations:
             committed = "committed" if record is files.get(role) else "previous"
             print(f"ok       {os.path.basename(path):32} ({committed}, step {record.get('step', '-')})")
@@ -77,9 +80,9 @@ def cmd_verify(args):
 
 
 def _newest_tracker(directory):
-    files = _manifest(directory)
+    verifier = Verifier(os.path.abspath(directory), _manifest(directory))
     for name in (LAST_NAME, BEST_NAME):
-        generations, _ = storage.find_generations(directory, name, files)
+        generations, _ = Search(verifier, [name]).all()
         if generations:
             path = generations[0][0]
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,15 +1,44 @@
-"""Controllers: the optimizer, the learning-rate schedulers and when training stops."""
+"""Controllers: the optimizer, the learning-rate schedulers, when training stops, and where it stands."""
 import functools
 import logging
 import weakref
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
-__all__ = ["Controller", "PatienceController"]
+__all__ = ["TrainingPosition", "Controller", "PatienceController"]
 
 log = logging.getLogger(__name__)
 
 _PLATEAU = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+@dataclass
+class TrainingPosition:
+    """Where training stands inside the current epoch.
+
+    :ivar epoch: the epoch in progress (equal to the controller's ``current_epoch``).
+    :ivar samples_done: training samples of this epoch already trained on.
+    :ivar step: optimizer steps taken since the run began.
+    :ivar loss_sum: sum of batch loss times batch size over this epoch so far.
+    :ivar interrupted: why the checkpoint was written mid-epoch (``None`` at an epoch's end).
+    """
+
+    epoch: int = 0
+    samples_done: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    interrupted: Optional[str] = None
+
+    def state_dict(self) -> dict:
+        """The position as a plain dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TrainingPosition":
+        """Build a position from :meth:`state_dict`'s output."""
+        return cls(**{k: state[k] for k in ("epoch", "samples_done", "step", "loss_sum", "interrupted")})
 
 
 def _track_optimizer_steps(optimizer):
@@ -44,6 +73,9 @@ class Controller:
     :param max_epochs: the number of epochs after which training ends.
     :param stopping_key: name of the validation metric that decides the best model.
     :param eval_batch_size: evaluation batch size (default: ``batch_size``).
+    :ivar position: the :class:`TrainingPosition` of the run: where
+        ``train_model`` continues (a loader restores it from the checkpoint). It is
+        saved in the state files, never in the structure file.
     """
 
     def __init__(self, optimizer, scheduler, batch_size, max_epochs, stopping_key, *, eval_batch_size=None):
@@ -71,11 +103,23 @@ class Controller:
         self.boredom = 0
         #: why training stopped early (``None`` while it may go on until ``max_epochs``)
         self.stop_reason = None
+        self.position = TrainingPosition()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("position", None)  # state files hold it
+        return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.position = TrainingPosition(epoch=self.current_epoch)
         if self.schedulers:
             _track_optimizer_steps(self.optimizer)
+
+    @property
+    def finished(self) -> bool:
+        """Whether training is over: ``max_epochs`` reached, or the controller stopped it."""
+        return self.current_epoch >= self.max_epochs or self.stop_reason is not None
 
     @property
     def scheduler(self):
@@ -128,6 +172,7 @@ class Controller:
             s.load_state_dict(s_state)
         for key in ("batch_size", "eval_batch_size", "max_epochs", "stopping_key", "current_epoch", "boredom", "stop_reason"):
             setattr(self, key, state[key])
+        self.position = TrainingPosition(epoch=self.current_epoch)
 
 
 class PatienceController(Controller):

@@ -8,16 +8,16 @@ Databases read from a file (:class:`NPZDatabase`, :class:`HDF5Database`) are
 :class:`Restartable`: the structure file stores a descriptor (the class's import
 path and the arguments that rebuild it) instead of the arrays.
 """
-import importlib
 import logging
 import os
-import sys
 
 import h5py
 import numpy as np
 import torch
 
 from .errors import DatabaseRestartError, IncompatibleCheckpointError
+from .names import resolve
+from .ordering import epoch_permutation
 
 __all__ = ["Database", "Restartable", "NPZDatabase", "HDF5Database", "restore_database", "SPLITS"]
 
@@ -111,7 +111,7 @@ class Database:
         :return: positions within the training split, a permutation of
             ``range(split_size("train"))`` that depends only on the seed and the epoch.
         """
-        return np.random.default_rng([self.seed, _EPOCH_STREAM, int(epoch)]).permutation(self.split_size("train"))
+        return epoch_permutation(self.seed, _EPOCH_STREAM, epoch, self.split_size("train"))
 
     def sample_indices(self, split, positions):
         """Map positions within a split to indices of the arrays."""
@@ -207,29 +207,6 @@ class HDF5Database(Restartable, Database):
         self.path = self.restart_kwargs["path"]
 
 
-def _find_class(path, allowed_modules):
-    """Resolve ``module.QualName`` without importing anything not allowed."""
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        module = sys.modules.get(module_name)
-        if module is None and any(module_name == m or module_name.startswith(m + ".") for m in allowed_modules):
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-        if module is None:
-            continue
-        obj = module
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return None
-        return obj
-    return None
-
-
 def restore_database(descriptor, *, allow=()):
     """Rebuild a database from its descriptor.
 
@@ -244,7 +221,7 @@ def restore_database(descriptor, *, allow=()):
     if not isinstance(class_path, str) or not isinstance(kwargs, dict):
         raise DatabaseRestartError(f"the database descriptor {descriptor!r} is malformed; pass database= yourself")
     allowed = ["experiment_io"] + [a for a in allow if isinstance(a, str)]
-    cls = _find_class(class_path, allowed)
+    cls, _ = resolve(class_path, allowed)
     where = kwargs.get("path", "<no file>")
     if not (isinstance(cls, type) and issubclass(cls, Restartable) and issubclass(cls, Database)):
         raise DatabaseRestartError(

@@ -18,7 +18,7 @@ import torch
 
 from .errors import DeviceError
 
-__all__ = ["resolve_device", "check_location_args", "module_device"]
+__all__ = ["resolve_device", "check_location_args", "module_device", "place_training_modules", "target_device"]
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +85,55 @@ def module_device(module, default="cpu"):
         for tensor in module.buffers():
             return tensor.device
     return torch.device(default)
+
+
+def place_training_modules(training_modules, device):
+    """Put the model and the training loss on ``device`` and every evaluation loss on the CPU.
+
+    Used by :func:`~experiment_io.routines.setup_training` and by every loader.
+
+    :param training_modules: ``(model, loss, evaluator)``.
+    :param device: a :class:`torch.device`, or ``None`` to leave the model and the
+        training loss where they are.
+    """
+    model, loss, evaluator = training_modules
+    if device is not None:
+        model.to(device)
+        if isinstance(loss, torch.nn.Module):
+            loss.to(device)
+    for fn in evaluator.evaluation_losses.values():
+        if isinstance(fn, torch.nn.Module):
+            fn.to("cpu")
+
+
+def _plain_device(map_location):
+    """The device a plain ``map_location`` (string or device) names, else ``None``."""
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    return None
+
+
+def target_device(map_location, model_device, saved_device, path):
+    """The device a load puts the model and the training loss on.
+
+    :param map_location: as for :func:`torch.load`; a plain device decides.
+    :param model_device: a device request (:func:`resolve_device`); decides otherwise.
+    :param saved_device: the device the model was saved from, used when neither is given.
+    :param path: the file loaded, for the error message.
+    :return: a :class:`torch.device`, or ``None`` to leave the model where a
+        ``map_location`` function or dict put it.
+    :raises DeviceError: for both arguments at once, or a device this machine lacks.
+    """
+    check_location_args(map_location, model_device)
+    if map_location is not None:
+        return _plain_device(map_location)
+    if model_device is not None:
+        return resolve_device(model_device)
+    saved = saved_device or "cpu"
+    try:
+        return resolve_device(saved)
+    except DeviceError as e:
+        raise DeviceError(
+            f"{path} holds a model saved on {saved}, which this machine does not have. "
+            "Pass model_device='cpu' (or 'auto' for the best device here) to the load function."
+        ) from e

@@ -34,6 +34,7 @@ import numpy as np
 import torch.utils.data
 
 from .errors import IncompatibleCheckpointError
+from .ordering import epoch_permutation
 
 __all__ = ["ResumableSampler"]
 
@@ -151,7 +152,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         epoch = _non_negative_int(epoch, "epoch")
         if not self._shuffle:
             return np.arange(self._length, dtype=np.int64)
-        return np.random.default_rng([self._seed, _ORDER_STREAM, epoch]).permutation(self._length).astype(np.int64)
+        return epoch_permutation(self._seed, _ORDER_STREAM, epoch, self._length)
 
     def shard(self, epoch=None):
         """This rank's indices of a whole epoch (of the current one by default).

@@ -14,61 +14,47 @@ the tail of the file. Neither changes what is durable when: the file is fsynced
 before it is renamed, as always.
 
 The manifest (:data:`MANIFEST_NAME`) records, per file, its digest and size and
-what it holds; loaders verify a file against it before unpickling anything.
-:class:`Verifier` digests the files of a run directory on demand, each at most
-once, and remembers which file (device and inode) it digested, so that a loader
-can prove that the file it then reads is the one it verified.
+what it holds; it is written last, by :func:`write_manifest`, and commits a save.
+How a file is proven intact against it is :mod:`experiment_io.verification`.
+
+Each step of the write protocol is announced to the observers registered with
+:func:`observe_write_steps`: the one hook through which crash tests stop a
+process at a chosen instant of a save.
 """
+import contextlib
 import ctypes
-import fcntl
-import json
 import logging
-import mmap
 import os
 import re
 import secrets
-import socket
 import sys
-import time
 from dataclasses import dataclass
 
 import xxhash
 
 from . import format as fmt
-from .errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, RunLockedError
+from .errors import CheckpointWriteError
+from .verification import DIGEST_NAME, FileRecord
 
 __all__ = [
-    "DIGEST_NAME",
     "MANIFEST_NAME",
-    "FileRecord",
+    "WRITE_STEPS",
     "atomic_write",
     "atomic_write_bytes",
-    "file_digest",
-    "verify_file",
-    "file_matches",
     "read_manifest",
     "write_manifest",
+    "manifest_identity",
     "remove_stale_temporaries",
-    "previous_name",
-    "find_generations",
-    "Verifier",
-    "RunLock",
-    "LOCK_NAME",
+    "fsync_directory",
+    "observe_write_steps",
+    "write_step",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The digest algorithm; its name is stored with every digest.
-DIGEST_NAME = "xxh3_128"
 #: The manifest's file name inside a run directory.
 MANIFEST_NAME = "experiment_manifest.json"
-#: The lock file that marks the one process writing a run directory.
-LOCK_NAME = "experiment_io.lock"
 
-#: Files at least this large are digested through a memory map; smaller ones are
-#: read in blocks of :data:`_READ_CHUNK` bytes.
-_MAP_AT_LEAST = 1024 * 1024
-_READ_CHUNK = 1024 * 1024
 #: Writes smaller than this are gathered into blocks of :data:`_WRITE_BLOCK` bytes;
 #: larger ones go to the file directly, without a copy.
 _DIRECT_WRITE = 256 * 1024
@@ -78,24 +64,37 @@ _WRITEBACK_EVERY = 8 * 1024 * 1024
 _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)\.tmp$")
 
 
-def _stage(stage, path):
-    """Called at each step of the write protocol; failure-injection tests replace it."""
+#: The steps of a save, in order, as :func:`write_step` announces them: a file's
+#: bytes are written, fsynced, the committed file rotated to its previous name,
+#: the new file renamed into place, the directory fsynced; then, for a run's
+#: save, each file is recorded (``file_saved``) and the manifest is written
+#: (``manifest``).
+WRITE_STEPS = ("written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved", "manifest")
+
+_observers = []
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    """What is known of a written file: its size in bytes and its digest.
+def write_step(step, path):
+    """Announce ``step`` (one of :data:`WRITE_STEPS`) of a save of ``path`` to the observers."""
+    for observer in tuple(_observers):
+        observer(step, path)
 
-    :ivar size: number of bytes.
-    :ivar digest: ``"<algorithm>:<hex>"``.
+
+@contextlib.contextmanager
+def observe_write_steps(observer):
+    """Call ``observer(step, path)`` at every step of the write protocol, inside the context.
+
+    For crash tests: an observer that ends the process (``os._exit``) or raises at
+    a chosen step simulates a crash at that instant of a save. It is called in the
+    thread that writes (the background thread of an asynchronous save).
+
+    :param observer: ``observer(step, path)``; ``step`` is one of :data:`WRITE_STEPS`.
     """
-
-    size: int
-    digest: str
-
-    def as_dict(self):
-        """``{"size": ..., "digest": ...}``."""
-        return {"size": self.size, "digest": self.digest}
+    _observers.append(observer)
+    try:
+        yield observer
+    finally:
+        _observers.remove(observer)
 
 
 def _load_sync_file_range():
@@ -224,17 +223,17 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
             target = _HashingWriter(raw.fileno()) if hashed else raw
             write(target)
             target.flush()
-            _stage("written", temporary)
+            write_step("written", temporary)
             os.fsync(raw.fileno())
-            _stage("fsynced", temporary)
+            write_step("fsynced", temporary)
         record = target.record() if hashed else None
         if keep_previous is not None and os.path.exists(path):
             os.replace(path, keep_previous)
-            _stage("rotated", keep_previous)
+            write_step("rotated", keep_previous)
         os.replace(temporary, path)
-        _stage("replaced", path)
+        write_step("replaced", path)
         fsync_directory(directory)
-        _stage("directory_fsynced", path)
+        write_step("directory_fsynced", path)
     except Exception as e:
         _discard(temporary)
         # ``torch.save`` turns an error of a write into a RuntimeError of its own
@@ -267,88 +266,6 @@ def _discard(temporary):
         log.warning("could not remove temporary file %s: %s", temporary, e)
 
 
-def _digest_fd(fd):
-    """Digest the file open at ``fd`` (at offset 0) from its first byte to its end.
-
-    Files of :data:`_MAP_AT_LEAST` bytes or more are hashed through a read-only
-    memory map: the hash reads the page cache directly, without copying it (about
-    twice as fast as reading); smaller files, and files that cannot be mapped, are
-    read in blocks. A file must not be truncated by another process while it is
-    digested (a mapped page beyond the end of a file cannot be read); this library
-    never truncates a file, it replaces files by renaming new ones over them.
-    """
-    size = os.fstat(fd).st_size
-    if size >= _MAP_AT_LEAST:
-        try:
-            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-        except (OSError, ValueError):  # a file system without mmap: read it
-            pass
-        else:
-            with mapped:
-                hasher = xxhash.xxh3_128(mapped)
-            return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
-    hasher = xxhash.xxh3_128()
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    size = 0
-    while True:
-        n = os.readv(fd, [buffer])
-        if not n:
-            break
-        hasher.update(view[:n])
-        size += n
-    return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
-
-
-def file_digest(path):
-    """Digest a file on disk.
-
-    :return: its :class:`FileRecord`.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        return _digest_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def file_matches(path, record):
-    """Whether the file at ``path`` has the size and digest of the manifest ``record``.
-
-    The size is compared first, so a file of another size is not read. A missing
-    file or a ``None`` record does not match.
-    """
-    if record is None:
-        return False
-    try:
-        if os.stat(path).st_size != record["size"]:
-            return False
-        actual = file_digest(path)
-    except FileNotFoundError:
-        return False
-    return (actual.digest, actual.size) == (record["digest"], record["size"])
-
-
-def verify_file(path, record):
-    """Check that the file at ``path`` is the one the manifest ``record`` describes.
-
-    :param record: a manifest record (dict with ``digest`` and ``size``).
-    :raises CheckpointNotFoundError: when the file is missing.
-    :raises CorruptCheckpointError: when size or digest differ.
-    """
-    try:
-        actual = file_digest(path)
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{path} is listed in the manifest but missing.") from e
-    if actual.size != record["size"] or actual.digest != record["digest"]:
-        raise CorruptCheckpointError(
-            f"{path} does not match its manifest record: expected {record['size']} bytes with digest "
-            f"{record['digest']}, found {actual.size} bytes with digest {actual.digest}. "
-            "The file was truncated or modified after it was written."
-        )
-    return actual
-
-
 def read_manifest(directory):
     """Read the manifest of a run directory.
 
@@ -366,6 +283,19 @@ def read_manifest(directory):
 def write_manifest(directory, files, **fields):
     """Write the manifest of a run directory atomically (always the last write of a save)."""
     return atomic_write_bytes(os.path.join(directory, MANIFEST_NAME), fmt.manifest_to_bytes(files, **fields))
+
+
+def manifest_identity(directory):
+    """What identifies the manifest file of ``directory`` now (``None`` when it has none).
+
+    Two calls return the same value only if no one replaced the manifest between
+    them (every write of it is a rename of a new file).
+    """
+    try:
+        st = os.stat(os.path.join(directory, MANIFEST_NAME))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _pid_alive(pid):
@@ -398,209 +328,3 @@ def remove_stale_temporaries(directory):
     return removed
 
 
-def previous_name(name):
-    """The name under which the previous generation of ``name`` is kept (``a.pt`` -> ``a.prev.pt``)."""
-    base, ext = os.path.splitext(name)
-    return f"{base}.prev{ext}"
-
-
-def _describe_mismatch(path, record, actual):
-    if record is None:
-        return f"{path}: found {actual.size} bytes with digest {actual.digest}, which no manifest record describes"
-    return (f"{path}: expected {record['size']} bytes with digest {record['digest']}, "
-            f"found {actual.size} bytes with digest {actual.digest}")
-
-
-def find_generations(directory, name, files):
-    """The intact generations of one file of a run, newest first.
-
-    A generation is intact when the file (``name`` or its previous generation) has
-    the digest and size of one of the manifest records of ``name`` and
-    ``previous_name(name)``; matching by digest keeps a load correct whichever
-    instant of a save a crash interrupted.
-
-    :param files: the manifest's records.
-    :return: ``(generations, problems)``: ``[(path, record)]`` sorted by step, newest
-        first, and one text per file that exists (or should) but does not verify.
-    """
-    names = (name, previous_name(name))
-    records = [files[n] for n in names if n in files]
-    found, problems = [], []
-    for candidate in names:
-        path = os.path.join(directory, candidate)
-        try:
-            actual = file_digest(path)
-        except FileNotFoundError:
-            if candidate in files:
-                problems.append(f"{path}: missing, although the manifest lists it")
-            continue
-        match = next((r for r in records if r["digest"] == actual.digest and r["size"] == actual.size), None)
-        if match is None:
-            problems.append(_describe_mismatch(path, files.get(candidate), actual))
-        else:
-            found.append((path, match))
-    found.sort(key=lambda g: (g[1].get("step", 0), g[1].get("written_at", 0)), reverse=True)
-    return found, problems
-
-
-def _identity(stat_result):
-    return stat_result.st_dev, stat_result.st_ino
-
-
-class Verifier:
-    """Digests the files of one run directory on demand, each at most once.
-
-    A loader asks for the digest of a file only when it needs that file, so a load
-    reads the files it uses (and those it skips because they are damaged), not every
-    generation of every file. The verifier also remembers which file it digested
-    (device and inode): :meth:`unchanged` tells whether the path still names that
-    file, so that a loader can prove, after reading a file by its path, that it read
-    the bytes it verified even while a writer renames new files into the directory
-    (a writer of this library never puts an older file back at a path, so the same
-    inode before and after a read means the same file throughout).
-
-    :param directory: the run directory.
-    :param files: the manifest's records.
-    """
-
-    def __init__(self, directory, files):
-        self.directory = directory
-        self.files = files
-        self._digests = {}
-
-    def path(self, name):
-        """The path of ``name`` in the directory."""
-        return os.path.join(self.directory, name)
-
-    def digest(self, path):
-        """The :class:`FileRecord` of the file at ``path`` (computed once).
-
-        :raises FileNotFoundError: when the file does not exist.
-        """
-        path = os.path.abspath(path)
-        if path not in self._digests:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                identity = _identity(os.fstat(fd))
-                self._digests[path] = (_digest_fd(fd), identity)
-            finally:
-                os.close(fd)
-        return self._digests[path][0]
-
-    def matches(self, path, record):
-        """Whether the file at ``path`` has the size and digest of ``record``."""
-        try:
-            actual = self.digest(path)
-        except FileNotFoundError:
-            return False
-        return actual.size == record["size"] and actual.digest == record["digest"]
-
-    def unchanged(self, path):
-        """Whether ``path`` still names the file that was digested."""
-        path = os.path.abspath(path)
-        try:
-            return path in self._digests and _identity(os.stat(path)) == self._digests[path][1]
-        except FileNotFoundError:
-            return False
-
-    def candidates(self, name, records=None):
-        """The files that may hold a generation of ``name``, without reading them.
-
-        :param records: the manifest records a generation may have (default: those
-            of ``name`` and of its previous generation).
-        :return: ``(pairs, problems)``: ``pairs`` lists ``(path, record)`` for every
-            existing generation file whose size is that of ``record`` (a file may
-            appear with more than one record); ``problems`` describes each listed
-            file that is missing and each existing file that no record fits by size.
-        """
-        names = (name, previous_name(name))
-        if records is None:
-            records = [self.files[n] for n in names if n in self.files]
-        pairs, problems = [], []
-        for candidate in names:
-            path = self.path(candidate)
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                if candidate in self.files:
-                    problems.append(f"{path}: missing, although the manifest lists it")
-                continue
-            fitting = [r for r in records if r["size"] == size]
-            if not fitting:
-                problems.append(self.describe(path, self.files.get(candidate), size=size))
-            pairs += [(path, r) for r in fitting]
-        return pairs, problems
-
-    def describe(self, path, record, *, size=None):
-        """Why the file at ``path`` is not the generation that ``record`` describes."""
-        if size is None:
-            actual = self.digest(path)
-            found = f"found {actual.size} bytes with digest {actual.digest}"
-        else:
-            found = f"found {size} bytes"
-        if record is None:
-            return f"{path}: {found}, which no manifest record describes"
-        return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
-
-
-class RunLock:
-    """An advisory lock that admits one writing process per run directory.
-
-    The lock is an ``flock`` on :data:`LOCK_NAME`, so the kernel releases it when its
-    holder dies, however it dies: a lock file left by a dead process is taken over
-    without any guessing. The file records the holder's pid and host for the error
-    that a second writer gets.
-
-    :param directory: the run directory.
-    """
-
-    def __init__(self, directory):
-        self.path = os.path.join(directory, LOCK_NAME)
-        self._fd = None
-
-    def acquire(self):
-        """Take the lock.
-
-        :raises RunLockedError: naming the pid and host of the live holder.
-        """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            holder = self._read_holder(fd)
-            os.close(fd)
-            raise RunLockedError(
-                f"{os.path.dirname(self.path)} is being written by another process "
-                f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}). "
-                "Wait for it to end, or stop it, before training in this directory; two writers would interleave their checkpoints."
-            ) from e
-        stale = self._read_holder(fd)
-        if stale:
-            log.info("taking over the lock of %s left by pid %s on %s, which no longer holds it",
-                     self.path, stale.get("pid"), stale.get("host"))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
-        self._fd = fd
-        return self
-
-    @staticmethod
-    def _read_holder(fd):
-        try:
-            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        except (ValueError, OSError):
-            return {}
-
-    def release(self):
-        """Give the lock back."""
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()

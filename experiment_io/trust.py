@@ -20,15 +20,13 @@ admitted classes; ``trusted=True`` skips the gate for one call and loads with
 full pickle. Refusing never imports a module the user did not allow.
 """
 import collections
-import contextlib
-import importlib
 import logging
-import sys
 
 import torch
 
 from .controllers import Controller
 from .errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
+from .names import qualified_name, resolve
 from .training_modules import Evaluator, TrainingModules
 
 __all__ = ["register_safe_classes", "admitted_globals", "load_structure"]
@@ -65,40 +63,6 @@ def register_safe_classes(*classes):
         _registered.add(cls)
 
 
-def _name_of(obj):
-    return f"{obj.__module__}.{obj.__qualname__}"
-
-
-def _under(module_name, roots):
-    return any(module_name == r or module_name.startswith(r + ".") for r in roots)
-
-
-def _resolve(global_name, importable):
-    """Find the object a global names, importing only modules under ``importable``.
-
-    :return: ``(object or None, why not)``.
-    """
-    parts = global_name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        module = sys.modules.get(module_name)
-        if module is None and _under(module_name, importable):
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                if cut == 1:
-                    return None, f"module {module_name} cannot be imported (it is allowed, but not installed)"
-        if module is None:
-            continue
-        obj = module
-        for attr in parts[cut:]:
-            if not hasattr(obj, attr):
-                return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
-            obj = getattr(obj, attr)
-        return obj, None
-    return None, "its module is neither imported nor allowed (it was not imported)"
-
-
 def admitted_globals(global_names, *, allow=(), source="the structure file"):
     """Decide which globals of a structure file to admit.
 
@@ -111,7 +75,7 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
     :raises UnsafeCheckpointError: naming every refused global.
     :raises StructureClassError: when an admissible module lacks the named class.
     """
-    allowed_objects = {_name_of(a): a for a in allow if not isinstance(a, str)}
+    allowed_objects = {qualified_name(a): a for a in allow if not isinstance(a, str)}
     allowed_names = {a for a in allow if isinstance(a, str)}
     importable = _IMPORTABLE_ROOTS + tuple(allowed_names)
     admitted, refused, missing = [], [], []
@@ -119,7 +83,7 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
         if name in allowed_objects:
             admitted.append((allowed_objects[name], name))
             continue
-        obj, why = _resolve(name, importable)
+        obj, why = resolve(name, importable)
         if obj is None:
             (missing if why.startswith("module ") else refused).append((name, why))
             continue
@@ -147,18 +111,6 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
     return admitted
 
 
-@contextlib.contextmanager
-def _extra_safe_globals(entries):
-    """Admit ``entries`` for the duration of one load, leaving the user's own list as it was."""
-    before = list(torch.serialization.get_safe_globals())
-    torch.serialization.add_safe_globals([e for e in entries if e not in before])
-    try:
-        yield
-    finally:
-        torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(before)
-
-
 def load_structure(path, *, allow=(), trusted=False, digest=None):
     """Load a structure file through the trust gate, with every tensor on the CPU.
 
@@ -176,7 +128,7 @@ def load_structure(path, *, allow=(), trusted=False, digest=None):
     except Exception as e:  # a damaged archive or pickle raises many types here
         raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: {e!r})") from e
     entries = admitted_globals(names, allow=allow, source=str(path))
-    with _extra_safe_globals(entries):
+    with torch.serialization.safe_globals(entries):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises many types for malformed input

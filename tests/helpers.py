@@ -20,7 +20,12 @@ from experiment_io import (
     setup_training,
     train_model,
 )
-from experiment_io import storage
+from experiment_io import verification
+from experiment_io.generations import Search
+from experiment_io.controllers import TrainingPosition
+from experiment_io.generations import RunWriter
+from experiment_io.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload,
+                                    model_payload, save_payloads, structure_payload)
 
 N_FEATURES = 3
 
@@ -95,6 +100,56 @@ def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batc
     return tm, controller, tracker, database
 
 
+def find_generations(directory, name, files):
+    """Every intact generation of ``name`` and the problems found: ``([(path, record)], [text])``, best first."""
+    return Search(verification.Verifier(str(directory), files), [name]).all()
+
+
+def payload_at(training_modules, controller, tracker, database, position, structure_digest):
+    """The checkpoint payload of a run with the controller at ``position``."""
+    controller.position = position
+    return checkpoint_payload(training_modules, controller, tracker, database, structure_digest)
+
+
+def _run_objects():
+    database = make_database()
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=2))
+    return database, tm, controller, tracker
+
+
+def build_run(directory):
+    """Write the structure file of a run into ``directory``; return ``(save, database)``."""
+    database, tm, controller, _ = _run_objects()
+    save_payloads(RunWriter(directory), {STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    return saver(directory), database
+
+
+def saver(directory):
+    """A save function as a new process would have it: its own writer, reading the manifest afresh.
+
+    ``save(step)`` writes ``last_checkpoint.pt`` and, every third step, also the best
+    checkpoint and best model (three files in one save).
+    """
+    database, tm, controller, tracker = _run_objects()
+    writer = RunWriter(directory)
+    digest = writer.record(STRUCTURE_NAME)["digest"]
+
+    def save(step):
+        with torch.no_grad():
+            for p in tm.model.parameters():
+                p.add_(0.001)
+        position = TrainingPosition(epoch=step // 7, samples_done=step % 7, step=step)
+        if step % 3 == 0:
+            tracker.record_best_model(tm.model)
+        payload = payload_at(tm, controller, tracker, database, position, digest)
+        files = {LAST_NAME: payload}
+        if step % 3 == 0:
+            files.update({BEST_NAME: payload, BEST_MODEL_NAME: model_payload(payload["model"], position.epoch, step, digest, "cpu")})
+        save_payloads(writer, files)
+
+    return save
+
+
 def assert_bitwise_equal(a, b):
     """``a`` and ``b`` are the same tree: same types, dict keys in the same order, and
     tensors of the same dtype, shape, strides and device holding the same bytes."""
@@ -135,7 +190,7 @@ def snapshot_directory(directory):
     for root, _dirs, files in os.walk(directory):
         for name in files:
             path = os.path.join(root, name)
-            result[os.path.relpath(path, directory)] = storage.file_digest(path).digest
+            result[os.path.relpath(path, directory)] = verification.file_digest(path).digest
     return result
 
 
@@ -207,5 +262,5 @@ def sigkill_after(body, seconds):
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
     "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
-    "record_torch_loads",
+    "record_torch_loads", "payload_at", "find_generations", "build_run", "saver",
 ]

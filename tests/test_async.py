@@ -23,24 +23,24 @@ import pytest
 import torch
 
 import experiment_io.storage as storage
-from experiment_io.asynchronous import BackgroundSaver, StagingArea, with_own_memory
-from experiment_io.checkpoint import (
+from experiment_io.asynchronous import BackgroundWriter, StagingArea, with_own_memory
+from experiment_io.controllers import TrainingPosition
+from experiment_io.generations import RunWriter
+from experiment_io.payloads import (
     BEST_MODEL_NAME,
     BEST_NAME,
     LAST_NAME,
     STRUCTURE_NAME,
-    RunWriter,
-    TrainingPosition,
-    checkpoint_payload,
     model_payload,
     save_payload,
+    save_payloads,
     structure_payload,
 )
 from experiment_io.errors import CheckpointWriteError, StagedStateModifiedError
-from experiment_io.routines import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model
+from experiment_io import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model
 from experiment_io.serialization import load_checkpoint_from_cwd
 
-from helpers import fork_child, make_database, make_training_modules
+from helpers import fork_child, make_database, make_training_modules, payload_at
 
 torch.set_num_threads(1)  # the kill storm forks this process
 
@@ -87,16 +87,14 @@ def assert_same_training_state(a, b):
 
 
 @pytest.fixture
-def slow_background(monkeypatch):
+def slow_background(monkeypatch, write_steps):
     """Make every write of the background thread slow, so that saves are still in flight."""
-    original = storage._stage
 
     def stage(at, path):
-        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+        if at == "fsynced" and threading.current_thread() is not threading.main_thread():
             time.sleep(0.05)
-        original(at, path)
 
-    monkeypatch.setattr(storage, "_stage", stage)
+    write_steps(stage)
 
 
 # --- what the background thread writes ---------------------------------------------
@@ -107,7 +105,7 @@ def test_staged_payload_encodes_to_the_same_bytes():
     tm.model(torch.randn(4, 3)).sum().backward()
     controller.optimizer.step()  # optimizer state with tensors (exp_avg, step, ...)
     tracker.record_best_model(tm.model)
-    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(epoch=1, step=5), "xxh3_128:0")
+    payload = payload_at(tm, controller, tracker, make_database(), TrainingPosition(epoch=1, step=5), "xxh3_128:0")
     weight = tm.model.layer1.weight
     payload["views"] = {"row": weight[1], "column": weight[:, 2], "whole": weight, "again": weight}
     staged = StagingArea().copy({LAST_NAME: payload, BEST_NAME: payload})
@@ -124,7 +122,7 @@ def test_staged_copy_does_not_follow_the_training_loop():
     tm, controller, tracker = setup()
     tm.model(torch.randn(4, 3)).sum().backward()
     controller.optimizer.step()
-    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(), "xxh3_128:0")
+    payload = payload_at(tm, controller, tracker, make_database(), TrainingPosition(), "xxh3_128:0")
     staged = StagingArea().copy(payload)
     expected = to_bytes(payload)
     with torch.no_grad():
@@ -215,9 +213,9 @@ def deferred_save(tmp_path, monkeypatch):
         original(self)
 
     monkeypatch.setattr(StagingArea, "copy_deferred", held)
-    payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)
+    payload = payload_at(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)
     expected = to_bytes(payload)
-    saver = BackgroundSaver(writer)
+    saver = WriterInBackground(writer)
     deferred = list(tm.model.parameters()) + [v for s in controller.optimizer.state.values() for v in s.values()]
     saver.save({LAST_NAME: payload}, defer=deferred)
     assert saver.staging.deferred_nbytes == sum(t.untyped_storage().nbytes() for t in deferred)
@@ -318,7 +316,7 @@ def test_sigint_does_not_lose_the_last_save(tmp_path, slow_background):
     assert record["interrupted"] == "SIGINT"
     assert record["step"] == 20
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-    assert check["controller"].resume_position.step == 20
+    assert check["controller"].position.step == 20
     for name, value in check["training_modules"].model.state_dict().items():
         assert torch.equal(value, tm.model.state_dict()[name])
 
@@ -344,15 +342,13 @@ PREEMPTED_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
     sys.path.insert(0, {tests!r})
     import experiment_io.storage as storage
-    from helpers import fork_child, make_database, make_training_modules
+    from helpers import fork_child, make_database, make_training_modules, payload_at
     from experiment_io import SetupParams, setup_training, train_model
-
-    original = storage._stage
     def slow(at, path):
-        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+        if at == "fsynced" and threading.current_thread() is not threading.main_thread():
             time.sleep(0.3)
-        original(at, path)
-    storage._stage = slow
+    observing = storage.observe_write_steps(slow)  # kept referenced: the hook stays on until the child ends
+    observing.__enter__()
     batches = []
     def preempt(inputs, outputs, targets):
         batches.append(1)
@@ -391,7 +387,7 @@ def failing_atomic_write(monkeypatch, fail_at, delay=0.0):
     calls = []
 
     def atomic_write(path, *args, **kwargs):
-        if threading.current_thread().name == "experiment_io-save":
+        if threading.current_thread() is not threading.main_thread():
             calls.append(path)
             if len(calls) == fail_at:
                 time.sleep(delay)
@@ -417,7 +413,7 @@ def test_background_error_surfaces_in_train_model(tmp_path, monkeypatch, fail_at
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     if fail_at > 1:  # the saves committed before the failure load
         check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-        assert check["controller"].resume_position.step > 0
+        assert check["controller"].position.step > 0
 
 
 @pytest.mark.parametrize("mode", [True, "copy"])
@@ -471,33 +467,47 @@ def test_background_error_is_not_lost_when_the_loop_fails_too(tmp_path, monkeypa
         assert any("No space left on device" in note for note in info.value.__notes__)
 
 
-# --- BackgroundSaver and the staging buffers ---------------------------------------
+# --- BackgroundWriter and the staging buffers --------------------------------------
+
+
+class WriterInBackground:
+    """A :class:`BackgroundWriter` that saves payloads through one run writer, as train_model's checkpointer does."""
+
+    def __init__(self, writer):
+        self.writer, self.background = writer, BackgroundWriter()
+
+    def save(self, payloads, *, defer=()):
+        self.background.submit(payloads, lambda staged: save_payloads(self.writer, staged), ", ".join(payloads),
+                               defer=defer)
+
+    def __getattr__(self, name):
+        return getattr(self.background, name)
 
 
 def writer_with_structure(directory):
     tm, controller, tracker = setup()
     writer = RunWriter(str(directory))
-    writer.save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    save_payloads(writer, {STRUCTURE_NAME: structure_payload(tm, controller, None)})
     digest = writer.record(STRUCTURE_NAME)["digest"]
     return writer, tm, controller, tracker, digest
 
 
 def test_staging_buffers_are_reused(tmp_path):
     writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
-    saver = BackgroundSaver(writer)
+    saver = WriterInBackground(writer)
     pointers = []
     for step in range(1, 4):
         with torch.no_grad():
             for p in tm.model.parameters():
                 p.add_(0.1)
-        payload = checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=step), digest)
+        payload = payload_at(tm, controller, tracker, make_database(), TrainingPosition(step=step), digest)
         saver.save({LAST_NAME: payload})
         pointers.append(sorted(b.data_ptr() for b in saver.staging.buffers()))
         saver.wait()
     assert pointers[0] == pointers[1] == pointers[2]
     assert saver.staging.allocated == len(pointers[0])
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), restore_rng=False)
-    assert check["controller"].resume_position.step == 3
+    assert check["controller"].position.step == 3
     for name, value in check["training_modules"].model.state_dict().items():
         assert torch.equal(value, tm.model.state_dict()[name])
 
@@ -528,20 +538,18 @@ def test_staging_releases_buffers_that_are_not_used_any_more():
     assert area.nbytes == 4000 and area.allocated == 2
 
 
-def test_one_save_in_flight(tmp_path, monkeypatch):
+def test_one_save_in_flight(tmp_path, monkeypatch, write_steps):
     writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
     release = threading.Event()
-    original = storage._stage
     committed_steps_seen_by_second_save = []
 
     def stage(at, path):
-        if at == "fsynced" and threading.current_thread().name == "experiment_io-save":
+        if at == "fsynced" and threading.current_thread() is not threading.main_thread():
             release.wait(10)
-        original(at, path)
 
-    monkeypatch.setattr(storage, "_stage", stage)
-    saver = BackgroundSaver(writer)
-    saver.save({LAST_NAME: checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)})
+    write_steps(stage)
+    saver = WriterInBackground(writer)
+    saver.save({LAST_NAME: payload_at(tm, controller, tracker, make_database(), TrainingPosition(step=1), digest)})
     assert saver.in_flight
     original_copy = saver.staging.copy
 
@@ -552,7 +560,7 @@ def test_one_save_in_flight(tmp_path, monkeypatch):
     saver.staging.copy = copy_after_commit
     threading.Timer(0.2, release.set).start()
     started = time.perf_counter()
-    saver.save({LAST_NAME: checkpoint_payload(tm, controller, tracker, make_database(), TrainingPosition(step=2), digest)})
+    saver.save({LAST_NAME: payload_at(tm, controller, tracker, make_database(), TrainingPosition(step=2), digest)})
     assert time.perf_counter() - started >= 0.15  # the second save waited for the first to commit
     assert committed_steps_seen_by_second_save == [1]
     saver.wait()
@@ -599,18 +607,19 @@ def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
     writer, tm, controller, tracker, digest = writer_with_structure(tmp_path)
     database = make_database()
     for step in (1, 2, 3):
-        payload = checkpoint_payload(tm, controller, tracker, database, TrainingPosition(step=step), digest)
-        writer.save({LAST_NAME: payload, BEST_NAME: payload})
+        payload = payload_at(tm, controller, tracker, database, TrainingPosition(step=step), digest)
+        save_payloads(writer, {LAST_NAME: payload, BEST_NAME: payload})
 
     def body(report):
         def crash(at_stage, path):
-            if at_stage == stage and threading.current_thread().name == "experiment_io-save":
+            if at_stage == stage and threading.current_thread() is not threading.main_thread():
                 os._exit(99)
 
-        storage._stage = crash
+        observing = storage.observe_write_steps(crash)  # kept referenced: the hook stays on until the child ends
+        observing.__enter__()
         tracker.record_best_model(tm.model)
-        saver = BackgroundSaver(RunWriter(str(tmp_path)))
-        payload = checkpoint_payload(tm, controller, tracker, database, TrainingPosition(step=6), digest)
+        saver = WriterInBackground(RunWriter(str(tmp_path)))
+        payload = payload_at(tm, controller, tracker, database, TrainingPosition(step=6), digest)
         saver.save({LAST_NAME: payload, BEST_NAME: payload,
                     BEST_MODEL_NAME: model_payload(payload["model"], 0, 6, digest, "cpu")})
         saver.wait()
@@ -621,4 +630,4 @@ def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
     assert os.WEXITSTATUS(status) == 99, "the simulated crash did not happen"
     assert read_reports() == []
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step in (3, 6)
+    assert check["controller"].position.step in (3, 6)

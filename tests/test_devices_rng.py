@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from experiment_io import checkpoint as ckpt
-from experiment_io.checkpoint import RunWriter
+from experiment_io import payloads as ckpt
+from experiment_io.generations import RunWriter
+from experiment_io.payloads import save_payloads
 from experiment_io.devices import check_location_args, module_device, resolve_device
 from experiment_io.errors import DeviceError, ExperimentIOError
 from experiment_io.rng import get_rng_state, placed_on_cpu, set_rng_state
@@ -307,7 +308,7 @@ def rewrite_header(directory, name, **fields):
     path = directory / name
     payload = torch.load(path, weights_only=True)
     payload["experiment_io"].update(fields)
-    RunWriter(directory).save({name: payload})
+    save_payloads(RunWriter(directory), {name: payload})
 
 
 def test_saved_on_a_missing_gpu_needs_model_device(run_copy, trained_run, no_cuda):

@@ -22,14 +22,16 @@ import torch
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-import experiment_io.serialization as serialization
+from experiment_io import verification
+from experiment_io.generations import previous_name
+from experiment_io.generations import Generation, Role, Search
+import experiment_io.reading as reading
 import experiment_io.storage as storage
-from experiment_io import checkpoint
-from experiment_io.checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
+from experiment_io.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import assert_bitwise_equal, flip_bit, make_database, train_tiny_run
+from helpers import assert_bitwise_equal, build_run, flip_bit, make_database, saver, train_tiny_run
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool, torch.complex64]
@@ -46,68 +48,37 @@ def random_tensor(dtype, shape, seed):
     return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=generator).to(dtype)
 
 
-# --- saving without CRC-32 ----------------------------------------------------------
+# --- saving payloads ---------------------------------------------------------------
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 7), max_size=3), seed=st.integers(0, 1000),
        mmap=st.booleans())
-def test_files_without_crc_round_trip_bit_for_bit(tmp_path, dtype, shape, seed, mmap):
+def test_payload_files_round_trip_bit_for_bit(tmp_path, dtype, shape, seed, mmap):
     tensor = random_tensor(dtype, shape, seed)
     payload = {"t": tensor, "view": tensor.view(-1)[1:] if tensor.numel() > 1 else tensor, "n": [1, 2.5, "x", None]}
     path = tmp_path / f"p{seed}{dtype}{mmap}.pt".replace("torch.", "")
     record = storage.atomic_write(path, lambda f: save_payload(payload, f))
-    assert record == storage.file_digest(path)
+    assert record == verification.file_digest(path)
     loaded = torch.load(path, weights_only=True, mmap=mmap)
     assert_bitwise_equal(loaded, payload)
     # the view still shares the storage of the tensor it views, as in the original
     assert loaded["view"].untyped_storage().data_ptr() == loaded["t"].untyped_storage().data_ptr()
 
 
-def test_no_crc_is_computed_and_the_setting_is_restored(tmp_path):
+def test_files_are_standard_zip_archives_and_no_setting_changes(tmp_path):
+    """save_payload writes the CRC-32 of every record (zip tools accept the files) and changes no global setting."""
     path = tmp_path / "a.pt"
-    assert torch.serialization.get_crc32_options() is True
-    storage.atomic_write(path, lambda f: save_payload({"w": torch.arange(1000.0)}, f))
-    assert torch.serialization.get_crc32_options() is True
-    with zipfile.ZipFile(path) as archive:
-        assert [info.CRC for info in archive.infolist()] == [0] * len(archive.infolist())
-    reference = io.BytesIO()
-    torch.save({"w": torch.arange(1000.0)}, reference)  # plain torch.save still computes it
-    with zipfile.ZipFile(reference) as archive:
-        assert any(info.CRC != 0 for info in archive.infolist())
-
-
-def test_crc_setting_restored_after_an_error_and_kept_when_off():
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("cannot pickle this")
-
-    with pytest.raises(RuntimeError, match="cannot pickle"):
-        save_payload({"x": Unpicklable()}, io.BytesIO())
-    assert torch.serialization.get_crc32_options() is True
-    torch.serialization.set_crc32_options(False)
+    torch.serialization.set_crc32_options(False)  # a user's own setting is left alone
     try:
-        save_payload({"x": 1}, io.BytesIO())
+        storage.atomic_write(path, lambda f: save_payload({"w": torch.arange(1000.0)}, f))
         assert torch.serialization.get_crc32_options() is False
     finally:
         torch.serialization.set_crc32_options(True)
-
-
-def test_overlapping_saves_in_threads_restore_the_setting():
-    barrier = threading.Barrier(4)
-
-    class Slow:
-        def __reduce__(self):
-            barrier.wait(10)  # all four saves are inside save_payload at once
-            return int, (1,)
-
-    threads = [threading.Thread(target=save_payload, args=({"x": Slow()}, io.BytesIO())) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert torch.serialization.get_crc32_options() is True
-    assert checkpoint._crc_users == 0
+    storage.atomic_write(path, lambda f: save_payload({"w": torch.arange(1000.0)}, f))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert any(info.CRC != 0 for info in archive.infolist())
 
 
 def test_run_files_load_with_plain_torch_load(tmp_path):
@@ -138,22 +109,22 @@ def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, se
     record = storage.atomic_write(path, write)
     data = b"".join(chunks)
     assert path.read_bytes() == data
-    assert record == storage.file_digest(path) and record.size == len(data)
+    assert record == verification.file_digest(path) and record.size == len(data)
 
 
-@pytest.mark.parametrize("size", [0, 1, storage._READ_CHUNK - 1, storage._READ_CHUNK, storage._READ_CHUNK + 1,
-                                  3 * storage._READ_CHUNK + 17])
+@pytest.mark.parametrize("size", [0, 1, verification._READ_CHUNK - 1, verification._READ_CHUNK, verification._READ_CHUNK + 1,
+                                  3 * verification._READ_CHUNK + 17])
 def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
     data = random.Random(size).randbytes(size)
     record = storage.atomic_write_bytes(tmp_path / "d.bin", data)
-    assert record == storage.file_digest(tmp_path / "d.bin")
-    assert storage.Verifier(str(tmp_path), {}).digest(tmp_path / "d.bin") == record
+    assert record == verification.file_digest(tmp_path / "d.bin")
+    assert verification.Verifier(str(tmp_path), {}).digest(tmp_path / "d.bin") == record
 
 
 def test_writes_without_early_writeback(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "_sync_file_range", None)
     data = os.urandom(3 * storage._WRITEBACK_EVERY)
-    assert storage.atomic_write_bytes(tmp_path / "x", data) == storage.file_digest(tmp_path / "x")
+    assert storage.atomic_write_bytes(tmp_path / "x", data) == verification.file_digest(tmp_path / "x")
     assert (tmp_path / "x").read_bytes() == data
 
 
@@ -206,7 +177,6 @@ def test_a_failing_write_still_reports_the_error(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     """A run with every generation: steps 1..7, a better model at steps 3 and 6 (as in test_reliability)."""
-    from test_reliability import build_run
     directory = tmp_path_factory.mktemp("saved")
     save, database = build_run(str(directory))
     for step in range(1, 8):
@@ -226,21 +196,21 @@ def run_copy(saved_run, tmp_path):
 @pytest.fixture
 def digested(monkeypatch):
     """Records the path of every file digested."""
-    paths, real = [], storage.Verifier.digest
+    paths, real = [], verification.Verifier.digest
 
     def digest(self, path):
         if os.path.abspath(path) not in self._digests:
             paths.append(os.path.basename(path))
         return real(self, path)
 
-    monkeypatch.setattr(storage.Verifier, "digest", digest)
+    monkeypatch.setattr(verification.Verifier, "digest", digest)
     return paths
 
 
 def test_load_checkpoint_reads_only_the_files_it_uses(run_copy, digested):
     directory, database = run_copy
     check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step == 7
+    assert check["controller"].position.step == 7
     assert sorted(digested) == sorted([STRUCTURE_NAME, LAST_NAME])  # each once; no older generation read
 
 
@@ -256,12 +226,28 @@ def test_load_by_path_reads_each_file_once(run_copy, digested):
     assert sorted(digested) == sorted([STRUCTURE_NAME, BEST_NAME])
 
 
+def all_generations(directory, name, files):
+    """Digest both files of ``name``; those matching a record of the pair, newest first."""
+    records = [files[n] for n in (name, previous_name(name)) if n in files]
+    found = []
+    for candidate in (name, previous_name(name)):
+        path = os.path.join(directory, candidate)
+        if not os.path.exists(path):
+            continue
+        actual = verification.file_digest(path)
+        match = next((r for r in records if (r["digest"], r["size"]) == (actual.digest, actual.size)), None)
+        if match is not None:
+            found.append((path, match))
+    found.sort(key=lambda g: (g[1].get("step", 0), g[1].get("written_at", 0)), reverse=True)
+    return found
+
+
 def reference_pick(directory, files, roles, newest_first):
     """The pre-lazy selection: verify every generation of every role, then choose."""
     candidates = []
     for rank, role in enumerate(roles):
         name, _, which = role.partition(":")
-        generations, _ = storage.find_generations(str(directory), name, files)
+        generations = all_generations(str(directory), name, files)
         if which == "current":
             generations = [g for g in generations if g[1] is files.get(name)]
         elif which == "older":
@@ -277,23 +263,23 @@ DAMAGE = {
     "cut": lambda path: os.truncate(path, os.path.getsize(path) // 2),
     "delete": os.remove,
 }
-GENERATION_FILES = [LAST_NAME, storage.previous_name(LAST_NAME), BEST_NAME, storage.previous_name(BEST_NAME),
-                    BEST_MODEL_NAME, storage.previous_name(BEST_MODEL_NAME)]
+GENERATION_FILES = [LAST_NAME, previous_name(LAST_NAME), BEST_NAME, previous_name(BEST_NAME),
+                    BEST_MODEL_NAME, previous_name(BEST_MODEL_NAME)]
 
 
 def crash_states(directory):
     """Rename patterns that a crash between two steps of a save leaves (new file in place, old moved aside)."""
     return {
         "none": lambda: None,
-        "last rotated, new not yet in place": lambda: os.replace(directory / LAST_NAME, directory / storage.previous_name(LAST_NAME)),
-        "best model rotated": lambda: os.replace(directory / BEST_MODEL_NAME, directory / storage.previous_name(BEST_MODEL_NAME)),
+        "last rotated, new not yet in place": lambda: os.replace(directory / LAST_NAME, directory / previous_name(LAST_NAME)),
+        "best model rotated": lambda: os.replace(directory / BEST_MODEL_NAME, directory / previous_name(BEST_MODEL_NAME)),
     }
 
 
 @pytest.mark.parametrize("crash", ["none", "last rotated, new not yet in place", "best model rotated"])
 @pytest.mark.parametrize("damaged", [(), *[(n,) for n in GENERATION_FILES],
                                      *itertools.combinations(GENERATION_FILES[:4], 2),
-                                     (LAST_NAME, BEST_NAME, storage.previous_name(LAST_NAME))])
+                                     (LAST_NAME, BEST_NAME, previous_name(LAST_NAME))])
 def test_lazy_pick_equals_verifying_everything(run_copy, crash, damaged):
     directory, database = run_copy
     crash_states(directory)[crash]()
@@ -306,7 +292,9 @@ def test_lazy_pick_equals_verifying_everything(run_copy, crash, damaged):
                                 ([BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], False)):
         expected = reference_pick(directory, files, roles, newest_first)
         try:
-            path, _, _ = serialization._pick(storage.Verifier(str(directory), files), roles, False, None, newest_first)
+            typed = [Role(r.partition(":")[0], {"": Generation.ANY, "current": Generation.CURRENT,
+                                                "older": Generation.PREVIOUS}[r.partition(":")[2]]) for r in roles]
+            path = Search(verification.Verifier(str(directory), files), typed, newest_first=newest_first).first().path
         except (CorruptCheckpointError, CheckpointNotFoundError):
             path = None
         assert path == expected, (roles, damaged, crash)
@@ -314,9 +302,9 @@ def test_lazy_pick_equals_verifying_everything(run_copy, crash, damaged):
 
 def test_strict_raises_at_the_first_damaged_file_it_needs(run_copy):
     directory, database = run_copy
-    flip_bit(directory / storage.previous_name(LAST_NAME))  # not needed: last_checkpoint.pt is intact
+    flip_bit(directory / previous_name(LAST_NAME))  # not needed: last_checkpoint.pt is intact
     check = load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True, restore_rng=False)
-    assert check["controller"].resume_position.step == 7
+    assert check["controller"].position.step == 7
     flip_bit(directory / LAST_NAME)
     with pytest.raises(CorruptCheckpointError, match=LAST_NAME):
         load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True)
@@ -374,11 +362,10 @@ def test_a_file_that_cannot_be_mapped_is_read(run_copy, monkeypatch):
 
     monkeypatch.setattr(torch, "load", no_mmap)
     check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step == 7
+    assert check["controller"].position.step == 7
 
 
 def test_a_file_replaced_while_it_is_read_makes_the_load_start_over(run_copy, monkeypatch, caplog):
-    from test_reliability import saver
     directory, database = run_copy
     real_load, replaced = torch.load, []
 
@@ -392,12 +379,11 @@ def test_a_file_replaced_while_it_is_read_makes_the_load_start_over(run_copy, mo
     monkeypatch.setattr(torch, "load", load_then_save)
     with caplog.at_level("INFO", logger="experiment_io"):
         check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step == 8  # what is on disk and verified, not what was read first
+    assert check["controller"].position.step == 8  # what is on disk and verified, not what was read first
     assert "loading again" in caplog.text
 
 
 def test_a_directory_that_never_stops_changing_gives_a_clear_error(run_copy, monkeypatch):
-    from test_reliability import saver
     directory, database = run_copy
     real_load, save, steps = torch.load, saver(str(directory)), itertools.count(8)
 
@@ -448,24 +434,24 @@ def test_a_flipped_bit_in_tensor_data_loads_silently_with_torch_but_not_with_the
 @pytest.mark.parametrize("where", ["first byte", "middle", "last byte"])
 def test_the_verifier_catches_any_changed_byte(tmp_path, where):
     path = tmp_path / "f.pt"
-    record = storage.atomic_write(path, lambda f: save_payload({"w": torch.randn(3 * storage._READ_CHUNK // 4)}, f))
+    record = storage.atomic_write(path, lambda f: save_payload({"w": torch.randn(3 * verification._READ_CHUNK // 4)}, f))
     size = os.path.getsize(path)
     flip_bit(path, {"first byte": 0, "middle": size // 2, "last byte": size - 1}[where])
-    verifier = storage.Verifier(str(tmp_path), {"f.pt": record.as_dict()})
+    verifier = verification.Verifier(str(tmp_path), {"f.pt": record.as_dict()})
     assert not verifier.matches(path, record.as_dict())
     assert "expected" in verifier.describe(str(path), record.as_dict())
 
 
 def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
-    data = os.urandom(3 * storage._MAP_AT_LEAST + 5)
+    data = os.urandom(3 * verification._MAP_AT_LEAST + 5)
     record = storage.atomic_write_bytes(tmp_path / "m.bin", data)
-    assert storage.file_digest(tmp_path / "m.bin") == record  # through a memory map
+    assert verification.file_digest(tmp_path / "m.bin") == record  # through a memory map
 
     def no_mmap(*args, **kwargs):
         raise OSError(errno.ENODEV, "no mmap here")
 
-    monkeypatch.setattr(storage.mmap, "mmap", no_mmap)
-    assert storage.file_digest(tmp_path / "m.bin") == record  # read in blocks
+    monkeypatch.setattr(verification.mmap, "mmap", no_mmap)
+    assert verification.file_digest(tmp_path / "m.bin") == record  # read in blocks
 
 
 # --- the state is verified while the structure is loaded ------------------------------
@@ -473,13 +459,13 @@ def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
 
 def test_state_is_verified_in_a_second_thread_while_the_structure_loads(run_copy, monkeypatch):
     directory, database = run_copy
-    threads, real = {}, storage.Verifier.digest
+    threads, real = {}, verification.Verifier.digest
 
     def digest(self, path):
         threads.setdefault(os.path.basename(path), threading.current_thread().name)
         return real(self, path)
 
-    monkeypatch.setattr(storage.Verifier, "digest", digest)
+    monkeypatch.setattr(verification.Verifier, "digest", digest)
     load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
     assert threads[STRUCTURE_NAME] == threading.main_thread().name
     assert threads[LAST_NAME] == "experiment_io-verify"
@@ -492,7 +478,7 @@ def test_an_error_of_the_structure_load_waits_for_the_verification_thread(run_co
     def failing(*args, **kwargs):
         raise RuntimeError("the structure file could not be loaded")
 
-    monkeypatch.setattr(serialization, "load_structure", failing)
+    monkeypatch.setattr(reading, "load_structure", failing)
     for load in (lambda: load_checkpoint_from_cwd(directory=str(directory), database=database),
                  lambda: load_model_from_cwd(directory=str(directory))):
         with pytest.raises(RuntimeError, match="could not be loaded"):
@@ -501,6 +487,5 @@ def test_an_error_of_the_structure_load_waits_for_the_verification_thread(run_co
 
 
 def test_missing_ok_still_returns_none_when_the_structure_has_no_checkpoint(tmp_path):
-    from test_reliability import build_run
     build_run(str(tmp_path))  # a structure file, no checkpoint yet
     assert load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), missing_ok=True) is None

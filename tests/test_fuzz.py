@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from experiment_io import verification
 import experiment_io.trust as trust
 from experiment_io import storage
-from experiment_io.checkpoint import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
+from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.errors import ExperimentIOError
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
@@ -43,7 +44,7 @@ def vouch(directory, name):
     path = os.path.join(directory, storage.MANIFEST_NAME)
     with open(path) as f:
         doc = json.load(f)
-    doc["files"][name].update(storage.file_digest(os.path.join(directory, name)).as_dict())
+    doc["files"][name].update(verification.file_digest(os.path.join(directory, name)).as_dict())
     with open(path, "w") as f:
         json.dump(doc, f)
 

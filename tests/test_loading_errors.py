@@ -9,7 +9,8 @@ import torch
 
 import helpers
 from experiment_io import NPZDatabase, storage, train_model
-from experiment_io.checkpoint import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, RunWriter, structure_payload
+from experiment_io.generations import RunWriter, previous_name
+from experiment_io.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads, structure_payload
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -89,7 +90,7 @@ def test_run_with_a_structure_but_no_checkpoint_yet(tmp_path, loader):
     tm = helpers.make_training_modules()
     params = helpers.SetupParams(stopping_key="mse", batch_size=16, max_epochs=2)
     tm, controller, _ = helpers.setup_training(tm, params)
-    RunWriter(tmp_path).save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    save_payloads(RunWriter(tmp_path), {STRUCTURE_NAME: structure_payload(tm, controller, None)})
     before = snapshot_directory(tmp_path)
     with pytest.raises(CheckpointNotFoundError) as info:
         loader(directory=tmp_path, **({"database": make_database()} if loader is load_checkpoint_from_cwd else {}))
@@ -190,7 +191,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_newest_intact_generation(run,
 
 
 def test_damaged_last_and_best_fall_back_to_the_previous_generation_of_last(run, caplog):
-    previous = run / storage.previous_name(LAST_NAME)
+    previous = run / previous_name(LAST_NAME)
     assert previous.exists()
     expected = torch.load(previous, weights_only=True)
     flip_bit(run / LAST_NAME)
@@ -232,7 +233,7 @@ def test_damaged_best_model_falls_back_to_the_best_state_in_last_checkpoint(run,
 
 
 def test_best_model_without_best_model_file(run, trained):
-    for name in (BEST_MODEL_NAME, storage.previous_name(BEST_MODEL_NAME)):
+    for name in (BEST_MODEL_NAME, previous_name(BEST_MODEL_NAME)):
         os.remove(run / name)
     model = load_model_from_cwd(directory=run)
     best = trained["tracker_state"]["best_model_state"]
@@ -263,7 +264,7 @@ def test_missing_manifest(run):
 def resave(run, name, change):
     payload = torch.load(run / name, weights_only=True)
     change(payload)
-    RunWriter(run).save({name: payload})
+    save_payloads(RunWriter(run), {name: payload})
 
 
 def test_newer_format_version(run):

@@ -16,16 +16,18 @@ import sys
 import pytest
 import torch
 
+from experiment_io.generations import previous_name
+from experiment_io.lock import RunLock
 import experiment_io.storage as storage
-from experiment_io.checkpoint import (
+from experiment_io.controllers import TrainingPosition
+from experiment_io.generations import RunWriter
+from experiment_io.payloads import (
     BEST_MODEL_NAME,
     BEST_NAME,
     LAST_NAME,
     STRUCTURE_NAME,
-    RunWriter,
-    TrainingPosition,
-    checkpoint_payload,
     model_payload,
+    save_payloads,
     structure_payload,
 )
 from experiment_io.errors import (
@@ -36,14 +38,16 @@ from experiment_io.errors import (
     RunLockedError,
 )
 from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
-from experiment_io.routines import setup_training, train_model, SetupParams
+from experiment_io import setup_training, train_model, SetupParams
 
 from helpers import (
+    build_run,
     flip_bit,
     fork_child,
     make_database,
     make_training_modules,
     record_torch_loads,
+    saver,
     sigkill_after,
     snapshot_directory,
 )
@@ -51,49 +55,10 @@ from helpers import (
 torch.set_num_threads(1)
 
 
-def _objects():
-    database = make_database()
-    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=2))
-    return database, tm, controller, tracker
-
-
-def build_run(directory):
-    """Write the structure file of a run into ``directory``; return ``(save, database)``."""
-    database, tm, controller, _ = _objects()
-    RunWriter(directory).save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
-    return saver(directory), database
-
-
-def saver(directory):
-    """A save function as a new process would have it: its own writer, reading the manifest afresh.
-
-    ``save(step)`` writes ``last_checkpoint.pt`` and, every third step, also the best
-    checkpoint and best model (three files in one save).
-    """
-    database, tm, controller, tracker = _objects()
-    writer = RunWriter(directory)
-    digest = writer.record(STRUCTURE_NAME)["digest"]
-
-    def save(step):
-        with torch.no_grad():
-            for p in tm.model.parameters():
-                p.add_(0.001)
-        position = TrainingPosition(epoch=step // 7, samples_done=step % 7, step=step)
-        if step % 3 == 0:
-            tracker.record_best_model(tm.model)
-        payload = checkpoint_payload(tm, controller, tracker, database, position, digest)
-        files = {LAST_NAME: payload}
-        if step % 3 == 0:
-            files.update({BEST_NAME: payload, BEST_MODEL_NAME: model_payload(payload["model"], position.epoch, step, digest, "cpu")})
-        writer.save(files)
-
-    return save
-
-
 def check_loads(directory, database, committed):
     """The directory loads and verifies; the loaded step is at least ``committed``."""
     check = load_checkpoint_from_cwd(directory=directory, database=database, restore_rng=False)
-    step = check["controller"].resume_position.step
+    step = check["controller"].position.step
     assert step >= committed, f"loaded step {step} < committed step {committed}"
     try:
         assert isinstance(load_model_from_cwd(directory=directory), torch.nn.Module)
@@ -186,7 +151,8 @@ def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
                 if calls["n"] == nth_file:
                     os._exit(99)
 
-        storage._stage = crash
+        observing = storage.observe_write_steps(crash)  # kept referenced: the hook stays on until the child ends
+        observing.__enter__()
         saver(str(tmp_path))(6)  # a better save: three files
         report(6)
 
@@ -198,7 +164,7 @@ def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
     # and strict mode too finds the committed generation intact, whichever file holds it
     assert check_loads(str(tmp_path), database, committed) == 3
     strict = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False, strict=True)
-    assert strict["controller"].resume_position.step == 3
+    assert strict["controller"].position.step == 3
     assert isinstance(load_model_from_cwd(directory=str(tmp_path), strict=True), torch.nn.Module)
 
 
@@ -212,7 +178,8 @@ def test_crash_before_the_manifest_keeps_the_previous_generation(tmp_path):
             if at_stage == "manifest":
                 os._exit(99)
 
-        storage._stage = crash
+        observing = storage.observe_write_steps(crash)  # kept referenced: the hook stays on until the child ends
+        observing.__enter__()
         saver(str(tmp_path))(6)
 
     pid, _ = fork_child(body)
@@ -231,7 +198,8 @@ def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
             if at_stage == "fsynced":
                 os._exit(99)
 
-        storage._stage = crash
+        observing = storage.observe_write_steps(crash)  # kept referenced: the hook stays on until the child ends
+        observing.__enter__()
         saver(str(tmp_path))(4)
 
     pid, _ = fork_child(body)
@@ -284,9 +252,9 @@ def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, mon
         return
     # Without strict, the loaders fall back to the newest generation that verifies.
     check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step == (6 if name == LAST_NAME else 7)
+    assert check["controller"].position.step == (6 if name == LAST_NAME else 7)
     best = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False, which="best")
-    assert best["controller"].resume_position.step == (3 if name == BEST_NAME else 6)
+    assert best["controller"].position.step == (3 if name == BEST_NAME else 6)
     model = load_model_from_cwd(directory=str(directory))
     reference = best["metric_tracker"].best_model_state if name != BEST_NAME else check["metric_tracker"].best_model_state
     for key, value in model.state_dict().items():
@@ -297,10 +265,10 @@ def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, mon
 def test_fallback_reaches_best_when_both_generations_of_last_are_bad(saved_run, caplog):
     directory, database = saved_run
     flip_bit(directory / LAST_NAME)
-    flip_bit(directory / storage.previous_name(LAST_NAME))
+    flip_bit(directory / previous_name(LAST_NAME))
     with caplog.at_level("WARNING"):
         check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].resume_position.step == 6  # the newest best save
+    assert check["controller"].position.step == 6  # the newest best save
     assert LAST_NAME in caplog.text and BEST_NAME in caplog.text
 
 
@@ -327,7 +295,7 @@ def test_disk_full_or_io_error_during_a_save(saved_run, code, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     writer = RunWriter(str(directory))
     with pytest.raises(CheckpointWriteError) as excinfo:
-        writer.save({LAST_NAME: {"experiment_io": {"kind": "checkpoint"}}})
+        save_payloads(writer, {LAST_NAME: {"experiment_io": {"kind": "checkpoint"}}})
     assert isinstance(excinfo.value, OSError)
     assert os.strerror(code) in str(excinfo.value)
     monkeypatch.setattr(torch, "save", real_save)
@@ -337,7 +305,7 @@ def test_disk_full_or_io_error_during_a_save(saved_run, code, monkeypatch):
 
 
 def test_second_writer_gets_a_clear_error(tmp_path):
-    lock = storage.RunLock(str(tmp_path)).acquire()
+    lock = RunLock(str(tmp_path)).acquire()
     try:
         database = make_database()
         tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=1))
@@ -360,17 +328,17 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     code = (
-        "import sys, time; from experiment_io.storage import RunLock\n"
+        "import sys, time; from experiment_io.lock import RunLock\n"
         "RunLock(%r).acquire(); print('HELD', flush=True); time.sleep(60)\n"
     ) % str(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "HELD"
     with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
-        storage.RunLock(str(tmp_path)).acquire()
+        RunLock(str(tmp_path)).acquire()
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     holder.stdout.close()
-    lock = storage.RunLock(str(tmp_path)).acquire()  # the dead holder's lock is taken over
+    lock = RunLock(str(tmp_path)).acquire()  # the dead holder's lock is taken over
     lock.release()
     from helpers import train_tiny_run
     train_tiny_run(tmp_path)
@@ -386,8 +354,7 @@ def test_every_error_is_a_library_error(saved_run):
 
 def test_run_killed_before_its_first_commit_starts_fresh(tmp_path):
     """Only the structure file was renamed into place; no manifest was ever written."""
-    database, tm, controller, _ = _objects()
-    RunWriter(str(tmp_path)).save({STRUCTURE_NAME: structure_payload(tm, controller, None)})
+    _, database = build_run(str(tmp_path))
     os.remove(tmp_path / storage.MANIFEST_NAME)
     with pytest.raises(CheckpointNotFoundError, match="before its first save"):
         load_checkpoint_from_cwd(directory=str(tmp_path), database=database)

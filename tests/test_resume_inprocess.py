@@ -45,7 +45,7 @@ def test_batch_size_changed_between_save_and_restart_sees_each_remaining_sample_
     assert len(before) == 5 * 16
 
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-    assert check["controller"].resume_position.samples_done == 80
+    assert check["controller"].position.samples_done == 80
     check["controller"].batch_size = 24
     after_batches = []
     train_model(**check, callbacks=None, batch_callbacks=[lambda i, o, t: after_batches.append(i[1].tolist())],
@@ -67,16 +67,15 @@ def test_epoch_order_differs_between_epochs_and_is_reproducible():
 
 def test_signal_during_setup_still_ends_in_a_checkpoint(tmp_path, monkeypatch):
     """A scheduler signal that arrives before the first batch (while the run is set up)."""
-    import experiment_io.routines as routines
-    from experiment_io import storage
+    from experiment_io import checkpointing, storage
 
-    real_init = routines._Saver.__init__
+    real_init = checkpointing.RunCheckpointer.__init__
 
     def init_then_signal(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    monkeypatch.setattr(routines._Saver, "__init__", init_then_signal)
+    monkeypatch.setattr(checkpointing.RunCheckpointer, "__init__", init_then_signal)
     database = indexed_database()
     model = IndexedNet()
     tm, controller, tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), Evaluator(model, {"mse": torch.nn.MSELoss()})),

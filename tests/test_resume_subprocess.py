@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from experiment_io.routines import PREEMPTED_EXIT_CODE
+from experiment_io import PREEMPTED_EXIT_CODE
 
 DRIVER = os.path.join(os.path.dirname(__file__), "scripts", "train_driver.py")
 MANIFEST = "experiment_manifest.json"

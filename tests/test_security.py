@@ -17,7 +17,7 @@ import torch
 
 import experiment_io.trust as trust
 from experiment_io import storage
-from experiment_io.checkpoint import STRUCTURE_NAME
+from experiment_io.payloads import STRUCTURE_NAME
 from experiment_io.errors import StructureClassError, UnsafeCheckpointError
 from experiment_io.format import HEADER_KEY, make_header
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd

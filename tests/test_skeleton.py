@@ -4,9 +4,10 @@ import os
 import pytest
 import torch
 
+from experiment_io import verification
 from experiment_io import Evaluator, SetupParams, TrainingModules, setup_training, train_model
 from experiment_io import skeleton, storage
-from experiment_io.checkpoint import BEST_MODEL_NAME, STRUCTURE_NAME
+from experiment_io.payloads import BEST_MODEL_NAME, STRUCTURE_NAME
 from experiment_io.errors import IncompatibleCheckpointError
 from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
 
@@ -120,7 +121,7 @@ def test_the_tied_model_predicts_with_one_shared_weight(tmp_path):
 
 def test_a_mapped_model_never_writes_its_file(tmp_path):
     train_tied(tmp_path, 2)
-    before = storage.file_digest(tmp_path / BEST_MODEL_NAME).digest
+    before = verification.file_digest(tmp_path / BEST_MODEL_NAME).digest
     model = load_model_from_cwd(directory=str(tmp_path))
     with open("/proc/self/maps") as f:
         assert str(tmp_path / BEST_MODEL_NAME) in f.read()
@@ -128,7 +129,7 @@ def test_a_mapped_model_never_writes_its_file(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     del model
-    assert storage.file_digest(tmp_path / BEST_MODEL_NAME).digest == before
+    assert verification.file_digest(tmp_path / BEST_MODEL_NAME).digest == before
     assert load_model_from_cwd(directory=str(tmp_path), mmap=False).encode.weight.abs().max() < 10
 
 

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from experiment_io.routines import PREEMPTED_EXIT_CODE
+from experiment_io import PREEMPTED_EXIT_CODE
 
 SLURM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "slurm")
 DRIVER = os.path.join(SLURM_DIR, "local_driver.py")

@@ -12,6 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from experiment_io import verification
+from experiment_io.generations import previous_name
+from experiment_io.lock import LOCK_NAME, RunLock
 import experiment_io.storage as storage
 from experiment_io import ResumableSampler, atomic_save, verified_load
 from experiment_io.errors import (
@@ -69,7 +72,7 @@ def test_round_trip_is_bitwise_and_recorded(tmp_path):
     entry = manifest_files(tmp_path)["ckpt.pt"]
     assert entry["kind"] == "user"
     assert entry["size"] == os.path.getsize(path) == record.size
-    assert entry["digest"] == storage.file_digest(path).digest == record.digest
+    assert entry["digest"] == verification.file_digest(path).digest == record.digest
     assert abs(entry["written_at"] - time.time()) < 60
 
 
@@ -92,7 +95,7 @@ def test_generations_rotate_and_several_files_share_the_manifest(tmp_path):
     assert_bitwise_equal(torch.load(tmp_path / "a.prev.pt", weights_only=True), state(1))
     files = manifest_files(tmp_path)
     assert set(files) == {"a.pt", "a.prev.pt", "b.pt"}
-    assert files["a.prev.pt"]["digest"] == storage.file_digest(tmp_path / "a.prev.pt").digest
+    assert files["a.prev.pt"]["digest"] == verification.file_digest(tmp_path / "a.prev.pt").digest
     assert verified_load(tmp_path / "a.pt")["step"] == 2
     assert verified_load(tmp_path / "b.pt")["step"] == 10
 
@@ -136,7 +139,7 @@ class Crash(BaseException):
 
 @pytest.mark.parametrize("target", ["file", "manifest"])
 @pytest.mark.parametrize("stage", ["written", "fsynced", "rotated", "replaced", "directory_fsynced"])
-def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, monkeypatch, stage, target):
+def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, stage, target):
     path = tmp_path / "ckpt.pt"
     atomic_save(state(1), path)
     atomic_save(state(2), path)
@@ -144,16 +147,15 @@ def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, monkeypat
 
     def crash(stage_now, where):
         name = os.path.basename(where)  # the temporary ".<name>.<pid>.<token>.tmp" before the rename
-        if stage_now == stage and (name in (watched, storage.previous_name(watched)) or name.startswith(f".{watched}.")):
+        if stage_now == stage and (name in (watched, previous_name(watched)) or name.startswith(f".{watched}.")):
             raise Crash(stage)
 
-    monkeypatch.setattr(storage, "_stage", crash)
-    if target == "manifest" and stage == "rotated":
-        atomic_save(state(3), path)  # the manifest keeps no previous generation: no rotation to crash in
-    else:
-        with pytest.raises(Crash):
-            atomic_save(state(3), path)
-    monkeypatch.undo()
+    with storage.observe_write_steps(crash):
+        if target == "manifest" and stage == "rotated":
+            atomic_save(state(3), path)  # the manifest keeps no previous generation: no rotation to crash in
+        else:
+            with pytest.raises(Crash):
+                atomic_save(state(3), path)
     committed = 3 if target == "manifest" and stage in ("replaced", "directory_fsynced", "rotated") else 2
     assert verified_load(path, strict=True)["step"] == committed
     assert verified_load(path)["step"] == committed
@@ -278,7 +280,7 @@ def test_failed_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
     assert verified_load(path, strict=True)["step"] == 2
 
 
-@pytest.mark.parametrize("name", [storage.MANIFEST_NAME, storage.LOCK_NAME, "ckpt.prev.pt"])
+@pytest.mark.parametrize("name", [storage.MANIFEST_NAME, LOCK_NAME, "ckpt.prev.pt"])
 def test_names_of_the_library_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match="another name|without '.prev'"):
         atomic_save(state(1), tmp_path / name)
@@ -302,7 +304,7 @@ def test_vouched_garbage_raises_a_library_error(tmp_path, data):
     path.write_bytes(data)
     manifest_path = tmp_path / storage.MANIFEST_NAME
     doc = json.loads(manifest_path.read_text())
-    doc["files"]["fuzz.pt"].update(storage.file_digest(path).as_dict())
+    doc["files"]["fuzz.pt"].update(verification.file_digest(path).as_dict())
     manifest_path.write_text(json.dumps(doc))
     try:
         verified_load(path, strict=True)
@@ -358,7 +360,7 @@ def test_the_documented_loop_resumes_bit_for_bit_after_a_kill(tmp_path, monkeypa
     pid, _ = fork_child(killed_job)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    lock = storage.RunLock(str(resumed / "checkpoints"))
+    lock = RunLock(str(resumed / "checkpoints"))
     for _ in range(100):  # the killed workers release the lock they inherited as they die
         try:
             lock.acquire().release()

@@ -6,8 +6,11 @@ import sys
 
 import pytest
 
+from experiment_io import verification
+from experiment_io.generations import previous_name
+from helpers import find_generations
 from experiment_io import format as fmt
-from experiment_io import storage
+from experiment_io import RunLock, storage
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -31,10 +34,10 @@ def test_atomic_write_creates_file_and_record(tmp_path):
     path = tmp_path / "data.bin"
     record = storage.atomic_write(path, lambda f: f.write(NEW))
     assert path.read_bytes() == NEW
-    assert isinstance(record, storage.FileRecord)
-    assert record == storage.file_digest(path)
+    assert isinstance(record, verification.FileRecord)
+    assert record == verification.file_digest(path)
     assert record.size == len(NEW)
-    assert record.digest.startswith(storage.DIGEST_NAME + ":")
+    assert record.digest.startswith(verification.DIGEST_NAME + ":")
     assert record.as_dict() == {"size": len(NEW), "digest": record.digest}
     assert temporaries(tmp_path) == []
 
@@ -49,7 +52,7 @@ def test_atomic_write_several_writes_are_hashed_in_order(tmp_path):
 
     record = storage.atomic_write(path, write)
     assert path.read_bytes() == b"abcdefghij"
-    assert record == storage.file_digest(path)
+    assert record == verification.file_digest(path)
     assert storage.atomic_write(tmp_path / "other.bin", lambda f: f.write(b"abcdefghij")).digest == record.digest
 
 
@@ -131,7 +134,7 @@ def test_disk_full_becomes_checkpoint_write_error(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["written", "fsynced"])
-def test_failure_after_writing_keeps_old_file(tmp_path, monkeypatch, stage):
+def test_failure_after_writing_keeps_old_file(tmp_path, monkeypatch, stage, write_steps):
     path = tmp_path / "data.bin"
     path.write_bytes(OLD)
     seen = []
@@ -142,7 +145,7 @@ def test_failure_after_writing_keeps_old_file(tmp_path, monkeypatch, stage):
             assert os.path.exists(where)  # the temporary exists at this point
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(storage, "_stage", failing_stage)
+    write_steps(failing_stage)
     with pytest.raises(CheckpointWriteError):
         storage.atomic_write_bytes(path, NEW)
     assert seen[-1] == stage
@@ -150,10 +153,10 @@ def test_failure_after_writing_keeps_old_file(tmp_path, monkeypatch, stage):
     assert temporaries(tmp_path) == []
 
 
-def test_write_protocol_order(tmp_path, monkeypatch):
+def test_write_protocol_order(tmp_path, monkeypatch, write_steps):
     path = tmp_path / "data.bin"
     seen = []
-    monkeypatch.setattr(storage, "_stage", lambda name, where: seen.append((name, os.path.exists(path))))
+    write_steps(lambda name, where: seen.append((name, os.path.exists(path))))
     storage.atomic_write_bytes(path, NEW)
     assert seen == [("written", False), ("fsynced", False), ("replaced", True), ("directory_fsynced", True)]
 
@@ -167,20 +170,30 @@ def test_missing_directory_is_a_write_error(tmp_path):
 # --- verification -----------------------------------------------------------------
 
 
+def verify_file(path, record):
+    """What a loader does with one file: the record if it matches, else the library's error naming both digests."""
+    verifier = verification.Verifier(os.path.dirname(str(path)), {})
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path} is listed in the manifest but missing.")
+    if not verifier.matches(path, record):
+        raise CorruptCheckpointError(verifier.describe(str(path), record))
+    return verifier.digest(path)
+
+
 def test_verify_file_accepts_intact_file(tmp_path):
     path = tmp_path / "data.bin"
     record = storage.atomic_write_bytes(path, NEW)
-    assert storage.verify_file(path, record.as_dict()) == record
+    assert verify_file(path, record.as_dict()) == record
 
 
 def test_verify_file_detects_bit_flip(tmp_path):
     path = tmp_path / "data.bin"
     record = storage.atomic_write_bytes(path, NEW)
     flip_bit(path)
-    actual = storage.file_digest(path)
+    actual = verification.file_digest(path)
     assert actual.size == record.size and actual.digest != record.digest
     with pytest.raises(CorruptCheckpointError) as info:
-        storage.verify_file(path, record.as_dict())
+        verify_file(path, record.as_dict())
     message = str(info.value)
     assert str(path) in message
     assert record.digest in message and actual.digest in message
@@ -192,9 +205,9 @@ def test_verify_file_detects_truncation(tmp_path):
     record = storage.atomic_write_bytes(path, NEW)
     with open(path, "r+b") as f:
         f.truncate(record.size - 1)
-    actual = storage.file_digest(path)
+    actual = verification.file_digest(path)
     with pytest.raises(CorruptCheckpointError) as info:
-        storage.verify_file(path, record.as_dict())
+        verify_file(path, record.as_dict())
     message = str(info.value)
     assert str(path) in message
     assert record.digest in message and actual.digest in message
@@ -204,15 +217,15 @@ def test_verify_file_detects_truncation(tmp_path):
 def test_verify_file_detects_same_size_different_digest_record(tmp_path):
     path = tmp_path / "data.bin"
     record = storage.atomic_write_bytes(path, NEW).as_dict()
-    record["digest"] = storage.DIGEST_NAME + ":" + "0" * 32
+    record["digest"] = verification.DIGEST_NAME + ":" + "0" * 32
     with pytest.raises(CorruptCheckpointError):
-        storage.verify_file(path, record)
+        verify_file(path, record)
 
 
 def test_verify_missing_file(tmp_path):
     path = tmp_path / "gone.bin"
     with pytest.raises(CheckpointNotFoundError) as info:
-        storage.verify_file(path, {"size": 1, "digest": "xxh3_128:00"})
+        verify_file(path, {"size": 1, "digest": "xxh3_128:00"})
     assert isinstance(info.value, FileNotFoundError)
     assert str(path) in str(info.value)
 
@@ -253,7 +266,7 @@ def test_remove_stale_temporaries_keeps_a_running_writer(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_temporary_names_match_the_stale_pattern(tmp_path, monkeypatch):
+def test_temporary_names_match_the_stale_pattern(tmp_path, monkeypatch, write_steps):
     """The names atomic_write gives its temporaries are those remove_stale_temporaries recognises."""
     names = []
 
@@ -261,7 +274,7 @@ def test_temporary_names_match_the_stale_pattern(tmp_path, monkeypatch):
         if name == "written":
             names.append(os.path.basename(where))
 
-    monkeypatch.setattr(storage, "_stage", record_stage)
+    write_steps(record_stage)
     storage.atomic_write_bytes(tmp_path / "last_checkpoint.pt", b"x")
     (name,) = names
     assert name.startswith(".last_checkpoint.pt.") and name.endswith(".tmp")
@@ -284,7 +297,7 @@ def test_write_and_read_manifest(tmp_path):
     files = {"a.pt": {**record.as_dict(), "epochs_done": 1}}
     manifest_record = storage.write_manifest(tmp_path, files, note="n")
     path = tmp_path / storage.MANIFEST_NAME
-    assert manifest_record == storage.file_digest(path)
+    assert manifest_record == verification.file_digest(path)
     header, read = storage.read_manifest(tmp_path)
     assert read == files
     assert header["note"] == "n" and header["kind"] == "manifest"
@@ -310,8 +323,8 @@ def test_read_manifest_newer_version(tmp_path):
 
 
 def test_previous_name():
-    assert storage.previous_name("last_checkpoint.pt") == "last_checkpoint.prev.pt"
-    assert storage.previous_name("experiment_manifest.json") == "experiment_manifest.prev.json"
+    assert previous_name("last_checkpoint.pt") == "last_checkpoint.prev.pt"
+    assert previous_name("experiment_manifest.json") == "experiment_manifest.prev.json"
 
 
 def test_keep_previous_rotates_the_old_file(tmp_path):
@@ -319,7 +332,7 @@ def test_keep_previous_rotates_the_old_file(tmp_path):
     storage.atomic_write_bytes(path, OLD)
     record = storage.atomic_write(path, lambda f: f.write(NEW), keep_previous=previous)
     assert path.read_bytes() == NEW and previous.read_bytes() == OLD
-    assert record == storage.file_digest(path)
+    assert record == verification.file_digest(path)
     assert temporaries(tmp_path) == []
 
 
@@ -348,18 +361,18 @@ def test_find_generations(tmp_path):
     old = storage.atomic_write_bytes(tmp_path / "a.prev.pt", OLD).as_dict()
     new = storage.atomic_write_bytes(tmp_path / "a.pt", NEW).as_dict()
     files = {"a.pt": {**new, "step": 10}, "a.prev.pt": {**old, "step": 5}}
-    found, problems = storage.find_generations(str(tmp_path), "a.pt", files)
+    found, problems = find_generations(str(tmp_path), "a.pt", files)
     assert found == [(str(tmp_path / "a.pt"), files["a.pt"]), (str(tmp_path / "a.prev.pt"), files["a.prev.pt"])]
     assert problems == []
 
     flip_bit(tmp_path / "a.pt")
-    found, problems = storage.find_generations(str(tmp_path), "a.pt", files)
+    found, problems = find_generations(str(tmp_path), "a.pt", files)
     assert found == [(str(tmp_path / "a.prev.pt"), files["a.prev.pt"])]
     (problem,) = problems
     assert str(tmp_path / "a.pt") in problem and new["digest"] in problem
 
     os.remove(tmp_path / "a.prev.pt")
-    found, problems = storage.find_generations(str(tmp_path), "a.pt", files)
+    found, problems = find_generations(str(tmp_path), "a.pt", files)
     assert found == [] and len(problems) == 2 and any("missing" in p for p in problems)
 
 
@@ -368,7 +381,7 @@ def test_find_generations_matches_by_digest_whatever_the_name(tmp_path):
     content under the previous name: it still verifies."""
     committed = storage.atomic_write_bytes(tmp_path / "a.prev.pt", OLD).as_dict()
     (tmp_path / "a.pt").write_bytes(b"uncommitted new content")
-    found, problems = storage.find_generations(str(tmp_path), "a.pt", {"a.pt": committed})
+    found, problems = find_generations(str(tmp_path), "a.pt", {"a.pt": committed})
     assert found == [(str(tmp_path / "a.prev.pt"), committed)]
     assert len(problems) == 1 and problems[0].startswith(str(tmp_path / "a.pt") + ":")
 
@@ -377,27 +390,27 @@ def test_find_generations_matches_by_digest_whatever_the_name(tmp_path):
 
 
 def test_run_lock_admits_one_writer(tmp_path):
-    with storage.RunLock(tmp_path):
+    with RunLock(tmp_path):
         with pytest.raises(RunLockedError) as info:
-            storage.RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()
         assert str(os.getpid()) in str(info.value) and str(tmp_path) in str(info.value)
         assert isinstance(info.value, BlockingIOError)
-    with storage.RunLock(tmp_path):  # released on exit
+    with RunLock(tmp_path):  # released on exit
         pass
 
 
 def test_run_lock_of_another_process(tmp_path):
-    code = ("import sys, time; from experiment_io.storage import RunLock; "
+    code = ("import sys, time; from experiment_io.lock import RunLock; "
             "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError) as info:
-            storage.RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()
         assert f"pid {proc.pid}" in str(info.value)
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    with storage.RunLock(tmp_path):  # a dead holder's lock is taken over
+    with RunLock(tmp_path):  # a dead holder's lock is taken over
         pass

@@ -12,6 +12,7 @@ import torch
 from torch.optim import lr_scheduler
 
 import helpers
+from experiment_io import verification
 from experiment_io import PatienceController, TrainingModules, register_safe_classes
 from experiment_io import trust
 from experiment_io.errors import ExperimentIOError, NotACheckpointError, StructureClassError, UnsafeCheckpointError
@@ -267,7 +268,7 @@ def test_malicious_structure_never_runs(tmp_path, monkeypatch, force_env, attack
 def test_malicious_file_is_refused_by_the_public_loader(tmp_path, monkeypatch):
     """A planted structure file with a manifest that vouches for it still does not run."""
     from experiment_io import storage
-    from experiment_io.checkpoint import STRUCTURE_NAME
+    from experiment_io.payloads import STRUCTURE_NAME
     from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -277,7 +278,7 @@ def test_malicious_file_is_refused_by_the_public_loader(tmp_path, monkeypatch):
     manifest = storage.read_manifest(run)[1]
     torch.save({"experiment_io": {"kind": "structure", "format_version": 1}, "training_modules": RunsShell(canary),
                 "controller": None, "database": None}, run / STRUCTURE_NAME)
-    planted = storage.file_digest(run / STRUCTURE_NAME).as_dict()
+    planted = verification.file_digest(run / STRUCTURE_NAME).as_dict()
     manifest[STRUCTURE_NAME].update(planted)
     for record in manifest.values():  # make every state file claim to belong to it
         if "structure_digest" in record:

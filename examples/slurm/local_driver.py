@@ -45,7 +45,7 @@ if SLURM_DIR not in sys.path:
 
 import train  # noqa: E402  (also puts examples/ on sys.path)
 import lennard_jones  # noqa: E402
-from experiment_io.routines import PREEMPTED_EXIT_CODE  # noqa: E402
+from experiment_io import PREEMPTED_EXIT_CODE  # noqa: E402
 from experiment_io.storage import MANIFEST_NAME  # noqa: E402
 
 TRAIN_PY = os.path.join(SLURM_DIR, "train.py")

@@ -63,8 +63,8 @@ import lennard_jones  # noqa: E402  (data generation and helpers of the end-to-e
 from lj_model import LJEnergyNet, MaxAbsError  # noqa: E402
 
 from experiment_io import Evaluator, HDF5Database, SetupParams, TrainingModules, setup_training, train_model  # noqa: E402
-from experiment_io.routines import PREEMPTED_EXIT_CODE  # noqa: E402
-from experiment_io.serialization import load_checkpoint_from_cwd  # noqa: E402
+from experiment_io import PREEMPTED_EXIT_CODE  # noqa: E402
+from experiment_io import load_checkpoint_from_cwd  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -173,8 +173,8 @@ def main(argv=None):
     check = load_checkpoint_from_cwd(missing_ok=True) or start_fresh(args)
 
     controller = check["controller"]
-    position = getattr(controller, "resume_position", None)  # set by the loader only
-    if position is not None:
+    position = controller.position  # restored by the loader
+    if position.step > 0:
         log.info("resuming from the checkpoint at epoch %d of %d, %d samples into it (step %d)",
                  position.epoch, controller.max_epochs, position.samples_done, position.step)
     if _EARLY_SIGNALS:

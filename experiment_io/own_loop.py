@@ -1,9 +1,9 @@
 """Checkpoints for your own training loop: :func:`atomic_save` and :func:`verified_load`.
 
 They give one object the guarantees of the library's own writes, for users who do
-not train with :func:`~experiment_io.routines.train_model`:
+not train with :func:`~experiment_io.training.train_model`:
 
-- :func:`atomic_save` writes through :func:`~experiment_io.storage.atomic_write`
+- :func:`atomic_save` (or :meth:`AtomicSaver.save`) writes through :func:`~experiment_io.storage.atomic_write`
   (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
   fsync; the digest is computed while writing), keeps the previous generation of the
   file as ``<name>.prev<ext>``, and then records the new file's digest and size in
@@ -24,17 +24,22 @@ time can drop each other's records. A dropped record is not a silent error: the
 file it described no longer verifies and :func:`verified_load` refuses it. Save
 from one process (rank 0 in data-parallel training) or give each process its own
 directory, and keep :func:`atomic_save` out of a directory that
-:func:`~experiment_io.routines.train_model` is writing. :func:`atomic_save` takes
+:func:`~experiment_io.training.train_model` is writing. :func:`atomic_save` takes
 no lock itself: a lock held for one save would only catch two writers whose saves
 happen to overlap, and would collide with the lock that a job holds for its whole
 run. To have a second job refused at its start (a requeued job starting while the
-old one is still dying), hold :class:`~experiment_io.storage.RunLock` around your
+old one is still dying), hold :class:`~experiment_io.lock.RunLock` around your
 training loop, as ``train_model`` does::
 
     with RunLock(directory):
         for step in ...:
             ...
             atomic_save(state, os.path.join(directory, "checkpoint.pt"))
+
+Each directory's manifest is kept by one
+:class:`~experiment_io.generations.RunWriter` per :class:`AtomicSaver` (and
+:func:`atomic_save` uses one process-wide :class:`AtomicSaver`), so a save does not
+read the previous file again to rotate it.
 
 Readers take no lock; a load that runs while another process saves the same file
 may fall back to the previous generation or, rarely, fail; load again.
@@ -43,16 +48,19 @@ import logging
 import os
 import pickle
 import threading
+from typing import Optional, Union
 
 import torch
 
 from . import storage
-from .asynchronous import BackgroundSaver, surfaced
-from .checkpoint import RunWriter
+from .asynchronous import BackgroundWriter, surfaced
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
+from .generations import RunWriter, Search, is_previous_name, previous_name
+from .lock import LOCK_NAME
+from .verification import FileRecord, Verifier
 from .version import __version__
 
-__all__ = ["atomic_save", "verified_load", "PendingSave"]
+__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "verified_load"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +74,9 @@ def _split(path):
 
 
 def _check_name(path, name):
-    if name in (storage.MANIFEST_NAME, storage.LOCK_NAME):
+    if name in (storage.MANIFEST_NAME, LOCK_NAME):
         raise ValueError(f"{path}: {name} is a file of experiment_io itself; save under another name.")
-    if os.path.splitext(name)[0].endswith(".prev"):
+    if is_previous_name(name):
         raise ValueError(
             f"{path}: names of the form <name>.prev<ext> hold the previous generation of <name><ext>; "
             "save under a name without '.prev'."
@@ -76,17 +84,17 @@ def _check_name(path, name):
 
 
 class PendingSave:
-    """An :func:`atomic_save` with ``async_save=True`` that may still be in flight."""
+    """A save of :class:`AtomicSaver` with ``async_save=True`` that may still be in flight."""
 
     def __init__(self, path, saver):
         self.path = path
         self._saver = saver
-        self._serial = None  # the saver's number of this save
+        self._serial = None  # the background writer's number of this save
         self._committed = threading.Event()
         self._record = self._error = None
 
     def _run(self, write, staged):
-        """Run ``write(staged)`` (in the saver's thread) and keep its outcome."""
+        """Run ``write(staged)`` (in the writer's thread) and keep its outcome."""
         try:
             self._record = write(staged)
             return self._record
@@ -96,62 +104,123 @@ class PendingSave:
         finally:
             self._committed.set()
 
-    def done(self):
+    def done(self) -> bool:
         """Whether the save has ended (committed or failed)."""
         return self._committed.is_set()
 
-    def wait(self):
+    def wait(self) -> FileRecord:
         """Wait until the save has committed.
 
-        :return: the :class:`~experiment_io.storage.FileRecord` of the file.
+        :return: the :class:`~experiment_io.verification.FileRecord` of the file.
         :raises CheckpointWriteError: when the save failed (the previous generation
             is intact).
         """
-        with _saver_lock:
-            if self._saver.in_flight and self._saver.serial == self._serial:  # not waited for yet: wait here,
-                try:  # so that the next save does not raise this one's error again
-                    self._saver.wait()
-                except BaseException:
-                    if self._error is None:  # not the save's error: a Ctrl-C while waiting
-                        raise
+        self._saver._wait_for(self)
         if self._error is not None:
             raise surfaced(self._error, self.path)
         return self._record
 
 
-_saver = None  # the process's BackgroundSaver for async_save=True, made at its first use
-_saver_lock = threading.Lock()
+class AtomicSaver:
+    """Saves objects as ``torch.save`` would, atomically, durably and recorded in the manifest.
+
+    The object that owns the writes of your own training loop: it keeps one
+    :class:`~experiment_io.generations.RunWriter` per directory it saves into, and,
+    with ``async_save=True``, the background thread that writes. Use it as a
+    context manager, or call :meth:`wait` before the end, so that the last save has
+    committed and its error (if any) is raised::
+
+        with AtomicSaver(async_save=True) as saver:
+            for step in ...:
+                ...
+                saver.save(model.state_dict(), "run/model.pt")
+
+    :param async_save: :meth:`save` copies the object and returns a
+        :class:`PendingSave`; a background thread writes the copy.
+    """
+
+    def __init__(self, *, async_save: bool = False):
+        self.async_save = async_save
+        self._writers = {}
+        self._background = None
+        self._lock = threading.Lock()
+
+    def _writer(self, directory):
+        writer = self._writers.get(directory)
+        if writer is None:
+            writer = self._writers[directory] = RunWriter(directory)
+        return writer
+
+    def save(self, obj, path) -> Union[FileRecord, PendingSave]:
+        """Save ``obj`` to ``path``; see :func:`atomic_save`.
+
+        :return: the file's :class:`~experiment_io.verification.FileRecord`, or a
+            :class:`PendingSave` with ``async_save=True``.
+        """
+        path, directory, name = _split(path)
+        _check_name(path, name)
+        fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
+
+        with self._lock:
+            writer = self._writer(directory)
+
+        def write(staged):
+            record = writer.save_files({name: (lambda f: torch.save(staged, f), fields)})[name]
+            log.debug("saved %s (%s)", path, record.digest)
+            return record
+
+        if not self.async_save:
+            return write(obj)
+        with self._lock:
+            if self._background is None:
+                self._background = BackgroundWriter()
+            pending = PendingSave(path, self)
+            pending._serial = self._background.submit(obj, lambda staged: pending._run(write, staged), path)
+        return pending
+
+    def _wait_for(self, pending):
+        with self._lock:
+            background = self._background
+            if background is not None and background.in_flight and background.serial == pending._serial:
+                try:  # waited for here, so that the next save does not raise this one's error again
+                    background.wait()
+                except BaseException:
+                    if pending._error is None:  # not the save's error: a Ctrl-C while waiting
+                        raise
+
+    def wait(self) -> None:
+        """Wait until the save in flight (if any) has committed; raise its error."""
+        with self._lock:
+            if self._background is not None:
+                self._background.wait()
+
+    def __enter__(self) -> "AtomicSaver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
 
 
-def _forget_saver_in_child():
-    """A forked child starts without the parent's saver (whose thread it does not have)."""
-    global _saver, _saver_lock
-    _saver, _saver_lock = None, threading.Lock()
+_default = AtomicSaver()  # atomic_save's, for each mode
+_default_async = AtomicSaver(async_save=True)
+
+
+def _new_defaults_in_child():
+    """A forked child starts with savers of its own (it has not the parent's thread)."""
+    global _default, _default_async
+    _default, _default_async = AtomicSaver(), AtomicSaver(async_save=True)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_saver_in_child)
+    os.register_at_fork(after_in_child=_new_defaults_in_child)
 
 
-def _submit(obj, write, path):
-    """Stage ``obj`` and run ``write(staged copy)`` in the process's saver thread (one save in flight)."""
-    global _saver
-    with _saver_lock:
-        if _saver is None:
-            _saver = BackgroundSaver()
-        pending = PendingSave(path, _saver)
-        pending._serial = _saver.submit(obj, lambda staged: pending._run(write, staged), path)
-    return pending
-
-
-def atomic_save(obj, path, *, async_save=False):
+def atomic_save(obj, path, *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
     """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
     The previous file at ``path``, if it is the committed generation, is kept as
     ``<name>.prev<ext>`` until the next save, so that a crash at any instant leaves a
-    generation that :func:`verified_load` accepts. Before rotating it, the previous
-    file is read once to make sure it is the committed generation and not the
-    uncommitted leftover of a crashed save (which is overwritten instead).
+    generation that :func:`verified_load` accepts.
 
     Save what ``torch.load(weights_only=True)`` reads back: tensors, ``state_dict``\\ s,
     plain containers, numbers and strings. Objects of your own classes are written,
@@ -159,6 +228,8 @@ def atomic_save(obj, path, *, async_save=False):
     :func:`torch.serialization.add_safe_globals`.
 
     One process should write a directory at a time (see the module's description).
+    ``atomic_save`` saves through a process-wide :class:`AtomicSaver`; hold an
+    :class:`AtomicSaver` of your own to own the background writes yourself.
 
     With ``async_save=True`` the call copies the tensors of ``obj`` into staging
     buffers (kept for the next save; pinned memory for GPU tensors) and returns; a
@@ -174,7 +245,7 @@ def atomic_save(obj, path, *, async_save=False):
         directory's manifest (:data:`~experiment_io.storage.MANIFEST_NAME`) records
         the file's digest and size with ``"kind": "user"``.
     :param async_save: return once ``obj`` is copied, and write it in the background.
-    :return: the :class:`~experiment_io.storage.FileRecord` (size and digest) of the
+    :return: the :class:`~experiment_io.verification.FileRecord` (size and digest) of the
         file; with ``async_save=True`` a :class:`PendingSave`, whose ``wait()``
         returns it.
     :raises CheckpointWriteError: when writing fails (disk full, permissions); the
@@ -182,33 +253,22 @@ def atomic_save(obj, path, *, async_save=False):
     :raises ValueError: for a name that experiment_io uses itself (the manifest, the
         lock file, or a ``.prev`` name).
     """
-    path, directory, name = _split(path)
-    _check_name(path, name)
-    fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
-
-    def write(staged):
-        record = RunWriter(directory).save_files({name: (lambda f: torch.save(staged, f), fields)})[name]
-        log.debug("saved %s (%s)", path, record.digest)
-        return record
-
-    return _submit(obj, write, path) if async_save else write(obj)
+    return (_default_async if async_save else _default).save(obj, path)
 
 
 def _pick(path, directory, name, files, strict):
-    """The generation to load: ``(path, record)``."""
-    committed = files.get(name)
-    generations, problems = storage.find_generations(directory, name, files)
-    if strict:
-        generations = [g for g in generations if g[1] is committed]
-    if generations:
-        chosen, record = generations[0]
-        if record is not committed:
+    """The file holding the generation to load."""
+    search = Search(Verifier(directory, files), [name], strict)
+    found, problems = search.all()
+    if found:
+        chosen, record = found[0]
+        if record is not files.get(name):
             log.warning("%s does not verify; loading its previous generation %s instead (%s)",
                         path, chosen, "; ".join(problems))
         elif chosen != path:
             log.info("loading %s from %s, where an interrupted save left it", path, chosen)
-        return chosen, record
-    if not any(os.path.exists(os.path.join(directory, n)) for n in (name, storage.previous_name(name))):
+        return chosen
+    if not any(os.path.exists(os.path.join(directory, n)) for n in (name, previous_name(name))):
         raise CheckpointNotFoundError(f"{path} does not exist (nor its previous generation), although "
                                       f"{storage.MANIFEST_NAME} lists it: it was deleted after it was saved.")
     listed = "\n  - ".join(problems or [f"{storage.MANIFEST_NAME} records only the previous generation"])
@@ -250,7 +310,7 @@ def verified_load(path, *, map_location=None, strict=False):
     path, directory, name = _split(path)
     manifest = storage.read_manifest(directory) if os.path.isdir(directory) else None
     files = manifest[1] if manifest else {}
-    if name not in files and storage.previous_name(name) not in files:
+    if name not in files and previous_name(name) not in files:
         if not os.path.exists(path):
             raise CheckpointNotFoundError(f"{path} does not exist.")
         where = "there is no manifest beside it" if manifest is None else f"{storage.MANIFEST_NAME} has no record of it"
@@ -259,7 +319,7 @@ def verified_load(path, *, map_location=None, strict=False):
             f"with {storage.MANIFEST_NAME} kept beside them (copy the directory whole). "
             "A file you trust that was written otherwise loads with torch.load(path, weights_only=True)."
         )
-    chosen, _ = _pick(path, directory, name, files, strict)
+    chosen = _pick(path, directory, name, files, strict)
     try:
         return torch.load(chosen, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,0 +1,131 @@
+"""Checkpointing a training run: what one save of ``train_model`` writes, now or in the background.
+
+:class:`RunCheckpointer` owns the run directory's
+:class:`~experiment_io.generations.RunWriter` for the life of a run. It writes the
+structure file once, then, at each save, builds the payloads of the files the
+save policy asked for and writes them, synchronously or through a
+:class:`~experiment_io.asynchronous.BackgroundWriter`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .asynchronous import BackgroundWriter
+from .generations import RunWriter
+from .payloads import (
+    BEST_MODEL_NAME,
+    BEST_NAME,
+    LAST_NAME,
+    STRUCTURE_NAME,
+    checkpoint_payload,
+    epoch_checkpoint_name,
+    epoch_model_name,
+    model_payload,
+    save_payloads,
+    structure_payload,
+)
+from .devices import module_device
+from .policy import EpochFiles
+
+__all__ = ["RunCheckpointer"]
+
+log = logging.getLogger(__name__)
+
+
+class RunCheckpointer:
+    """Writes the checkpoint files of one training run.
+
+    With ``async_save`` a save copies the state into staging buffers and writes it
+    in a background thread; with ``async_save=True`` the parameters and optimizer
+    state are copied by that thread, and :meth:`staged` waits for that copy before
+    the state may change. :meth:`committing` makes sure the last save has committed
+    before training ends. The structure file is always written at once.
+
+    :param directory: the run directory.
+    :param resuming: keep an intact structure file of the run instead of writing one.
+    :param async_save: ``False``, ``True`` or ``"copy"``.
+    """
+
+    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, async_save=False):
+        self.writer = RunWriter(directory)
+        self.training_modules, self.controller = training_modules, controller
+        self.metric_tracker, self.database = metric_tracker, database
+        if resuming and self.writer.has_intact(STRUCTURE_NAME):
+            log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
+        else:
+            if self.writer.record(STRUCTURE_NAME) is not None:
+                log.warning("starting a new run in %s, which holds another run; the new run's checkpoints supersede it "
+                            "(use a new directory to keep both)", directory)
+            descriptor = database.descriptor() if getattr(database, "restartable", False) else None
+            save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
+        self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
+        self.background = BackgroundWriter() if async_save else None
+        self.overlap = async_save is True
+
+    def _deferrable(self):
+        """The tensors that change only in the optimizer step (or, for the best model state, never in place)."""
+        model, loss, _ = self.training_modules
+        tensors = list(model.parameters())
+        if isinstance(loss, torch.nn.Module):
+            tensors += list(loss.parameters())
+        tensors += [v for state in self.controller.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor)]
+        tensors += [v for v in (self.metric_tracker.best_model_state or {}).values() if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def staged(self):
+        """Wait until the save in flight has copied what it deferred (before the optimizer step)."""
+        if self.background is not None:
+            self.background.staged()
+
+    def save(self, epoch_files: EpochFiles | None = None):
+        """Save the run at the controller's position.
+
+        :param epoch_files: at the end of an epoch, the further files to write;
+            ``None`` for a mid-epoch save (``last_checkpoint.pt`` only).
+        """
+        position = self.controller.position
+        payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
+                                     self.structure_digest)
+        files = {LAST_NAME: payload}
+        model_file = model_payload(payload["model"], position.epoch, position.step, self.structure_digest,
+                                   module_device(self.training_modules.model))
+        if epoch_files is not None and epoch_files.best:
+            files[BEST_NAME] = payload
+            files[BEST_MODEL_NAME] = model_file
+        if epoch_files is not None and epoch_files.keep:
+            ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
+            files[epoch_checkpoint_name(ended)] = payload
+            files[epoch_model_name(ended)] = model_file
+        if self.background is not None:
+            self.background.submit(files, lambda staged: save_payloads(self.writer, staged),
+                                   f"{', '.join(files)} in {self.writer.directory}",
+                                   defer=self._deferrable() if self.overlap else ())
+            log.debug("saving %s in the background", ", ".join(files))
+        else:
+            save_payloads(self.writer, files)
+            log.debug("saved %s", ", ".join(files))
+
+    @contextlib.contextmanager
+    def committing(self):
+        """Leave only once the save in flight (if any) has committed.
+
+        On a normal exit an error of that save is raised. When an exception is
+        already on its way out, an error of the save is logged and attached to it as
+        a note, and the exception goes on.
+        """
+        try:
+            yield self
+        except BaseException as e:
+            if self.background is not None:
+                try:
+                    self.background.wait()
+                except BaseException as background_error:  # do not hide the exception on its way out
+                    log.error("the checkpoint written in the background failed too: %r", background_error)
+                    e.add_note(f"The checkpoint written in the background failed too: {background_error!r}")
+            raise
+        if self.background is not None:
+            self.background.wait()

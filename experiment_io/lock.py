@@ -1,0 +1,82 @@
+"""The run lock: one process writes a run directory at a time."""
+import json
+import logging
+import os
+import socket
+import time
+
+from .errors import RunLockedError
+
+__all__ = ["LOCK_NAME", "RunLock"]
+
+log = logging.getLogger(__name__)
+
+#: The lock file that marks the one process writing a run directory.
+LOCK_NAME = "experiment_io.lock"
+
+
+class RunLock:
+    """An advisory lock that admits one writing process per run directory.
+
+    The lock is an ``flock`` on :data:`LOCK_NAME`, so the kernel releases it when its
+    holder dies, however it dies: a lock file left by a dead process is taken over
+    without any guessing. The file records the holder's pid and host for the error
+    that a second writer gets.
+
+    :param directory: the run directory.
+    """
+
+    def __init__(self, directory):
+        self.path = os.path.join(directory, LOCK_NAME)
+        self._fd = None
+
+    def acquire(self):
+        """Take the lock.
+
+        :raises RunLockedError: naming the pid and host of the live holder.
+        """
+        import fcntl  # POSIX only: imported here, so that prediction works where it is missing
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"{os.path.dirname(self.path)} is being written by another process "
+                f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}). "
+                "Wait for it to end, or stop it, before training in this directory; two writers would interleave their checkpoints."
+            ) from e
+        stale = self._read_holder(fd)
+        if stale:
+            log.info("taking over the lock of %s left by pid %s on %s, which no longer holds it",
+                     self.path, stale.get("pid"), stale.get("host"))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _read_holder(fd):
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (ValueError, OSError):
+            return {}
+
+    def release(self):
+        """Give the lock back."""
+        if self._fd is not None:
+            import fcntl
+
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

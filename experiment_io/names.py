@@ -1,0 +1,50 @@
+"""Names of classes stored in files: ``"module.QualName"`` turned back into objects, safely.
+
+Structure files and database descriptors refer to classes by import path. A
+stored name must not make a load import arbitrary code, so :func:`resolve` uses
+modules that are already imported and imports only modules under the roots it
+is given (torch, experiment_io, and what the user allowed).
+"""
+import importlib
+import sys
+
+__all__ = ["qualified_name", "under", "resolve"]
+
+
+def qualified_name(obj) -> str:
+    """``"module.QualName"`` of a class or function."""
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def under(module_name: str, roots) -> bool:
+    """Whether ``module_name`` is one of ``roots`` or a submodule of one."""
+    return any(module_name == r or module_name.startswith(r + ".") for r in roots)
+
+
+def resolve(name: str, importable=()):
+    """Find the object ``name`` (``"module.QualName"``) names.
+
+    :param importable: module names (and their submodules) that may be imported to
+        find it; any other module must be imported already.
+    :return: ``(object, None)``, or ``(None, why not)``; the reason starts with
+        ``"module "`` when the module exists but lacks the name or cannot be imported.
+    """
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        module = sys.modules.get(module_name)
+        if module is None and under(module_name, importable):
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                if cut == 1:
+                    return None, f"module {module_name} cannot be imported (it is allowed, but not installed)"
+        if module is None:
+            continue
+        obj = module
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
+            obj = getattr(obj, attr)
+        return obj, None
+    return None, "its module is neither imported nor allowed (it was not imported)"

@@ -1,0 +1,139 @@
+"""Payloads: how the experiment objects map to the files of a run directory.
+
+================================  =================================================
+file                              content
+================================  =================================================
+``experiment_structure.pt``       pickled objects: training modules, controller,
+                                  database descriptor (loaded through the trust gate);
+                                  the tensors the state files restore are left out
+``last_checkpoint.pt``            every ``state_dict`` (model, loss, evaluator,
+                                  controller, metric tracker, RNG, data position)
+``best_checkpoint.pt``            the same, at the best epoch
+``best_model.pt``                 the model's ``state_dict`` at the best epoch
+``checkpoint_epoch_N.pt``         as ``last_checkpoint.pt``, kept for epoch N
+``model_epoch_N.pt``              as ``best_model.pt``, kept for epoch N
+``experiment_manifest.json``      digest, size and provenance of every file above
+================================  =================================================
+
+State files hold plain data and tensors only: each loads with
+``torch.load(path, weights_only=True)``.
+
+Payloads are written by :func:`save_payload` and committed through a
+:class:`~experiment_io.generations.RunWriter` by :func:`save_payloads`.
+"""
+import logging
+
+import torch
+
+from . import format as fmt
+from . import skeleton
+from .devices import module_device
+from .rng import get_rng_state
+
+__all__ = [
+    "STRUCTURE_NAME",
+    "LAST_NAME",
+    "BEST_NAME",
+    "BEST_MODEL_NAME",
+    "epoch_checkpoint_name",
+    "epoch_model_name",
+    "structure_payload",
+    "checkpoint_payload",
+    "model_payload",
+    "save_payload",
+    "save_payloads",
+]
+
+log = logging.getLogger(__name__)
+
+#: The pickled objects of a run, written once at its start.
+STRUCTURE_NAME = "experiment_structure.pt"
+#: Every state of the run after its newest save.
+LAST_NAME = "last_checkpoint.pt"
+#: Every state of the run at its best epoch.
+BEST_NAME = "best_checkpoint.pt"
+#: The model's ``state_dict`` at the best epoch.
+BEST_MODEL_NAME = "best_model.pt"
+
+
+def save_payload(payload, f):
+    """Write ``payload`` to the binary file object ``f`` with :func:`torch.save`.
+
+    A structure payload is written without the data of the tensors that the state
+    files restore (see :mod:`experiment_io.skeleton`). The file is a standard
+    ``torch.save`` archive (CRC-32 included), which ``torch.load`` and zip tools read.
+    """
+    options = {}
+    if payload.get(fmt.HEADER_KEY, {}).get("kind") == "structure":
+        model, loss, _evaluator = payload["training_modules"]
+        left_out = skeleton.without_aliases(payload, skeleton.restored_tensors(model, loss))
+        options["pickle_module"] = skeleton.pickle_module_without(left_out)
+    torch.save(payload, f, **options)
+
+
+def epoch_checkpoint_name(epoch):
+    """The name of the checkpoint kept for the 0-based ``epoch``."""
+    return f"checkpoint_epoch_{epoch}.pt"
+
+
+def epoch_model_name(epoch):
+    """The name of the model state kept for the 0-based ``epoch``."""
+    return f"model_epoch_{epoch}.pt"
+
+
+def structure_payload(training_modules, controller, database_descriptor):
+    """The pickled part of a run: whole objects, loaded back through the trust gate.
+
+    :func:`save_payload` writes the model's and the loss's parameters and persistent
+    buffers without their data: the state files hold it.
+    """
+    return {
+        fmt.HEADER_KEY: fmt.make_header("structure"),
+        "training_modules": training_modules,
+        "controller": controller,
+        "database": database_descriptor,
+    }
+
+
+def checkpoint_payload(training_modules, controller, metric_tracker, database, structure_digest):
+    """Every state of a run, at the controller's position, as plain data and tensors."""
+    model, loss, evaluator = training_modules
+    position = controller.position
+    return {
+        fmt.HEADER_KEY: fmt.make_header(
+            "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
+            model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
+        ),
+        "model": model.state_dict(),
+        "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
+        "evaluator": evaluator.state_dict(),
+        "controller": controller.state_dict(),
+        "metric_tracker": metric_tracker.state_dict(),
+        "rng": get_rng_state(),
+        "position": position.state_dict(),
+        "database": database.state_dict() if hasattr(database, "state_dict") else None,
+    }
+
+
+def model_payload(model_state, epochs_done, step, structure_digest, model_device):
+    """A model's ``state_dict`` with a header."""
+    return {
+        fmt.HEADER_KEY: fmt.make_header(
+            "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest, model_device=str(model_device),
+        ),
+        "model": model_state,
+    }
+
+
+def save_payloads(writer, payloads):
+    """Write payloads through ``writer`` (a :class:`~experiment_io.generations.RunWriter`) and commit them.
+
+    :param payloads: ``{file name: payload dict}``; the plain fields of each
+        payload's header (kind, step, epochs done...) go into the file's record.
+    :return: ``{file name: FileRecord}``.
+    """
+    return writer.save_files({
+        name: (lambda f, p=payload: save_payload(p, f),
+               {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None})
+        for name, payload in payloads.items()
+    })

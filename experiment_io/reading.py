@@ -1,0 +1,224 @@
+"""Reading the files of a run: verified first, and proven unchanged while they were read.
+
+The loaders of :mod:`experiment_io.serialization` read through these functions.
+Files are chosen by :class:`~experiment_io.generations.Search`; every file is
+verified against the manifest before anything in it is unpickled. While the
+structure file is loaded, the state file is looked for and verified in a second
+thread. State files are then memory-mapped (``torch.load(mmap=True)``): their
+bytes, in the page cache since the verification, are copied straight into the
+model's parameters. After reading a file, the reader checks that its path still
+names the file it verified; a writer that replaced it meanwhile makes the load
+start over (:func:`until_stable`).
+"""
+import logging
+import os
+import threading
+
+import torch
+
+from . import format as fmt
+from . import storage
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
+from .generations import Search, base_name, previous_name
+from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
+from .trust import load_structure
+from .verification import Verifier
+
+__all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
+           "check_pairing", "pick_structure_and_state", "until_stable", "Replaced"]
+
+log = logging.getLogger(__name__)
+
+
+def require_file(path, what):
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{what} {path} does not exist" + (
+            " (it is a directory; give the file inside it)" if os.path.isdir(path) else "") + ".")
+
+
+
+class Replaced(Exception):
+    """A file was replaced (by a writer) between its verification and its load."""
+
+
+#: How many times a load starts over when files it read were replaced meanwhile.
+_ATTEMPTS = 5
+
+
+def until_stable(load):
+    """Run ``load()`` until no file it read was replaced while it ran."""
+    replaced = None
+    for _ in range(_ATTEMPTS):
+        try:
+            return load()
+        except Replaced as e:
+            replaced = e.args[0]
+            log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
+    raise CorruptCheckpointError(
+        f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a process keeps "
+        "writing into the run directory. Load again when it pauses (or load the files of a copy of the directory)."
+    )
+
+
+def verified_record(path, verify, verifier=None):
+    """Verify a file named by the user against the manifest of its directory.
+
+    The file may match the record of its own name or of the other generation of its
+    name (a crash between a rename and the manifest's commit leaves it so).
+
+    :return: ``(record, verifier)``; without ``verify`` the record of the file's name
+        (or ``None``) and no verifier.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    manifest = storage.read_manifest(directory)
+    files = manifest[1] if manifest else None
+    if not verify:
+        log.warning("loading %s without verification (verify=False)", path)
+        return (files.get(name) if files else None), None
+    base = base_name(name)
+    if files is None or not ({base, previous_name(base)} & set(files)):
+        where = "there is no manifest beside it" if files is None else f"{storage.MANIFEST_NAME} has no record of it"
+        raise CorruptCheckpointError(
+            f"{path} cannot be verified: {where}. Keep {storage.MANIFEST_NAME} with the checkpoint files "
+            "(copy the run directory whole), or pass verify=False to load it unverified."
+        )
+    if verifier is None or verifier.directory != directory:
+        verifier = Verifier(directory, files)
+    records = [files[n] for n in (base, previous_name(base)) if n in files]
+    for record in records:
+        if verifier.matches(path, record):
+            return record, verifier
+    problem = verifier.describe(os.path.abspath(path), files.get(name))
+    raise CorruptCheckpointError(f"{problem}. The file was truncated or modified after it was written.")
+
+
+
+def torch_load(path, map_location, *, mmap=False):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types for a foreign or damaged file
+        if mmap:  # a file system without mmap, or a file of the legacy format: read it instead
+            return torch_load(path, map_location)
+        raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
+
+
+def load_state_file(path, kinds, map_location, record, verifier=None):
+    """Load a verified state file through a memory map; check its kind and version."""
+    payload = torch_load(path, map_location, mmap=True)
+    if verifier is not None and not verifier.unchanged(path):
+        raise Replaced(path)
+    return payload, fmt.check_payload(payload, path, kinds)
+
+
+def load_structure_file(path, allow, trusted, record, verifier=None):
+    payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
+    if verifier is not None and not verifier.unchanged(path):
+        raise Replaced(path)
+    fmt.check_payload(payload, path, ("structure",))
+    return payload
+
+
+def check_pairing(state_path, header, structure_path, structure_record):
+    expected = header.get("structure_digest")
+    if structure_record is not None and expected is not None and expected != structure_record["digest"]:
+        raise IncompatibleCheckpointError(
+            f"{state_path} was written for another structure file than {structure_path} "
+            f"(it expects digest {expected}, the structure file has {structure_record['digest']}). "
+            "Load files of one run directory together."
+        )
+
+
+
+def run_verifier(directory):
+    """The :class:`~experiment_io.verification.Verifier` of a run directory (default: the current one).
+
+    :raises CheckpointNotFoundError: for a missing directory, or one that holds no run.
+    :raises CorruptCheckpointError: for state files without a manifest.
+    """
+    directory = os.path.abspath(directory if directory is not None else os.getcwd())
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"run directory {directory} does not exist.")
+    manifest = storage.read_manifest(directory)
+    if manifest is None:
+        names = [LAST_NAME, BEST_NAME, BEST_MODEL_NAME]
+        names += [previous_name(name) for name in names]
+        state_files = [name for name in names if os.path.isfile(os.path.join(directory, name))]
+        if not state_files and os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+            raise CheckpointNotFoundError(
+                f"{directory} holds only the {STRUCTURE_NAME} of a run that was killed before its first save "
+                "committed: there is no checkpoint to resume from. Start the run from the beginning."
+            )
+        if state_files:
+            raise CorruptCheckpointError(
+                f"{directory} holds {', '.join(state_files)} but no {storage.MANIFEST_NAME}, so nothing in it can be verified. "
+                "Restore the manifest, or load the files by path with load_checkpoint(..., verify=False)."
+            )
+        raise CheckpointNotFoundError(
+            f"{directory} holds no experiment_io run (no {storage.MANIFEST_NAME} or {STRUCTURE_NAME}). "
+            "Change to the directory train_model ran in, or start a new run."
+        )
+    return Verifier(directory, manifest[1])
+
+
+
+class _Concurrently:
+    """Runs ``fn()`` in a thread; :meth:`result` waits for it and returns or raises what it did."""
+
+    def __init__(self, fn):
+        self._outcome = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="experiment_io-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._outcome = (True, fn())
+        except BaseException as e:  # handed to the caller by result()
+            self._outcome = (False, e)
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def pick_structure_and_state(verifier, roles, strict, newest_first, load_structure):
+    """A structure generation, loaded, and a state generation written for it (newest first).
+
+    While the structure file is loaded (``load_structure(path, record)``), the state
+    file is looked for and verified in a second thread: the verification of the
+    state reads its file while the structure is unpickled.
+
+    :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
+    """
+    structures = Search(verifier, [STRUCTURE_NAME], strict)
+    error = None
+    for structure_path, structure_record in structures:
+        digest = structure_record["digest"]
+        state_pick = _Concurrently(lambda: Search(verifier, roles, strict, newest_first=newest_first).first(digest))
+        try:
+            structure = load_structure(structure_path, structure_record)
+        except BaseException as load_error:
+            try:
+                state_pick.result()
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if isinstance(load_error, Exception):  # no state for this structure: it would not be loaded
+                    error = error or e
+                    continue
+            except Exception:  # the load's error is the one to report
+                pass
+            raise
+        try:
+            pick = state_pick.result()
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            error = error or e
+            continue
+        if structures.problems:
+            log.warning("using %s; skipped: %s", structure_path, "; ".join(structures.problems))
+        return structure_path, structure_record, structure, pick.path, pick.record
+    if error is not None:
+        raise error
+    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - " + "\n  - ".join(structures.problems))
+
+

@@ -1,0 +1,223 @@
+"""The training loop: epochs, batches, a save policy that says when to save, one exit."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpointing import RunCheckpointer
+from .controllers import Controller, TrainingPosition
+from .devices import module_device
+from .errors import MissingDatabaseError
+from .lock import RunLock
+from .metric_tracker import MetricTracker
+from .payloads import LAST_NAME
+from .policy import SavePolicy
+from .preemption import DEFAULT_SIGNALS, Preemption, Stop, StopKind
+from .training_modules import TrainingModules, as_tuple
+
+__all__ = ["train_model"]
+
+log = logging.getLogger(__name__)
+
+
+def train_model(training_modules: TrainingModules, database, controller: Controller, metric_tracker: MetricTracker,
+                callbacks: Optional[Sequence[Callable]], batch_callbacks: Optional[Sequence[Callable]],
+                store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False, *,
+                directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,
+                checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
+                exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False) -> MetricTracker:
+    """Train, writing checkpoints into the run directory.
+
+    Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
+    ``best_checkpoint.pt`` and ``best_model.pt`` when the stopping metric improves
+    (with ``store_best``), and ``checkpoint_epoch_N.pt`` / ``model_epoch_N.pt`` every
+    ``store_every`` epochs and, with ``store_all_better``, at every better epoch.
+    Training starts (or continues) at the controller's
+    :attr:`~experiment_io.controllers.Controller.position`, which a loader restores.
+
+    Signals (``signals``, by default SIGTERM, SIGUSR1 and SIGINT) stop training at the
+    next batch boundary, after a mid-epoch ``last_checkpoint.pt`` is written; resuming
+    from it continues with the next sample. After SIGINT (Ctrl-C) ``train_model``
+    returns; a second Ctrl-C raises :class:`KeyboardInterrupt` at once. After SIGTERM
+    or SIGUSR1 (a scheduler's time limit or preemption) the process exits with
+    status :data:`~experiment_io.preemption.PREEMPTED_EXIT_CODE` (75), which a job
+    script can test to requeue the job, unless ``exit_on_preemption=False``, in
+    which case ``train_model`` returns as for SIGINT.
+
+    With ``async_save=True`` checkpoints are written by a background thread, with
+    the same guarantees as a synchronous save. The state is copied into staging
+    buffers (allocated at the first save, reused afterwards; pinned memory for GPU
+    tensors): the small parts at once, the parameters, the optimizer state and the
+    best model state (on the CPU) by the background thread while training computes
+    the next batch's forward and backward pass; the optimizer step waits for that
+    copy if it is not done yet. Only the optimizer step may change parameters and
+    optimizer state in place meanwhile; a change elsewhere is detected and fails
+    the save with :class:`~experiment_io.errors.StagedStateModifiedError` (the
+    previous checkpoint is intact). ``async_save="copy"`` copies the whole state
+    before training goes on, for models that change their parameters elsewhere.
+    One save is in flight at most: the next one waits for it to commit. An error of
+    a background save is raised at the first optimizer step after it failed (or
+    at the next save, or when training ends), and ``train_model`` never returns,
+    exits or raises before the last save has committed (a Ctrl-C while it waits is
+    raised once the save has committed).
+
+    :param training_modules: :class:`~experiment_io.training_modules.TrainingModules` ``(model, loss, evaluator)``.
+    :param database: a :class:`~experiment_io.databases.Database`.
+    :param controller: a :class:`~experiment_io.controllers.Controller`.
+    :param metric_tracker: a :class:`~experiment_io.metric_tracker.MetricTracker`.
+    :param callbacks: ``None`` or callables ``cb(epoch, better_model)``, called after each epoch.
+    :param batch_callbacks: ``None`` or callables ``cb(batch_inputs, batch_model_outputs, batch_targets)``.
+    :param store_all_better: keep the epoch files of every better epoch.
+    :param store_best: write ``best_checkpoint.pt`` and ``best_model.pt``.
+    :param store_every: keep the epoch files every this many epochs (0: never).
+    :param quiet: no progress bar.
+    :param directory: the run directory (default: the current working directory).
+    :param checkpoint_every_batches: also write a mid-epoch ``last_checkpoint.pt``
+        every this many batches (0: only at the end of each epoch).
+    :param checkpoint_every_seconds: also write a mid-epoch ``last_checkpoint.pt``
+        when this many seconds passed since the last save (``None``: never).
+    :param signals: the signals that stop training after a checkpoint (``()``: none).
+    :param exit_on_preemption: exit the process with status 75 after a signal other than SIGINT.
+    :param requeue: after such a signal, under SLURM, requeue the job once with
+        ``scontrol requeue $SLURM_JOB_ID``.
+    :param async_save: ``False``, ``True`` or ``"copy"``: write checkpoints in a
+        background thread (see above); costs host memory for one copy of the
+        checkpointed state.
+    :return: the metric tracker (its ``stop_reason`` says why training ended).
+    :raises RunLockedError: when another live process is training in the same directory.
+    :raises CheckpointWriteError: when a checkpoint cannot be written (disk full, I/O
+        error); the previous checkpoint is intact.
+    :raises SystemExit: with status 75, see above.
+    """
+    if not isinstance(training_modules, TrainingModules):
+        training_modules = TrainingModules(*training_modules)
+    policy = SavePolicy(every_batches=checkpoint_every_batches, every_seconds=checkpoint_every_seconds,
+                        keep_every_epochs=store_every, keep_better_epochs=store_all_better, keep_best=store_best)
+    _check_database(database)
+    if async_save not in (False, True, "copy"):
+        raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")
+    directory = os.path.abspath(directory or os.getcwd())
+    os.makedirs(directory, exist_ok=True)
+    preemption = Preemption(signals, exit_on_preemption=exit_on_preemption, requeue=requeue)
+    # signals are handled from here on, so that one arriving while the run is set up
+    # still ends in a checkpoint and the documented exit status
+    with preemption, RunLock(directory):
+        position = controller.position
+        resuming = controller.current_epoch > 0 or position.samples_done > 0
+        if resuming:
+            log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
+        checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
+                                       resuming=resuming, async_save=async_save)
+        loop = _Loop(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, quiet)
+        with checkpointer.committing():
+            stop = loop.run(policy, preemption, checkpointer)
+    metric_tracker.stop_reason = stop.text
+    log.info("training ended (%s); %s", stop.text, metric_tracker.summary())
+    preemption.finish(stop)
+    return metric_tracker
+
+
+def _check_database(database):
+    if database is None:
+        raise MissingDatabaseError(
+            "train_model got no database. A run trained on an in-memory Database cannot rebuild it: "
+            "pass database= to load_checkpoint_from_cwd (or to train_model)."
+        )
+    for split in ("train", "valid"):
+        if database.split_size(split) == 0:
+            raise ValueError(
+                f"the database's {split!r} split is empty; training needs training samples and validation "
+                "samples to pick the best model (raise valid_size)"
+            )
+
+
+def _call_all(callbacks, *args):
+    for cb in callbacks or ():
+        cb(*args)
+
+
+class _Loop:
+    """One training run's epochs and batches."""
+
+    def __init__(self, training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, quiet):
+        self.model, self.loss_fn, self.evaluator = training_modules
+        self.database, self.controller, self.metric_tracker = database, controller, metric_tracker
+        self.callbacks, self.batch_callbacks, self.quiet = callbacks, batch_callbacks, quiet
+        self.evaluator.database = database
+        self.n_train = database.split_size("train")
+
+    def run(self, policy, preemption, checkpointer) -> Stop:
+        """Train until the controller is done or a signal asks to stop; return why it stopped."""
+        controller = self.controller
+        while not controller.finished:
+            self.train_epoch(policy, preemption, checkpointer)
+            position = controller.position
+            if position.samples_done < self.n_train:  # stopped mid-epoch by a signal
+                position.interrupted = preemption.requested
+                checkpointer.save()
+                log.warning("training interrupted by %s in epoch %d after %d of %d samples; %s written",
+                            preemption.requested, position.epoch, position.samples_done, self.n_train, LAST_NAME)
+                return Stop.by_signal(preemption.requested)
+            self.end_epoch(policy, preemption, checkpointer)
+            if preemption.requested:
+                return Stop.by_signal(preemption.requested)
+        if controller.stop_reason is not None:
+            return Stop(StopKind.CONTROLLER, controller.stop_reason)
+        return Stop(StopKind.MAX_EPOCHS, f"reached max_epochs={controller.max_epochs}")
+
+    def train_epoch(self, policy, preemption, checkpointer):
+        """Train the rest of the current epoch, saving when the policy says; stop early on a signal."""
+        controller, position = self.controller, self.controller.position
+        position.epoch = controller.current_epoch
+        self.started = time.perf_counter()
+        self.model.train()
+        device = module_device(self.model)
+        batches = self.database.batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
+                                        start=position.samples_done)
+        bar = tqdm(total=self.n_train, initial=position.samples_done, disable=self.quiet, desc=f"epoch {position.epoch}",
+                   unit="sample", leave=False)
+        with contextlib.closing(bar):
+            for batch_inputs, batch_targets in batches:
+                if preemption.requested:  # checked before each batch: a signal stops training at the next boundary
+                    return
+                inputs = [t.to(device) for t in batch_inputs]
+                targets = [t.to(device) for t in batch_targets]
+                controller.optimizer.zero_grad(set_to_none=True)
+                outputs = as_tuple(self.model(*inputs))
+                loss = self.loss_fn(*outputs, *targets)
+                loss.backward()
+                checkpointer.staged()
+                controller.optimizer.step()
+                n = len(batch_targets[0])
+                position.samples_done += n
+                position.step += 1
+                position.loss_sum += float(loss.detach()) * n
+                bar.update(n)
+                _call_all(self.batch_callbacks, inputs, outputs, targets)
+                if not preemption.requested and position.samples_done < self.n_train and policy.due(position.step):
+                    checkpointer.save()
+                    policy.saved()
+
+    def end_epoch(self, policy, preemption, checkpointer):
+        """Evaluate, record, step the controller, save the epoch's files."""
+        controller, tracker = self.controller, self.metric_tracker
+        position = controller.position
+        epoch = position.epoch
+        metrics = {"train": {"loss": position.loss_sum / self.n_train},
+                   "valid": self.evaluator.evaluate("valid", batch_size=controller.eval_batch_size)}
+        better = tracker.register_metrics(metrics, epoch, epoch_time=time.perf_counter() - self.started)
+        if better:
+            tracker.record_best_model(self.model)
+        controller.push_epoch(epoch, better, tracker.stopping_value(metrics))
+        controller.position = TrainingPosition(epoch=epoch + 1, step=position.step, interrupted=preemption.requested)
+        _call_all(self.callbacks, epoch, better)
+        checkpointer.save(policy.files(epoch, better))
+        policy.saved()
+        log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
+                 tracker.stopping_key, tracker.stopping_value(metrics), " (best so far)" if better else "")
