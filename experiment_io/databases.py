@@ -137,17 +137,17 @@ class Database:
         for begin in range(0, len(indices), batch_size):
             yield self.get(indices[begin:begin + batch_size])
 
-    def state_dict(self):
-        """What a resume must find unchanged: the seed and the split sizes."""
+    def fingerprint(self):
+        """What a resume must find unchanged: the seed and the split sizes (plain data)."""
         return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS}}
 
-    def load_state_dict(self, state):
+    def check_fingerprint(self, state):
         """Check that this database is the one a checkpoint was trained on.
 
         :raises IncompatibleCheckpointError: when the seed or the split sizes differ
             (the data order of the resumed run would silently differ).
         """
-        mine = self.state_dict()
+        mine = self.fingerprint()
         if mine != state:
             raise IncompatibleCheckpointError(
                 f"the database given for the restart differs from the one the run was trained on "

@@ -49,13 +49,12 @@ def is_previous_name(name: str) -> bool:
 
 
 class Generation(enum.Enum):
-    """Which generations of a file a :class:`Role` admits."""
+    """Which generations of a file a :class:`Role` admits: ``ANY`` (the committed one
+    or the previous one), ``CURRENT`` (only the committed one, wherever a crash left
+    it) or ``PREVIOUS`` (only the previous one)."""
 
-    #: the generation the manifest's record of the name describes, or the previous one
     ANY = "any"
-    #: only the committed generation (wherever a crash left it)
     CURRENT = "current"
-    #: only the previous generation
     PREVIOUS = "previous"
 
 

@@ -111,7 +111,7 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
         "metric_tracker": metric_tracker.state_dict(),
         "rng": get_rng_state(),
         "position": position.state_dict(),
-        "database": database.state_dict() if hasattr(database, "state_dict") else None,
+        "database": database.fingerprint() if hasattr(database, "fingerprint") else None,
     }
 
 

@@ -102,8 +102,8 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
                 "which cannot be rebuilt from the checkpoint. Pass database=<the same Database> to the load function."
             )
         database = restore_database(descriptor, allow=allow)
-    if database is not None and state.get("database") is not None and hasattr(database, "load_state_dict"):
-        database.load_state_dict(state["database"])
+    if database is not None and state.get("database") is not None and hasattr(database, "check_fingerprint"):
+        database.check_fingerprint(state["database"])
     log.info("loaded %s (%s epochs done, step %s) with %s", state_path, header.get("epochs_done"), header.get("step"), structure_path)
     return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
 

@@ -321,6 +321,7 @@ def test_sigint_does_not_lose_the_last_save(tmp_path, slow_background):
         assert torch.equal(value, tm.model.state_dict()[name])
 
 
+@pytest.mark.slow
 def test_exception_in_the_loop_waits_for_the_save_in_flight(tmp_path, slow_background):
     database = make_database()
     tm, controller, tracker = setup(5)
@@ -366,6 +367,7 @@ PREEMPTED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
 def test_preemption_exits_75_after_the_last_save_committed(tmp_path, signame):
     script = PREEMPTED_SCRIPT.format(tests=HERE, signal=signame, directory=str(tmp_path))
@@ -601,6 +603,7 @@ def test_staging_from_the_gpu_uses_pinned_buffers_and_decodes_equal():
 STAGES = ["written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved", "manifest"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
     """The process dies (os._exit from the background thread) at each step of a background save."""

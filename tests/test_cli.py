@@ -49,6 +49,7 @@ def test_metrics_print_and_export_without_opening_the_structure(run, capsys, mon
     assert opened and all(name != STRUCTURE_NAME and weights_only is True for name, weights_only in opened)
 
 
+@pytest.mark.slow
 def test_module_entry_point_and_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiment_io", "verify", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

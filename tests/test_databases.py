@@ -196,19 +196,19 @@ def test_no_inputs_or_targets():
 # --- state and compatibility ------------------------------------------------------
 
 
-def test_load_state_dict_checks_seed_and_splits():
+def test_check_fingerprint_checks_seed_and_splits():
     db = indexed(seed=3)
-    state = db.state_dict()
+    state = db.fingerprint()
     assert state == {"seed": 3, "n_samples": N, "split_sizes": {"train": 160, "valid": 20, "test": 20}}
-    indexed(seed=3).load_state_dict(state)  # the same database: accepted
+    indexed(seed=3).check_fingerprint(state)  # the same database: accepted
     with pytest.raises(IncompatibleCheckpointError) as info:
-        indexed(seed=4).load_state_dict(state)
+        indexed(seed=4).check_fingerprint(state)
     assert isinstance(info.value, ValueError)
     assert "seed" in str(info.value)
     with pytest.raises(IncompatibleCheckpointError):
-        indexed(seed=3, valid_size=0.2).load_state_dict(state)
+        indexed(seed=3, valid_size=0.2).check_fingerprint(state)
     with pytest.raises(IncompatibleCheckpointError):
-        indexed(seed=3, n=199).load_state_dict(state)
+        indexed(seed=3, n=199).check_fingerprint(state)
 
 
 def test_in_memory_database_is_not_restartable():
@@ -246,7 +246,7 @@ def assert_same_database(a, b):
     for split in SPLITS:
         np.testing.assert_array_equal(a.splits[split], b.splits[split])
     assert a.inputs == b.inputs and a.targets == b.targets
-    assert a.state_dict() == b.state_dict()
+    assert a.fingerprint() == b.fingerprint()
     np.testing.assert_array_equal(a.epoch_order(5), b.epoch_order(5))
 
 
@@ -301,25 +301,6 @@ def test_restore_when_the_file_lacks_an_array(tmp_path):
         restore_database(descriptor)
     assert str(path) in str(info.value) and "NPZDatabase" in str(info.value)
     assert isinstance(info.value.__cause__, KeyError)
-
-
-@pytest.fixture
-def canary_module(tmp_path, monkeypatch):
-    """A module on sys.path, not imported, that leaves a file behind when it is imported."""
-    name = "eio_canary_dbmod"
-    canary = tmp_path / "IMPORTED"
-    (tmp_path / "pkgdir").mkdir()
-    (tmp_path / "pkgdir" / f"{name}.py").write_text(textwrap.dedent(f"""
-        open({str(canary)!r}, "w").close()
-        from experiment_io import NPZDatabase
-
-        class MyDatabase(NPZDatabase):
-            pass
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path / "pkgdir"))
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    yield name, canary
-    sys.modules.pop(name, None)
 
 
 def test_restore_unknown_class_imports_nothing(canary_module, npz_file):

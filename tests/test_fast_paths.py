@@ -174,25 +174,6 @@ def test_a_failing_write_still_reports_the_error(tmp_path, monkeypatch):
 # --- lazy verification ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A run with every generation: steps 1..7, a better model at steps 3 and 6 (as in test_reliability)."""
-    directory = tmp_path_factory.mktemp("saved")
-    save, database = build_run(str(directory))
-    for step in range(1, 8):
-        save(step)
-    return directory, database
-
-
-@pytest.fixture
-def run_copy(saved_run, tmp_path):
-    import shutil
-    directory, database = saved_run
-    target = tmp_path / "run"
-    shutil.copytree(directory, target)
-    return target, database
-
-
 @pytest.fixture
 def digested(monkeypatch):
     """Records the path of every file digested."""

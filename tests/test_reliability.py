@@ -67,6 +67,7 @@ def check_loads(directory, database, committed):
     return step
 
 
+@pytest.mark.slow
 def test_kill_storm_while_saving(tmp_path):
     """70 SIGKILLs at random instants of a process that saves without pause."""
     save, database = build_run(tmp_path)
@@ -92,6 +93,7 @@ def test_kill_storm_while_saving(tmp_path):
     assert committed > 0, "the writer never committed a save; the storm tested nothing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save,kills", [(False, 35), (True, 20)], ids=["sync", "async"])
 def test_kill_storm_while_training_with_a_save_every_batch(tmp_path, async_save, kills):
     """SIGKILLs of a training process that checkpoints after every batch (in the background with async_save)."""
@@ -134,6 +136,7 @@ def test_kill_storm_while_training_with_a_save_every_batch(tmp_path, async_save,
 STAGES = ["written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nth_file", [1, 2, 3])
 @pytest.mark.parametrize("stage", STAGES)
 def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
@@ -168,6 +171,7 @@ def test_crash_at_each_step_of_the_write_protocol(tmp_path, stage, nth_file):
     assert isinstance(load_model_from_cwd(directory=str(tmp_path), strict=True), torch.nn.Module)
 
 
+@pytest.mark.slow
 def test_crash_before_the_manifest_keeps_the_previous_generation(tmp_path):
     save, database = build_run(tmp_path)
     for step in (1, 2, 3):
@@ -189,6 +193,7 @@ def test_crash_before_the_manifest_keeps_the_previous_generation(tmp_path):
     assert check_loads(str(tmp_path), database, 3) == 3
 
 
+@pytest.mark.slow
 def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
     save, database = build_run(tmp_path)
     save(3)
@@ -211,14 +216,6 @@ def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
-@pytest.fixture
-def saved_run(tmp_path):
-    save, database = build_run(tmp_path)
-    for step in range(1, 8):
-        save(step)
-    return tmp_path, database
-
-
 DAMAGES = {
     "bit flip": lambda path: flip_bit(path),
     "bit flip near the end": lambda path: flip_bit(path, os.path.getsize(path) - 30),
@@ -230,8 +227,8 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 @pytest.mark.parametrize("name", [LAST_NAME, BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME])
-def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, monkeypatch):
-    directory, database = saved_run
+def test_damaged_file_is_detected_before_unpickling(run_copy, name, damage, monkeypatch):
+    directory, database = run_copy
     DAMAGES[damage](directory / name)
     loads = record_torch_loads(monkeypatch)
 
@@ -262,8 +259,8 @@ def test_damaged_file_is_detected_before_unpickling(saved_run, name, damage, mon
     assert name not in loads
 
 
-def test_fallback_reaches_best_when_both_generations_of_last_are_bad(saved_run, caplog):
-    directory, database = saved_run
+def test_fallback_reaches_best_when_both_generations_of_last_are_bad(run_copy, caplog):
+    directory, database = run_copy
     flip_bit(directory / LAST_NAME)
     flip_bit(directory / previous_name(LAST_NAME))
     with caplog.at_level("WARNING"):
@@ -272,8 +269,8 @@ def test_fallback_reaches_best_when_both_generations_of_last_are_bad(saved_run, 
     assert LAST_NAME in caplog.text and BEST_NAME in caplog.text
 
 
-def test_failed_load_modifies_no_file(saved_run):
-    directory, database = saved_run
+def test_failed_load_modifies_no_file(run_copy):
+    directory, database = run_copy
     flip_bit(directory / LAST_NAME)
     before = snapshot_directory(directory)
     with pytest.raises(CorruptCheckpointError):
@@ -283,8 +280,8 @@ def test_failed_load_modifies_no_file(saved_run):
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
-def test_disk_full_or_io_error_during_a_save(saved_run, code, monkeypatch):
-    directory, database = saved_run
+def test_disk_full_or_io_error_during_a_save(run_copy, code, monkeypatch):
+    directory, database = run_copy
     before = snapshot_directory(directory)
     real_save = torch.save
 
@@ -304,6 +301,7 @@ def test_disk_full_or_io_error_during_a_save(saved_run, code, monkeypatch):
     assert check_loads(str(directory), database, 7) == 7
 
 
+@pytest.mark.slow
 def test_second_writer_gets_a_clear_error(tmp_path):
     lock = RunLock(str(tmp_path)).acquire()
     try:
@@ -326,6 +324,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
     assert not (tmp_path / LAST_NAME).exists()
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     code = (
         "import sys, time; from experiment_io.lock import RunLock\n"
@@ -345,8 +344,8 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     assert (tmp_path / LAST_NAME).exists()
 
 
-def test_every_error_is_a_library_error(saved_run):
-    directory, database = saved_run
+def test_every_error_is_a_library_error(run_copy):
+    directory, database = run_copy
     os.remove(directory / storage.MANIFEST_NAME)
     with pytest.raises(ExperimentIOError, match="no experiment_manifest.json"):
         load_checkpoint_from_cwd(directory=str(directory), database=database)

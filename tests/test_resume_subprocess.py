@@ -19,6 +19,8 @@ import torch
 
 from experiment_io import PREEMPTED_EXIT_CODE
 
+pytestmark = pytest.mark.slow  # every test here runs training in subprocesses
+
 DRIVER = os.path.join(os.path.dirname(__file__), "scripts", "train_driver.py")
 MANIFEST = "experiment_manifest.json"
 TIMEOUT = 180

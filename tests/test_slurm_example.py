@@ -20,6 +20,8 @@ import torch
 
 from experiment_io import PREEMPTED_EXIT_CODE
 
+pytestmark = pytest.mark.slow  # every test here runs training in subprocesses
+
 SLURM_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "slurm")
 DRIVER = os.path.join(SLURM_DIR, "local_driver.py")
 JOB_SCRIPT = os.path.join(SLURM_DIR, "job.sbatch")
@@ -48,7 +50,7 @@ def check_finished_run(run_dir):
     return last
 
 
-@pytest.mark.slow
+
 def test_three_allocations_equal_an_uninterrupted_run(tmp_path):
     output = run_driver(tmp_path, "--allocations", "3")
 

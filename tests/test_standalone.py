@@ -166,6 +166,7 @@ def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, stage, ta
     assert verified_load(path)["step"] == committed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True])
 def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit(tmp_path, async_save):
     path = str(tmp_path / "ckpt.pt")
@@ -196,13 +197,6 @@ def test_sigkill_storm_leaves_a_verified_file_at_least_as_new_as_the_last_commit
     leftovers = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
     atomic_save(state(step, n=4096), path)  # a new writer removes the temporaries of killed ones
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], leftovers
-
-
-@pytest.fixture(params=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
-def environment(request, monkeypatch):
-    if request.param != "default":
-        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    return request.param
 
 
 def test_torch_load_always_gets_weights_only_true(tmp_path, monkeypatch, environment):
@@ -335,6 +329,7 @@ def run_doc_script(script, directory, monkeypatch):
         set_rng_state(rng)
 
 
+@pytest.mark.slow
 def test_the_documented_loop_resumes_bit_for_bit_after_a_kill(tmp_path, monkeypatch, capsys):
     """docs/own_loop.rst's script, killed mid-epoch 10 steps after a save, ends where an uninterrupted run does."""
     script = tmp_path / "own_loop.py"
@@ -436,6 +431,7 @@ def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeyp
     assert verified_load(path, strict=True)["step"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["normal", "ctrl-c"])
 def test_the_process_exits_only_after_the_async_save_committed(tmp_path, ending):
     import subprocess

@@ -252,6 +252,7 @@ def test_remove_stale_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([alive, *unrelated])
 
 
+@pytest.mark.slow
 def test_remove_stale_temporaries_keeps_a_running_writer(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -399,6 +400,7 @@ def test_run_lock_admits_one_writer(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_run_lock_of_another_process(tmp_path):
     code = ("import sys, time; from experiment_io.lock import RunLock; "
             "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")

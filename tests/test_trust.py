@@ -99,6 +99,7 @@ def test_structure_of_admitted_classes_loads(tmp_path):
     assert loaded["extra"] == [1, (2.0, "x"), {"k": None}]
 
 
+@pytest.mark.slow
 def test_loading_leaves_the_users_safe_globals_as_they_were(tmp_path):
     path, _ = structure(tmp_path)
     torch.serialization.add_safe_globals([PlainConfig])  # the user's own entry
@@ -122,6 +123,7 @@ def test_functions_are_refused(name):
     assert name in str(info.value) and "not a class" in str(info.value)
 
 
+@pytest.mark.slow
 def test_class_outside_the_families_is_refused():
     assert "subprocess" in sys.modules
     with pytest.raises(UnsafeCheckpointError) as info:
@@ -138,25 +140,6 @@ def test_module_that_is_not_imported_is_refused_without_importing():
     assert "not_imported_pkg" not in sys.modules
 
 
-@pytest.fixture
-def canary_module(tmp_path, monkeypatch):
-    """An importable module, not imported yet, that leaves a file behind when it is imported."""
-    name = "eio_canary_trustmod"
-    canary = tmp_path / "IMPORTED"
-    (tmp_path / "mods").mkdir()
-    (tmp_path / "mods" / f"{name}.py").write_text(textwrap.dedent(f"""
-        import torch
-        open({str(canary)!r}, "w").close()
-
-        class Net(torch.nn.Module):
-            pass
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
-    monkeypatch.delitem(sys.modules, name, raising=False)
-    yield name, canary
-    sys.modules.pop(name, None)
-
-
 def test_importable_module_is_not_imported_unless_allowed(canary_module):
     name, canary = canary_module
     with pytest.raises(UnsafeCheckpointError) as info:
@@ -169,6 +152,7 @@ def test_importable_module_is_not_imported_unless_allowed(canary_module):
     assert admitted == [(sys.modules[name].Net, f"{name}.Net")]
 
 
+@pytest.mark.slow
 def test_message_names_every_offender_and_both_ways_out():
     names = ["os.system", "builtins.eval", "subprocess.Popen", "not_imported_pkg.Thing", "torch.nn.Linear"]
     with pytest.raises(UnsafeCheckpointError) as info:
