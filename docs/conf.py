@@ -21,7 +21,10 @@ extensions = [
 ]
 
 exclude_patterns = ["_build"]
-nitpicky = False
+nitpicky = True
+# names that are not Sphinx objects here (no intersphinx without a network)
+nitpick_ignore_regex = [(r"py:.*", r"(torch|numpy|np|h5py|os|threading|signal|pickle|_pickle|enum|typing|collections|random)(\..*)?"),
+                        (r"py:.*", r".*\._[A-Za-z]\w*")]  # private base classes
 
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": True}

@@ -157,7 +157,7 @@ class StagingArea(_TreeCopy):
         return [b for buffers in self._pool.values() for b in buffers]
 
     def copy(self, obj, *, defer=()):
-        """A copy of ``obj`` (see :class:`_TreeCopy`) whose tensors live in this area's buffers.
+        """A copy of ``obj`` (see ``_TreeCopy``) whose tensors live in this area's buffers.
 
         The buffers of the previous copy are reused for storages of the same size;
         those left over are released. Copies from a GPU are waited for before
@@ -322,7 +322,7 @@ class BackgroundWriter:
     def staged(self):
         """Wait until the save in flight no longer needs the caller's tensors.
 
-        Call it before changing a tensor passed as ``defer`` to :meth:`save` (and at
+        Call it before changing a tensor passed as ``defer`` to :meth:`submit` (and at
         every step: it also raises the error of a save that failed meanwhile). It
         returns at once when nothing was deferred or nothing is in flight.
 

@@ -78,7 +78,8 @@ class Controller:
         saved in the state files, never in the structure file.
     """
 
-    def __init__(self, optimizer, scheduler, batch_size, max_epochs, stopping_key, *, eval_batch_size=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, batch_size: int, max_epochs: int, stopping_key: str, *,
+                 eval_batch_size: Optional[int] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if scheduler is None:
@@ -122,11 +123,11 @@ class Controller:
         return self.current_epoch >= self.max_epochs or self.stop_reason is not None
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> Optional[object]:
         """The first scheduler, or ``None``."""
         return self.schedulers[0] if self.schedulers else None
 
-    def push_epoch(self, epoch, better_model, metric):
+    def push_epoch(self, epoch: int, better_model: bool, metric: float) -> bool:
         """Record the end of ``epoch``; step the schedulers.
 
         :param epoch: the epoch that just ended (0-based).
@@ -143,7 +144,7 @@ class Controller:
                 s.step()
         return self.stop_reason is None and self.current_epoch < self.max_epochs
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Every field and the state of the optimizer and each scheduler, as plain data."""
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -157,7 +158,7 @@ class Controller:
             "stop_reason": self.stop_reason,
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned.
 
         :raises ValueError: when the number of schedulers differs.
@@ -182,7 +183,7 @@ class PatienceController(Controller):
         model after which training stops.
     """
 
-    def __init__(self, *args, termination_patience, **kwargs):
+    def __init__(self, *args, termination_patience: int, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(termination_patience, int) or termination_patience < 1:
             raise ValueError(f"termination_patience must be a positive integer, not {termination_patience!r}")

@@ -10,6 +10,7 @@ path and the arguments that rebuild it) instead of the arrays.
 """
 import logging
 import os
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -57,7 +58,8 @@ class Database:
 
     restartable = False
 
-    def __init__(self, arrays, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
+    def __init__(self, arrays: Mapping[str, np.ndarray], inputs: Sequence[str], targets: Sequence[str], seed: int,
+                 valid_size: Union[int, float] = 0.1, test_size: Union[int, float] = 0.1, *, float_dtype=None):
         inputs, targets = list(inputs), list(targets)
         if not inputs or not targets:
             raise ValueError("a database needs at least one input and one target array")
@@ -95,7 +97,7 @@ class Database:
     def __len__(self):
         return self.n_samples
 
-    def split_size(self, split):
+    def split_size(self, split: str) -> int:
         """The number of samples in ``split``."""
         return len(self._split_indices(split))
 
@@ -105,7 +107,7 @@ class Database:
         except KeyError:
             raise KeyError(f"unknown split {split!r}; the splits are {list(SPLITS)}") from None
 
-    def epoch_order(self, epoch):
+    def epoch_order(self, epoch: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training split.
 
         :return: positions within the training split, a permutation of
@@ -113,17 +115,17 @@ class Database:
         """
         return epoch_permutation(self.seed, _EPOCH_STREAM, epoch, self.split_size("train"))
 
-    def sample_indices(self, split, positions):
+    def sample_indices(self, split: str, positions: np.ndarray) -> np.ndarray:
         """Map positions within a split to indices of the arrays."""
         return self._split_indices(split)[positions]
 
-    def get(self, indices):
+    def get(self, indices: np.ndarray) -> tuple:
         """The samples at ``indices`` (of the arrays) as ``(inputs, targets)`` tuples of CPU tensors."""
         def take(name):
             return torch.from_numpy(np.ascontiguousarray(self.arrays[name][indices]))
         return tuple(take(n) for n in self.inputs), tuple(take(n) for n in self.targets)
 
-    def batches(self, split, batch_size, *, order=None, start=0):
+    def batches(self, split: str, batch_size: int, *, order: Optional[np.ndarray] = None, start: int = 0) -> Iterator[tuple]:
         """Iterate over a split in batches.
 
         :param order: positions within the split to visit (default: the split in
@@ -137,11 +139,11 @@ class Database:
         for begin in range(0, len(indices), batch_size):
             yield self.get(indices[begin:begin + batch_size])
 
-    def fingerprint(self):
+    def fingerprint(self) -> dict:
         """What a resume must find unchanged: the seed and the split sizes (plain data)."""
         return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS}}
 
-    def check_fingerprint(self, state):
+    def check_fingerprint(self, state: dict) -> None:
         """Check that this database is the one a checkpoint was trained on.
 
         :raises IncompatibleCheckpointError: when the seed or the split sizes differ
@@ -165,7 +167,7 @@ class Restartable:
 
     restartable = True
 
-    def descriptor(self):
+    def descriptor(self) -> dict:
         """``{"class": "module.QualName", "kwargs": {...}}``, plain data."""
         cls = type(self)
         return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": dict(self.restart_kwargs)}
@@ -207,7 +209,7 @@ class HDF5Database(Restartable, Database):
         self.path = self.restart_kwargs["path"]
 
 
-def restore_database(descriptor, *, allow=()):
+def restore_database(descriptor: dict, *, allow: Sequence = ()) -> "Database":
     """Rebuild a database from its descriptor.
 
     Only classes from experiment_io, from modules already imported, or from modules

@@ -90,7 +90,7 @@ def module_device(module, default="cpu"):
 def place_training_modules(training_modules, device):
     """Put the model and the training loss on ``device`` and every evaluation loss on the CPU.
 
-    Used by :func:`~experiment_io.routines.setup_training` and by every loader.
+    Used by :func:`~experiment_io.setup_training` and by every loader.
 
     :param training_modules: ``(model, loss, evaluator)``.
     :param device: a :class:`torch.device`, or ``None`` to leave the model and the

@@ -4,7 +4,7 @@ Every file of a run directory has up to two *generations*: the file itself and
 its previous generation, ``<name>.prev<ext>`` (:func:`previous_name`), kept until
 the next save has committed. :class:`RunWriter` is the only code that rotates
 them and commits a save by rewriting the manifest; :class:`Search` is the only
-code that ranks them when reading. The loaders, :func:`~experiment_io.own_loop.verified_load`
+code that ranks them when reading. The loaders, :func:`~experiment_io.verified_load`
 and the command line all choose files through :class:`Search`, so they cannot
 disagree about which generation is the good one.
 

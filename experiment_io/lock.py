@@ -4,6 +4,7 @@ import logging
 import os
 import socket
 import time
+from typing import Union
 
 from .errors import RunLockedError
 
@@ -18,7 +19,7 @@ LOCK_NAME = "experiment_io.lock"
 class RunLock:
     """An advisory lock that admits one writing process per run directory.
 
-    The lock is an ``flock`` on :data:`LOCK_NAME`, so the kernel releases it when its
+    The lock is an ``flock`` on ``experiment_io.lock``, so the kernel releases it when its
     holder dies, however it dies: a lock file left by a dead process is taken over
     without any guessing. The file records the holder's pid and host for the error
     that a second writer gets.
@@ -26,11 +27,11 @@ class RunLock:
     :param directory: the run directory.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory: Union[str, os.PathLike]):
         self.path = os.path.join(directory, LOCK_NAME)
         self._fd = None
 
-    def acquire(self):
+    def acquire(self) -> "RunLock":
         """Take the lock.
 
         :raises RunLockedError: naming the pid and host of the live holder.
@@ -65,7 +66,7 @@ class RunLock:
         except (ValueError, OSError):
             return {}
 
-    def release(self):
+    def release(self) -> None:
         """Give the lock back."""
         if self._fd is not None:
             import fcntl

@@ -5,9 +5,12 @@ pickled object, so it loads with ``torch.load(weights_only=True)``.
 """
 import logging
 import math
+import os
+from typing import Optional, Union
 
 import h5py
 import numpy as np
+import torch
 
 from .storage import atomic_write
 
@@ -24,7 +27,7 @@ class MetricTracker:
     :param larger_is_better: whether a larger stopping metric is better.
     """
 
-    def __init__(self, stopping_key, *, stopping_split="valid", larger_is_better=False):
+    def __init__(self, stopping_key: str, *, stopping_split: str = "valid", larger_is_better: bool = False):
         self.stopping_key = stopping_key
         self.stopping_split = stopping_split
         self.larger_is_better = larger_is_better
@@ -35,17 +38,17 @@ class MetricTracker:
         self.best_metric_values = None
         self.best_model_state = None
         self.stop_reason = None
-        #: results of :func:`~experiment_io.routines.test_model`, ``{when: {split: {name: value}}}``
+        #: results of :func:`~experiment_io.test_model`, ``{when: {split: {name: value}}}``
         self.evaluations = {}
 
     @property
-    def best_value(self):
+    def best_value(self) -> Optional[float]:
         """The best value of the stopping metric so far (``None`` before the first epoch)."""
         if self.best_metric_values is None:
             return None
         return self.best_metric_values[self.stopping_split][self.stopping_key]
 
-    def stopping_value(self, metric_info):
+    def stopping_value(self, metric_info: dict) -> float:
         """Read the stopping metric from ``{split: {name: value}}``.
 
         :raises KeyError: naming the split and metrics available.
@@ -59,7 +62,7 @@ class MetricTracker:
                 f"measured: {available}"
             ) from e
 
-    def is_better(self, value):
+    def is_better(self, value: float) -> bool:
         """Whether ``value`` of the stopping metric beats the best so far (NaN never does)."""
         if math.isnan(value):
             return False
@@ -68,7 +71,7 @@ class MetricTracker:
             return True
         return value > best if self.larger_is_better else value < best
 
-    def register_metrics(self, metric_info, when, *, epoch_time=None):
+    def register_metrics(self, metric_info: dict, when: int, *, epoch_time: Optional[float] = None) -> bool:
         """Record the metrics of epoch ``when``.
 
         :param metric_info: ``{split: {name: value}}``.
@@ -94,11 +97,11 @@ class MetricTracker:
             self.best_metric_values = {s: {k: float(v) for k, v in vals.items()} for s, vals in metric_info.items()}
         return better
 
-    def record_best_model(self, model):
+    def record_best_model(self, model: torch.nn.Module) -> None:
         """Keep a CPU copy of ``model``'s state as the best model state."""
         self.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Plain-data state of the tracker."""
         return {
             "stopping_key": self.stopping_key,
@@ -114,7 +117,7 @@ class MetricTracker:
             "evaluations": self.evaluations,
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.stopping_key = state["stopping_key"]
         self.stopping_split = state["stopping_split"]
@@ -129,13 +132,13 @@ class MetricTracker:
         self.evaluations = state.get("evaluations", {})
 
     @classmethod
-    def from_state_dict(cls, state):
+    def from_state_dict(cls, state: dict) -> "MetricTracker":
         """Build a tracker from :meth:`state_dict`'s output."""
         tracker = cls(state["stopping_key"])
         tracker.load_state_dict(state)
         return tracker
 
-    def to_hdf5(self, path):
+    def to_hdf5(self, path: Union[str, os.PathLike]) -> None:
         """Export the history to an HDF5 file, written atomically.
 
         Layout: ``/epochs``, ``/epoch_times`` and ``/<split>/<metric>`` datasets (one
@@ -157,7 +160,7 @@ class MetricTracker:
         atomic_write(path, write, hashed=False)
         log.info("metric history of %d epochs written to %s", len(self.epochs), path)
 
-    def summary(self):
+    def summary(self) -> str:
         """A short text: best epoch and its metrics."""
         if self.best_epoch is None:
             return "no epoch recorded"

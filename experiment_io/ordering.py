@@ -1,7 +1,7 @@
 """The order of an epoch: a pure function of a seed, a stream and the epoch.
 
-Both :class:`~experiment_io.databases.Database` and
-:class:`~experiment_io.sampler.ResumableSampler` draw the order of epoch ``e`` as
+Both :class:`~experiment_io.Database` and
+:class:`~experiment_io.ResumableSampler` draw the order of epoch ``e`` as
 ``numpy.random.default_rng([seed, stream, e]).permutation(n)``; each uses a stream
 constant of its own, so that the two orders differ for the same seed. No
 generator state exists between epochs, so a restart needs nothing but the seed,

@@ -1,16 +1,16 @@
-"""Checkpoints for your own training loop: :func:`atomic_save` and :func:`verified_load`.
+"""Checkpoints for your own training loop: :func:`~experiment_io.atomic_save` and :func:`~experiment_io.verified_load`.
 
 They give one object the guarantees of the library's own writes, for users who do
-not train with :func:`~experiment_io.training.train_model`:
+not train with :func:`~experiment_io.train_model`:
 
-- :func:`atomic_save` (or :meth:`AtomicSaver.save`) writes through :func:`~experiment_io.storage.atomic_write`
+- :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes through :func:`~experiment_io.storage.atomic_write`
   (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
   fsync; the digest is computed while writing), keeps the previous generation of the
   file as ``<name>.prev<ext>``, and then records the new file's digest and size in
   the directory's manifest (:data:`~experiment_io.storage.MANIFEST_NAME`), written
   atomically after the file. A process killed at any instant leaves a generation
   that verifies: the newest committed one, or the one before it.
-- :func:`verified_load` verifies the file against the manifest before unpickling
+- :func:`~experiment_io.verified_load` verifies the file against the manifest before unpickling
   anything, falls back to the previous generation when the current one does not
   verify (or raises, with ``strict=True``), and loads with
   ``torch.load(..., weights_only=True)``, always passed explicitly.
@@ -21,14 +21,14 @@ The file itself is exactly what ``torch.save(obj, path)`` writes, so plain
 **One writer per directory.** The manifest is shared by every file of a directory
 and each save rewrites it, so two processes saving into one directory at the same
 time can drop each other's records. A dropped record is not a silent error: the
-file it described no longer verifies and :func:`verified_load` refuses it. Save
+file it described no longer verifies and :func:`~experiment_io.verified_load` refuses it. Save
 from one process (rank 0 in data-parallel training) or give each process its own
-directory, and keep :func:`atomic_save` out of a directory that
-:func:`~experiment_io.training.train_model` is writing. :func:`atomic_save` takes
+directory, and keep :func:`~experiment_io.atomic_save` out of a directory that
+:func:`~experiment_io.train_model` is writing. :func:`~experiment_io.atomic_save` takes
 no lock itself: a lock held for one save would only catch two writers whose saves
 happen to overlap, and would collide with the lock that a job holds for its whole
 run. To have a second job refused at its start (a requeued job starting while the
-old one is still dying), hold :class:`~experiment_io.lock.RunLock` around your
+old one is still dying), hold :class:`~experiment_io.RunLock` around your
 training loop, as ``train_model`` does::
 
     with RunLock(directory):
@@ -37,8 +37,8 @@ training loop, as ``train_model`` does::
             atomic_save(state, os.path.join(directory, "checkpoint.pt"))
 
 Each directory's manifest is kept by one
-:class:`~experiment_io.generations.RunWriter` per :class:`AtomicSaver` (and
-:func:`atomic_save` uses one process-wide :class:`AtomicSaver`), so a save does not
+:class:`~experiment_io.generations.RunWriter` per :class:`~experiment_io.AtomicSaver` (and
+:func:`~experiment_io.atomic_save` uses one process-wide :class:`~experiment_io.AtomicSaver`), so a save does not
 read the previous file again to rotate it.
 
 Readers take no lock; a load that runs while another process saves the same file
@@ -151,7 +151,7 @@ class AtomicSaver:
             writer = self._writers[directory] = RunWriter(directory)
         return writer
 
-    def save(self, obj, path) -> Union[FileRecord, PendingSave]:
+    def save(self, obj, path: Union[str, os.PathLike]) -> Union[FileRecord, PendingSave]:
         """Save ``obj`` to ``path``; see :func:`atomic_save`.
 
         :return: the file's :class:`~experiment_io.verification.FileRecord`, or a
@@ -215,7 +215,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_defaults_in_child)
 
 
-def atomic_save(obj, path, *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
+def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
     """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
     The previous file at ``path``, if it is the committed generation, is kept as
@@ -279,7 +279,7 @@ def _pick(path, directory, name, files, strict):
     raise CorruptCheckpointError(f"no intact generation of {path} in {directory}:\n  - {listed}")
 
 
-def verified_load(path, *, map_location=None, strict=False):
+def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: bool = False):
     """Load a file written by :func:`atomic_save`, after proving it intact.
 
     The file is checked against the digest and size that its directory's manifest

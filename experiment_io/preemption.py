@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: checkpoint (``EX_TEMPFAIL``: "try again"); a job script requeues on it.
 PREEMPTED_EXIT_CODE = 75
 
-#: The signals that :func:`~experiment_io.training.train_model` turns into "save and stop" by default.
+#: The signals that :func:`~experiment_io.train_model` turns into "save and stop" by default.
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

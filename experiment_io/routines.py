@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -51,7 +51,7 @@ class SetupParams:
     optimizer_kwargs: dict = field(default_factory=dict)
 
 
-def setup_training(training_modules, setup_params):
+def setup_training(training_modules: TrainingModules, setup_params: SetupParams) -> tuple:
     """Place the modules on their devices and build the controller and metric tracker.
 
     :param training_modules: a :class:`TrainingModules`.
@@ -94,7 +94,7 @@ def setup_training(training_modules, setup_params):
     return training_modules, controller, metric_tracker
 
 
-def test_model(database, evaluator, batch_size, when, metric_tracker=None):
+def test_model(database, evaluator: Evaluator, batch_size: int, when, metric_tracker: Optional[MetricTracker] = None) -> dict:
     """Evaluate the model on every non-empty split.
 
     :param when: a label for these results (e.g. ``"best"``).
@@ -110,8 +110,9 @@ def test_model(database, evaluator, batch_size, when, metric_tracker=None):
     return results
 
 
-def setup_and_train(training_modules, database, setup_params, *, store_all_better=False, store_best=True,
-                    store_every=0, quiet=False, callbacks=None, batch_callbacks=None, directory=None):
+def setup_and_train(training_modules: TrainingModules, database, setup_params: SetupParams, *,
+                    store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False,
+                    callbacks=None, batch_callbacks=None, directory=None) -> MetricTracker:
     """Set up, train, then load the best model and test it on every split.
 
     :return: the metric tracker (its ``evaluations["best"]`` holds the test results).

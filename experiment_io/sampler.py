@@ -2,7 +2,7 @@
 
 :class:`ResumableSampler` is a :class:`torch.utils.data.Sampler` for a
 :class:`~torch.utils.data.DataLoader`. The order of epoch ``e`` is a pure function of
-``(seed, e)``, as in :meth:`experiment_io.databases.Database.epoch_order`, so no
+``(seed, e)``, as in :meth:`experiment_io.Database.epoch_order`, so no
 generator state needs saving: the sampler's state is a handful of integers (the
 epoch and how many samples of it this rank has consumed), and a resumed sampler
 yields exactly the indices that the interrupted one had not yet delivered.
@@ -12,9 +12,9 @@ draws indices from its sampler ahead of the batches it hands out: with
 ``num_workers > 0`` it keeps ``prefetch_factor`` batches per worker in flight. What
 the sampler has yielded is therefore more than what the training loop has
 consumed, and only the loop knows the latter. So the sampler counts nothing by
-itself: call :meth:`ResumableSampler.advance` with the batch's
+itself: call :meth:`~experiment_io.ResumableSampler.advance` with the batch's
 size once a batch has been trained on (after the optimizer step), and take
-:meth:`ResumableSampler.state_dict` for a checkpoint after that call::
+:meth:`~experiment_io.ResumableSampler.state_dict` for a checkpoint after that call::
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)           # keeps the position when resuming this epoch
@@ -29,6 +29,7 @@ that moment, and does not move when the loop stops early.
 import logging
 import math
 import numbers
+from typing import Optional
 
 import numpy as np
 import torch.utils.data
@@ -110,41 +111,41 @@ class ResumableSampler(torch.utils.data.Sampler):
         self._consumed = 0
 
     @property
-    def epoch(self):
+    def epoch(self) -> int:
         """The current epoch."""
         return self._epoch
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         """The seed of the orders."""
         return self._seed
 
     @property
-    def rank(self):
+    def rank(self) -> int:
         """This sampler's rank."""
         return self._rank
 
     @property
-    def world_size(self):
+    def world_size(self) -> int:
         """The number of ranks sharing the data set."""
         return self._world_size
 
     @property
-    def dataset_length(self):
+    def dataset_length(self) -> int:
         """The length of the data set."""
         return self._length
 
     @property
-    def num_samples(self):
+    def num_samples(self) -> int:
         """The number of samples of one epoch for this rank (padding included)."""
         return self._num_samples
 
     @property
-    def samples_consumed(self):
+    def samples_consumed(self) -> int:
         """Samples of the current epoch this rank has consumed (the sum of :meth:`advance` calls)."""
         return self._consumed
 
-    def epoch_order(self, epoch):
+    def epoch_order(self, epoch: int) -> np.ndarray:
         """The order of the whole data set in ``epoch``, before sharding.
 
         :return: an ``int64`` array, a permutation of ``range(n)``.
@@ -154,7 +155,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             return np.arange(self._length, dtype=np.int64)
         return epoch_permutation(self._seed, _ORDER_STREAM, epoch, self._length)
 
-    def shard(self, epoch=None):
+    def shard(self, epoch: Optional[int] = None) -> np.ndarray:
         """This rank's indices of a whole epoch (of the current one by default).
 
         :return: an ``int64`` array of :attr:`num_samples` indices.
@@ -164,7 +165,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         order = order[:total] if self._drop_last else np.resize(order, total)
         return order[self._rank::self._world_size]
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         """Make ``epoch`` the current epoch.
 
         A different epoch starts from its beginning; the current epoch keeps its
@@ -178,7 +179,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             self._epoch = epoch
             self._consumed = 0
 
-    def advance(self, n):
+    def advance(self, n: int) -> None:
         """Record that this rank has consumed ``n`` more samples of the current epoch.
 
         Call it with the size of each batch once the batch is trained on; the
@@ -203,7 +204,7 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self._num_samples - self._consumed
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The position as plain data (integers and booleans).
 
         :return: ``{"epoch", "seed", "samples_consumed", "world_size", "rank",
@@ -220,7 +221,7 @@ class ResumableSampler(torch.utils.data.Sampler):
             "drop_last": self._drop_last,
         }
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Continue from a position that :meth:`state_dict` returned.
 
         The epoch, the samples consumed and the seed are taken from ``state``. The

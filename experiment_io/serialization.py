@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -47,6 +47,8 @@ from .training_modules import TrainingModules
 __all__ = ["load_checkpoint", "load_checkpoint_from_cwd", "load_model_from_cwd"]
 
 log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _location(map_location):
@@ -108,8 +110,9 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
 
 
-def load_checkpoint(structure_fname, state_fname, restart_db=False, map_location=None, model_device=None, *,
-                    database=None, allow=(), trusted=False, restore_rng=True, verify=True):
+def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False, map_location: Any = None,
+                    model_device: Any = None, *, database=None, allow: Sequence = (), trusted: bool = False,
+                    restore_rng: bool = True, verify: bool = True) -> dict:
     """Load a structure file and a state file into objects that :func:`train_model` accepts.
 
     :param structure_fname: path of ``experiment_structure.pt``.
@@ -152,9 +155,10 @@ def load_checkpoint(structure_fname, state_fname, restart_db=False, map_location
                      restore_rng=restore_rng)
 
 
-def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=True, *, which="last", strict=False,
-                             directory=None, database=None, allow=(), trusted=False, restore_rng=True,
-                             missing_ok=False):
+def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None, restart_db: bool = True, *,
+                             which: str = "last", strict: bool = False, directory: Optional[PathLike] = None,
+                             database=None, allow: Sequence = (), trusted: bool = False, restore_rng: bool = True,
+                             missing_ok: bool = False) -> Optional[dict]:
     """Load the run in the current directory, ready for ``train_model(**check)``.
 
     Every file is verified first, and the newest checkpoint that verifies is taken:
@@ -203,8 +207,9 @@ def load_checkpoint_from_cwd(map_location=None, model_device=None, restart_db=Tr
                      restore_rng=restore_rng)
 
 
-def load_model_from_cwd(map_location=None, model_device=None, *, directory=None, strict=False, allow=(), trusted=False,
-                        mmap=True):
+def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, directory: Optional[PathLike] = None,
+                        strict: bool = False, allow: Sequence = (), trusted: bool = False,
+                        mmap: bool = True) -> torch.nn.Module:
     """Load the best model of the run in the current directory, ready for prediction.
 
     The model comes from the structure file with the weights of ``best_model.pt``; if

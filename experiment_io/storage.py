@@ -210,7 +210,7 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
     :param keep_previous: when given, an existing file at ``path`` is renamed to
         this path (in the same directory) just before the new one takes its place,
         so that the previous generation survives until the caller commits the new one.
-    :return: the :class:`FileRecord` of the new file, or ``None`` when not hashed.
+    :return: the :class:`~experiment_io.verification.FileRecord` of the new file, or ``None`` when not hashed.
     :raises CheckpointWriteError: when the write fails (disk full, I/O error); the
         temporary file is removed and the previous file at ``path`` is untouched.
     """

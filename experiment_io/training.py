@@ -38,15 +38,15 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     ``best_checkpoint.pt`` and ``best_model.pt`` when the stopping metric improves
     (with ``store_best``), and ``checkpoint_epoch_N.pt`` / ``model_epoch_N.pt`` every
     ``store_every`` epochs and, with ``store_all_better``, at every better epoch.
-    Training starts (or continues) at the controller's
-    :attr:`~experiment_io.controllers.Controller.position`, which a loader restores.
+    Training starts (or continues) at the controller's ``position`` (a
+    :class:`~experiment_io.TrainingPosition`), which a loader restores.
 
     Signals (``signals``, by default SIGTERM, SIGUSR1 and SIGINT) stop training at the
     next batch boundary, after a mid-epoch ``last_checkpoint.pt`` is written; resuming
     from it continues with the next sample. After SIGINT (Ctrl-C) ``train_model``
     returns; a second Ctrl-C raises :class:`KeyboardInterrupt` at once. After SIGTERM
     or SIGUSR1 (a scheduler's time limit or preemption) the process exits with
-    status :data:`~experiment_io.preemption.PREEMPTED_EXIT_CODE` (75), which a job
+    status :data:`~experiment_io.PREEMPTED_EXIT_CODE` (75), which a job
     script can test to requeue the job, unless ``exit_on_preemption=False``, in
     which case ``train_model`` returns as for SIGINT.
 
@@ -67,10 +67,10 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     exits or raises before the last save has committed (a Ctrl-C while it waits is
     raised once the save has committed).
 
-    :param training_modules: :class:`~experiment_io.training_modules.TrainingModules` ``(model, loss, evaluator)``.
-    :param database: a :class:`~experiment_io.databases.Database`.
-    :param controller: a :class:`~experiment_io.controllers.Controller`.
-    :param metric_tracker: a :class:`~experiment_io.metric_tracker.MetricTracker`.
+    :param training_modules: :class:`~experiment_io.TrainingModules` ``(model, loss, evaluator)``.
+    :param database: a :class:`~experiment_io.Database`.
+    :param controller: a :class:`~experiment_io.Controller`.
+    :param metric_tracker: a :class:`~experiment_io.MetricTracker`.
     :param callbacks: ``None`` or callables ``cb(epoch, better_model)``, called after each epoch.
     :param batch_callbacks: ``None`` or callables ``cb(batch_inputs, batch_model_outputs, batch_targets)``.
     :param store_all_better: keep the epoch files of every better epoch.

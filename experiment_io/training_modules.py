@@ -1,6 +1,6 @@
 """The model side of an experiment: the model, its training loss and its evaluator."""
 import logging
-from typing import Any, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ class Evaluator:
     :param batch_size: batch size of evaluation when none is given to :meth:`evaluate`.
     """
 
-    def __init__(self, model, evaluation_losses, *, batch_size=256):
+    def __init__(self, model: torch.nn.Module, evaluation_losses: Dict[str, Callable], *, batch_size: int = 256):
         if not isinstance(evaluation_losses, dict) or not evaluation_losses:
             raise ValueError("evaluation_losses must be a non-empty dict {name: loss}")
         for name, fn in evaluation_losses.items():
@@ -62,18 +62,18 @@ class Evaluator:
         self.__dict__.update(state)
         self.database = None
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The state of every evaluation loss that is a module (most have none)."""
         return {name: fn.state_dict() for name, fn in self.evaluation_losses.items() if isinstance(fn, torch.nn.Module)}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore the state of the evaluation losses from :meth:`state_dict`'s output."""
         for name, fn_state in state.items():
             if name not in self.evaluation_losses:
                 raise KeyError(f"evaluation loss {name!r} is in the state but not in this evaluator")
             self.evaluation_losses[name].load_state_dict(fn_state)
 
-    def predict(self, split, *, database=None, batch_size=None):
+    def predict(self, split: str, *, database=None, batch_size: Optional[int] = None) -> tuple:
         """Run the model over a split.
 
         :return: ``(predictions, targets)``, tuples of CPU tensors over the whole split.
@@ -98,7 +98,7 @@ class Evaluator:
             raise ValueError(f"split {split!r} of the database is empty; nothing to evaluate")
         return tuple(torch.cat(parts) for parts in zip(*outputs)), tuple(torch.cat(parts) for parts in zip(*targets))
 
-    def evaluate(self, split, *, database=None, batch_size=None):
+    def evaluate(self, split: str, *, database=None, batch_size: Optional[int] = None) -> Dict[str, float]:
         """Evaluate every loss on ``split``.
 
         :return: ``{name: float}``.

@@ -48,7 +48,7 @@ _IMPORTABLE_ROOTS = ("torch", "experiment_io")
 _registered = set()
 
 
-def register_safe_classes(*classes):
+def register_safe_classes(*classes: type) -> None:
     """Admit further classes in every structure file (for library authors).
 
     Use it for classes that are neither modules, optimizers nor schedulers but that
