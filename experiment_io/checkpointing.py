@@ -28,7 +28,9 @@ from .payloads import (
     structure_payload,
 )
 from .devices import module_device
+from .distributed import SINGLE
 from .policy import EpochFiles
+from .rng import get_rng_state
 
 __all__ = ["RunCheckpointer"]
 
@@ -44,15 +46,29 @@ class RunCheckpointer:
     the state may change. :meth:`committing` makes sure the last save has committed
     before training ends. The structure file is always written at once.
 
+    In a data-parallel run every rank takes part in every save (each rank's random
+    streams are gathered), but only global rank 0 writes; the other ranks do not
+    wait for the write, and all ranks meet once the last save has committed.
+
     :param directory: the run directory.
     :param resuming: keep an intact structure file of the run instead of writing one.
     :param async_save: ``False``, ``True`` or ``"copy"``.
+    :param distribution: the run's :class:`~experiment_io.distributed.Distribution`.
     """
 
-    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, async_save=False):
-        self.writer = RunWriter(directory)
+    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, async_save=False,
+                 distribution=SINGLE):
         self.training_modules, self.controller = training_modules, controller
         self.metric_tracker, self.database = metric_tracker, database
+        self.distribution = distribution
+        self.writer = self.background = None
+        self.overlap = async_save is True
+        distribution.on_writer(lambda: self._start(directory, resuming, async_save))
+
+    def _start(self, directory, resuming, async_save):
+        """Rank 0: keep or write the structure file."""
+        training_modules, controller, database = self.training_modules, self.controller, self.database
+        self.writer = RunWriter(directory)
         if resuming and self.writer.has_intact(STRUCTURE_NAME):
             log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
         else:
@@ -63,7 +79,6 @@ class RunCheckpointer:
             save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
         self.background = BackgroundWriter() if async_save else None
-        self.overlap = async_save is True
 
     def _deferrable(self):
         """The tensors that change only in the optimizer step (or, for the best model state, never in place)."""
@@ -87,12 +102,15 @@ class RunCheckpointer:
         :param epoch_files: at the end of an epoch, the further files to write;
             ``None`` for a mid-epoch save (``last_checkpoint.pt`` only).
         """
+        rng_states = self.distribution.gather(get_rng_state())
+        if not self.distribution.writer:
+            return
         position = self.controller.position
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
-                                     self.structure_digest)
+                                     self.structure_digest, rng_states)
         files = {LAST_NAME: payload}
         model_file = model_payload(payload["model"], position.epoch, position.step, self.structure_digest,
-                                   module_device(self.training_modules.model))
+                                   module_device(self.training_modules.model), self.distribution.world_size)
         if epoch_files is not None and epoch_files.best:
             files[BEST_NAME] = payload
             files[BEST_MODEL_NAME] = model_file
@@ -127,5 +145,5 @@ class RunCheckpointer:
                     log.error("the checkpoint written in the background failed too: %r", background_error)
                     e.add_note(f"The checkpoint written in the background failed too: {background_error!r}")
             raise
-        if self.background is not None:
-            self.background.wait()
+        # every rank waits until the last save has committed, and learns if it failed
+        self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)

@@ -18,7 +18,7 @@ import torch
 
 from .errors import DatabaseRestartError, IncompatibleCheckpointError
 from .names import resolve
-from .ordering import epoch_permutation
+from .ordering import epoch_permutation, global_steps
 
 __all__ = ["Database", "Restartable", "NPZDatabase", "HDF5Database", "restore_database", "SPLITS"]
 
@@ -138,6 +138,28 @@ class Database:
         indices = self.sample_indices(split, order[start:])
         for begin in range(0, len(indices), batch_size):
             yield self.get(indices[begin:begin + batch_size])
+
+    def shard_batches(self, split: str, batch_size: int, *, order: np.ndarray, start: int = 0, rank: int = 0,
+                      world_size: int = 1) -> Iterator[tuple]:
+        """This rank's batches of a split in a data-parallel run (see :func:`~experiment_io.ordering.global_steps`).
+
+        With one rank, the batches of :meth:`batches`.
+
+        :param start: samples of ``order`` already trained on, by all ranks together.
+        :return: an iterator of ``(inputs, targets, n, step_size)``: ``n`` samples of
+            this rank, of the ``step_size`` of the whole step. A rank whose share of
+            the last step is empty gets a sample of the epoch as a stand-in, with
+            ``n = 0``: the training loop gives its loss no weight, but every rank
+            takes part in the step's gradient reduction.
+        """
+        if world_size == 1:
+            for inputs, targets in self.batches(split, batch_size, order=order, start=start):
+                yield inputs, targets, len(targets[0]), len(targets[0])
+            return
+        for share, step_size in global_steps(order[start:], batch_size, rank, world_size):
+            n = len(share)
+            stand_in = order[start:][:1] if n == 0 else share
+            yield (*self.get(self.sample_indices(split, stand_in)), n, step_size)
 
     def fingerprint(self) -> dict:
         """What a resume must find unchanged: the seed and the split sizes (plain data)."""

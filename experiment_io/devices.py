@@ -17,6 +17,7 @@ import logging
 import torch
 
 from .errors import DeviceError
+from .launch import launched_world
 
 __all__ = ["resolve_device", "check_location_args", "module_device", "place_training_modules", "target_device"]
 
@@ -35,14 +36,16 @@ def resolve_device(spec):
     """Turn a device request into a :class:`torch.device` that exists on this machine.
 
     :param spec: ``None``, ``"auto"`` (CUDA when present, else CPU), a string such
-        as ``"cpu"`` or ``"cuda:1"``, or a :class:`torch.device`.
+        as ``"cpu"`` or ``"cuda:1"``, or a :class:`torch.device`. ``"auto"`` and
+        ``"cuda"`` without an index mean this rank's GPU (``LOCAL_RANK``) in a
+        data-parallel run, the current GPU otherwise.
     :return: a :class:`torch.device`, or ``None`` for ``None``.
     :raises DeviceError: for a malformed or unavailable device.
     """
     if spec is None:
         return None
     if isinstance(spec, str) and spec == "auto":
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = _rank_device(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
         log.info("model_device='auto' resolved to %s", device)
         return device
     try:
@@ -61,7 +64,15 @@ def resolve_device(spec):
                 f"device {spec!r} was asked for, but this machine has only {count} {device.type} device(s) "
                 f"(indices 0..{count - 1}). Pick one of those, or model_device='auto'."
             )
-    return device
+    return _rank_device(device) if device.type == "cuda" and device.index is None else device
+
+
+def _rank_device(device):
+    """A CUDA device without an index, made concrete: this rank's GPU under a launcher, else the current one."""
+    _, local_rank, world_size = launched_world()
+    if world_size > 1:
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def check_location_args(map_location, model_device):
@@ -130,6 +141,8 @@ def target_device(map_location, model_device, saved_device, path):
     if model_device is not None:
         return resolve_device(model_device)
     saved = saved_device or "cpu"
+    if launched_world()[2] > 1 and torch.device(saved).type == "cuda":
+        saved = "cuda"  # saved by rank 0: each rank takes its own GPU
     try:
         return resolve_device(saved)
     except DeviceError as e:

@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointWriteError",
     "RunLockedError",
     "StagedStateModifiedError",
+    "RankFailedError",
 ]
 
 
@@ -138,4 +139,12 @@ class StagedStateModifiedError(ExperimentIOError, RuntimeError):
     background until the next optimizer step, and only the optimizer step may change
     them. The checkpoint of that save is not written (the previous one is intact);
     use ``async_save="copy"`` for a model that changes them elsewhere.
+    """
+
+
+class RankFailedError(ExperimentIOError, RuntimeError):
+    """In a data-parallel run, global rank 0 failed at a step every rank takes together.
+
+    Raised on the other ranks so that they stop instead of waiting for rank 0 in a
+    collective; the message gives rank 0's error (rank 0 raises the error itself).
     """

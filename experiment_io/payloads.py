@@ -95,31 +95,40 @@ def structure_payload(training_modules, controller, database_descriptor):
     }
 
 
-def checkpoint_payload(training_modules, controller, metric_tracker, database, structure_digest):
-    """Every state of a run, at the controller's position, as plain data and tensors."""
+def checkpoint_payload(training_modules, controller, metric_tracker, database, structure_digest, rng_states=None):
+    """Every state of a run, at the controller's position, as plain data and tensors.
+
+    :param rng_states: the random streams of every rank, in rank order, in a
+        data-parallel run (default: this process's alone). The first is stored
+        under ``"rng"``; all of them, when there are several, under ``"rng_ranks"``.
+    """
     model, loss, evaluator = training_modules
     position = controller.position
+    rng_states = rng_states or [get_rng_state()]
     return {
         fmt.HEADER_KEY: fmt.make_header(
             "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
             model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
+            world_size=len(rng_states),
         ),
         "model": model.state_dict(),
         "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
         "evaluator": evaluator.state_dict(),
         "controller": controller.state_dict(),
         "metric_tracker": metric_tracker.state_dict(),
-        "rng": get_rng_state(),
+        "rng": rng_states[0],
         "position": position.state_dict(),
         "database": database.fingerprint() if hasattr(database, "fingerprint") else None,
+        **({"rng_ranks": list(rng_states)} if len(rng_states) > 1 else {}),
     }
 
 
-def model_payload(model_state, epochs_done, step, structure_digest, model_device):
+def model_payload(model_state, epochs_done, step, structure_digest, model_device, world_size=1):
     """A model's ``state_dict`` with a header."""
     return {
         fmt.HEADER_KEY: fmt.make_header(
             "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest, model_device=str(model_device),
+            world_size=world_size,
         ),
         "model": model_state,
     }

@@ -118,9 +118,12 @@ class Preemption:
             signal.signal(s, handler)
         self._previous.clear()
 
-    def finish(self, stop: Stop) -> None:
+    def finish(self, stop: Stop, *, launched: bool = False) -> None:
         """Act on how training stopped: requeue and exit after a scheduler signal, as configured.
 
+        :param launched: one of several ranks under a launcher: the process exits
+            with :data:`PREEMPTED_EXIT_CODE` ignoring the SIGTERM that the launcher
+            sends to the ranks still alive once one of them has exited.
         :raises SystemExit: with :data:`PREEMPTED_EXIT_CODE` after a preemption, when
             ``exit_on_preemption``.
         """
@@ -129,6 +132,8 @@ class Preemption:
         if self.requeue:
             requeue_under_slurm()
         if self.exit_on_preemption:
+            if launched and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             log.warning("%s: checkpoint saved, exiting with status %d", stop.text, PREEMPTED_EXIT_CODE)
             raise SystemExit(PREEMPTED_EXIT_CODE)
 

@@ -10,6 +10,7 @@ import torch
 from .controllers import Controller, PatienceController
 from .databases import SPLITS
 from .devices import place_training_modules, resolve_device
+from .distributed import unwrap
 from .metric_tracker import MetricTracker
 from .training import train_model
 from .training_modules import Evaluator, TrainingModules
@@ -54,8 +55,13 @@ class SetupParams:
 def setup_training(training_modules: TrainingModules, setup_params: SetupParams) -> tuple:
     """Place the modules on their devices and build the controller and metric tracker.
 
-    :param training_modules: a :class:`TrainingModules`.
-    :param setup_params: a :class:`SetupParams`.
+    In a data-parallel run (under ``torchrun`` or ``srun``), ``device="auto"`` or
+    ``"cuda"`` is this rank's GPU. The model may be a
+    :class:`~torch.nn.parallel.DistributedDataParallel` wrapper of your own;
+    :func:`~experiment_io.train_model` trains with it and saves the plain model.
+
+    :param training_modules: a :class:`~experiment_io.TrainingModules`.
+    :param setup_params: a :class:`~experiment_io.SetupParams`.
     :return: ``(training_modules, controller, metric_tracker)``.
     """
     if not isinstance(training_modules, TrainingModules):
@@ -66,7 +72,7 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         raise TypeError(f"the model must be a torch.nn.Module, not {type(model).__name__}")
     if not isinstance(evaluator, Evaluator):
         raise TypeError(f"the evaluator must be an experiment_io Evaluator, not {type(evaluator).__name__}")
-    if evaluator.model is not model:
+    if unwrap(evaluator.model) is not unwrap(model):
         raise ValueError("the evaluator evaluates another model than the one being trained")
     if params.stopping_key not in evaluator.evaluation_losses:
         raise KeyError(

@@ -28,6 +28,7 @@ from .errors import (
     NotACheckpointError,
 )
 from .generations import Generation, Role
+from .launch import launched_world
 from .metric_tracker import MetricTracker
 from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME
 from .reading import (
@@ -62,6 +63,17 @@ def _load_model_state(model, state, path):
         raise IncompatibleCheckpointError(f"the model state in {path} does not fit the model of the structure file: {e}") from e
 
 
+def _rank_rng_state(state, path):
+    """The random streams this rank saved (in a data-parallel run, each rank's own)."""
+    rank, _, world_size = launched_world()
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) != world_size:
+        log.warning("%s was written by %d rank(s) and is loaded by %d: the random streams of rank %d are those "
+                    "saved by rank %d; the data order is continued exactly, the random draws are not",
+                    path, len(ranks), world_size, rank, rank % len(ranks))
+    return ranks[rank % len(ranks)]
+
+
 def _assemble(structure, structure_path, state, header, state_path, *, map_location, model_device, database,
               restart_db, allow, restore_rng):
     """Turn a loaded structure and state into the objects ``train_model`` takes."""
@@ -86,7 +98,7 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
         controller.load_state_dict(state["controller"])
         metric_tracker = MetricTracker.from_state_dict(state["metric_tracker"])
         position = TrainingPosition.from_state_dict(state["position"])
-        rng_state = placed_on_cpu(state["rng"])
+        rng_state = placed_on_cpu(_rank_rng_state(state, state_path))
     except ExperimentIOError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .checkpointing import RunCheckpointer
 from .controllers import Controller, TrainingPosition
 from .devices import module_device
+from .distributed import join, unwrap
 from .errors import MissingDatabaseError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
@@ -97,30 +98,50 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     """
     if not isinstance(training_modules, TrainingModules):
         training_modules = TrainingModules(*training_modules)
+    training_modules, wrapped = _unwrapped(training_modules)
     policy = SavePolicy(every_batches=checkpoint_every_batches, every_seconds=checkpoint_every_seconds,
                         keep_every_epochs=store_every, keep_better_epochs=store_all_better, keep_best=store_best)
     _check_database(database)
     if async_save not in (False, True, "copy"):
         raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")
     directory = os.path.abspath(directory or os.getcwd())
-    os.makedirs(directory, exist_ok=True)
     preemption = Preemption(signals, exit_on_preemption=exit_on_preemption, requeue=requeue)
     # signals are handled from here on, so that one arriving while the run is set up
     # still ends in a checkpoint and the documented exit status
-    with preemption, RunLock(directory):
+    with preemption, contextlib.ExitStack() as stack:
+        distribution = join(module_device(training_modules.model))
+        distribution.on_writer(lambda: stack.enter_context(RunLock(_made(directory))))
         position = controller.position
         resuming = controller.current_epoch > 0 or position.samples_done > 0
         if resuming:
             log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
         checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
-                                       resuming=resuming, async_save=async_save)
-        loop = _Loop(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, quiet)
+                                       resuming=resuming, async_save=async_save, distribution=distribution)
+        loop = _Loop(training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
+                     quiet or not distribution.writer, distribution)
         with checkpointer.committing():
             stop = loop.run(policy, preemption, checkpointer)
     metric_tracker.stop_reason = stop.text
-    log.info("training ended (%s); %s", stop.text, metric_tracker.summary())
-    preemption.finish(stop)
+    if distribution.writer:
+        log.info("training ended (%s); %s", stop.text, metric_tracker.summary())
+    preemption.finish(stop, launched=distribution.active)
     return metric_tracker
+
+
+def _made(directory):
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+def _unwrapped(training_modules):
+    """The training modules with the plain model, and the model to train with (a user's DDP wrapper, or ``None``)."""
+    model, loss, evaluator = training_modules
+    plain = unwrap(model)
+    if plain is model:
+        return training_modules, None
+    if unwrap(evaluator.model) is plain:
+        evaluator.model = plain
+    return TrainingModules(plain, loss, evaluator), model
 
 
 def _check_database(database):
@@ -143,12 +164,15 @@ def _call_all(callbacks, *args):
 
 
 class _Loop:
-    """One training run's epochs and batches."""
+    """One training run's epochs and batches, on this rank."""
 
-    def __init__(self, training_modules, database, controller, metric_tracker, callbacks, batch_callbacks, quiet):
+    def __init__(self, training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
+                 quiet, distribution):
         self.model, self.loss_fn, self.evaluator = training_modules
         self.database, self.controller, self.metric_tracker = database, controller, metric_tracker
         self.callbacks, self.batch_callbacks, self.quiet = callbacks, batch_callbacks, quiet
+        self.distribution = distribution
+        self.trained = wrapped if wrapped is not None else _data_parallel(self.model, distribution)
         self.evaluator.database = database
         self.n_train = database.split_size("train")
 
@@ -165,52 +189,79 @@ class _Loop:
                             preemption.requested, position.epoch, position.samples_done, self.n_train, LAST_NAME)
                 return Stop.by_signal(preemption.requested)
             self.end_epoch(policy, preemption, checkpointer)
-            if preemption.requested:
+            if self.agree(preemption):
                 return Stop.by_signal(preemption.requested)
         if controller.stop_reason is not None:
             return Stop(StopKind.CONTROLLER, controller.stop_reason)
         return Stop(StopKind.MAX_EPOCHS, f"reached max_epochs={controller.max_epochs}")
 
+    def agree(self, preemption, due=False, loss_sum=0.0):
+        """Settle, with every rank, whether to stop (a signal any rank received) and whether a timed save is due.
+
+        Adds the ranks' loss sums to the position. :return: whether to stop.
+        """
+        signal, due, loss_sum = self.distribution.agree(preemption.requested, due, loss_sum)
+        self.controller.position.loss_sum += loss_sum
+        if signal is not None:
+            preemption.request(signal)
+        self.due = due
+        return signal is not None
+
     def train_epoch(self, policy, preemption, checkpointer):
-        """Train the rest of the current epoch, saving when the policy says; stop early on a signal."""
-        controller, position = self.controller, self.controller.position
+        """Train the rest of the current epoch, saving when the policy says; stop early on a signal.
+
+        Every rank checks in (:meth:`agree`) before each batch, so that all stop at the
+        same batch boundary and save at the same step.
+        """
+        controller, position, world = self.controller, self.controller.position, self.distribution
         position.epoch = controller.current_epoch
         self.started = time.perf_counter()
         self.model.train()
         device = module_device(self.model)
-        batches = self.database.batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
-                                        start=position.samples_done)
+        batches = self.database.shard_batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
+                                              start=position.samples_done, rank=world.rank, world_size=world.world_size)
         bar = tqdm(total=self.n_train, initial=position.samples_done, disable=self.quiet, desc=f"epoch {position.epoch}",
                    unit="sample", leave=False)
+        loss_sum, due = 0.0, False
         with contextlib.closing(bar):
-            for batch_inputs, batch_targets in batches:
-                if preemption.requested:  # checked before each batch: a signal stops training at the next boundary
+            for batch_inputs, batch_targets, n, step_size in batches:
+                if self.agree(preemption, due, loss_sum):  # a signal stops training at the next batch boundary
                     return
+                loss_sum = 0.0
+                if self.due:
+                    checkpointer.save()
+                    policy.saved()
                 inputs = [t.to(device) for t in batch_inputs]
                 targets = [t.to(device) for t in batch_targets]
                 controller.optimizer.zero_grad(set_to_none=True)
-                outputs = as_tuple(self.model(*inputs))
+                outputs = as_tuple(self.trained(*inputs))
                 loss = self.loss_fn(*outputs, *targets)
-                loss.backward()
+                weight = n * world.world_size / step_size  # 1 but in a data-parallel run's last, uneven step
+                (loss if weight == 1 else loss * weight).backward()
                 checkpointer.staged()
                 controller.optimizer.step()
-                n = len(batch_targets[0])
-                position.samples_done += n
+                position.samples_done += step_size
                 position.step += 1
-                position.loss_sum += float(loss.detach()) * n
-                bar.update(n)
-                _call_all(self.batch_callbacks, inputs, outputs, targets)
-                if not preemption.requested and position.samples_done < self.n_train and policy.due(position.step):
-                    checkpointer.save()
-                    policy.saved()
+                loss_sum = float(loss.detach()) * n
+                bar.update(step_size)
+                if n:  # not for a stand-in sample (see Database.shard_batches)
+                    _call_all(self.batch_callbacks, inputs, outputs, targets)
+                due = position.samples_done < self.n_train and policy.due(position.step)
+        self.agree(preemption, False, loss_sum)
+
+    def evaluate(self):
+        """The validation metrics, computed on rank 0 and the same on every rank."""
+        metrics = None
+        if self.distribution.writer:
+            metrics = self.evaluator.evaluate("valid", batch_size=self.controller.eval_batch_size)
+        return self.distribution.broadcast(metrics)
 
     def end_epoch(self, policy, preemption, checkpointer):
         """Evaluate, record, step the controller, save the epoch's files."""
         controller, tracker = self.controller, self.metric_tracker
         position = controller.position
         epoch = position.epoch
-        metrics = {"train": {"loss": position.loss_sum / self.n_train},
-                   "valid": self.evaluator.evaluate("valid", batch_size=controller.eval_batch_size)}
+        metrics = {"train": {"loss": position.loss_sum / self.n_train}, "valid": self.evaluate()}
         better = tracker.register_metrics(metrics, epoch, epoch_time=time.perf_counter() - self.started)
         if better:
             tracker.record_best_model(self.model)
@@ -219,5 +270,15 @@ class _Loop:
         _call_all(self.callbacks, epoch, better)
         checkpointer.save(policy.files(epoch, better))
         policy.saved()
-        log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
-                 tracker.stopping_key, tracker.stopping_value(metrics), " (best so far)" if better else "")
+        if self.distribution.writer:
+            log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
+                     tracker.stopping_key, tracker.stopping_value(metrics), " (best so far)" if better else "")
+
+
+def _data_parallel(model, distribution):
+    """``model`` wrapped for data-parallel training (DDP) when there are several ranks, else itself."""
+    if not distribution.active:
+        return model
+    device = module_device(model)
+    ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

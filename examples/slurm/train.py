@@ -13,7 +13,7 @@ from it. Both cases are one line::
 ``train_model`` then writes ``last_checkpoint.pt`` after every epoch and every
 ``--checkpoint-every-seconds`` (or ``--checkpoint-every-batches``). On SIGUSR1
 or SIGTERM it finishes the current batch, writes a mid-epoch checkpoint and exits
-with status 75 (:data:`experiment_io.routines.PREEMPTED_EXIT_CODE`): the job
+with status 75 (:data:`experiment_io.PREEMPTED_EXIT_CODE`): the job
 script (``job.sbatch``) requeues the job on that status. When training is complete the
 script writes ``final_result.pt`` (final weights, optimizer and scheduler state,
 metric history, best epoch, test errors), which ``local_driver.py`` compares
