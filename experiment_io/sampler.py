@@ -35,6 +35,7 @@ import numpy as np
 import torch.utils.data
 
 from .errors import IncompatibleCheckpointError
+from .launch import launched_world
 from .ordering import epoch_permutation
 
 __all__ = ["ResumableSampler"]
@@ -79,22 +80,36 @@ class ResumableSampler(torch.utils.data.Sampler):
     current epoch; iteration yields the rest of the rank's shard. Reaching the end of
     an epoch does not start the next one: call :meth:`set_epoch`.
 
+    **Another number of ranks at a restart.** Every rank consumes its shard in step
+    with the others, so after ``k`` samples per rank the ranks together have consumed
+    the first ``k * world_size`` positions of the epoch's order (its global position,
+    saved in :meth:`state_dict`). A state loaded by a sampler of another world size
+    continues the epoch from that global position: what is left of the order is
+    sharded anew over the new ranks (padded or cut as above), so each remaining
+    sample is seen once (plus the padding). The next epochs are sharded as usual.
+
     :param data_source_or_length: the data set (anything with ``len``) or its length.
         The length is read once, here.
     :param seed: a non-negative integer; the same seed and epoch give the same order.
     :param shuffle: shuffle every epoch (otherwise the natural order).
-    :param rank: this process's rank, ``0 <= rank < world_size``.
-    :param world_size: the number of processes that share the data set.
+    :param rank: this process's rank, ``0 <= rank < world_size`` (default: the rank
+        in the initialized process group, or the launcher's ``RANK``; 0 alone).
+    :param world_size: the number of processes that share the data set (default:
+        the process group's size, or the launcher's ``WORLD_SIZE``; 1 alone).
     :param drop_last: drop the tail instead of padding (see above).
     """
 
-    def __init__(self, data_source_or_length, *, seed=0, shuffle=True, rank=0, world_size=1, drop_last=False):
+    def __init__(self, data_source_or_length, *, seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, drop_last: bool = False):
         if isinstance(data_source_or_length, numbers.Integral) and not isinstance(data_source_or_length, bool):
             length = data_source_or_length
         else:
             length = len(data_source_or_length)
         self._length = _non_negative_int(length, "the data set's length")
         self._seed = _non_negative_int(seed, "seed")
+        launched_rank, _, launched_size = launched_world()
+        world_size = launched_size if world_size is None else world_size
+        rank = (launched_rank if launched_size == world_size else 0) if rank is None else rank
         self._world_size = _non_negative_int(world_size, "world_size")
         if self._world_size == 0:
             raise ValueError("world_size must be at least 1")
@@ -103,12 +118,12 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {rank} must be smaller than world_size {world_size}")
         self._shuffle = bool(shuffle)
         self._drop_last = bool(drop_last)
-        if self._drop_last:
-            self._num_samples = self._length // self._world_size
-        else:
-            self._num_samples = math.ceil(self._length / self._world_size)
         self._epoch = 0
+        self._start = 0  # global position where the sharding of the current epoch began
         self._consumed = 0
+
+    def _per_rank(self, remaining):
+        return remaining // self._world_size if self._drop_last else math.ceil(remaining / self._world_size)
 
     @property
     def epoch(self) -> int:
@@ -137,8 +152,8 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     @property
     def num_samples(self) -> int:
-        """The number of samples of one epoch for this rank (padding included)."""
-        return self._num_samples
+        """The number of samples of the current epoch for this rank (padding included)."""
+        return self._per_rank(self._length - self._start)
 
     @property
     def samples_consumed(self) -> int:
@@ -160,8 +175,9 @@ class ResumableSampler(torch.utils.data.Sampler):
 
         :return: an ``int64`` array of :attr:`num_samples` indices.
         """
-        order = self.epoch_order(self._epoch if epoch is None else epoch)
-        total = self._num_samples * self._world_size
+        current = epoch is None or epoch == self._epoch
+        order = self.epoch_order(self._epoch if epoch is None else epoch)[self._start if current else 0:]
+        total = self._per_rank(len(order)) * self._world_size
         order = order[:total] if self._drop_last else np.resize(order, total)
         return order[self._rank::self._world_size]
 
@@ -177,7 +193,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         epoch = _non_negative_int(epoch, "epoch")
         if epoch != self._epoch:
             self._epoch = epoch
-            self._consumed = 0
+            self._start = self._consumed = 0
 
     def advance(self, n: int) -> None:
         """Record that this rank has consumed ``n`` more samples of the current epoch.
@@ -190,10 +206,10 @@ class ResumableSampler(torch.utils.data.Sampler):
         :raises ValueError: when it would go past the end of the epoch.
         """
         n = _non_negative_int(n, "n")
-        if self._consumed + n > self._num_samples:
+        if self._consumed + n > self.num_samples:
             raise ValueError(
                 f"advance({n}) goes past the end of epoch {self._epoch}: {self._consumed} of this rank's "
-                f"{self._num_samples} samples were consumed already. Advance by the size of each consumed batch only."
+                f"{self.num_samples} samples were consumed already. Advance by the size of each consumed batch only."
             )
         self._consumed += n
 
@@ -202,18 +218,27 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter(self.shard()[start:].tolist())
 
     def __len__(self):
-        return self._num_samples - self._consumed
+        return self.num_samples - self._consumed
+
+    @property
+    def global_samples_consumed(self) -> int:
+        """Positions of the current epoch's order consumed by all ranks together (assuming they go in step)."""
+        return min(self._start + self._consumed * self._world_size, self._length)
 
     def state_dict(self) -> dict:
         """The position as plain data (integers and booleans).
 
-        :return: ``{"epoch", "seed", "samples_consumed", "world_size", "rank",
-            "dataset_length", "shuffle", "drop_last"}``.
+        :return: ``{"epoch", "seed", "samples_consumed", "start", "global_samples_consumed",
+            "world_size", "rank", "dataset_length", "shuffle", "drop_last"}``
+            (``samples_consumed`` counts this rank's samples since ``start``, the global
+            position where the epoch's current sharding began).
         """
         return {
             "epoch": self._epoch,
             "seed": self._seed,
             "samples_consumed": self._consumed,
+            "start": self._start,
+            "global_samples_consumed": self.global_samples_consumed,
             "world_size": self._world_size,
             "rank": self._rank,
             "dataset_length": self._length,
@@ -224,15 +249,17 @@ class ResumableSampler(torch.utils.data.Sampler):
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position that :meth:`state_dict` returned.
 
-        The epoch, the samples consumed and the seed are taken from ``state``. The
-        world size, the data set's length, ``shuffle`` and ``drop_last`` must equal
-        this sampler's: with any of them changed the shards are different, and
-        there is no exact continuation. The rank is not imposed: every rank consumes
-        the same number of samples, so a state saved by rank 0 resumes every rank.
+        The epoch, the position and the seed are taken from ``state``. The data
+        set's length, ``shuffle`` and ``drop_last`` must equal this sampler's: with
+        any of them changed there is no continuation of the same order. With the same
+        world size the continuation is exact; with another one, the epoch continues
+        from its global position, what is left of it sharded over the new ranks (see
+        the class's description). The rank is not imposed: every rank consumes the
+        same number of samples, so a state saved by rank 0 resumes every rank.
 
         :param state: the dict that :meth:`state_dict` returned.
         :raises IncompatibleCheckpointError: when ``state`` lacks an entry or
-            describes another data set, world size or sharding mode.
+            describes another data set or sharding mode.
         """
         if not isinstance(state, dict):
             raise IncompatibleCheckpointError(f"a sampler state is a dict, not a {type(state).__name__}")
@@ -241,7 +268,6 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise IncompatibleCheckpointError(
                 f"the sampler state lacks the entries {missing}; pass what ResumableSampler.state_dict() returned")
         for key, mine, remedy in (
-            ("world_size", self._world_size, "Resume with as many processes as the run had"),
             ("dataset_length", self._length, "Resume on the same data set"),
             ("shuffle", self._shuffle, "Build the sampler with the same shuffle"),
             ("drop_last", self._drop_last, "Build the sampler with the same drop_last"),
@@ -256,11 +282,21 @@ class ResumableSampler(torch.utils.data.Sampler):
             epoch = _non_negative_int(state["epoch"], "epoch")
             seed = _non_negative_int(state["seed"], "seed")
             consumed = _non_negative_int(state["samples_consumed"], "samples_consumed")
+            start = _non_negative_int(state.get("start", 0), "start")
+            saved_size = _non_negative_int(state["world_size"], "world_size")
         except ValueError as e:
             raise IncompatibleCheckpointError(f"the sampler state is damaged: {e}") from e
-        if consumed > self._num_samples:
+        if start > self._length or saved_size == 0:
+            raise IncompatibleCheckpointError(f"the sampler state is damaged: start {start}, world size {saved_size}")
+        if saved_size != self._world_size:
+            position = min(start + consumed * saved_size, self._length)
+            log.info("the sampler state was saved by %d rank(s); %d continue epoch %d from its global position %d",
+                     saved_size, self._world_size, epoch, position)
+            start, consumed = position, 0
+        per_rank = self._per_rank(self._length - start)
+        if consumed > per_rank:
             raise IncompatibleCheckpointError(
-                f"the sampler state has {consumed} samples consumed, more than the {self._num_samples} of an epoch")
+                f"the sampler state has {consumed} samples consumed, more than the {per_rank} of an epoch")
         if seed != self._seed:
             log.warning("the sampler state has seed %d; continuing with it instead of %d", seed, self._seed)
-        self._epoch, self._seed, self._consumed = epoch, seed, consumed
+        self._epoch, self._seed, self._start, self._consumed = epoch, seed, start, consumed
