@@ -12,7 +12,7 @@ from .databases import Database, HDF5Database, NPZDatabase, Restartable
 from .errors import ExperimentIOError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
-from .own_loop import AtomicSaver, PendingSave, atomic_save, verified_load
+from .own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save, verified_load
 from .preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE
 from .routines import SetupParams, setup_and_train, setup_training, test_model
 from .sampler import ResumableSampler
@@ -51,6 +51,7 @@ __all__ = [
     "register_safe_classes",
     # your own training loop
     "atomic_save",
+    "rank_zero_save",
     "verified_load",
     "AtomicSaver",
     "PendingSave",

@@ -20,7 +20,9 @@ The file itself is exactly what ``torch.save(obj, path)`` writes, so plain
 
 **One writer per directory.** The manifest is shared by every file of a directory
 and each save rewrites it, so two processes saving into one directory at the same
-time can drop each other's records. A dropped record is not a silent error: the
+time can drop each other's records. In a data-parallel loop, save from global rank
+0 only: :func:`~experiment_io.rank_zero_save` does it and makes every rank wait
+for the commit, so that any rank may load the file next. A dropped record is not a silent error: the
 file it described no longer verifies and :func:`~experiment_io.verified_load` refuses it. Save
 from one process (rank 0 in data-parallel training) or give each process its own
 directory, and keep :func:`~experiment_io.atomic_save` out of a directory that
@@ -54,13 +56,14 @@ import torch
 
 from . import storage
 from .asynchronous import BackgroundWriter, surfaced
+from .distributed import current
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .generations import RunWriter, Search, is_previous_name, previous_name
 from .lock import LOCK_NAME
 from .verification import FileRecord, Verifier
 from .version import __version__
 
-__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "verified_load"]
+__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "rank_zero_save", "verified_load"]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +257,27 @@ def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False)
         lock file, or a ``.prev`` name).
     """
     return (_default_async if async_save else _default).save(obj, path)
+
+
+def rank_zero_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave, None]:
+    """:func:`atomic_save` for data-parallel loops: global rank 0 writes, every rank knows when it has committed.
+
+    Call it on every rank at the same point. Rank 0 saves ``obj`` (the other ranks'
+    ``obj`` is not used: save what is the same on every rank, such as the model of
+    a DDP run); then every rank waits until the save has committed, so that any rank
+    may :func:`verified_load` the file next. With ``async_save=True`` no rank waits:
+    rank 0 gets the :class:`PendingSave`, and a rank that wants to read the file
+    must wait for a later barrier of yours after ``PendingSave.wait()``. Without a
+    process group it is :func:`atomic_save`.
+
+    :return: on rank 0 what :func:`atomic_save` returns; ``None`` on the other ranks.
+    :raises RankFailedError: on the other ranks when rank 0's save failed (rank 0
+        raises the error itself).
+    """
+    distribution = current()
+    if async_save:
+        return atomic_save(obj, path, async_save=True) if distribution.writer else None
+    return distribution.on_writer(lambda: atomic_save(obj, path))
 
 
 def _pick(path, directory, name, files, strict):

@@ -174,3 +174,26 @@ def test_two_nodes_one_writer_same_files_as_one_node(reference, tmp_path):
     assert_bitwise_equal(result(nodes[0]), result(reference))
     written = [n for n in os.listdir(nodes[1]) if n.endswith((".pt", ".json", ".lock"))]
     assert written == [], "only global rank 0 writes"
+
+
+def own_loop(cwd, nproc, *args):
+    script = os.path.join(SCRIPTS, "own_loop_ddp.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    proc = subprocess.run(command, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def test_own_loop_saves_from_rank_zero_and_resumes_with_another_world_size(tmp_path):
+    assert own_loop(tmp_path, 2, "--stop-after", "2").stdout.count("STOPPED") == 2
+    own_loop(tmp_path, 1)
+    logs = collections.defaultdict(list)
+    for name in os.listdir(tmp_path):
+        if name.startswith("samples."):
+            for line in open(tmp_path / name):
+                epoch, ids = line.split(":")
+                logs[int(epoch)] += [int(i) for i in ids.split()]
+    for epoch in (0, 1):
+        assert sorted(logs[epoch]) == sorted(set(logs[epoch])), f"a sample seen twice in epoch {epoch}"
+    assert len(logs[0]) >= 30 - 2 and len(logs[1]) == 30  # drop_last leaves out less than a rank count
