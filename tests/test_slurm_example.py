@@ -153,3 +153,17 @@ def test_job_script_does_not_requeue(tmp_path, case):
                 "done": (0, "training complete"),
                 "failed": (3, "train.py failed with exit status 3: not requeued")}[case]
     assert status == expected[0] and expected[1] in output, output
+
+
+def test_two_nodes_of_torchrun_preempted_then_resumed_equal_an_uninterrupted_run(tmp_path):
+    """Two "nodes" (torchrun --nnodes=2 on localhost), SIGUSR1 to every rank, then SIGTERM, then the end."""
+    output = run_driver(tmp_path, "--nodes", "2", "--allocations", "3")
+    assert output.count(f"exit status {PREEMPTED_EXIT_CODE} (preempted, checkpoint saved)") == 2
+    assert "OK: the run trained in 3 allocations is bit-for-bit identical to the uninterrupted run" in output
+    files = manifest_files(tmp_path / "allocations")
+    assert files["last_checkpoint.pt"]["world_size"] == 2
+    check_finished_run(tmp_path / "allocations")
+
+
+def test_the_multinode_job_script_is_valid_bash():
+    subprocess.run(["bash", "-n", os.path.join(SLURM_DIR, "job_multinode.sbatch")], check=True)

@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,7 @@ class Allocation:
 
     def __init__(self, args, run_dir, restart_count=None):
         self.run_dir = run_dir
+        self.processes = []
         env = dict(os.environ)
         env.pop("SLURM_JOB_ID", None)  # never let anything here call scontrol
         env.pop("SLURM_RESTART_COUNT", None)
@@ -96,21 +98,57 @@ class Allocation:
         train_args = ["--data", args.data, "--epochs", str(args.epochs), "--n-configs", str(args.n_configs),
                       "--checkpoint-every-seconds", str(args.checkpoint_every_seconds),
                       "--checkpoint-every-batches", str(args.checkpoint_every_batches)]
+        self.started = time.monotonic()
+        self.logs = []
+        if args.nodes > 1:  # one torchrun per "node", rendezvous on loopback, as srun would start them
+            port = free_port()
+            for node in range(args.nodes):
+                command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nodes}", f"--node_rank={node}",
+                           "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                           TRAIN_PY, "--run-dir", run_dir, *train_args]
+                log = open(os.path.join(run_dir, f"node{node}.log"), "a+")
+                self.logs.append(log)
+                self.processes.append(subprocess.Popen(command, env=env, cwd=run_dir, stdout=log, stderr=log))
+            return
         if args.job_script:
             env["RUN_DIR"], env["PYTHON"], env["TRAIN_PY"] = run_dir, sys.executable, TRAIN_PY
             command = ["bash", JOB_SCRIPT, *train_args]
         else:
             command = [sys.executable, TRAIN_PY, "--run-dir", run_dir, *train_args]
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(command, env=env, cwd=run_dir)
+        self.processes.append(subprocess.Popen(command, env=env, cwd=run_dir))
+
+    @property
+    def process(self):
+        return self.processes[0]
+
+    def send_signal(self, signum):
+        """The signal to the job's processes: the one process, or every rank of every "node"."""
+        if not self.logs:
+            self.process.send_signal(signum)
+            return [self.process.pid]
+        ranks = [child for p in self.processes for child in children(p.pid)]
+        for pid in ranks:
+            os.kill(pid, signum)
+        return ranks
 
     def wait(self, timeout):
+        """Wait for the job; return its exit status (several "nodes": the ranks' statuses agreed, or 1)."""
         try:
-            return self.process.wait(timeout)
+            statuses = [p.wait(timeout) for p in self.processes]
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise SystemExit(f"[local_driver] pid {self.process.pid} did not end within {timeout} s; killed it")
+            for p in self.processes:
+                p.kill()
+                p.wait()
+            raise SystemExit(f"[local_driver] the allocation did not end within {timeout} s; killed it")
+        if not self.logs:
+            return statuses[0]
+        if all(s == 0 for s in statuses):
+            return 0
+        ranks = []  # torchrun ends with 1 when a rank fails; it reports each rank's status
+        for log in self.logs:
+            log.seek(0)
+            ranks += [int(line.split(":")[1].split()[0]) for line in log if line.strip().startswith("exitcode")]
+        return ranks[0] if ranks and len(set(ranks)) == 1 else 1
 
     def wait_for_progress(self, start_step, steps, seconds, timeout):
         """Wait until the run has ``steps`` more steps checkpointed (or ``seconds`` passed).
@@ -153,8 +191,8 @@ def run_allocations(args, run_dir, steps_per_allocation):
             raise SystemExit(
                 f"[local_driver] allocation {index + 1} ended (exit status {allocation.process.returncode}) before it "
                 "could be preempted: train longer (--epochs) or interrupt sooner (--interrupt-after-steps)")
-        allocation.process.send_signal(signum)
-        say(f"allocation {index + 1}: {signum.name} sent to pid {allocation.process.pid} "
+        pids = allocation.send_signal(signum)
+        say(f"allocation {index + 1}: {signum.name} sent to pid {', '.join(map(str, pids))} "
             f"({time.monotonic() - allocation.started:.1f} s into the allocation)")
         status = allocation.wait(args.timeout)
         after = last_checkpoint_record(run_dir)
@@ -162,6 +200,21 @@ def run_allocations(args, run_dir, steps_per_allocation):
             raise SystemExit(f"[local_driver] allocation {index + 1} ended with exit status {status} after "
                              f"{signum.name}, not {PREEMPTED_EXIT_CODE} (checkpoint saved)")
         say(f"allocation {index + 1}: exit status {status} (preempted, checkpoint saved): {describe(after)}")
+
+
+def children(pid):
+    """The pids of the child processes of ``pid`` (Linux)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compare(run_dir, reference_dir):
@@ -198,6 +251,10 @@ def main(argv=None):
                         help="preempt an allocation this many seconds after its start instead")
     parser.add_argument("--job-script", action="store_true",
                         help="run each allocation as 'bash job.sbatch' and signal that shell, not python")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="train data-parallel on this many 'nodes' of one rank each: one torchrun --nnodes=N "
+                             "per node on this machine, rendezvous on 127.0.0.1 (default: 1, one process); the "
+                             "signal goes to every rank, as SLURM sends it to every task")
     parser.add_argument("--timeout", type=float, default=300, help="longest time one allocation may take (default: 300)")
     args = parser.parse_args(argv)
     if args.allocations < 1:
@@ -212,7 +269,7 @@ def main(argv=None):
     os.makedirs(args.work_dir, exist_ok=True)
     train.ensure_data(args.data, args.n_configs)
     n_train = train.open_database(args.data).split_size("train")
-    total_steps = args.epochs * math.ceil(n_train / train.DEFAULTS["batch_size"])
+    total_steps = args.epochs * math.ceil(n_train / (train.DEFAULTS["batch_size"] * args.nodes))  # batch size per rank
     steps = args.interrupt_after_steps or max(1, total_steps // (args.allocations + 1))
     how = (f"{args.interrupt_after_seconds} s after its start" if args.interrupt_after_seconds is not None
            else f"once {steps} more steps are checkpointed")

@@ -194,6 +194,8 @@ def main(argv=None):
         # file) before its own handlers were installed, or after it had restored
         # ours: training went on, or was over, regardless.
         log.warning("%s arrived outside train_model's signal handling and was not acted on", ", ".join(_EARLY_SIGNALS))
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        return 0  # data-parallel: global rank 0 writes the result
     result = write_result(check, metric_tracker, os.path.join(args.run_dir, RESULT_NAME))
     log.info("training complete (%s); best epoch %s; test %s; wrote %s", result["stop_reason"], result["best_epoch"],
              ", ".join(f"{k}={v:.4g}" for k, v in result["test"].items()), RESULT_NAME)
