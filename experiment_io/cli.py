@@ -50,12 +50,12 @@ def _when(record):
 def cmd_info(args):
     files = _manifest(args.directory)
     print(f"run directory {os.path.abspath(args.directory)}")
-    print(f"{'file':32} {'kind':10} {'epochs':>6} {'step':>8} {'size':>12}  written              note")
+    print(f"{'file':32} {'kind':10} {'epochs':>6} {'step':>8} {'ranks':>5} {'size':>12}  written              note")
     for name in sorted(files):
         record = files[name]
         note = f"interrupted by {record['interrupted']}" if record.get("interrupted") else ""
         print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>6} {record.get('step', ''):>8} "
-              f"{record['size']:>12}  {_when(record)}  {note}")
+              f"{record.get('world_size', ''):>5} {record['size']:>12}  {_when(record)}  {note}")
     return 0
 
 

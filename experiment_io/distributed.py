@@ -182,5 +182,12 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
 
 
 def unwrap(model):
-    """The plain module inside a :class:`~torch.nn.parallel.DistributedDataParallel` (or ``model`` itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The plain module inside wrappers for training: :class:`~torch.nn.parallel.DistributedDataParallel`
+    and the module that :func:`torch.compile` returns (or ``model`` itself)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model

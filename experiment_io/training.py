@@ -134,7 +134,8 @@ def _made(directory):
 
 
 def _unwrapped(training_modules):
-    """The training modules with the plain model, and the model to train with (a user's DDP wrapper, or ``None``)."""
+    """The training modules with the plain model, and the model to train with (the user's DDP or
+    ``torch.compile`` wrapper, or ``None``): the files hold the plain model."""
     model, loss, evaluator = training_modules
     plain = unwrap(model)
     if plain is model:
@@ -172,7 +173,7 @@ class _Loop:
         self.database, self.controller, self.metric_tracker = database, controller, metric_tracker
         self.callbacks, self.batch_callbacks, self.quiet = callbacks, batch_callbacks, quiet
         self.distribution = distribution
-        self.trained = wrapped if wrapped is not None else _data_parallel(self.model, distribution)
+        self.trained = _data_parallel(wrapped if wrapped is not None else self.model, distribution)
         self.evaluator.database = database
         self.n_train = database.split_size("train")
 
@@ -277,7 +278,7 @@ class _Loop:
 
 def _data_parallel(model, distribution):
     """``model`` wrapped for data-parallel training (DDP) when there are several ranks, else itself."""
-    if not distribution.active:
+    if not distribution.active or isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model
     device = module_device(model)
     ids = [device] if device.type == "cuda" else None

@@ -88,3 +88,22 @@ def test_signal_during_setup_still_ends_in_a_checkpoint(tmp_path, monkeypatch):
     record = storage.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
     assert record["interrupted"] == "SIGUSR1" and record["step"] == 0
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_a_compiled_model_trains_and_its_files_hold_the_plain_model(tmp_path):
+    from experiment_io import load_model_from_cwd
+
+    database = indexed_database()
+    torch.manual_seed(0)
+    model = IndexedNet()
+    compiled = torch.compile(model, backend="eager")
+    evaluator = Evaluator(compiled, {"mse": torch.nn.MSELoss()})
+    tm, controller, tracker = setup_training(TrainingModules(compiled, torch.nn.MSELoss(), evaluator),
+                                             SetupParams(stopping_key="mse", batch_size=16, max_epochs=2))
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))
+    loaded = load_model_from_cwd(directory=str(tmp_path))
+    assert type(loaded) is IndexedNet
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in tracker.best_model_state.items())
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    assert check["training_modules"].model is check["training_modules"].evaluator.model
+    assert all(torch.equal(check["training_modules"].model.state_dict()[k], v) for k, v in model.state_dict().items())
