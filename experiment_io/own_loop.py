@@ -60,6 +60,7 @@ from .distributed import current
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .generations import RunWriter, Search, is_previous_name, previous_name
 from .lock import LOCK_NAME
+from .reading import Replaced, until_stable
 from .verification import FileRecord, Verifier
 from .version import __version__
 
@@ -280,12 +281,14 @@ def rank_zero_save(obj, path: Union[str, os.PathLike], *, async_save: bool = Fal
     return distribution.on_writer(lambda: atomic_save(obj, path))
 
 
-def _pick(path, directory, name, files, strict):
-    """The file holding the generation to load."""
-    search = Search(Verifier(directory, files), [name], strict)
-    found, problems = search.all()
+def _pick(path, verifier, name, strict):
+    """The file holding the generation to load (only the files ranked before it are read)."""
+    directory, files = verifier.directory, verifier.files
+    search = Search(verifier, [name], strict)
+    found = next(iter(search), None)
+    problems = search.problems
     if found:
-        chosen, record = found[0]
+        chosen, record = found
         if record is not files.get(name):
             log.warning("%s does not verify; loading its previous generation %s instead (%s)",
                         path, chosen, "; ".join(problems))
@@ -332,6 +335,11 @@ def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: b
         ``map_location`` names a device that this machine lacks).
     """
     path, directory, name = _split(path)
+    return until_stable(lambda: _load_once(path, directory, name, map_location, strict), directory)
+
+
+def _load_once(path, directory, name, map_location, strict):
+    """Verify, then load; :class:`~experiment_io.reading.Replaced` when a writer replaced the file meanwhile."""
     manifest = storage.read_manifest(directory) if os.path.isdir(directory) else None
     files = manifest[1] if manifest else {}
     if name not in files and previous_name(name) not in files:
@@ -343,9 +351,10 @@ def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: b
             f"with {storage.MANIFEST_NAME} kept beside them (copy the directory whole). "
             "A file you trust that was written otherwise loads with torch.load(path, weights_only=True)."
         )
-    chosen = _pick(path, directory, name, files, strict)
+    verifier = Verifier(directory, files)
+    chosen = _pick(path, verifier, name, strict)
     try:
-        return torch.load(chosen, map_location=map_location, weights_only=True)
+        loaded = torch.load(chosen, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
@@ -354,5 +363,10 @@ def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: b
             "with weights_only=False."
         ) from e
     except Exception as e:  # torch raises many types for bytes it cannot read
+        if not verifier.unchanged(chosen):
+            raise Replaced(chosen) from e
         raise NotACheckpointError(
             f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e
+    if not verifier.unchanged(chosen):  # a writer renamed a new file over it after it was verified
+        raise Replaced(chosen)
+    return loaded

@@ -45,15 +45,26 @@ class Replaced(Exception):
 _ATTEMPTS = 5
 
 
-def until_stable(load):
-    """Run ``load()`` until no file it read was replaced while it ran."""
+def until_stable(load, directory=None):
+    """Run ``load()`` until no file it read was replaced while it ran.
+
+    :param directory: the run directory; a load that fails (no intact generation,
+        an unreadable file) while a writer replaced the directory's manifest is run
+        again too: the files it found were those of a newer save than the manifest
+        it had read.
+    """
     replaced = None
     for _ in range(_ATTEMPTS):
+        before = storage.manifest_identity(directory) if directory is not None else None
         try:
             return load()
         except Replaced as e:
             replaced = e.args[0]
-            log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
+        except (CorruptCheckpointError, CheckpointNotFoundError, NotACheckpointError):
+            if directory is None or storage.manifest_identity(directory) == before:
+                raise
+            replaced = os.path.join(directory, storage.MANIFEST_NAME)
+        log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
     raise CorruptCheckpointError(
         f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a process keeps "
         "writing into the run directory. Load again when it pauses (or load the files of a copy of the directory)."

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _directory(directory):
+    return os.path.abspath(directory if directory is not None else os.getcwd())
+
+
 def _location(map_location):
     return map_location if map_location is not None else "cpu"
 
@@ -160,7 +164,7 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
                                         state_verifier)
         return structure, structure_record, state, header
 
-    structure, structure_record, state, header = until_stable(load)
+    structure, structure_record, state, header = until_stable(load, os.path.dirname(os.path.abspath(state_fname)))
     check_pairing(state_fname, header, structure_fname, structure_record)
     return _assemble(structure, structure_fname, state, header, state_fname, map_location=map_location,
                      model_device=model_device, database=database, restart_db=restart_db, allow=allow,
@@ -208,7 +212,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
         return structure, structure_path, state, header, state_path
 
     try:
-        structure, structure_path, state, header, state_path = until_stable(load)
+        structure, structure_path, state, header, state_path = until_stable(load, _directory(directory))
     except CheckpointNotFoundError:
         if missing_ok:
             log.info("no checkpoint in %s: starting fresh", directory or os.getcwd())
@@ -252,7 +256,8 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         payload, header = load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record, verifier)
         return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
 
-    directory, structure, structure_path, structure_record, payload, header, model_path = until_stable(load)
+    loaded = until_stable(load, _directory(directory))
+    directory, structure, structure_path, structure_record, payload, header, model_path = loaded
     check_pairing(model_path, header, structure_path, structure_record)
     if header["kind"] == "model":
         model_state = payload["model"]

@@ -157,7 +157,10 @@ class Verifier:
     def describe(self, path, record, *, size=None):
         """Why the file at ``path`` is not the generation that ``record`` describes."""
         if size is None:
-            actual = self.digest(path)
+            try:
+                actual = self.digest(path)
+            except FileNotFoundError:
+                return f"{path}: missing (removed or renamed while it was read)"
             found = f"found {actual.size} bytes with digest {actual.digest}"
         else:
             found = f"found {size} bytes"

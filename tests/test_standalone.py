@@ -454,3 +454,29 @@ def test_the_process_exits_only_after_the_async_save_committed(tmp_path, ending)
         assert done.returncode != 0 and "KeyboardInterrupt" in done.stderr
     loaded = verified_load(path, strict=True)
     assert torch.equal(loaded["x"], torch.arange(32 * 2**20, dtype=torch.float32))
+
+
+def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
+    """A reader racing a writer gets a state that was committed, never a mixture, never an error."""
+    import threading
+
+    path = tmp_path / "ckpt.pt"
+    atomic_save(state(0, n=4096), path)
+    done = threading.Event()
+
+    def write():
+        from experiment_io import AtomicSaver
+        saver = AtomicSaver()  # its own writer, as another process would have
+        for step in range(1, 150):
+            saver.save(state(step, n=4096), path)
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    loads = 0
+    while not done.is_set():
+        loaded = verified_load(path)
+        assert_bitwise_equal(loaded, state(loaded["step"], n=4096))
+        loads += 1
+    writer.join()
+    assert loads > 0
