@@ -115,6 +115,17 @@ def test_a_signal_to_every_rank_stops_all_at_one_boundary_then_restart_is_bit_fo
     assert_bitwise_equal(result(tmp_path), result(reference))
 
 
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
+    """SLURM may signal one task only: the other rank hears of it at the next batch boundary."""
+    torchrun(tmp_path, 2, "--raise-signal", "SIGUSR1", "--raise-at", "5", "--raise-rank", "1")
+    for rank in (0, 1):
+        assert (tmp_path / f"exit.rank{rank}").read_text() == str(PREEMPTED_EXIT_CODE)
+    record = read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
+    assert record["interrupted"] == "SIGUSR1" and record["step"] == 5
+    logs = batches(tmp_path)
+    assert len(logs[0]) == len(logs[1]) == 5
+
+
 @pytest.mark.parametrize("ranks", [3, 1])
 def test_restart_with_another_number_of_ranks_sees_each_remaining_sample_once(tmp_path, ranks):
     torchrun(tmp_path, 2, "--raise-signal", "SIGTERM", "--raise-at", "4")  # stops mid-epoch 0, after 4 steps of 2 x 8
@@ -197,3 +208,16 @@ def test_own_loop_saves_from_rank_zero_and_resumes_with_another_world_size(tmp_p
     for epoch in (0, 1):
         assert sorted(logs[epoch]) == sorted(set(logs[epoch])), f"a sample seen twice in epoch {epoch}"
     assert len(logs[0]) >= 30 - 2 and len(logs[1]) == 30  # drop_last leaves out less than a rank count
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per rank: two GPUs")
+def test_nccl_on_two_gpus_sigterm_then_restart(tmp_path):
+    stopped = torchrun(tmp_path, 2, "--device", "auto", "--every", "3", "--raise-signal", "SIGTERM", "--raise-at", "9")
+    assert stopped.returncode != 0
+    for rank in (0, 1):
+        assert (tmp_path / f"exit.rank{rank}").read_text() == str(PREEMPTED_EXIT_CODE)
+    assert read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]["model_device"] == "cuda:0"
+    finished(torchrun(tmp_path, 2, "--device", "auto", "--every", "3"), 2)
+    model = load_model_from_cwd(directory=str(tmp_path), model_device="cpu")  # a GPU run, predicted on the CPU
+    assert next(model.parameters()).device.type == "cpu"

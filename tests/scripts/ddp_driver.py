@@ -60,7 +60,7 @@ def start_fresh(args):
         model = torch.nn.parallel.DistributedDataParallel(model)
     database = HDF5Database(os.path.abspath(DATA), inputs=["x", "index"], targets=["y"], seed=7, valid_size=0.2,
                             test_size=0.1)
-    params = SetupParams(stopping_key="MSE", batch_size=args.batch_size, max_epochs=args.epochs,
+    params = SetupParams(stopping_key="MSE", batch_size=args.batch_size, max_epochs=args.epochs, device=args.device,
                          optimizer=torch.optim.Adam, learning_rate=3e-3,
                          scheduler=lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9))
     training_modules, controller, metrics = setup_training(TrainingModules(model, torch.nn.MSELoss(), evaluator), params)
@@ -75,10 +75,12 @@ def main():
     parser.add_argument("--every", type=int, default=0, help="checkpoint_every_batches")
     parser.add_argument("--async", dest="async_save", action="store_true")
     parser.add_argument("--wrap", action="store_true", help="wrap the model in DDP before setup_training")
+    parser.add_argument("--device", default="cpu", help="SetupParams.device ('auto': each rank's GPU, NCCL)")
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--raise-signal", default=None)
     parser.add_argument("--raise-at", type=int, default=0)
+    parser.add_argument("--raise-rank", type=int, default=None, help="only this rank sends itself the signal")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -94,7 +96,7 @@ def main():
         log.write(f"{epoch}: " + " ".join(str(int(i)) for i in inputs[1].flatten().tolist()) + "\n")
         if args.kill_rank == rank and len(trained) == args.kill_at and attempt == 0:
             os.kill(os.getpid(), signal.SIGKILL)
-        if args.raise_signal and len(trained) == args.raise_at:
+        if args.raise_signal and len(trained) == args.raise_at and args.raise_rank in (None, rank):
             os.kill(os.getpid(), signal.Signals[args.raise_signal])
 
     while not os.path.exists(DATA):  # rank 0 writes it
