@@ -47,8 +47,9 @@ class RunCheckpointer:
     before training ends. The structure file is always written at once.
 
     In a data-parallel run every rank takes part in every save (each rank's random
-    streams are gathered), but only global rank 0 writes; the other ranks do not
-    wait for the write, and all ranks meet once the last save has committed.
+    streams are gathered), but only global rank 0 writes; the other ranks wait for a
+    synchronous write (and raise if it fails), not for a write in the background;
+    all ranks meet once the last save has committed.
 
     :param directory: the run directory.
     :param resuming: keep an intact structure file of the run instead of writing one.
@@ -103,8 +104,11 @@ class RunCheckpointer:
             ``None`` for a mid-epoch save (``last_checkpoint.pt`` only).
         """
         rng_states = self.distribution.gather(get_rng_state())
-        if not self.distribution.writer:
-            return
+        # a failure on rank 0 (disk full...) is raised on every rank, not left for them to wait on
+        self.distribution.on_writer(lambda: self._write(epoch_files, rng_states))
+
+    def _write(self, epoch_files, rng_states):
+        """Rank 0: build the payloads and write them (or hand them to the background writer)."""
         position = self.controller.position
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
                                      self.structure_digest, rng_states)
@@ -147,3 +151,4 @@ class RunCheckpointer:
             raise
         # every rank waits until the last save has committed, and learns if it failed
         self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)
+        self.distribution.barrier()

@@ -137,7 +137,8 @@ def target_device(map_location, model_device, saved_device, path):
     """
     check_location_args(map_location, model_device)
     if map_location is not None:
-        return _plain_device(map_location)
+        device = _plain_device(map_location)
+        return _rank_device(device) if device is not None and device.type == "cuda" and device.index is None else device
     if model_device is not None:
         return resolve_device(model_device)
     saved = saved_device or "cpu"

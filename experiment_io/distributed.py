@@ -2,7 +2,7 @@
 
 One script runs in one process or data-parallel under ``torchrun`` or ``srun``:
 :func:`current` reads the launcher's environment (``WORLD_SIZE``, ``RANK``,
-``LOCAL_RANK``; SLURM's ``SLURM_NTASKS``, ``SLURM_PROCID``, ``SLURM_LOCALID``) or
+``LOCAL_RANK``; in an ``srun`` step ``SLURM_STEP_NUM_TASKS``, ``SLURM_PROCID``, ``SLURM_LOCALID``) or
 an already initialized process group, and :func:`join` initializes the process
 group when the user has not (NCCL for CUDA models, gloo otherwise). Everything
 that depends on the rank lives in :class:`Distribution`: only global rank 0
@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -29,12 +30,18 @@ import torch.distributed as dist
 from .errors import RankFailedError
 from .launch import launched_world
 
-__all__ = ["current", "join", "Distribution", "SINGLE", "unwrap"]
+__all__ = ["current", "join", "Distribution", "SINGLE", "unwrap", "is_data_parallel", "ordered_mean_hook"]
 
 log = logging.getLogger(__name__)
 
-_SIGNALS = {0: None, 1: "SIGINT", 2: "SIGUSR1", 3: "SIGTERM"}
-_SIGNAL_CODES = {name: code for code, name in _SIGNALS.items() if name}
+
+
+def _signal_code(name):
+    return 0 if name is None else int(signal.Signals[name])
+
+
+def _signal_name(code):
+    return None if code == 0 else signal.Signals(code).name
 
 
 @dataclass(frozen=True)
@@ -89,18 +96,34 @@ class Distribution:
         :param signal: the signal this rank received (``None``: none).
         :param due: whether this rank's clock says a timed save is due.
         :param loss_sum: this rank's sum of loss times samples since the last call.
-        :return: ``(signal, due, loss_sum)`` agreed by all: the strongest signal any
-            rank received (SIGTERM over SIGUSR1 over SIGINT), whether any rank's clock
-            was due, and the sum over the ranks.
+        :return: ``(signal, due, loss_sum)`` agreed by all: of the signals the ranks
+            received, the one with the highest number (SIGTERM over SIGUSR1 over SIGINT),
+            whether any rank's clock was due, and the sum over the ranks.
         """
         if not self.active:
             return signal, due, loss_sum
-        values = torch.tensor([float(_SIGNAL_CODES.get(signal, 0)), float(due), float(loss_sum)],
-                              dtype=torch.float64, device=self.device)
-        flags, total = values[:2].clone(), values[2:].clone()
+        flags = torch.tensor([_signal_code(signal), int(due)], dtype=torch.int64, device=self.device)
+        total = torch.tensor([float(loss_sum)], dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return _SIGNALS[int(flags[0].item())], bool(flags[1].item()), float(total[0].item())
+        return _signal_name(int(flags[0].item())), bool(flags[1].item()), float(total[0].item())
+
+    def same_everywhere(self, value: Any) -> bool:
+        """Whether ``value`` (plain data) is the same on every rank as on rank 0; the answer is the same on all."""
+        if not self.active:
+            return True
+        same = torch.tensor([int(self.broadcast(value) == value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        return bool(same.item())
+
+    def average_gradients(self, parameters) -> None:
+        """Average the gradients of ``parameters`` over the ranks (those DDP does not reduce: a loss's)."""
+        if not self.active:
+            return
+        for p in parameters:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
 
     def on_writer(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on rank 0 only; if it fails there, every rank raises.
@@ -131,13 +154,19 @@ class Distribution:
 SINGLE = Distribution()
 
 
-def current() -> Distribution:
-    """The distribution of this process, from an initialized process group (or :data:`SINGLE`)."""
+def current(device: Optional[torch.device] = None) -> Distribution:
+    """The distribution of this process, from an initialized process group (or :data:`SINGLE`).
+
+    :param device: for NCCL, the rank's GPU (default: ``cuda:LOCAL_RANK``).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
     rank, local_rank, world_size = launched_world()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return Distribution(rank, local_rank, world_size, device)
+    if dist.get_backend() != "nccl":
+        device = torch.device("cpu")
+    elif device is None or torch.device(device).type != "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return Distribution(rank, local_rank, world_size, torch.device(device))
 
 
 def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.timedelta] = None) -> Distribution:
@@ -151,11 +180,15 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
 
     :param device: the device the model trains on.
     """
-    if dist.is_available() and dist.is_initialized():
-        return current()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    initialized = dist.is_available() and dist.is_initialized()
     rank, local_rank, world_size = launched_world()
     if world_size == 1:
         return SINGLE
+    if cuda:  # the collectives of NCCL run on the current GPU: make it the model's
+        torch.cuda.set_device(torch.device(device))
+    if initialized:
+        return current(device)
     if not dist.is_available():  # pragma: no cover - torch built without distributed support
         raise RuntimeError("this torch has no torch.distributed; a data-parallel run needs it")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
@@ -165,10 +198,7 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
             "MASTER_ADDR (the first node's host name) and MASTER_PORT (a free port) in the job script, "
             "or launch with torchrun, which sets them."
         )
-    cuda = device is not None and torch.device(device).type == "cuda"
     backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(torch.device(device))
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -178,7 +208,41 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             **({"timeout": timeout} if timeout else {}))
     log.info("joined the process group: rank %d of %d (local rank %d), backend %s", rank, world_size, local_rank, backend)
-    return current()
+    return current(device)
+
+
+def ordered_mean_hook(state, bucket):
+    """A DDP communication hook: the mean of the ranks' gradients, summed in rank order.
+
+    DDP's own all-reduce adds the ranks' gradients in an order that depends on where
+    each gradient lies in its bucket, and DDP lays its buckets out anew after the
+    first step of every process; with three ranks or more, a resumed run would then
+    add in another order than the run it continues, and differ in the last bits.
+    Here every rank gathers the buckets of all ranks and adds them in rank order,
+    so the result depends on nothing but the gradients. It moves ``world_size``
+    times the bucket: meant for the CPU runs whose resume must be exact.
+    """
+    tensor = bucket.buffer()
+    world_size = dist.get_world_size()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    future = dist.all_gather(gathered, tensor.div_(world_size), async_op=True).get_future()
+
+    def add(_):
+        total = gathered[0].clone()
+        for part in gathered[1:]:
+            total += part
+        return total
+
+    return future.then(add)
+
+
+def is_data_parallel(model) -> bool:
+    """Whether ``model`` or a wrapper inside it is a :class:`~torch.nn.parallel.DistributedDataParallel`."""
+    while model is not None:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return True
+        model = getattr(model, "_orig_mod", None)
+    return False
 
 
 def unwrap(model):

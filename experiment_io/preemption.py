@@ -89,6 +89,7 @@ class Preemption:
         #: the name of the first signal received (``None`` while none was)
         self.requested: str | None = None
         self._previous = {}
+        self._ignore_sigterm = False
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -105,6 +106,22 @@ class Preemption:
             self.requested = name
             log.warning("%s received: training stops after the current batch, once the checkpoint is written", name)
 
+    def adopt(self, name: str) -> None:
+        """Stop for the signal ``name`` that the ranks agreed on (it replaces one this rank received)."""
+        if self.requested != name:
+            if self.requested is None:
+                log.warning("%s received by another rank: training stops after the current batch", name)
+            self.requested = name
+
+    def exiting(self, stop: Stop, *, launched: bool) -> None:
+        """Note, before the handlers are restored, how training stopped.
+
+        One of several ranks under a launcher that will exit with
+        :data:`PREEMPTED_EXIT_CODE` ignores SIGTERM from now on: the launcher sends it
+        to the ranks still alive once one of them has exited, and it must not turn
+        their status 75 into a death by signal.
+        """
+        self._ignore_sigterm = launched and stop.preempted and self.exit_on_preemption
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
@@ -115,25 +132,22 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM and self._ignore_sigterm else handler)
         self._previous.clear()
 
-    def finish(self, stop: Stop, *, launched: bool = False) -> None:
+    def finish(self, stop: Stop, *, requeuer: bool = True) -> None:
         """Act on how training stopped: requeue and exit after a scheduler signal, as configured.
 
-        :param launched: one of several ranks under a launcher: the process exits
-            with :data:`PREEMPTED_EXIT_CODE` ignoring the SIGTERM that the launcher
-            sends to the ranks still alive once one of them has exited.
+        :param requeuer: this process may requeue the job (in a data-parallel run,
+            only global rank 0 does).
         :raises SystemExit: with :data:`PREEMPTED_EXIT_CODE` after a preemption, when
             ``exit_on_preemption``.
         """
         if not stop.preempted:
             return
-        if self.requeue:
+        if self.requeue and requeuer:
             requeue_under_slurm()
         if self.exit_on_preemption:
-            if launched and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             log.warning("%s: checkpoint saved, exiting with status %d", stop.text, PREEMPTED_EXIT_CODE)
             raise SystemExit(PREEMPTED_EXIT_CODE)
 

@@ -97,16 +97,23 @@ class ResumableSampler(torch.utils.data.Sampler):
     :param world_size: the number of processes that share the data set (default:
         the process group's size, or the launcher's ``WORLD_SIZE``; 1 alone).
     :param drop_last: drop the tail instead of padding (see above).
+    :param num_replicas: ``DistributedSampler``'s name for ``world_size``, so that
+        ``DistributedSampler(dataset, num_replicas=..., rank=..., shuffle=..., seed=...,
+        drop_last=...)`` becomes ``ResumableSampler`` by changing the class name.
     """
 
     def __init__(self, data_source_or_length, *, seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, drop_last: bool = False):
+                 world_size: Optional[int] = None, drop_last: bool = False, num_replicas: Optional[int] = None):
         if isinstance(data_source_or_length, numbers.Integral) and not isinstance(data_source_or_length, bool):
             length = data_source_or_length
         else:
             length = len(data_source_or_length)
         self._length = _non_negative_int(length, "the data set's length")
         self._seed = _non_negative_int(seed, "seed")
+        if num_replicas is not None:
+            if world_size is not None and world_size != num_replicas:
+                raise ValueError(f"num_replicas={num_replicas} and world_size={world_size} disagree; give one of them")
+            world_size = num_replicas
         launched_rank, _, launched_size = launched_world()
         world_size = launched_size if world_size is None else world_size
         rank = (launched_rank if launched_size == world_size else 0) if rank is None else rank

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .asynchronous import with_own_memory
@@ -68,14 +70,24 @@ def _load_model_state(model, state, path):
 
 
 def _rank_rng_state(state, path):
-    """The random streams this rank saved (in a data-parallel run, each rank's own)."""
+    """The random streams this rank saved (in a data-parallel run, each rank's own), and whether they are its own."""
     rank, _, world_size = launched_world()
     ranks = state.get("rng_ranks") or [state["rng"]]
     if len(ranks) != world_size:
-        log.warning("%s was written by %d rank(s) and is loaded by %d: the random streams of rank %d are those "
-                    "saved by rank %d; the data order is continued exactly, the random draws are not",
-                    path, len(ranks), world_size, rank, rank % len(ranks))
-    return ranks[rank % len(ranks)]
+        log.warning("%s was written by %d rank(s) and is loaded by %d: the data order is continued exactly, the "
+                    "random draws are not (rank %d starts from the streams of rank %d%s)", path, len(ranks),
+                    world_size, rank, rank % len(ranks), ", drawn anew from them and its rank" if rank >= len(ranks) else "")
+    return ranks[rank % len(ranks)], rank < len(ranks)
+
+
+def _set_rank_rng_state(rng_state, own):
+    """Restore the streams; a rank without streams of its own gets streams derived from these and its rank."""
+    set_rng_state(rng_state)
+    if not own:  # distinct from the rank whose streams it got, and reproducible
+        seed = int.from_bytes(torch.randint(0, 2**31, (2,)).numpy().tobytes()[:8], "little") + launched_world()[0]
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
 
 def _assemble(structure, structure_path, state, header, state_path, *, map_location, model_device, database,
@@ -102,7 +114,8 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
         controller.load_state_dict(state["controller"])
         metric_tracker = MetricTracker.from_state_dict(state["metric_tracker"])
         position = TrainingPosition.from_state_dict(state["position"])
-        rng_state = placed_on_cpu(_rank_rng_state(state, state_path))
+        rng_state, own_rng = _rank_rng_state(state, state_path)
+        rng_state = placed_on_cpu(rng_state)
     except ExperimentIOError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as e:
@@ -110,7 +123,7 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     position.interrupted = None
     controller.position = position
     if restore_rng:
-        set_rng_state(rng_state)
+        _set_rank_rng_state(rng_state, own_rng)
 
     if database is None and restart_db:
         descriptor = structure["database"]

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .checkpointing import RunCheckpointer
 from .controllers import Controller, TrainingPosition
 from .devices import module_device
-from .distributed import join, unwrap
-from .errors import MissingDatabaseError
+from .distributed import is_data_parallel, join, ordered_mean_hook, unwrap
+from .errors import IncompatibleCheckpointError, MissingDatabaseError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
 from .payloads import LAST_NAME
@@ -115,16 +115,23 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         resuming = controller.current_epoch > 0 or position.samples_done > 0
         if resuming:
             log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
+        where = (controller.current_epoch, position.epoch, position.samples_done, position.step)
+        if not distribution.same_everywhere(where):
+            raise IncompatibleCheckpointError(
+                f"the ranks do not start from the same position (rank {distribution.rank}: epoch {position.epoch}, "
+                f"sample {position.samples_done}, step {position.step}): every rank must load the same checkpoint. "
+                "Keep the run directory on a file system all nodes see, and start or resume every rank alike.")
         checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
                                        resuming=resuming, async_save=async_save, distribution=distribution)
         loop = _Loop(training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
                      quiet or not distribution.writer, distribution)
         with checkpointer.committing():
             stop = loop.run(policy, preemption, checkpointer)
+        preemption.exiting(stop, launched=distribution.active)
     metric_tracker.stop_reason = stop.text
     if distribution.writer:
         log.info("training ended (%s); %s", stop.text, metric_tracker.summary())
-    preemption.finish(stop, launched=distribution.active)
+    preemption.finish(stop, requeuer=distribution.writer)
     return metric_tracker
 
 
@@ -176,6 +183,8 @@ class _Loop:
         self.trained = _data_parallel(wrapped if wrapped is not None else self.model, distribution)
         self.evaluator.database = database
         self.n_train = database.split_size("train")
+        # DDP reduces the model's gradients; those of a training loss with parameters are averaged here
+        self.loss_parameters = list(self.loss_fn.parameters()) if isinstance(self.loss_fn, torch.nn.Module) else []
 
     def run(self, policy, preemption, checkpointer) -> Stop:
         """Train until the controller is done or a signal asks to stop; return why it stopped."""
@@ -204,15 +213,15 @@ class _Loop:
         signal, due, loss_sum = self.distribution.agree(preemption.requested, due, loss_sum)
         self.controller.position.loss_sum += loss_sum
         if signal is not None:
-            preemption.request(signal)
+            preemption.adopt(signal)
         self.due = due
         return signal is not None
 
     def train_epoch(self, policy, preemption, checkpointer):
         """Train the rest of the current epoch, saving when the policy says; stop early on a signal.
 
-        Every rank checks in (:meth:`agree`) before each batch, so that all stop at the
-        same batch boundary and save at the same step.
+        Every rank checks in (:meth:`agree`) after each optimizer step (and once before
+        the first), so that all stop at the same batch boundary and save at the same step.
         """
         controller, position, world = self.controller, self.controller.position, self.distribution
         position.epoch = controller.current_epoch
@@ -223,15 +232,10 @@ class _Loop:
                                               start=position.samples_done, rank=world.rank, world_size=world.world_size)
         bar = tqdm(total=self.n_train, initial=position.samples_done, disable=self.quiet, desc=f"epoch {position.epoch}",
                    unit="sample", leave=False)
-        loss_sum, due = 0.0, False
         with contextlib.closing(bar):
+            if self.agree(preemption):  # a signal that came while the run was set up
+                return
             for batch_inputs, batch_targets, n, step_size in batches:
-                if self.agree(preemption, due, loss_sum):  # a signal stops training at the next batch boundary
-                    return
-                loss_sum = 0.0
-                if self.due:
-                    checkpointer.save()
-                    policy.saved()
                 inputs = [t.to(device) for t in batch_inputs]
                 targets = [t.to(device) for t in batch_targets]
                 controller.optimizer.zero_grad(set_to_none=True)
@@ -239,23 +243,27 @@ class _Loop:
                 loss = self.loss_fn(*outputs, *targets)
                 weight = n * world.world_size / step_size  # 1 but in a data-parallel run's last, uneven step
                 (loss if weight == 1 else loss * weight).backward()
+                world.average_gradients(self.loss_parameters)
                 checkpointer.staged()
                 controller.optimizer.step()
                 position.samples_done += step_size
                 position.step += 1
-                loss_sum = float(loss.detach()) * n
                 bar.update(step_size)
                 if n:  # not for a stand-in sample (see Database.shard_batches)
                     _call_all(self.batch_callbacks, inputs, outputs, targets)
                 due = position.samples_done < self.n_train and policy.due(position.step)
-        self.agree(preemption, False, loss_sum)
+                # every rank checks in after each step: all stop at the same batch boundary, save at the same step
+                if self.agree(preemption, due, float(loss.detach()) * n):
+                    return
+                if self.due:
+                    checkpointer.save()
+                    policy.saved()
 
     def evaluate(self):
         """The validation metrics, computed on rank 0 and the same on every rank."""
-        metrics = None
-        if self.distribution.writer:
-            metrics = self.evaluator.evaluate("valid", batch_size=self.controller.eval_batch_size)
-        return self.distribution.broadcast(metrics)
+        world = self.distribution
+        metrics = world.on_writer(lambda: self.evaluator.evaluate("valid", batch_size=self.controller.eval_batch_size))
+        return world.broadcast(metrics)
 
     def end_epoch(self, policy, preemption, checkpointer):
         """Evaluate, record, step the controller, save the epoch's files."""
@@ -278,8 +286,11 @@ class _Loop:
 
 def _data_parallel(model, distribution):
     """``model`` wrapped for data-parallel training (DDP) when there are several ranks, else itself."""
-    if not distribution.active or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    if not distribution.active or is_data_parallel(model):
         return model
     device = module_device(model)
     ids = [device] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if device.type == "cpu":  # exact resume is promised on the CPU: a reduction whose order never changes
+        wrapped.register_comm_hook(None, ordered_mean_hook)
+    return wrapped

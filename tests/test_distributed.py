@@ -97,6 +97,17 @@ def test_sigkill_of_one_rank_then_restart_is_bit_for_bit(reference, tmp_path, as
     assert_bitwise_equal(result(tmp_path), result(reference))
 
 
+def test_three_ranks_sigkill_then_restart_is_bit_for_bit(tmp_path):
+    """With three ranks the order in which gradients are added matters: it must not change at a restart."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference.mkdir(), resumed.mkdir()
+    finished(torchrun(reference, 3, "--every", "2"), 3)
+    killed = torchrun(resumed, 3, "--every", "2", "--kill-rank", "2", "--kill-at", "7")
+    assert killed.returncode != 0
+    finished(torchrun(resumed, 3, "--every", "2"), 3)
+    assert_bitwise_equal(result(resumed), result(reference))
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_signal_to_every_rank_stops_all_at_one_boundary_then_restart_is_bit_for_bit(reference, tmp_path, signame):
     stopped = torchrun(tmp_path, 2, "--every", "3", "--raise-signal", signame, "--raise-at", "9")

@@ -105,7 +105,7 @@ def start_fresh(args):
                         energy_mean=train_targets.mean(), energy_std=train_targets.std())
     evaluator = Evaluator(model, {"MSE": torch.nn.MSELoss(), "MAE": torch.nn.L1Loss(), "MaxAE": MaxAbsError()})
     params = SetupParams(stopping_key="MSE", batch_size=args.batch_size, max_epochs=args.epochs,
-                         optimizer=torch.optim.Adam, learning_rate=args.learning_rate, device="cpu",
+                         optimizer=torch.optim.Adam, learning_rate=args.learning_rate, device=args.device,
                          scheduler=functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=2))
     training_modules, controller, metric_tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), evaluator), params)
     log.info("no checkpoint in %s: starting a new run of %d epochs on %d training clusters",
@@ -152,6 +152,8 @@ def parse_args(argv=None):
     new_run.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     new_run.add_argument("--hidden", type=int, default=DEFAULTS["hidden"])
     new_run.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    new_run.add_argument("--device", default="cpu",
+                         help="where the model trains: cpu, cuda or auto (each rank's GPU in a data-parallel run)")
     args = parser.parse_args(argv)
     args.run_dir = os.path.abspath(args.run_dir)
     if args.data is None:
