@@ -132,30 +132,16 @@ class ResumableSampler(torch.utils.data.Sampler):
     def _per_rank(self, remaining):
         return remaining // self._world_size if self._drop_last else math.ceil(remaining / self._world_size)
 
-    @property
-    def epoch(self) -> int:
-        """The current epoch."""
-        return self._epoch
-
-    @property
-    def seed(self) -> int:
-        """The seed of the orders."""
-        return self._seed
-
-    @property
-    def rank(self) -> int:
-        """This sampler's rank."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of ranks sharing the data set."""
-        return self._world_size
-
-    @property
-    def dataset_length(self) -> int:
-        """The length of the data set."""
-        return self._length
+    #: The current epoch.
+    epoch = property(lambda self: self._epoch)
+    #: The seed of the orders.
+    seed = property(lambda self: self._seed)
+    #: This sampler's rank.
+    rank = property(lambda self: self._rank)
+    #: The number of ranks sharing the data set.
+    world_size = property(lambda self: self._world_size)
+    #: The length of the data set.
+    dataset_length = property(lambda self: self._length)
 
     @property
     def num_samples(self) -> int:
