@@ -90,23 +90,25 @@ class Distribution:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
-    def agree(self, signal: Optional[str], due: bool, loss_sum: float) -> tuple:
+    def agree(self, signal: Optional[str], due: bool, loss_sum: float, failed: bool = False) -> tuple:
         """What every rank decides at a batch boundary, from what each rank saw.
 
         :param signal: the signal this rank received (``None``: none).
         :param due: whether this rank's clock says a timed save is due.
         :param loss_sum: this rank's sum of loss times samples since the last call.
-        :return: ``(signal, due, loss_sum)`` agreed by all: of the signals the ranks
-            received, the one with the highest number (SIGTERM over SIGUSR1 over SIGINT),
-            whether any rank's clock was due, and the sum over the ranks.
+        :param failed: whether this rank failed (rank 0: its background save).
+        :return: ``(signal, due, loss_sum, failed)`` agreed by all: of the signals
+            the ranks received, the one with the highest number (SIGTERM over SIGUSR1
+            over SIGINT), whether any rank's clock was due, the sum over the ranks, and
+            whether any rank failed.
         """
         if not self.active:
-            return signal, due, loss_sum
-        flags = torch.tensor([_signal_code(signal), int(due)], dtype=torch.int64, device=self.device)
+            return signal, due, loss_sum, failed
+        flags = torch.tensor([_signal_code(signal), int(due), int(failed)], dtype=torch.int64, device=self.device)
         total = torch.tensor([float(loss_sum)], dtype=torch.float64, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return _signal_name(int(flags[0].item())), bool(flags[1].item()), float(total[0].item())
+        return _signal_name(int(flags[0].item())), bool(flags[1].item()), float(total[0].item()), bool(flags[2].item())
 
     def same_everywhere(self, value: Any) -> bool:
         """Whether ``value`` (plain data) is the same on every rank as on rank 0; the answer is the same on all."""

@@ -14,7 +14,7 @@ from .checkpointing import RunCheckpointer
 from .controllers import Controller, TrainingPosition
 from .devices import module_device
 from .distributed import is_data_parallel, join, ordered_mean_hook, unwrap
-from .errors import IncompatibleCheckpointError, MissingDatabaseError
+from .errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
 from .payloads import LAST_NAME
@@ -205,12 +205,20 @@ class _Loop:
             return Stop(StopKind.CONTROLLER, controller.stop_reason)
         return Stop(StopKind.MAX_EPOCHS, f"reached max_epochs={controller.max_epochs}")
 
-    def agree(self, preemption, due=False, loss_sum=0.0):
+    def agree(self, preemption, due=False, loss_sum=0.0, failure=None):
         """Settle, with every rank, whether to stop (a signal any rank received) and whether a timed save is due.
 
-        Adds the ranks' loss sums to the position. :return: whether to stop.
+        Adds the ranks' loss sums to the position. A ``failure`` of this rank (rank 0's
+        background save) is raised here, and the other ranks raise
+        :class:`~experiment_io.errors.RankFailedError` instead of waiting for rank 0.
+        :return: whether to stop.
         """
-        signal, due, loss_sum = self.distribution.agree(preemption.requested, due, loss_sum)
+        signal, due, loss_sum, failed = self.distribution.agree(preemption.requested, due, loss_sum, failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RankFailedError(f"rank 0 failed to write a checkpoint, so rank {self.distribution.rank} stops too; "
+                                  "see rank 0's error")
         self.controller.position.loss_sum += loss_sum
         if signal is not None:
             preemption.adopt(signal)
@@ -244,7 +252,7 @@ class _Loop:
                 weight = n * world.world_size / step_size  # 1 but in a data-parallel run's last, uneven step
                 (loss if weight == 1 else loss * weight).backward()
                 world.average_gradients(self.loss_parameters)
-                checkpointer.staged()
+                failure = self.staged(checkpointer)
                 controller.optimizer.step()
                 position.samples_done += step_size
                 position.step += 1
@@ -253,11 +261,22 @@ class _Loop:
                     _call_all(self.batch_callbacks, inputs, outputs, targets)
                 due = position.samples_done < self.n_train and policy.due(position.step)
                 # every rank checks in after each step: all stop at the same batch boundary, save at the same step
-                if self.agree(preemption, due, float(loss.detach()) * n):
+                if self.agree(preemption, due, float(loss.detach()) * n, failure):
                     return
                 if self.due:
                     checkpointer.save()
                     policy.saved()
+
+    def staged(self, checkpointer):
+        """Wait for the save in flight to have copied the state; in a data-parallel run, return its error."""
+        if not self.distribution.active:
+            checkpointer.staged()
+            return None
+        try:
+            checkpointer.staged()
+        except Exception as e:  # raised on every rank at the next agreement
+            return e
+        return None
 
     def evaluate(self):
         """The validation metrics, computed on rank 0 and the same on every rank."""

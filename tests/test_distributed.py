@@ -157,6 +157,14 @@ def test_restart_with_another_number_of_ranks_sees_each_remaining_sample_once(tm
     assert isinstance(load_model_from_cwd(directory=str(tmp_path)), torch.nn.Module)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_save_on_rank_0_stops_every_rank(tmp_path, async_save):
+    proc = torchrun(tmp_path, 2, "--every", "2", "--fail-save", "3", *(["--async"] if async_save else []))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "FINISHED" not in proc.stdout
+    assert "CheckpointWriteError" in output and "RankFailedError" in output, output[-4000:]
+
+
 def test_a_model_wrapped_in_ddp_by_the_user_trains_as_the_library_wraps_it(reference, tmp_path):
     finished(torchrun(tmp_path, 2, "--every", "3", "--wrap"), 2)
     assert_bitwise_equal(result(tmp_path), result(reference))

@@ -75,6 +75,7 @@ def main():
     parser.add_argument("--every", type=int, default=0, help="checkpoint_every_batches")
     parser.add_argument("--async", dest="async_save", action="store_true")
     parser.add_argument("--wrap", action="store_true", help="wrap the model in DDP before setup_training")
+    parser.add_argument("--fail-save", type=int, default=0, help="rank 0's n-th file write fails (disk full)")
     parser.add_argument("--device", default="cpu", help="SetupParams.device ('auto': each rank's GPU, NCCL)")
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=0)
@@ -99,6 +100,18 @@ def main():
         if args.raise_signal and len(trained) == args.raise_at and args.raise_rank in (None, rank):
             os.kill(os.getpid(), signal.Signals[args.raise_signal])
 
+    if args.fail_save and rank == 0:
+        from experiment_io import storage
+        writes = []
+
+        def disk_full(step, path):
+            if step == "written" and os.path.basename(path).startswith(".last_checkpoint"):
+                writes.append(path)
+                if len(writes) == args.fail_save:
+                    raise OSError(28, "No space left on device")
+
+        failing = storage.observe_write_steps(disk_full)
+        failing.__enter__()
     while not os.path.exists(DATA):  # rank 0 writes it
         time.sleep(0.01)
     check = load_checkpoint_from_cwd(missing_ok=True) or start_fresh(args)
