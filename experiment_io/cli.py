@@ -21,7 +21,7 @@ import torch
 
 from . import storage
 from .errors import ExperimentIOError
-from .generations import Search, base_name
+from .generations import Search, base_name, previous_name
 from .metric_tracker import MetricTracker
 from .payloads import BEST_NAME, LAST_NAME
 from .verification import Verifier
@@ -72,11 +72,19 @@ def cmd_verify(args):
             print(f"DAMAGED  {problem}")
         if not generations:
             failures += 1
+    for name in _uncommitted(args.directory, files):
+        print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save replaces it)")
     if failures:
         print(f"{failures} file(s) without any intact generation")
         return 1
     print("every file has an intact generation")
     return 0
+
+
+def _uncommitted(directory, files):
+    """State files in ``directory`` that no committed save wrote (neither they nor their generation pair is recorded)."""
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".pt") and not n.startswith("."))
+    return [n for n in names if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
 
 
 def _newest_tracker(directory):

@@ -10,7 +10,10 @@ disagree about which generation is the good one.
 
 A generation is identified by its digest, not by its name: after a crash between
 a rename and the manifest's commit, the committed state may lie under the other
-name of its pair, and it is still found.
+name of its pair, and it is still found. A file of which no save was ever
+committed (the manifest records neither it nor its previous generation: a run
+killed during its first save of that file) is not a checkpoint: it is ignored, and
+the next save replaces it.
 """
 from __future__ import annotations
 
@@ -114,6 +117,8 @@ class Search:
     def __init__(self, verifier: verification.Verifier, roles: Sequence[Role | str], strict: bool = False, *,
                  newest_first: bool = False):
         self.verifier, self.strict, self.problems = verifier, strict, []
+        #: files of the roles that no committed save wrote (left by a save killed before its commit)
+        self.uncommitted = []
         self.roles = [_as_role(r) for r in roles]
         files = verifier.files
         if strict:
@@ -139,6 +144,7 @@ class Search:
     def _by_size(self, name, records):
         """``(path, record)`` for every existing generation file of ``name`` whose size fits a record."""
         pairs, problems = [], []
+        committed = name in self.verifier.files or previous_name(name) in self.verifier.files
         for candidate in (name, previous_name(name)):
             path = self.verifier.path(candidate)
             try:
@@ -146,6 +152,10 @@ class Search:
             except FileNotFoundError:
                 if candidate in self.verifier.files:
                     problems.append(f"{path}: missing, although the manifest lists it")
+                continue
+            if not committed:  # a save renamed it into place and was killed before its commit
+                log.info("ignoring %s: no save of it was ever committed (an interrupted save left it)", path)
+                self.uncommitted.append(path)
                 continue
             fitting = [r for r in records if r["size"] == size]
             if not fitting:

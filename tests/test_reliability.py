@@ -358,3 +358,36 @@ def test_run_killed_before_its_first_commit_starts_fresh(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="before its first save"):
         load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
     assert load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True) is None
+
+
+class KilledBeforeCommit(BaseException):
+    """Ends a save after a state file was renamed into place, before the manifest recorded it."""
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("step", ["replaced", "directory_fsynced", "file_saved"])
+def test_a_run_killed_during_its_first_save_starts_again(tmp_path, async_save, step, capsys):
+    """The first last_checkpoint.pt is in place, the manifest records only the structure file."""
+    database = make_database()
+
+    def kill_first_checkpoint(at, path):
+        if at == step and os.path.basename(path) == LAST_NAME:
+            raise KilledBeforeCommit(at)
+
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,
+                                                                                  max_epochs=2))
+    with storage.observe_write_steps(kill_first_checkpoint), pytest.raises(KilledBeforeCommit):
+        train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                    async_save=async_save)
+    assert (tmp_path / LAST_NAME).exists() and LAST_NAME not in storage.read_manifest(str(tmp_path))[1]
+    assert load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True) is None
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint has been written"):
+        load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    from experiment_io.cli import main
+    assert main(["verify", str(tmp_path)]) == 0
+    assert f"ignored  {LAST_NAME}" in capsys.readouterr().out
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,
+                                                                                  max_epochs=2))
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))  # starts afresh
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
+    assert check["controller"].current_epoch == 2
