@@ -15,6 +15,7 @@ import argparse
 import datetime
 import logging
 import os
+import pickle
 import sys
 
 import torch
@@ -43,8 +44,10 @@ def _roles(files):
 
 
 def _when(record):
-    stamp = record.get("written_at")
-    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else "?"
+    try:
+        return datetime.datetime.fromtimestamp(record["written_at"]).strftime("%Y-%m-%d %H:%M:%S")
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return "?"
 
 
 def cmd_info(args):
@@ -136,4 +139,7 @@ def main(argv=None):
         return args.function(args)
     except ExperimentIOError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as e:  # a library or I/O failure
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

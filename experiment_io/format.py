@@ -6,11 +6,13 @@ the format version that wrote it. The manifest is a JSON document listing every
 file of a run with its digest.
 """
 import json
+import math
 
 import torch
+import xxhash
 
 from .version import __version__
-from .errors import FormatVersionError, NotACheckpointError
+from .errors import CorruptCheckpointError, FormatVersionError, NotACheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -106,34 +108,86 @@ def check_payload(payload, name, kinds):
     return header
 
 
+def _canonical(doc):
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _manifest_digest(header, files):
+    """The digest of a manifest's content: its header (without this digest) and its records."""
+    body = {"header": {k: v for k, v in header.items() if k != "digest"}, "files": files}
+    return "xxh3_128:" + xxhash.xxh3_128(_canonical(body)).hexdigest()
+
+
 def manifest_to_bytes(files, **fields):
-    """Serialize a manifest.
+    """Serialize a manifest, with the digest of its own content in its header.
 
     :param files: mapping of file name to its record (plain data: digest, size, ...).
     :param fields: further top-level fields.
     :return: UTF-8 JSON bytes, keys sorted so equal manifests give equal bytes.
     """
-    doc = {"header": make_header(MANIFEST_KIND, **fields), "files": files}
-    return json.dumps(doc, sort_keys=True, indent=1).encode("utf-8")
+    header = make_header(MANIFEST_KIND, **fields)
+    header["digest"] = _manifest_digest(header, files)
+    return json.dumps({"header": header, "files": files}, sort_keys=True, indent=1).encode("utf-8")
+
+
+#: The type each known field of a manifest record must have (other fields: plain scalars).
+_RECORD_FIELDS = {
+    "digest": (str,), "size": (int,), "step": (int,), "epochs_done": (int,), "samples_done": (int,),
+    "world_size": (int,), "format_version": (int,), "written_at": (int, float), "kind": (str,),
+    "structure_digest": (str, type(None)), "interrupted": (str, type(None)), "model_device": (str,),
+    "library_version": (str,), "torch_version": (str,),
+}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_record(name, fname, record):
+    if not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname or "\0" in fname:
+        raise CorruptCheckpointError(f"{name}: {fname!r} is not a plain file name; the manifest is damaged or forged.")
+    if not isinstance(record, dict):
+        raise CorruptCheckpointError(f"{name}: the record of {fname!r} is not a JSON object; the manifest is damaged.")
+    for field in ("digest", "size"):
+        if field not in record:
+            raise CorruptCheckpointError(f"{name}: the record of {fname!r} lacks its {field!r}; the manifest is damaged.")
+    for field, value in record.items():
+        types = _RECORD_FIELDS.get(field, _SCALARS)
+        bad = (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+               or (isinstance(value, float) and not math.isfinite(value))
+               or (isinstance(value, int) and not isinstance(value, bool) and field in _RECORD_FIELDS and value < 0))
+        if bad:
+            raise CorruptCheckpointError(
+                f"{name}: field {field!r} of the record of {fname!r} is {value!r}, which is not a valid value; "
+                "the manifest is damaged or forged. Restore the run directory from a copy, or start a new run.")
 
 
 def manifest_from_bytes(data, name):
-    """Parse manifest bytes.
+    """Parse and validate manifest bytes.
+
+    Every record must name a plain file and hold fields of the expected types; a
+    manifest that carries the digest of its own content must match it.
 
     :return: ``(header, files)``.
-    :raises NotACheckpointError: for bytes that are not a manifest.
+    :raises CorruptCheckpointError: for bytes that are not a valid manifest, naming the field.
     :raises FormatVersionError: for a manifest of a newer format.
     """
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise NotACheckpointError(f"{name} is not a valid experiment_io manifest (not JSON: {e}).") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{name} is not a valid experiment_io manifest (not JSON: {e}).") from e
     header = doc.get("header") if isinstance(doc, dict) else None
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(header, dict) or header.get("kind") != MANIFEST_KIND or not isinstance(files, dict):
-        raise NotACheckpointError(f"{name} is not an experiment_io manifest.")
-    check_version(header.get("format_version"), name)
+        raise CorruptCheckpointError(f"{name} is not an experiment_io manifest.")
+    try:
+        check_version(header.get("format_version"), name)
+    except FormatVersionError:
+        raise
+    except NotACheckpointError as e:
+        raise CorruptCheckpointError(str(e)) from e
     for fname, record in files.items():
-        if not isinstance(record, dict) or not isinstance(record.get("digest"), str) or not isinstance(record.get("size"), int):
-            raise NotACheckpointError(f"{name}: the record of {fname!r} lacks a digest or size; the manifest is damaged.")
+        _check_record(name, fname, record)
+    digest = header.get("digest")
+    if digest is not None and digest != _manifest_digest(header, files):
+        raise CorruptCheckpointError(
+            f"{name} does not match the digest of its own content ({digest}): it was changed after it was written. "
+            "Nothing in the run can be trusted to be what it records; restore the directory from a copy.")
     return header, files

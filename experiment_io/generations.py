@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -148,11 +149,15 @@ class Search:
         for candidate in (name, previous_name(name)):
             path = self.verifier.path(candidate)
             try:
-                size = os.stat(path).st_size
+                st = os.lstat(path)
             except FileNotFoundError:
                 if candidate in self.verifier.files:
                     problems.append(f"{path}: missing, although the manifest lists it")
                 continue
+            if not stat.S_ISREG(st.st_mode):  # a symbolic link, a FIFO, a device: never read
+                problems.append(f"{path}: not a regular file (a link or a special file); it is not read")
+                continue
+            size = st.st_size
             if not committed:  # a save renamed it into place and was killed before its commit
                 log.info("ignoring %s: no save of it was ever committed (an interrupted save left it)", path)
                 self.uncommitted.append(path)
@@ -235,7 +240,7 @@ class RunWriter:
         storage.remove_stale_temporaries(self.directory)
         try:
             existing = storage.read_manifest(self.directory)
-        except NotACheckpointError as e:
+        except (NotACheckpointError, CorruptCheckpointError) as e:
             log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", self.directory, e)
             existing = None
         self.files = dict(existing[1]) if existing else {}

@@ -3,10 +3,11 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from typing import Union
 
-from .errors import RunLockedError
+from .errors import CheckpointWriteError, RunLockedError
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
@@ -38,7 +39,17 @@ class RunLock:
         """
         import fcntl  # POSIX only: imported here, so that prediction works where it is missing
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symbolic link: a planted link would make the lock write into its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot open the run lock {self.path}: {e.strerror or e}"
+                + (" (it is a symbolic link or a directory, which experiment_io never creates: remove it)"
+                   if os.path.islink(self.path) or os.path.isdir(self.path) else "")
+                + ". Fix the run directory, or train in another one.") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointWriteError(f"the run lock {self.path} is not a regular file: remove it, or train in another directory.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:

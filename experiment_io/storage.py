@@ -23,6 +23,7 @@ process at a chosen instant of a save.
 """
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import re
@@ -33,8 +34,8 @@ from dataclasses import dataclass
 import xxhash
 
 from . import format as fmt
-from .errors import CheckpointWriteError
-from .verification import DIGEST_NAME, FileRecord
+from .errors import CheckpointWriteError, CorruptCheckpointError
+from .verification import DIGEST_NAME, FileRecord, NotARegularFile, open_regular
 
 __all__ = [
     "MANIFEST_NAME",
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: The manifest's file name inside a run directory.
 MANIFEST_NAME = "experiment_manifest.json"
+#: The largest manifest a reader reads (a run of hundreds of thousands of files).
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
 #: Writes smaller than this are gathered into blocks of :data:`_WRITE_BLOCK` bytes;
 #: larger ones go to the file directly, without a copy.
@@ -183,8 +186,15 @@ class _HashingWriter:
 
 
 def _temporary_path(path):
+    """A new name beside ``path``; the target's name is cut so that a long name still fits in 255 bytes."""
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return os.path.join(directory, f".{name[:180]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _create(temporary, hashed):
+    """Create the temporary file: a new file (never an existing one, never through a symbolic link)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.fdopen(os.open(temporary, flags, 0o644), "w+b", buffering=0 if hashed else -1)
 
 
 def fsync_directory(directory):
@@ -219,7 +229,7 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
     temporary = _temporary_path(path)
     target = None
     try:
-        with open(temporary, "w+b", buffering=0 if hashed else -1) as raw:
+        with _create(temporary, hashed) as raw:
             target = _HashingWriter(raw.fileno()) if hashed else raw
             write(target)
             target.flush()
@@ -241,15 +251,27 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
         failed = e if isinstance(e, OSError) else getattr(target, "error", None)
         if failed is None:
             raise
-        raise CheckpointWriteError(
-            f"Could not write {path}: {failed.strerror or failed}. The previous file (if any) is intact; "
-            "free disk space or fix the directory's permissions and save again."
-        ) from failed
+        raise CheckpointWriteError(_write_failure(path, directory, failed)) from failed
     except BaseException:
         _discard(temporary)
         raise
     log.debug("wrote %s (%s)", path, record.digest if record else "no digest")
     return record
+
+
+def _write_failure(path, directory, error):
+    """What went wrong in a failed write, and what to do, in words."""
+    cause = error.strerror or str(error)
+    if not os.path.isdir(directory):
+        return (f"Could not write {path}: {cause}. The directory {directory} no longer exists (removed while the run "
+                "was writing?); nothing could be kept. Recreate it, or save into another directory.")
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        return (f"Could not write {path}: {cause}. The previous file (if any) is intact; free disk space (or "
+                "quota) and save again.")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"Could not write {path}: {cause}. The previous file (if any) is intact; make {directory} "
+                "writable, or save into another directory.")
+    return f"Could not write {path}: {cause}. The previous file (if any) is intact; fix the cause and save again."
 
 
 def atomic_write_bytes(path, data):
@@ -273,10 +295,19 @@ def read_manifest(directory):
     """
     path = os.path.join(directory, MANIFEST_NAME)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd, st = open_regular(path)
+    except NotARegularFile as e:
+        raise CorruptCheckpointError(f"{e}: a manifest is a regular file; the run directory was tampered with.") from e
     except FileNotFoundError:
         return None
+    try:
+        if st.st_size > MANIFEST_MAX_BYTES:
+            raise CorruptCheckpointError(f"{path} holds {st.st_size} bytes, more than a manifest ever does "
+                                         f"({MANIFEST_MAX_BYTES}); it is not read.")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MANIFEST_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
     return fmt.manifest_from_bytes(data, path)
 
 

@@ -7,11 +7,12 @@ can prove that the file it then reads is the one it verified.
 """
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "Verifier"]
+__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "open_regular", "NotARegularFile", "Verifier"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
@@ -71,12 +72,40 @@ def _digest_fd(fd):
     return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+class NotARegularFile(FileNotFoundError):
+    """A path names a symbolic link, a FIFO, a device or a directory: not a file this library reads."""
+
+
+def open_regular(path):
+    """Open ``path`` for reading if it is a regular file, without following a symbolic link
+    and without blocking on a FIFO.
+
+    :return: ``(fd, stat)``.
+    :raises FileNotFoundError: when it is missing; :class:`NotARegularFile` when it
+        is anything but a regular file.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise NotARegularFile(f"{path} is not a regular file ({e.strerror or e})") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotARegularFile(f"{path} is not a regular file")
+    return fd, st
+
+
 def file_digest(path):
-    """Digest a file on disk.
+    """Digest a regular file on disk (a symbolic link or a special file is refused).
 
     :return: its :class:`FileRecord`.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd, _ = open_regular(path)
     try:
         return _digest_fd(fd)
     finally:
@@ -128,10 +157,9 @@ class Verifier:
         """
         path = os.path.abspath(path)
         if path not in self._digests:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd, st = open_regular(path)
             try:
-                identity = _identity(os.fstat(fd))
-                self._digests[path] = (_digest_fd(fd), identity)
+                self._digests[path] = (_digest_fd(fd), _identity(st))
             finally:
                 os.close(fd)
         return self._digests[path][0]
@@ -139,7 +167,7 @@ class Verifier:
     def matches(self, path, record):
         """Whether the file at ``path`` has the size and digest of ``record`` (the size is compared first)."""
         try:
-            if os.path.abspath(path) not in self._digests and os.stat(path).st_size != record["size"]:
+            if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
                 return False
             actual = self.digest(path)
         except FileNotFoundError:
@@ -150,7 +178,7 @@ class Verifier:
         """Whether ``path`` still names the file that was digested."""
         path = os.path.abspath(path)
         try:
-            return path in self._digests and _identity(os.stat(path)) == self._digests[path][1]
+            return path in self._digests and _identity(os.lstat(path)) == self._digests[path][1]
         except FileNotFoundError:
             return False
 
@@ -159,6 +187,8 @@ class Verifier:
         if size is None:
             try:
                 actual = self.digest(path)
+            except NotARegularFile as e:
+                return str(e)
             except FileNotFoundError:
                 return f"{path}: missing (removed or renamed while it was read)"
             found = f"found {actual.size} bytes with digest {actual.digest}"

@@ -20,7 +20,7 @@ from experiment_io import (
     setup_training,
     train_model,
 )
-from experiment_io import verification
+from experiment_io import storage, verification
 from experiment_io.generations import Search
 from experiment_io.controllers import TrainingPosition
 from experiment_io.generations import RunWriter
@@ -98,6 +98,14 @@ def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batc
     tm, controller, tracker = setup_training(tm, params)
     train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(directory))
     return tm, controller, tracker, database
+
+
+def rewrite_manifest(directory, edit):
+    """Forge the manifest of ``directory``: ``edit(files)`` changes its records, which are written back
+    with a fresh header and the digest of the new content (as a writer would)."""
+    files = storage.read_manifest(str(directory))[1]
+    edit(files)
+    storage.write_manifest(str(directory), files)
 
 
 def find_generations(directory, name, files):
@@ -262,5 +270,5 @@ def sigkill_after(body, seconds):
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
     "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
-    "record_torch_loads", "payload_at", "find_generations", "build_run", "saver",
+    "record_torch_loads", "rewrite_manifest", "payload_at", "find_generations", "build_run", "saver",
 ]

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiment_io import __version__
 from experiment_io import format as fmt
-from experiment_io.errors import ExperimentIOError, FormatVersionError, NotACheckpointError
+from experiment_io.errors import CorruptCheckpointError, ExperimentIOError, FormatVersionError, NotACheckpointError
 
 NAME = "/runs/a/last_checkpoint.pt"
 
@@ -152,6 +153,13 @@ def test_manifest_round_trip():
 def test_manifest_golden_bytes():
     """Pin the wire format: sorted keys, one-space indent, UTF-8 JSON."""
     data = fmt.manifest_to_bytes({"b.pt": {"size": 2, "digest": "xxh3_128:02"}, "a.pt": {"size": 1, "digest": "xxh3_128:01"}})
+    # the manifest's own digest: xxh3-128 of the compact, key-sorted JSON of its records and its header without it
+    content = (
+        '{"files":{"a.pt":{"digest":"xxh3_128:01","size":1},"b.pt":{"digest":"xxh3_128:02","size":2}},'
+        f'"header":{{"format_version":{fmt.FORMAT_VERSION},"kind":"manifest","library_version":"{__version__}",'
+        f'"torch_version":"{torch.__version__}"}}}}'
+    )
+    digest = "xxh3_128:" + xxhash.xxh3_128(content.encode("utf-8")).hexdigest()
     expected = (
         '{\n'
         ' "files": {\n'
@@ -165,6 +173,7 @@ def test_manifest_golden_bytes():
         '  }\n'
         ' },\n'
         ' "header": {\n'
+        f'  "digest": "{digest}",\n'
         f'  "format_version": {fmt.FORMAT_VERSION},\n'
         '  "kind": "manifest",\n'
         f'  "library_version": "{__version__}",\n'
@@ -197,7 +206,7 @@ def test_manifest_bytes_do_not_depend_on_insertion_order():
     b'{"header": {"kind": "manifest", "format_version": "1"}, "files": {}}',
 ], ids=lambda d: repr(d[:24]))
 def test_manifest_from_garbage(data):
-    with pytest.raises(NotACheckpointError) as info:
+    with pytest.raises(CorruptCheckpointError) as info:
         fmt.manifest_from_bytes(data, "/runs/a/experiment_manifest.json")
     assert "/runs/a/experiment_manifest.json" in str(info.value)
     assert not isinstance(info.value, FormatVersionError)
@@ -225,7 +234,8 @@ _records = st.fixed_dictionaries(
     optional={"epochs_done": st.integers(0, 10 ** 6), "step": st.integers(0, 10 ** 9), "written_at": st.floats(0, 2e9),
               "kind": st.sampled_from(sorted(fmt.KINDS)), "extra": _scalars},
 )
-_files = st.dictionaries(st.text(min_size=1, max_size=30), _records, max_size=8)
+_names = st.text(min_size=1, max_size=30).filter(lambda n: n not in (".", "..") and not set(n) & {"/", "\\", "\0"})
+_files = st.dictionaries(_names, _records, max_size=8)
 _reserved = {"kind", "format_version", "library_version", "torch_version", "files"}  # "files" is manifest_to_bytes's own parameter
 _fields = st.dictionaries(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(lambda k: k not in _reserved),
@@ -250,10 +260,10 @@ def test_manifest_round_trip_property(files, fields):
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=200))
 def test_manifest_from_random_bytes_never_crashes_otherwise(data):
-    """Fuzz: random bytes either parse as a manifest or raise NotACheckpointError."""
+    """Fuzz: random bytes either parse as a manifest or raise CorruptCheckpointError."""
     try:
         header, files = fmt.manifest_from_bytes(data, "m.json")
-    except NotACheckpointError:
+    except CorruptCheckpointError:
         return
     assert isinstance(header, dict) and isinstance(files, dict)
 
@@ -267,7 +277,7 @@ def test_manifest_from_random_json_never_crashes_otherwise(doc):
     data = json.dumps(doc).encode("utf-8")
     try:
         fmt.manifest_from_bytes(data, "m.json")
-    except NotACheckpointError:
+    except CorruptCheckpointError:
         pass
 
 

@@ -19,7 +19,7 @@ from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.errors import ExperimentIOError
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import make_database, train_tiny_run
+from helpers import rewrite_manifest, make_database, train_tiny_run
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -41,12 +41,8 @@ def fresh_copy(template, tmp_path_factory):
 
 def vouch(directory, name):
     """Rewrite the manifest so that it describes the (fuzzed) file ``name``."""
-    path = os.path.join(directory, storage.MANIFEST_NAME)
-    with open(path) as f:
-        doc = json.load(f)
-    doc["files"][name].update(verification.file_digest(os.path.join(directory, name)).as_dict())
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    rewrite_manifest(directory, lambda files: files[name].update(
+        verification.file_digest(os.path.join(directory, name)).as_dict()))
 
 
 def mutate(data, edits, cut):

@@ -243,7 +243,7 @@ def test_best_model_without_best_model_file(run, trained):
 
 def test_damaged_manifest(run):
     (run / storage.MANIFEST_NAME).write_bytes(b"{ not json")
-    with pytest.raises(NotACheckpointError) as info:
+    with pytest.raises(CorruptCheckpointError) as info:
         load_last(run)
     assert storage.MANIFEST_NAME in str(info.value)
 
@@ -382,7 +382,7 @@ FAILURES = {
                    IncompatibleCheckpointError),
     "strict, damaged": (damage_last, lambda run: load_last(run, strict=True), CorruptCheckpointError),
     "by path, damaged": (damage_last, lambda run: load_checkpoint(run / STRUCTURE_NAME, run / LAST_NAME), CorruptCheckpointError),
-    "damaged manifest": (damage_manifest, load_last, NotACheckpointError),
+    "damaged manifest": (damage_manifest, load_last, CorruptCheckpointError),
     "newer version": (version_99, load_last, FormatVersionError),
     "model, both locations": (None, lambda run: load_model_from_cwd(map_location="cpu", model_device="cpu", directory=run),
                               DeviceError),

@@ -22,7 +22,7 @@ from experiment_io.errors import StructureClassError, UnsafeCheckpointError
 from experiment_io.format import HEADER_KEY, make_header
 from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
-from helpers import make_database, record_torch_loads, train_tiny_run
+from helpers import rewrite_manifest, make_database, record_torch_loads, train_tiny_run
 
 
 class Gadget:
@@ -53,16 +53,14 @@ def plant_structure(directory, obj):
     path = os.path.join(directory, STRUCTURE_NAME)
     payload = {HEADER_KEY: make_header("structure"), "training_modules": obj, "controller": None, "database": None}
     record = storage.atomic_write(path, lambda f: torch.save(payload, f))
-    manifest_path = os.path.join(directory, storage.MANIFEST_NAME)
-    with open(manifest_path) as f:
-        doc = json.load(f)
-    old = doc["files"][STRUCTURE_NAME]["digest"]
-    doc["files"][STRUCTURE_NAME].update(record.as_dict())
-    for entry in doc["files"].values():
-        if entry.get("structure_digest") == old:
-            entry["structure_digest"] = record.digest
-    with open(manifest_path, "w") as f:
-        json.dump(doc, f)
+    def vouch(files):
+        old = files[STRUCTURE_NAME]["digest"]
+        files[STRUCTURE_NAME].update(record.as_dict())
+        for entry in files.values():
+            if entry.get("structure_digest") == old:
+                entry["structure_digest"] = record.digest
+
+    rewrite_manifest(directory, vouch)
     return path
 
 

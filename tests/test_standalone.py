@@ -27,7 +27,7 @@ from experiment_io.errors import (
 )
 from experiment_io.rng import get_rng_state, set_rng_state
 
-from helpers import assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, sigkill_after, snapshot_directory
+from helpers import rewrite_manifest, assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, sigkill_after, snapshot_directory
 
 torch.set_num_threads(1)
 
@@ -296,10 +296,7 @@ def test_vouched_garbage_raises_a_library_error(tmp_path, data):
     path = tmp_path / "fuzz.pt"
     atomic_save(state(1), path)
     path.write_bytes(data)
-    manifest_path = tmp_path / storage.MANIFEST_NAME
-    doc = json.loads(manifest_path.read_text())
-    doc["files"]["fuzz.pt"].update(verification.file_digest(path).as_dict())
-    manifest_path.write_text(json.dumps(doc))
+    rewrite_manifest(tmp_path, lambda files: files["fuzz.pt"].update(verification.file_digest(path).as_dict()))
     try:
         verified_load(path, strict=True)
     except ExperimentIOError:

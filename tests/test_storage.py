@@ -307,7 +307,7 @@ def test_write_and_read_manifest(tmp_path):
 
 def test_read_damaged_manifest(tmp_path):
     (tmp_path / storage.MANIFEST_NAME).write_bytes(b"\x00\x01 not a manifest")
-    with pytest.raises(NotACheckpointError) as info:
+    with pytest.raises(CorruptCheckpointError) as info:
         storage.read_manifest(tmp_path)
     assert storage.MANIFEST_NAME in str(info.value)
 

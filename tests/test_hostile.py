@@ -1,0 +1,197 @@
+"""Hostile run directories: planted links, special files, forged manifests. Nothing followed, nothing hangs."""
+import contextlib
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd, storage, verified_load
+from experiment_io.cli import main
+from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, ExperimentIOError
+from experiment_io.lock import LOCK_NAME
+from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
+
+from helpers import rewrite_manifest, train_tiny_run
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail instead of hanging."""
+    def expired(signum, frame):
+        raise AssertionError(f"still running after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def run(saved_run, tmp_path):
+    """A copy of a trained run directory and its database."""
+    import shutil
+    directory, database = saved_run
+    shutil.copytree(directory, tmp_path / "run")
+    return tmp_path / "run", database
+
+
+def every_reader(directory, database):
+    """Each loader and CLI command on ``directory``; yields what each returned or raised."""
+    for name, call in (
+        ("load_checkpoint_from_cwd", lambda: load_checkpoint_from_cwd(directory=str(directory), database=database)),
+        ("load_model_from_cwd", lambda: load_model_from_cwd(directory=str(directory))),
+        ("verify", lambda: main(["verify", str(directory)])),
+        ("info", lambda: main(["info", str(directory)])),
+        ("metrics", lambda: main(["metrics", str(directory)])),
+    ):
+        try:
+            yield name, call()
+        except ExperimentIOError as e:
+            yield name, e
+
+
+def test_a_planted_lock_link_destroys_nothing(tmp_path):
+    victim = tmp_path / "important.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(victim, run / LOCK_NAME)
+    with pytest.raises(CheckpointWriteError, match="symbolic link"):
+        train_tiny_run(run)
+    assert victim.read_text() == "precious"
+
+
+def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    monkeypatch.setattr(storage.secrets, "token_hex", lambda n: "0" * (2 * n))
+    target = tmp_path / "ckpt.pt"
+    os.symlink(victim, storage._temporary_path(str(target)))
+    with pytest.raises(CheckpointWriteError):
+        storage.atomic_write_bytes(target, b"new bytes")
+    assert victim.read_text() == "precious" and not target.exists()
+
+
+def test_a_target_name_of_255_bytes_is_written(tmp_path):
+    name = "c" * 252 + ".pt"
+    assert storage.atomic_write_bytes(tmp_path / name, b"x").size == 1
+
+
+def test_a_write_into_a_removed_directory_says_so(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    os.rmdir(gone)
+    with pytest.raises(CheckpointWriteError, match="no longer exists"):
+        storage.atomic_write_bytes(gone / "a.pt", b"x")
+
+
+def test_a_flipped_bit_in_the_manifest_is_detected(run):
+    directory, database = run
+    path = directory / storage.MANIFEST_NAME
+    text = path.read_text()
+    at = text.index('"step": ') + len('"step": ')
+    path.write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1:])  # a step value changed by one digit
+    with pytest.raises(CorruptCheckpointError, match="digest of its own content"):
+        load_checkpoint_from_cwd(directory=str(directory), database=database)
+    assert main(["verify", str(directory)]) == 1
+
+
+@pytest.mark.parametrize("field, value", [("step", None), ("step", "24"), ("step", [1]), ("size", -1),
+                                          ("written_at", float("inf")), ("kind", {"a": 1})])
+def test_a_forged_manifest_value_is_a_corrupt_checkpoint_naming_the_field(run, field, value):
+    directory, database = run
+    doc = json.loads((directory / storage.MANIFEST_NAME).read_text())
+    doc["files"][LAST_NAME][field] = value
+    del doc["header"]["digest"]  # a forger who knows to drop the digest
+    (directory / storage.MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match=repr(field)):
+        load_checkpoint_from_cwd(directory=str(directory), database=database)
+
+
+@pytest.mark.parametrize("content", [b"[" * 100000, b'{"header": ' * 50000])
+def test_deeply_nested_manifest_json(run, content):
+    directory, database = run
+    (directory / storage.MANIFEST_NAME).write_bytes(content)
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint_from_cwd(directory=str(directory), database=database)
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../../../../etc/passwd", "..", "a/b.pt"])
+def test_manifest_names_outside_the_directory_are_refused(run, name):
+    directory, database = run
+    rewrite_manifest(directory, lambda files: files.update({name: {"size": 1, "digest": "xxh3_128:00"}}))
+    with deadline(20):
+        for command, outcome in every_reader(directory, database):
+            assert isinstance(outcome, (ExperimentIOError, int)), (command, outcome)
+            if isinstance(outcome, int):
+                assert outcome == 1, command
+
+
+def special_file(kind, path):
+    if kind == "symlink to /dev/zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "symlink loop":
+        os.symlink(path, path)
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "directory", "symlink loop"])
+@pytest.mark.parametrize("name", [LAST_NAME, BEST_MODEL_NAME, storage.MANIFEST_NAME])
+def test_special_files_are_never_read_and_nothing_hangs(run, kind, name):
+    directory, database = run
+    os.remove(directory / name)
+    special_file(kind, directory / name)
+    before = {n: (directory / n).read_bytes() for n in os.listdir(directory) if (directory / n).is_file()
+              and not (directory / n).is_symlink()}
+    started = time.monotonic()
+    with deadline(30):
+        for command, outcome in every_reader(directory, database):
+            assert not isinstance(outcome, Exception) or isinstance(outcome, ExperimentIOError), (command, outcome)
+    assert time.monotonic() - started < 30
+    after = {n: (directory / n).read_bytes() for n in before}
+    assert after == before, "a reader modified a file"
+
+
+def test_verified_load_of_a_special_file(tmp_path):
+    from experiment_io import atomic_save
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"w": torch.ones(3)}, path)
+    os.remove(path)
+    os.mkfifo(path)
+    with deadline(10), pytest.raises(ExperimentIOError):
+        verified_load(path)
+
+
+def test_a_manifest_that_is_a_directory(run):
+    directory, database = run
+    os.remove(directory / storage.MANIFEST_NAME)
+    os.mkdir(directory / storage.MANIFEST_NAME)
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint_from_cwd(directory=str(directory), database=database)
+
+
+def test_cli_metrics_on_a_file_the_manifest_vouches_for_prints_an_error(run, capsys):
+    directory, _ = run
+    path = directory / LAST_NAME
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    from experiment_io import verification
+    rewrite_manifest(directory, lambda files: files[LAST_NAME].update(verification.file_digest(path).as_dict()))
+    assert main(["metrics", str(directory)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "Traceback" not in captured.err
+
+
+def test_info_survives_absurd_times(run, capsys):
+    directory, _ = run
+    rewrite_manifest(directory, lambda files: files[LAST_NAME].update(written_at=1e300))
+    assert main(["info", str(directory)]) == 0
+    assert LAST_NAME in capsys.readouterr().out
