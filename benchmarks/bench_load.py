@@ -17,7 +17,7 @@ from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
 from fixtures import build_run, tensors_of, tiny_database, touch
 
 NAME = "load"
-OUR_MODEL = "load_model_from_cwd() + touch"
+OUR_MODEL = "load_model_from_cwd(mmap=True) + touch"
 MMAP_BEST = "torch.load(best_model.pt, mmap=True) + touch"
 MMAP_MODEL = "torch.load(mmap=True) + touch, structure and best_model"
 PLAIN_MODEL = "torch.load(structure) + torch.load(best_model) (plain)"
@@ -35,7 +35,7 @@ def load_methods(run):
     files = {name: os.path.join(run, name) for name in (STRUCTURE_NAME, LAST_NAME, BEST_MODEL_NAME)}
 
     def our_model():
-        model = load_model_from_cwd(directory=run)
+        model = load_model_from_cwd(directory=run, mmap=True)
         touch(model.state_dict().values())
 
     def our_checkpoint():

@@ -17,7 +17,7 @@ from fixtures import build_run, make_state, state_payload, tiny_database
 
 NAME = "memory"
 KINDS = {"sync": "synchronous save", "async": "async_save (staging copy + background write)",
-         "load_model": "load_model_from_cwd()", "load_checkpoint": "load_checkpoint_from_cwd() (last holds 2 states)"}
+         "load_model": "load_model_from_cwd(mmap=True)", "load_checkpoint": "load_checkpoint_from_cwd() (last holds 2 states)"}
 
 
 def child(kind, directory, size):
@@ -37,7 +37,7 @@ def child(kind, directory, size):
         database = tiny_database()
         with harness.PeakSampler() as peak:
             if kind == "load_model":
-                load_model_from_cwd(directory=directory)
+                load_model_from_cwd(directory=directory, mmap=True)
             else:
                 load_checkpoint_from_cwd(directory=directory, database=database, restore_rng=False)
     return peak.as_dict()

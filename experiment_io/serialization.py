@@ -238,7 +238,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
 def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, directory: Optional[PathLike] = None,
                         strict: bool = False, allow: Sequence = (), trusted: bool = False,
-                        mmap: bool = True) -> torch.nn.Module:
+                        mmap: bool = False) -> torch.nn.Module:
     """Load the best model of the run in the current directory, ready for prediction.
 
     The model comes from the structure file with the weights of ``best_model.pt``; if
@@ -249,12 +249,16 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
     :param map_location: as for :func:`torch.load`.
     :param model_device: ``'cpu'``, ``'cuda:N'`` or ``'auto'``; not with ``map_location``.
     :param strict: raise at the first file that does not verify instead of falling back.
-    :param mmap: on the CPU, leave the weights in the verified file's memory map
-        (private, copy-on-write: changing them never changes the file, and
-        processes that load the same model share its pages); the file stays
-        mapped, and its disk space in use after a writer replaces it, while the
-        model lives. ``False`` copies them into memory of their own. Weights
-        moved to a GPU never refer to the file.
+    :param mmap: ``False`` (default): the weights get memory of their own, and the
+        model does not depend on the file after the load. ``True``: on the CPU, the
+        weights stay in the verified file's memory map (private, copy-on-write:
+        changing them never changes the file, and processes that load the same
+        model share its pages), which saves a copy; but the file then stays mapped
+        while the model lives, and the model sees whatever later changes the file in
+        place (``cp other.pt best_model.pt``, ``rsync --inplace``, a ``torch.save`` to
+        that path), and a file truncated meanwhile kills the process with SIGBUS.
+        experiment_io itself never changes a file in place. Weights moved to a GPU
+        never refer to the file.
     :return: the :class:`torch.nn.Module`.
     """
     check_location_args(map_location, model_device)

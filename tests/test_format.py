@@ -236,7 +236,7 @@ _records = st.fixed_dictionaries(
 )
 _names = st.text(min_size=1, max_size=30).filter(lambda n: n not in (".", "..") and not set(n) & {"/", "\\", "\0"})
 _files = st.dictionaries(_names, _records, max_size=8)
-_reserved = {"kind", "format_version", "library_version", "torch_version", "files"}  # "files" is manifest_to_bytes's own parameter
+_reserved = {"kind", "format_version", "library_version", "torch_version", "files", "digest"}  # "files" is manifest_to_bytes's own parameter
 _fields = st.dictionaries(
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(lambda k: k not in _reserved),
     _scalars, max_size=4,

@@ -195,3 +195,17 @@ def test_info_survives_absurd_times(run, capsys):
     rewrite_manifest(directory, lambda files: files[LAST_NAME].update(written_at=1e300))
     assert main(["info", str(directory)]) == 0
     assert LAST_NAME in capsys.readouterr().out
+
+
+def test_a_loaded_model_does_not_change_when_the_file_is_changed_in_place(run):
+    directory, _ = run
+    model = load_model_from_cwd(directory=str(directory))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = directory / BEST_MODEL_NAME
+    with open(path, "r+b") as f:  # an in-place rewrite (rsync --inplace, cp over the file)
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(b ^ 0xFF for b in data))
+    os.truncate(path, 10)  # would be SIGBUS for a mapped model
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
