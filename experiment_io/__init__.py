@@ -21,7 +21,9 @@ from .training import train_model
 from .training_modules import Evaluator, TrainingModules
 from .trust import register_safe_classes
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# No NullHandler: with no logging configured, Python prints WARNING and above to
+# stderr (logging.lastResort), so a fallback to an older checkpoint, a signal or a
+# superseded run is never invisible; configure logging to route or silence it.
 
 __all__ = [
     "__version__",

@@ -9,7 +9,9 @@
 
 Everything here reads state files with ``torch.load(weights_only=True)`` and never
 opens the structure file, so it is safe on a run directory of unknown origin.
-Exit status: 0 when all is well, 1 when a check fails, 2 for bad usage.
+Exit status: 0 when all is well, 1 when a check fails (for ``verify``: a file
+without any intact generation), 2 for bad usage, 3 when ``verify`` finds a file
+whose committed generation is lost while an older one is intact.
 """
 import argparse
 import datetime
@@ -65,7 +67,7 @@ def cmd_info(args):
 def cmd_verify(args):
     files = _manifest(args.directory)
     verifier = Verifier(os.path.abspath(args.directory), files)
-    failures = 0
+    failures = rollbacks = 0
     for role in _roles(files):
         generations, problems = Search(verifier, [role]).all()
         for path, record in generations:
@@ -75,11 +77,18 @@ def cmd_verify(args):
             print(f"DAMAGED  {problem}")
         if not generations:
             failures += 1
+        elif role in files and not any(record is files[role] for _, record in generations):
+            rollbacks += 1
+            print(f"OLDER    {role}: its committed generation (step {files[role].get('step', '-')}) is missing or "
+                  "damaged; only an older one is intact, and a load goes back to it")
     for name in _uncommitted(args.directory, files):
         print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save replaces it)")
     if failures:
         print(f"{failures} file(s) without any intact generation")
         return 1
+    if rollbacks:
+        print(f"{rollbacks} file(s) whose committed generation is lost: a load would go back to an older one")
+        return 3
     print("every file has an intact generation")
     return 0
 

@@ -117,7 +117,7 @@ class Search:
 
     def __init__(self, verifier: verification.Verifier, roles: Sequence[Role | str], strict: bool = False, *,
                  newest_first: bool = False):
-        self.verifier, self.strict, self.problems = verifier, strict, []
+        self.verifier, self.strict, self.problems, self.newest_first = verifier, strict, [], newest_first
         #: files of the roles that no committed save wrote (left by a save killed before its commit)
         self.uncommitted = []
         self.roles = [_as_role(r) for r in roles]
@@ -182,6 +182,12 @@ class Search:
                 self._reported[path] = True
                 self.report(verifier.describe(path, verifier.files.get(os.path.basename(path))))
 
+    def _newest_committed(self):
+        """The newest record the manifest commits for the roles' names (``None`` when it has none)."""
+        records = [self.verifier.files[r.name] for r in self.roles
+                   if r.generation is not Generation.PREVIOUS and r.name in self.verifier.files]
+        return max(records, key=lambda r: r.get("step", 0), default=None)
+
     def all(self) -> tuple:
         """Verify every candidate: ``([(path, record)], problems)``, best first."""
         found = list(self)
@@ -203,6 +209,11 @@ class Search:
                     raise IncompatibleCheckpointError(f"{problem} (strict=True).")
                 self.report(problem)
                 continue
+            newest = self._newest_committed() if self.newest_first else None
+            if newest is not None and record.get("step", 0) < newest.get("step", 0):
+                self.report(f"the committed generation (step {newest.get('step')}) is missing or damaged; an older "
+                            f"one (step {record.get('step', 0)}) is used: the run goes back "
+                            f"{newest.get('step', 0) - record.get('step', 0)} step(s)")
             if self.problems:
                 log.warning("using %s; skipped: %s", path, "; ".join(self.problems))
             return Pick(path, record, tuple(self.problems))

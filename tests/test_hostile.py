@@ -209,3 +209,29 @@ def test_a_loaded_model_does_not_change_when_the_file_is_changed_in_place(run):
     os.truncate(path, 10)  # would be SIGBUS for a mapped model
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def rollback_by_copy(directory):
+    import shutil
+    shutil.copy(directory / "last_checkpoint.prev.pt", directory / LAST_NAME)  # a restore of an older copy
+
+
+def test_a_silent_rollback_is_loud(run, capsys):
+    directory, database = run
+    committed = storage.read_manifest(str(directory))[1][LAST_NAME]["step"]
+    rollback_by_copy(directory)
+    script = ("import sys; sys.path.insert(0, %r); import helpers\n"
+              "from experiment_io import load_checkpoint_from_cwd\n"
+              "check = load_checkpoint_from_cwd(directory=%r, database=helpers.make_database())\n"
+              "print('STEP', check['controller'].position.step)\n") % (os.path.dirname(__file__), str(directory))
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = int(proc.stdout.split("STEP")[1])
+    assert loaded < committed
+    assert "older one" in proc.stderr and f"step {committed}" in proc.stderr  # seen with no logging configured
+    assert main(["verify", str(directory)]) == 3
+    assert "OLDER" in capsys.readouterr().out
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True)
