@@ -4,7 +4,6 @@ The public API is the names in ``__all__``, importable from the package itself.
 Everything else lives in internal modules (documented on the architecture page)
 whose names may change; :mod:`experiment_io.errors` is public too.
 """
-import logging
 
 from .version import __version__
 from .controllers import Controller, PatienceController, TrainingPosition

@@ -46,8 +46,10 @@ read the previous file again to rotate it.
 Readers take no lock; a load that runs while another process saves the same file
 may fall back to the previous generation or, rarely, fail; load again.
 """
+import atexit
 import logging
 import os
+import sys
 import pickle
 import threading
 from typing import Optional, Union
@@ -219,6 +221,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_defaults_in_child)
 
 
+def _report_unwaited_failure():
+    """At exit: an asynchronous save that failed and that nobody waited for is shown on stderr."""
+    background = _default_async._background
+    error = getattr(background, "_error", None) if background is not None else None
+    if error is not None:
+        sys.stderr.write(f"experiment_io: the asynchronous save of {background._description} failed and nothing "
+                         f"waited for it (PendingSave.wait() or a later atomic_save): {error!r}. The previous "
+                         "generation of the file is intact.\n")
+
+
+atexit.register(_report_unwaited_failure)
+
+
 def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
     """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
@@ -242,7 +257,8 @@ def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False)
     first waits for it to commit, and raises its error if it failed (unless
     :meth:`PendingSave.wait` raised it already). The process
     does not exit before the save in flight has committed (the thread is not a
-    daemon), and an error of a save nobody waited for is logged.
+    daemon); an error of a save nobody waited for is logged when it happens and
+    written to stderr again when the process exits.
 
     :param obj: the object to save.
     :param path: the file to write; its directory is created if missing. The

@@ -5,6 +5,8 @@ import os
 import random
 import runpy
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -477,3 +479,18 @@ def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
         loads += 1
     writer.join()
     assert loads > 0
+
+
+@pytest.mark.slow
+def test_an_async_error_nobody_waited_for_is_shown_at_exit(tmp_path):
+    script = (
+        "import os\n"
+        "from experiment_io import atomic_save, storage\n"
+        "def full(step, path):\n"
+        "    if step == 'written':\n"
+        "        raise OSError(28, 'No space left on device')\n"
+        "hook = storage.observe_write_steps(full); hook.__enter__()\n"
+        f"atomic_save({{'x': 1}}, {str(tmp_path / 'a.pt')!r}, async_save=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "nothing waited for it" in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
