@@ -13,6 +13,7 @@ start over (:func:`until_stable`).
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -41,8 +42,9 @@ class Replaced(Exception):
     """A file was replaced (by a writer) between its verification and its load."""
 
 
-#: How many times a load starts over when files it read were replaced meanwhile.
-_ATTEMPTS = 5
+#: How many times a load starts over when files it read were replaced meanwhile
+#: (waiting a little longer each time, to let a writer's save end).
+_ATTEMPTS = 10
 
 
 def until_stable(load, directory=None):
@@ -54,7 +56,7 @@ def until_stable(load, directory=None):
         it had read.
     """
     replaced = None
-    for _ in range(_ATTEMPTS):
+    for attempt in range(_ATTEMPTS):
         before = storage.manifest_identity(directory) if directory is not None else None
         try:
             return load()
@@ -65,6 +67,7 @@ def until_stable(load, directory=None):
                 raise
             replaced = os.path.join(directory, storage.MANIFEST_NAME)
         log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
+        time.sleep(0.005 * attempt)
     raise CorruptCheckpointError(
         f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a process keeps "
         "writing into the run directory. Load again when it pauses (or load the files of a copy of the directory)."

@@ -463,12 +463,19 @@ def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
     atomic_save(state(0, n=4096), path)
     done = threading.Event()
 
+    failures = []
+
     def write():
         from experiment_io import AtomicSaver
         saver = AtomicSaver()  # its own writer, as another process would have
-        for step in range(1, 150):
-            saver.save(state(step, n=4096), path)
-        done.set()
+        try:
+            for step in range(1, 100):
+                saver.save(state(step, n=4096), path)
+                time.sleep(0.002)  # a training step between saves
+        except BaseException as e:  # reported by the test below
+            failures.append(e)
+        finally:
+            done.set()
 
     writer = threading.Thread(target=write)
     writer.start()
@@ -478,6 +485,7 @@ def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
         assert_bitwise_equal(loaded, state(loaded["step"], n=4096))
         loads += 1
     writer.join()
+    assert not failures, failures
     assert loads > 0
 
 
