@@ -55,13 +55,14 @@ class RunCheckpointer:
     :param resuming: keep an intact structure file of the run instead of writing one.
     :param async_save: ``False``, ``True`` or ``"copy"``.
     :param distribution: the run's :class:`~experiment_io.distributed.Distribution`.
+    :param lock: the run's :class:`~experiment_io.RunLock` (checked before each save).
     """
 
     def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, async_save=False,
-                 distribution=SINGLE):
+                 distribution=SINGLE, lock=None):
         self.training_modules, self.controller = training_modules, controller
         self.metric_tracker, self.database = metric_tracker, database
-        self.distribution = distribution
+        self.distribution, self.lock = distribution, lock
         self.writer = self.background = None
         self.overlap = async_save is True
         distribution.on_writer(lambda: self._start(directory, resuming, async_save))
@@ -109,6 +110,8 @@ class RunCheckpointer:
 
     def _write(self, epoch_files, rng_states):
         """Rank 0: build the payloads and write them (or hand them to the background writer)."""
+        if self.lock is not None:
+            self.lock.check()  # never write a directory whose lock another process may hold now
         position = self.controller.position
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
                                      self.structure_digest, rng_states)

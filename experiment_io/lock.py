@@ -5,6 +5,7 @@ import os
 import socket
 import stat
 import time
+import weakref
 from typing import Union
 
 from .errors import CheckpointWriteError, RunLockedError
@@ -25,12 +26,43 @@ class RunLock:
     without any guessing. The file records the holder's pid and host for the error
     that a second writer gets.
 
+    A process forked while the lock is held (a DataLoader worker) does not keep it:
+    the child closes its copy at once, so the lock goes when its holder dies, even if
+    the child lives on. :meth:`check` tells whether the lock file is still the one
+    locked: a lock file removed while held (a "stale lock" clean-up) would let a
+    second process lock a new file; the holder then stops at its next save.
+
+    On NFS v4 and Lustre (with ``flock`` mounted) the lock works across nodes; on
+    file systems that ignore ``flock`` it does not protect, and nothing tells.
+
     :param directory: the run directory.
     """
+
+    _held = weakref.WeakSet()  # the locks this process holds, closed in forked children
 
     def __init__(self, directory: Union[str, os.PathLike]):
         self.path = os.path.join(directory, LOCK_NAME)
         self._fd = None
+        self._identity = None
+
+    def check(self) -> None:
+        """Make sure this process still holds the run's lock.
+
+        :raises RunLockedError: when the lock file was removed or replaced while held:
+            another process may be writing the run directory now.
+        """
+        if self._fd is None:
+            return
+        try:
+            current = os.lstat(self.path)
+            same = (current.st_dev, current.st_ino) == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise RunLockedError(
+                f"the run lock {self.path} was removed or replaced while this process held it (a clean-up of "
+                "'stale' locks?): another process may be training in this directory now, so this one stops "
+                "before writing. Make sure one job trains there, then resume from the last checkpoint.")
 
     def acquire(self) -> "RunLock":
         """Take the lock.
@@ -67,7 +99,9 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
-        self._fd = fd
+        st = os.fstat(fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+        RunLock._held.add(self)
         return self
 
     @staticmethod
@@ -86,9 +120,26 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            RunLock._held.discard(self)
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _forget_locks_in_child():
+    """A forked child closes its copies of the parent's lock files: the lock stays the parent's alone."""
+    for lock in list(RunLock._held):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+            lock._fd = None
+    RunLock._held = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -126,6 +127,7 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
+            _active.add(self)
         elif self.signals:
             log.info("train_model runs outside the main thread: no signal handlers installed")
         return self
@@ -134,6 +136,7 @@ class Preemption:
         for s, handler in self._previous.items():
             signal.signal(s, signal.SIG_IGN if s == signal.SIGTERM and self._ignore_sigterm else handler)
         self._previous.clear()
+        _active.discard(self)
 
     def finish(self, stop: Stop, *, requeuer: bool = True) -> None:
         """Act on how training stopped: requeue and exit after a scheduler signal, as configured.
@@ -150,6 +153,22 @@ class Preemption:
         if self.exit_on_preemption:
             log.warning("%s: checkpoint saved, exiting with status %d", stop.text, PREEMPTED_EXIT_CODE)
             raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+_active = weakref.WeakSet()  # the Preemption contexts in force in this process
+
+
+def _default_signals_in_child():
+    """A forked child (a DataLoader worker) does not inherit "save and stop": its signals act as before."""
+    for preemption in list(_active):
+        for s, handler in preemption._previous.items():
+            signal.signal(s, handler)
+        preemption._previous.clear()
+    _active.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 def requeue_under_slurm() -> None:

@@ -110,7 +110,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     # still ends in a checkpoint and the documented exit status
     with preemption, contextlib.ExitStack() as stack:
         distribution = join(module_device(training_modules.model))
-        distribution.on_writer(lambda: stack.enter_context(RunLock(_made(directory))))
+        lock = distribution.on_writer(lambda: stack.enter_context(RunLock(_made(directory))))
         position = controller.position
         resuming = controller.current_epoch > 0 or position.samples_done > 0
         if resuming:
@@ -122,7 +122,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 f"sample {position.samples_done}, step {position.step}): every rank must load the same checkpoint. "
                 "Keep the run directory on a file system all nodes see, and start or resume every rank alike.")
         checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
-                                       resuming=resuming, async_save=async_save, distribution=distribution)
+                                       resuming=resuming, async_save=async_save, distribution=distribution, lock=lock)
         loop = _Loop(training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
                      quiet or not distribution.writer, distribution)
         with checkpointer.committing():

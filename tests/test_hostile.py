@@ -14,7 +14,7 @@ from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, E
 from experiment_io.lock import LOCK_NAME
 from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
 
-from helpers import rewrite_manifest, train_tiny_run
+from helpers import make_database, rewrite_manifest, train_tiny_run
 
 
 @contextlib.contextmanager
@@ -235,3 +235,59 @@ def test_a_silent_rollback_is_loud(run, capsys):
     assert "OLDER" in capsys.readouterr().out
     with pytest.raises(CorruptCheckpointError):
         load_checkpoint_from_cwd(directory=str(directory), database=database, strict=True)
+
+
+def test_a_lock_removed_while_held_stops_the_holder_before_it_writes(tmp_path):
+    from experiment_io import SetupParams, setup_training, train_model
+    from experiment_io.errors import RunLockedError
+    from helpers import make_training_modules
+
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=16,
+                                                                                  max_epochs=2))
+    batches = []
+
+    def clean_up_stale_lock(*_):
+        batches.append(1)
+        if len(batches) == 3:
+            os.remove(tmp_path / LOCK_NAME)  # someone's "stale lock" clean-up
+
+    with pytest.raises(RunLockedError, match="removed or replaced"):
+        train_model(tm, make_database(), controller, tracker, None, [clean_up_stale_lock], quiet=True,
+                    directory=str(tmp_path), checkpoint_every_batches=4)
+    assert storage.read_manifest(str(tmp_path))[1].get(LAST_NAME) is None  # nothing written after the loss
+
+
+@pytest.mark.slow
+def test_a_forked_child_neither_keeps_the_lock_nor_the_stop_handler(tmp_path):
+    """The trainer forks a worker and is SIGKILLed: the lock is free; SIGTERM ends the worker at once."""
+    import subprocess
+    import sys
+    script = (
+        "import os, signal, sys, time\n"
+        "from experiment_io import RunLock\n"
+        "from experiment_io.preemption import Preemption\n"
+        f"lock = RunLock({str(tmp_path)!r}).acquire()\n"
+        "with Preemption():\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(60); os._exit(0)\n"
+        "    print(child, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        from experiment_io import RunLock
+        RunLock(str(tmp_path)).acquire().release()  # free although the child lives
+        os.kill(child, signal.SIGTERM)  # the default action: the worker ends (it would ignore it with the handler)
+        with pytest.raises(ProcessLookupError):
+            for _ in range(50):
+                os.kill(child, 0)
+                time.sleep(0.1)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
