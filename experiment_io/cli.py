@@ -27,7 +27,7 @@ from .errors import ExperimentIOError
 from .generations import Search, base_name, previous_name
 from .metric_tracker import MetricTracker
 from .payloads import BEST_NAME, LAST_NAME
-from .verification import Verifier
+from .verification import Verifier, check_archive
 from .version import __version__
 
 __all__ = ["main"]
@@ -105,6 +105,7 @@ def _newest_tracker(directory):
         generations, _ = Search(verifier, [name]).all()
         if generations:
             path = generations[0][0]
+            check_archive(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
             return MetricTracker.from_state_dict(state["metric_tracker"]), path
     raise ExperimentIOError(f"{directory} holds no intact checkpoint")

@@ -43,7 +43,10 @@ def resolve(name: str, importable=()):
             continue
         obj = module
         for attr in parts[cut:]:
-            if not hasattr(obj, attr):
+            if attr not in getattr(obj, "__dict__", {}) and not hasattr(type(obj), attr):
+                if cut < len(parts) - 1:  # maybe a submodule that is not imported: never imported for a file
+                    return None, (f"its module {'.'.join(parts[:-1])} is neither imported nor allowed "
+                                  "(it was not imported)")
                 return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
             obj = getattr(obj, attr)
         return obj, None

@@ -63,7 +63,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpo
 from .generations import RunWriter, Search, is_previous_name, previous_name
 from .lock import LOCK_NAME
 from .reading import Replaced, until_stable
-from .verification import FileRecord, Verifier
+from .verification import FileRecord, Verifier, check_archive
 from .version import __version__
 
 __all__ = ["AtomicSaver", "PendingSave", "atomic_save", "rank_zero_save", "verified_load"]
@@ -369,6 +369,12 @@ def _load_once(path, directory, name, map_location, strict):
         )
     verifier = Verifier(directory, files)
     chosen = _pick(path, verifier, name, strict)
+    try:
+        check_archive(chosen)
+    except NotACheckpointError:
+        if not verifier.unchanged(chosen):
+            raise Replaced(chosen) from None
+        raise
     try:
         loaded = torch.load(chosen, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

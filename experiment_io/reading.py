@@ -23,7 +23,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, Incompatibl
 from .generations import Search, base_name, previous_name
 from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from .trust import load_structure
-from .verification import Verifier
+from .verification import Verifier, check_archive
 
 __all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
            "check_pairing", "pick_structure_and_state", "until_stable", "Replaced"]
@@ -108,6 +108,7 @@ def verified_record(path, verify, verifier=None):
 
 
 def torch_load(path, map_location, *, mmap=False):
+    check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a foreign or damaged file

@@ -27,6 +27,7 @@ import torch
 from .controllers import Controller
 from .errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
 from .names import qualified_name, resolve
+from .verification import check_archive
 from .training_modules import Evaluator, TrainingModules
 
 __all__ = ["register_safe_classes", "admitted_globals", "load_structure"]
@@ -44,7 +45,7 @@ _FAMILIES = (
 )
 _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedDict, collections.defaultdict,
                          collections.Counter, collections.deque})
-_IMPORTABLE_ROOTS = ("torch", "experiment_io")
+_IMPORTABLE_ROOTS = ()  # nothing is imported for a file but what the user allows
 _registered = set()
 
 
@@ -120,6 +121,7 @@ def load_structure(path, *, allow=(), trusted=False, digest=None):
     :param digest: the file's digest, for the log.
     :return: the unpickled payload.
     """
+    check_archive(path)
     if trusted:
         log.warning("loading %s (digest %s) with full pickle because trusted=True was given", path, digest)
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -8,11 +8,15 @@ can prove that the file it then reads is the one it verified.
 import mmap
 import os
 import stat
+import zipfile
 from dataclasses import dataclass
 
 import xxhash
 
-__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "open_regular", "NotARegularFile", "Verifier"]
+from .errors import NotACheckpointError
+
+__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "open_regular", "NotARegularFile", "Verifier",
+           "check_archive"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
@@ -197,3 +201,26 @@ class Verifier:
         if record is None:
             return f"{path}: {found}, which no manifest record describes"
         return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
+
+
+def check_archive(path):
+    """Refuse a ``torch.save`` archive that could cost more to open than its size.
+
+    experiment_io writes every record of an archive uncompressed. A record that is
+    compressed, or that claims more bytes than the whole file holds (a deflate bomb),
+    is refused before anything is decompressed. Only the archive's directory, at
+    its end, is read.
+
+    :raises NotACheckpointError: naming the file and the record.
+    """
+    try:
+        fd, st = open_regular(path)
+        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
+            records, size = archive.infolist(), st.st_size
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise NotACheckpointError(f"{path} is not a torch.save archive that experiment_io wrote ({e}).") from e
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            raise NotACheckpointError(
+                f"{path}: the record {record.filename!r} is compressed or claims {record.file_size} bytes in a file of "
+                f"{size}: experiment_io never writes such records; the file is refused without being decompressed.")

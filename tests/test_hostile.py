@@ -291,3 +291,70 @@ def test_a_forked_child_neither_keeps_the_lock_nor_the_stop_handler(tmp_path):
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_decompressed(run):
+    import zipfile
+    directory, database = run
+    path = directory / LAST_NAME
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (64 * 1024 * 1024))  # 64 MiB of zeros in a few KB
+    assert path.stat().st_size < 1024 * 1024
+    from experiment_io import verification
+    rewrite_manifest(directory, lambda files: files[LAST_NAME].update(verification.file_digest(path).as_dict()))
+    started = time.monotonic()
+    for command, outcome in every_reader(directory, database):
+        assert not isinstance(outcome, Exception) or isinstance(outcome, ExperimentIOError), (command, outcome)
+    assert time.monotonic() - started < 20
+
+
+def test_a_refused_structure_file_imports_nothing(run):
+    """A structure file naming a class of a torch module not imported (torch._inductor: hundreds of modules)."""
+    import io
+    import pickle
+    import subprocess
+    import sys
+    from experiment_io import verification
+    from experiment_io.payloads import STRUCTURE_NAME
+
+    directory, _ = run
+
+    class Planted:
+        pass
+
+    Planted.__module__, Planted.__qualname__ = "torch._inductor.codecache", "Planted"
+
+    bait = object()
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            return (Planted, ()) if obj is bait else NotImplemented
+
+    import types
+    fake = types.ModuleType("torch._inductor.codecache")  # only while this process writes the file
+    fake.Planted = Planted
+    saved = {name: sys.modules.get(name) for name in ("torch._inductor.codecache",)}
+    sys.modules["torch._inductor.codecache"] = fake
+    try:
+        buffer = io.BytesIO()
+        torch.save({"experiment_io": {"kind": "structure", "format_version": 2}, "x": bait}, buffer,
+                   pickle_module=type("M", (), {"Pickler": Pickler, "Unpickler": pickle.Unpickler, "__name__": "pickle"}))
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    path = directory / STRUCTURE_NAME
+    path.write_bytes(buffer.getvalue())
+    rewrite_manifest(directory, lambda files: files[STRUCTURE_NAME].update(verification.file_digest(path).as_dict()))
+    script = ("import sys\n"
+              "from experiment_io.trust import load_structure\n"
+              "from experiment_io.errors import UnsafeCheckpointError\n"
+              "try:\n    load_structure(%r)\n"
+              "except UnsafeCheckpointError as e:\n    print('REFUSED', e)\n"
+              "print('IMPORTED' if 'torch._inductor' in sys.modules else 'NOTHING IMPORTED')\n"
+              ) % str(path)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "REFUSED" in proc.stdout and "torch._inductor.codecache.Planted" in proc.stdout, proc.stdout + proc.stderr
+    assert "NOTHING IMPORTED" in proc.stdout
