@@ -10,6 +10,7 @@ model's parameters. After reading a file, the reader checks that its path still
 names the file it verified; a writer that replaced it meanwhile makes the load
 start over (:func:`until_stable`).
 """
+import contextlib
 import logging
 import os
 import threading
@@ -69,8 +70,9 @@ def until_stable(load, directory=None):
         log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
         time.sleep(0.005 * attempt)
     raise CorruptCheckpointError(
-        f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a process keeps "
-        "writing into the run directory. Load again when it pauses (or load the files of a copy of the directory)."
+        f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a live process keeps "
+        "writing into the run directory (the files are not damaged). Load again when it pauses, or load the files "
+        "of a copy of the directory."
     )
 
 
@@ -117,18 +119,30 @@ def torch_load(path, map_location, *, mmap=False):
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
 
 
-def load_state_file(path, kinds, map_location, record, verifier=None):
-    """Load a verified state file through a memory map; check its kind and version."""
-    payload = torch_load(path, map_location, mmap=True)
+@contextlib.contextmanager
+def _stable(path, verifier):
+    """A read of a verified file: :class:`Replaced` when a writer renamed a new file over it meanwhile, whether
+    the read failed (a race with a live writer is no damaged file) or not."""
+    try:
+        yield
+    except NotACheckpointError:
+        if verifier is not None and not verifier.unchanged(path):
+            raise Replaced(path) from None
+        raise
     if verifier is not None and not verifier.unchanged(path):
         raise Replaced(path)
+
+
+def load_state_file(path, kinds, map_location, record, verifier=None):
+    """Load a verified state file through a memory map; check its kind and version."""
+    with _stable(path, verifier):
+        payload = torch_load(path, map_location, mmap=True)
     return payload, fmt.check_payload(payload, path, kinds)
 
 
 def load_structure_file(path, allow, trusted, record, verifier=None):
-    payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
-    if verifier is not None and not verifier.unchanged(path):
-        raise Replaced(path)
+    with _stable(path, verifier):
+        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
     fmt.check_payload(payload, path, ("structure",))
     return payload
 

@@ -358,3 +358,37 @@ def test_a_refused_structure_file_imports_nothing(run):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "REFUSED" in proc.stdout and "torch._inductor.codecache.Planted" in proc.stdout, proc.stdout + proc.stderr
     assert "NOTHING IMPORTED" in proc.stdout
+
+
+@pytest.mark.slow
+def test_loads_while_train_model_writes_succeed(tmp_path):
+    """A reader racing a live writer gets a committed checkpoint, never a 'not a checkpoint' error."""
+    import threading
+    from experiment_io import SetupParams, setup_training, train_model
+    from helpers import make_training_modules
+
+    database = make_database(n=400)
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=8,
+                                                                                  max_epochs=3))
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))  # a first run
+    controller.max_epochs = 8
+    done, failures = threading.Event(), []
+
+    def train():
+        try:
+            train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                        checkpoint_every_batches=1)
+        except BaseException as e:  # reported below
+            failures.append(e)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=train)
+    writer.start()
+    loads = 0
+    while not done.is_set():
+        check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
+        assert check["controller"].position.step >= 0
+        loads += 1
+    writer.join()
+    assert not failures and loads > 0
