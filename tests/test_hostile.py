@@ -392,3 +392,97 @@ def test_loads_while_train_model_writes_succeed(tmp_path):
         loads += 1
     writer.join()
     assert not failures and loads > 0
+
+
+# --- a fuzzer of hostile run directories ----------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from experiment_io.payloads import BEST_NAME, STRUCTURE_NAME  # noqa: E402
+
+TARGETS = [LAST_NAME, "last_checkpoint.prev.pt", BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME, storage.MANIFEST_NAME]
+ACTIONS = ["keep", "delete", "link outside", "link to /dev/zero", "fifo", "directory", "truncate", "garbage",
+           "link loop"]
+ABSURD = [None, "24", [1], {"a": 1}, -5, 10**30, 1e300, float("nan"), "../x", "/dev/zero", True]
+
+
+def plant(directory, outside, name, action):
+    path = directory / name
+    if action == "keep":
+        return
+    if path.exists() or path.is_symlink():
+        if path.is_dir() and not path.is_symlink():
+            os.rmdir(path)
+        else:
+            os.remove(path)
+    if action == "link outside":
+        os.symlink(outside / "secret.pt", path)
+    elif action == "link to /dev/zero":
+        os.symlink("/dev/zero", path)
+    elif action == "link loop":
+        os.symlink(path, path)
+    elif action == "fifo":
+        os.mkfifo(path)
+    elif action == "directory":
+        os.mkdir(path)
+    elif action == "truncate":
+        path.write_bytes(b"PK\x03\x04")
+    elif action == "garbage":
+        path.write_bytes(os.urandom(300))
+
+
+@contextlib.contextmanager
+def opened_files():
+    """Record the real path of every file opened with os.open while inside."""
+    real_open, seen = os.open, []
+
+    def recording_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        try:
+            seen.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+        return fd
+
+    os.open = recording_open
+    try:
+        yield seen
+    finally:
+        os.open = real_open
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(plan=st.lists(st.tuples(st.sampled_from(TARGETS), st.sampled_from(ACTIONS)), min_size=1, max_size=4),
+       forge=st.lists(st.tuples(st.sampled_from(["step", "size", "written_at", "digest", "kind", "@name"]),
+                                st.sampled_from(ABSURD)), max_size=2))
+def test_hostile_directories_fuzzed(saved_run, tmp_path_factory, plan, forge):
+    import shutil
+    source, database = saved_run
+    base = tmp_path_factory.mktemp("hostile")
+    directory, outside = base / "run", base / "outside"
+    shutil.copytree(source, directory)
+    outside.mkdir()
+    shutil.copy(source / LAST_NAME, outside / "secret.pt")
+    if forge and not any(name == storage.MANIFEST_NAME and action != "keep" for name, action in plan):
+        doc = json.loads((directory / storage.MANIFEST_NAME).read_text())
+        for field, value in forge:
+            if field == "@name":
+                doc["files"][str(value)] = doc["files"][LAST_NAME]
+            else:
+                doc["files"][LAST_NAME][field] = value
+        doc["header"].pop("digest", None)
+        (directory / storage.MANIFEST_NAME).write_text(json.dumps(doc))
+    for name, action in plan:
+        plant(directory, outside, name, action)
+    before = {n: (directory / n).read_bytes() for n in os.listdir(directory)
+              if (directory / n).is_file() and not (directory / n).is_symlink()}
+    started = time.monotonic()
+    with deadline(60), opened_files() as seen:
+        for command, outcome in every_reader(directory, database):
+            assert not isinstance(outcome, Exception) or isinstance(outcome, ExperimentIOError), (command, outcome)
+    assert time.monotonic() - started < 60
+    assert not [p for p in seen if p.startswith(str(outside)) or p.startswith("/dev/")], "read outside the run"
+    after = {n: (directory / n).read_bytes() for n in before}
+    assert after == before, "a reader modified a file"
