@@ -4,6 +4,7 @@ Everything here is module level so that the trust gate admits it: the module is
 already imported when a structure file that names :class:`TinyNet` is loaded.
 """
 import os
+import random
 import signal
 import time
 
@@ -158,6 +159,58 @@ def saver(directory):
     return save
 
 
+def kill_storm(directory, kills, *, async_save=False, seed=0, max_delay=0.3, on_kill=None):
+    """SIGKILL a training process ``kills`` times at random instants; after each kill, check the directory.
+
+    Every attempt runs the start-or-resume one-liner (``load_checkpoint_from_cwd(missing_ok=True)`` or a
+    fresh set-up) with a checkpoint after every batch, so kills land in the first save of a run as well
+    as in later ones. After each kill the run must start again or load a checkpoint at least as new as
+    the last save the child reported committed.
+
+    :return: the newest committed step.
+    """
+    import torch._dynamo  # noqa: F401  (an optimizer's first step imports it, ~1 s: done once here, not per child)
+    from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
+
+    database = make_database(n=400)
+    rng = random.Random(seed)
+    committed = 0
+    original_write_manifest = storage.write_manifest
+    for attempt in range(kills):
+        def body(report):
+            def write_manifest_and_report(directory_, files, **fields):
+                result = original_write_manifest(directory_, files, **fields)
+                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
+                    report(files[LAST_NAME]["step"])
+                return result
+
+            storage.write_manifest = write_manifest_and_report
+            check = load_checkpoint_from_cwd(directory=str(directory), database=database, missing_ok=True)
+            if check is None:
+                tm, controller, tracker = setup_training(make_training_modules(),
+                                                         SetupParams(stopping_key="mse", batch_size=8, max_epochs=1000))
+                check = {"training_modules": tm, "controller": controller, "metric_tracker": tracker,
+                         "database": database}
+            train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(directory),
+                        checkpoint_every_batches=1, async_save=async_save)
+
+        reports = sigkill_after(body, rng.uniform(0.005, max_delay))
+        if reports:
+            committed = max(committed, reports[-1])
+        check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False,
+                                         missing_ok=True)
+        if check is None:
+            assert committed == 0, f"kill {attempt}: the run lost its committed step {committed}"
+        else:
+            step = check["controller"].position.step
+            assert step >= committed, f"kill {attempt}: loaded step {step} < committed step {committed}"
+            if check["metric_tracker"].best_model_state is not None:
+                load_model_from_cwd(directory=str(directory))
+        if on_kill is not None:
+            on_kill(attempt, committed)
+    return committed
+
+
 def assert_bitwise_equal(a, b):
     """``a`` and ``b`` are the same tree: same types, dict keys in the same order, and
     tensors of the same dtype, shape, strides and device holding the same bytes."""
@@ -270,5 +323,5 @@ def sigkill_after(body, seconds):
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
     "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
-    "record_torch_loads", "rewrite_manifest", "payload_at", "find_generations", "build_run", "saver",
+    "record_torch_loads", "rewrite_manifest", "kill_storm", "payload_at", "find_generations", "build_run", "saver",
 ]

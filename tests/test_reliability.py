@@ -44,6 +44,7 @@ from helpers import (
     build_run,
     flip_bit,
     fork_child,
+    kill_storm,
     make_database,
     make_training_modules,
     record_torch_loads,
@@ -94,41 +95,13 @@ def test_kill_storm_while_saving(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_save,kills", [(False, 35), (True, 20)], ids=["sync", "async"])
+@pytest.mark.parametrize("async_save,kills", [(False, 35), (True, 25)], ids=["sync", "async"])
 def test_kill_storm_while_training_with_a_save_every_batch(tmp_path, async_save, kills):
-    """SIGKILLs of a training process that checkpoints after every batch (in the background with async_save)."""
-    database = make_database(n=400)
-    rng = random.Random(2 if not async_save else 5)
-    committed = 0
-    original_write_manifest = storage.write_manifest
-    for attempt in range(kills):
-        manifest = storage.read_manifest(str(tmp_path))
-        fresh = manifest is None or LAST_NAME not in manifest[1]
-
-        def body(report, fresh=fresh):
-            def write_manifest_and_report(directory, files, **fields):
-                result = original_write_manifest(directory, files, **fields)
-                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
-                    report(files[LAST_NAME]["step"])
-                return result
-
-            storage.write_manifest = write_manifest_and_report
-            if fresh:
-                tm, controller, tracker = setup_training(make_training_modules(),
-                                                         SetupParams(stopping_key="mse", batch_size=8, max_epochs=1000))
-                train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1, async_save=async_save)
-            else:
-                check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-                train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path),
-                            checkpoint_every_batches=1, async_save=async_save)
-
-        reports = sigkill_after(body, rng.uniform(0.05, 0.4))
-        if reports:
-            committed = max(committed, reports[-1])
-        if committed:
-            check_loads(str(tmp_path), database, committed)
-    assert committed > kills, "training made too little progress for the storm to test anything"
+    """SIGKILLs of a training process that checkpoints after every batch (in the background with async_save),
+    restarted by the start-or-resume one-liner: kills in the first save of a run included.
+    ``python tests/scripts/kill_storm.py --kills 1000`` runs the long storm."""
+    committed = kill_storm(tmp_path, kills, async_save=async_save, seed=2 if not async_save else 5)
+    assert committed > kills // 2, "training made too little progress for the storm to test anything"
 
 
 # Each step of the write protocol at which a crash is simulated, and which of the
