@@ -210,12 +210,18 @@ class Search:
                 self.report(problem)
                 continue
             newest = self._newest_committed() if self.newest_first else None
-            if newest is not None and record.get("step", 0) < newest.get("step", 0):
+            rollback = newest is not None and record.get("step", 0) < newest.get("step", 0)
+            if rollback:
                 self.report(f"the committed generation (step {newest.get('step')}) is missing or damaged; an older "
                             f"one (step {record.get('step', 0)}) is used: the run goes back "
                             f"{newest.get('step', 0) - record.get('step', 0)} step(s)")
             if self.problems:
-                log.warning("using %s; skipped: %s", path, "; ".join(self.problems))
+                # the committed generation found under the previous name, where a save that was interrupted
+                # after renaming its new file into place left it: the skipped file is that uncommitted new one
+                name = os.path.basename(path)
+                interrupted = (is_previous_name(name) and self.verifier.files.get(base_name(name)) is record
+                               and len(self.problems) == 1 and not rollback)
+                (log.info if interrupted else log.warning)("using %s; skipped: %s", path, "; ".join(self.problems))
             return Pick(path, record, tuple(self.problems))
         names = " or ".join(sorted({role.name for role in self.roles}))
         if not self.problems:
