@@ -249,7 +249,7 @@ class RunWriter:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.path.abspath(os.fspath(directory))
-        os.makedirs(self.directory, exist_ok=True)
+        storage.make_directory(self.directory)
         self._manifest_identity = None
         self._reload()
 

@@ -47,6 +47,7 @@ __all__ = [
     "manifest_identity",
     "remove_stale_temporaries",
     "fsync_directory",
+    "make_directory",
     "observe_write_steps",
     "write_step",
 ]
@@ -272,6 +273,19 @@ def _write_failure(path, directory, error):
         return (f"Could not write {path}: {cause}. The previous file (if any) is intact; make {directory} "
                 "writable, or save into another directory.")
     return f"Could not write {path}: {cause}. The previous file (if any) is intact; fix the cause and save again."
+
+
+def make_directory(directory):
+    """Create ``directory`` (and its parents) if missing.
+
+    :raises CheckpointWriteError: naming the cause (read-only file system, a file in the way, permissions).
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot create the run directory {directory}: {e.strerror or e}. Choose a directory you can write, "
+            "or remove what is in the way.") from e
 
 
 def atomic_write_bytes(path, data):

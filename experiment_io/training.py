@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import storage
 from .checkpointing import RunCheckpointer
 from .controllers import Controller, TrainingPosition
 from .devices import module_device
@@ -136,7 +137,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
 
 
 def _made(directory):
-    os.makedirs(directory, exist_ok=True)
+    storage.make_directory(directory)
     return directory
 
 

@@ -486,3 +486,14 @@ def test_hostile_directories_fuzzed(saved_run, tmp_path_factory, plan, forge):
     assert not [p for p in seen if p.startswith(str(outside)) or p.startswith("/dev/")], "read outside the run"
     after = {n: (directory / n).read_bytes() for n in before}
     assert after == before, "a reader modified a file"
+
+
+def test_write_side_errors_are_library_errors_naming_the_cause(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(CheckpointWriteError, match="cannot create the run directory"):
+        train_tiny_run(tmp_path / "file" / "run")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).mkdir()  # a lock path that is a directory
+    with pytest.raises(CheckpointWriteError, match="directory"):
+        train_tiny_run(run)
