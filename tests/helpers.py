@@ -211,6 +211,33 @@ def kill_storm(directory, kills, *, async_save=False, seed=0, max_delay=0.3, on_
     return committed
 
 
+def race(write, read):
+    """Run ``write()`` in a thread and ``read()`` over and over until it ends.
+
+    :return: ``(reads, errors of write)``.
+    """
+    import threading
+
+    done, failures = threading.Event(), []
+
+    def writing():
+        try:
+            write()
+        except BaseException as e:  # the caller asserts there is none
+            failures.append(e)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=writing)
+    writer.start()
+    reads = 0
+    while not done.is_set():
+        read()
+        reads += 1
+    writer.join()
+    return reads, failures
+
+
 def assert_bitwise_equal(a, b):
     """``a`` and ``b`` are the same tree: same types, dict keys in the same order, and
     tensors of the same dtype, shape, strides and device holding the same bytes."""
@@ -323,5 +350,5 @@ def sigkill_after(body, seconds):
 __all__ = [
     "TinyNet", "RenamedLater", "ScaledMSE", "make_arrays", "make_database", "make_training_modules", "train_tiny_run",
     "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
-    "record_torch_loads", "rewrite_manifest", "kill_storm", "payload_at", "find_generations", "build_run", "saver",
+    "record_torch_loads", "rewrite_manifest", "kill_storm", "race", "payload_at", "find_generations", "build_run", "saver",
 ]

@@ -14,7 +14,7 @@ from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, E
 from experiment_io.lock import LOCK_NAME
 from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
 
-from helpers import make_database, rewrite_manifest, train_tiny_run
+from helpers import make_database, race, rewrite_manifest, train_tiny_run
 
 
 @contextlib.contextmanager
@@ -363,7 +363,6 @@ def test_a_refused_structure_file_imports_nothing(run):
 @pytest.mark.slow
 def test_loads_while_train_model_writes_succeed(tmp_path):
     """A reader racing a live writer gets a committed checkpoint, never a 'not a checkpoint' error."""
-    import threading
     from experiment_io import SetupParams, setup_training, train_model
     from helpers import make_training_modules
 
@@ -372,25 +371,15 @@ def test_loads_while_train_model_writes_succeed(tmp_path):
                                                                                   max_epochs=3))
     train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))  # a first run
     controller.max_epochs = 8
-    done, failures = threading.Event(), []
-
     def train():
-        try:
-            train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
-                        checkpoint_every_batches=1)
-        except BaseException as e:  # reported below
-            failures.append(e)
-        finally:
-            done.set()
+        train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                    checkpoint_every_batches=1)
 
-    writer = threading.Thread(target=train)
-    writer.start()
-    loads = 0
-    while not done.is_set():
+    def load():
         check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
         assert check["controller"].position.step >= 0
-        loads += 1
-    writer.join()
+
+    loads, failures = race(train, load)
     assert not failures and loads > 0
 
 

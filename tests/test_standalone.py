@@ -29,7 +29,8 @@ from experiment_io.errors import (
 )
 from experiment_io.rng import get_rng_state, set_rng_state
 
-from helpers import rewrite_manifest, assert_bitwise_equal, flip_bit, fork_child, record_torch_loads, sigkill_after, snapshot_directory
+from helpers import (assert_bitwise_equal, flip_bit, fork_child, race, record_torch_loads, rewrite_manifest,
+                     sigkill_after, snapshot_directory)
 
 torch.set_num_threads(1)
 
@@ -457,34 +458,21 @@ def test_the_process_exits_only_after_the_async_save_committed(tmp_path, ending)
 
 def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
     """A reader racing a writer gets a state that was committed, never a mixture, never an error."""
-    import threading
-
     path = tmp_path / "ckpt.pt"
     atomic_save(state(0, n=4096), path)
-    done = threading.Event()
-
-    failures = []
 
     def write():
         from experiment_io import AtomicSaver
         saver = AtomicSaver()  # its own writer, as another process would have
-        try:
-            for step in range(1, 100):
-                saver.save(state(step, n=4096), path)
-                time.sleep(0.002)  # a training step between saves
-        except BaseException as e:  # reported by the test below
-            failures.append(e)
-        finally:
-            done.set()
+        for step in range(1, 100):
+            saver.save(state(step, n=4096), path)
+            time.sleep(0.002)  # a training step between saves
 
-    writer = threading.Thread(target=write)
-    writer.start()
-    loads = 0
-    while not done.is_set():
+    def load():
         loaded = verified_load(path)
         assert_bitwise_equal(loaded, state(loaded["step"], n=4096))
-        loads += 1
-    writer.join()
+
+    loads, failures = race(write, load)
     assert not failures, failures
     assert loads > 0
 
