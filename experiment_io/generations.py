@@ -159,7 +159,8 @@ class Search:
                 continue
             size = st.st_size
             if not committed:  # a save renamed it into place and was killed before its commit
-                log.info("ignoring %s: no save of it was ever committed (an interrupted save left it)", path)
+                log.warning("ignoring %s: the manifest records no save of it (a save was interrupted before its "
+                            "commit, or the manifest was replaced); the next save moves it aside, it is not lost", path)
                 self.uncommitted.append(path)
                 continue
             fitting = [r for r in records if r["size"] == size]
@@ -304,6 +305,16 @@ class RunWriter:
         self._known_good.update(self._written)
         return records
 
+    def _set_aside(self, name):
+        """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name."""
+        for candidate in (name, previous_name(name)):
+            path = self.path(candidate)
+            if os.path.lexists(path):
+                aside = f"{path}.orphan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                os.replace(path, aside)
+                log.warning("%s has no manifest record: moved aside to %s before a new save takes its name",
+                            path, os.path.basename(aside))
+
     def _identity(self, name):
         try:
             st = os.stat(self.path(name))
@@ -325,8 +336,10 @@ class RunWriter:
             self.files[previous] = committed
         else:
             # the file at ``name`` is absent, damaged, or an uncommitted leftover of a
-            # crashed save: overwrite it, and keep whichever previous generation verifies
+            # crashed save: replace it, and keep whichever previous generation verifies
             keep_previous = None
+            if committed is None and self.files.get(previous) is None:
+                self._set_aside(name)
             if verification.file_matches(self.path(previous), committed):
                 self.files[previous] = committed
             elif not verification.file_matches(self.path(previous), self.files.get(previous)):

@@ -79,9 +79,11 @@ class RunLock:
                 + (" (it is a symbolic link or a directory, which experiment_io never creates: remove it)"
                    if os.path.islink(self.path) or os.path.isdir(self.path) else "")
                 + ". Fix the run directory, or train in another one.") from e
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would make the lock write into another file
             os.close(fd)
-            raise CheckpointWriteError(f"the run lock {self.path} is not a regular file: remove it, or train in another directory.")
+            raise CheckpointWriteError(f"the run lock {self.path} is not a regular file of its own (a directory, a device "
+                                       "or a hard link to another file): remove it, or train in another directory.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:

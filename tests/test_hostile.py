@@ -67,6 +67,17 @@ def test_a_planted_lock_link_destroys_nothing(tmp_path):
     assert victim.read_text() == "precious"
 
 
+def test_a_planted_lock_hard_link_destroys_nothing(tmp_path):
+    run = tmp_path / "run"
+    train_tiny_run(run)
+    manifest = (run / storage.MANIFEST_NAME).read_bytes()
+    os.remove(run / LOCK_NAME)
+    os.link(run / storage.MANIFEST_NAME, run / LOCK_NAME)
+    with pytest.raises(CheckpointWriteError, match="hard link"):
+        train_tiny_run(run)
+    assert (run / storage.MANIFEST_NAME).read_bytes() == manifest
+
+
 def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

@@ -361,6 +361,9 @@ def test_a_run_killed_during_its_first_save_starts_again(tmp_path, async_save, s
     assert f"ignored  {LAST_NAME}" in capsys.readouterr().out
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,
                                                                                   max_epochs=2))
+    leftover = (tmp_path / LAST_NAME).read_bytes()
     train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path))  # starts afresh
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
     assert check["controller"].current_epoch == 2
+    aside = [n for n in os.listdir(tmp_path) if n.startswith(LAST_NAME + ".orphan-")]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == leftover  # nothing is lost
