@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from . import format as fmt
 from . import storage
 from .errors import ExperimentIOError
 from .generations import Search, base_name, previous_name
@@ -107,6 +108,7 @@ def _newest_tracker(directory):
             path = generations[0][0]
             check_archive(path)
             state = torch.load(path, map_location="cpu", weights_only=True)
+            fmt.check_payload(state, path, ("checkpoint",))
             return MetricTracker.from_state_dict(state["metric_tracker"]), path
     raise ExperimentIOError(f"{directory} holds no intact checkpoint")
 
@@ -150,6 +152,6 @@ def main(argv=None):
     except ExperimentIOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as e:  # a library or I/O failure
+    except Exception as e:  # noqa: BLE001 - a command line ends in a message, never in a traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -79,7 +79,14 @@ def _split(path):
     return (path, *os.path.split(path))
 
 
+#: The longest file name atomic_save takes, in bytes: its previous generation adds ``.prev``.
+MAX_NAME_BYTES = 250
+
+
 def _check_name(path, name):
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise ValueError(f"{path}: the file name has {len(os.fsencode(name))} bytes; at most {MAX_NAME_BYTES} are taken, "
+                         "so that the name of its previous generation (with '.prev') fits the file system's limit.")
     if name in (storage.MANIFEST_NAME, LOCK_NAME):
         raise ValueError(f"{path}: {name} is a file of experiment_io itself; save under another name.")
     if is_previous_name(name):

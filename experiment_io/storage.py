@@ -189,7 +189,8 @@ class _HashingWriter:
 def _temporary_path(path):
     """A new name beside ``path``; the target's name is cut so that a long name still fits in 255 bytes."""
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name[:180]}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    short = os.fsencode(name)[:180].decode("utf-8", "ignore") if isinstance(name, str) else name[:180]
+    return os.path.join(directory, f".{short}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _create(temporary, hashed):

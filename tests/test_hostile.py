@@ -89,9 +89,16 @@ def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
     assert victim.read_text() == "precious" and not target.exists()
 
 
-def test_a_target_name_of_255_bytes_is_written(tmp_path):
-    name = "c" * 252 + ".pt"
-    assert storage.atomic_write_bytes(tmp_path / name, b"x").size == 1
+@pytest.mark.parametrize("stem", ["c" * 247, "é" * 123 + "c"])
+def test_a_name_of_250_bytes_is_saved_rotated_and_loaded(tmp_path, stem):
+    from experiment_io import atomic_save
+    path = tmp_path / (stem + ".pt")
+    assert len(os.fsencode(path.name)) == 250
+    for step in (1, 2, 3):
+        atomic_save({"step": step}, path)
+    assert verified_load(path)["step"] == 3
+    with pytest.raises(ValueError, match="at most 250"):
+        atomic_save({"step": 1}, tmp_path / ("c" * 248 + ".pt"))
 
 
 def test_a_write_into_a_removed_directory_says_so(tmp_path):
@@ -317,6 +324,8 @@ def test_a_deflate_bomb_is_refused_before_it_is_decompressed(run):
     for command, outcome in every_reader(directory, database):
         assert not isinstance(outcome, Exception) or isinstance(outcome, ExperimentIOError), (command, outcome)
     assert time.monotonic() - started < 20
+    with pytest.raises(ExperimentIOError, match="compressed"):  # refused for being compressed, not decompressed
+        verification.check_archive(path)
 
 
 def test_a_refused_structure_file_imports_nothing(run):
