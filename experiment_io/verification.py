@@ -5,6 +5,7 @@ A record holds a file's size and its xxh3-128 digest (:data:`DIGEST_NAME`).
 once, and remembers which file (device and inode) it digested, so that a loader
 can prove that the file it then reads is the one it verified.
 """
+import errno
 import mmap
 import os
 import stat
@@ -79,7 +80,7 @@ def _digest_fd(fd):
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-class NotARegularFile(FileNotFoundError):
+class NotARegularFile(OSError):
     """A path names a symbolic link, a FIFO, a device or a directory: not a file this library reads."""
 
 
@@ -93,10 +94,10 @@ def open_regular(path):
     """
     try:
         fd = os.open(path, _OPEN_FLAGS)
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise NotARegularFile(f"{path} is not a regular file ({e.strerror or e})") from e
+    except OSError as e:  # a link (ELOOP), a directory, a device: not a regular file; other errors are what they are
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR, errno.EMLINK):
+            raise NotARegularFile(f"{path} is not a regular file ({e.strerror or e})") from e
+        raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -174,7 +175,7 @@ class Verifier:
             if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
                 return False
             actual = self.digest(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotARegularFile):
             return False
         return actual.size == record["size"] and actual.digest == record["digest"]
 
