@@ -24,7 +24,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, Incompatibl
 from .generations import Search, base_name, previous_name
 from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from .trust import load_structure
-from .verification import Verifier, check_archive
+from .verification import NotARegularFile, Verifier, check_archive, descriptor_path
 
 __all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
            "check_pairing", "pick_structure_and_state", "until_stable", "Replaced"]
@@ -109,40 +109,52 @@ def verified_record(path, verify, verifier=None):
 
 
 
-def torch_load(path, map_location, *, mmap=False):
-    check_archive(path)
+def torch_load(path, map_location, *, mmap=False, read_from=None):
+    """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path)."""
+    source = read_from or path
+    check_archive(source)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a foreign or damaged file
-        if mmap:  # a file system without mmap, or a file of the legacy format: read it instead
-            return torch_load(path, map_location)
+        if mmap:  # a file system without mmap: read it instead
+            return torch_load(path, map_location, read_from=read_from)
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
 
 
 @contextlib.contextmanager
 def _stable(path, verifier):
-    """A read of a verified file: :class:`Replaced` when a writer renamed a new file over it meanwhile, whether
-    the read failed (a race with a live writer is no damaged file) or not."""
+    """A read of a verified file. Yields the path to read: that of a descriptor opened on the very file that was
+    verified, so that what a writer (or anyone) renames over ``path`` meanwhile is never read; :class:`Replaced`
+    when ``path`` names another file by then."""
+    if verifier is None:
+        yield None
+        return
     try:
-        yield
+        fd = verifier.open_verified(path)
+    except (FileNotFoundError, NotARegularFile):
+        fd = None
+    if fd is None:
+        raise Replaced(path)
+    try:
+        yield descriptor_path(fd)
     except NotACheckpointError:
-        if verifier is not None and not verifier.unchanged(path):
+        if not verifier.unchanged(path):
             raise Replaced(path) from None
         raise
-    if verifier is not None and not verifier.unchanged(path):
-        raise Replaced(path)
+    finally:
+        os.close(fd)
 
 
 def load_state_file(path, kinds, map_location, record, verifier=None):
     """Load a verified state file through a memory map; check its kind and version."""
-    with _stable(path, verifier):
-        payload = torch_load(path, map_location, mmap=True)
+    with _stable(path, verifier) as source:
+        payload = torch_load(path, map_location, mmap=True, read_from=source)
     return payload, fmt.check_payload(payload, path, kinds)
 
 
 def load_structure_file(path, allow, trusted, record, verifier=None):
-    with _stable(path, verifier):
-        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"])
+    with _stable(path, verifier) as source:
+        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source)
     fmt.check_payload(payload, path, ("structure",))
     return payload
 

@@ -112,26 +112,28 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
     return admitted
 
 
-def load_structure(path, *, allow=(), trusted=False, digest=None):
+def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None):
     """Load a structure file through the trust gate, with every tensor on the CPU.
 
     :param path: the structure file (already verified against its digest).
     :param allow: see :func:`admitted_globals`.
     :param trusted: load with full pickle, skipping the gate (logged).
     :param digest: the file's digest, for the log.
+    :param read_from: where to read the file's bytes (a verified descriptor's path; default: ``path``).
     :return: the unpickled payload.
     """
-    check_archive(path)
+    source = read_from or path
+    check_archive(source)
     if trusted:
         log.warning("loading %s (digest %s) with full pickle because trusted=True was given", path, digest)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(source, map_location="cpu", weights_only=False)
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception as e:  # a damaged archive or pickle raises many types here
         raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: {e!r})") from e
     entries = admitted_globals(names, allow=allow, source=str(path))
     with torch.serialization.safe_globals(entries):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises many types for malformed input
             raise NotACheckpointError(f"{path} could not be unpickled as a structure file: {e}") from e

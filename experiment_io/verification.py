@@ -17,7 +17,7 @@ import xxhash
 from .errors import NotACheckpointError
 
 __all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "open_regular", "NotARegularFile", "Verifier",
-           "check_archive"]
+           "check_archive", "descriptor_path"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
@@ -179,6 +179,17 @@ class Verifier:
             return False
         return actual.size == record["size"] and actual.digest == record["digest"]
 
+    def open_verified(self, path):
+        """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another
+        file now); read it through :func:`descriptor_path` to read the verified bytes, whatever is renamed
+        over ``path`` afterwards."""
+        path = os.path.abspath(path)
+        fd, st = open_regular(path)
+        if path not in self._digests or _identity(st) != self._digests[path][1]:
+            os.close(fd)
+            return None
+        return fd
+
     def unchanged(self, path):
         """Whether ``path`` still names the file that was digested."""
         path = os.path.abspath(path)
@@ -204,6 +215,12 @@ class Verifier:
         return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
 
 
+def descriptor_path(fd):
+    """A path that opens the file of descriptor ``fd`` (Linux's ``/proc/self/fd``), or ``None`` elsewhere."""
+    path = f"/proc/self/fd/{fd}"
+    return path if os.path.exists(path) else None
+
+
 def check_archive(path):
     """Refuse a ``torch.save`` archive that could cost more to open than its size.
 
@@ -214,8 +231,13 @@ def check_archive(path):
 
     :raises NotACheckpointError: naming the file and the record.
     """
+    path = os.fspath(path)
     try:
-        fd, st = open_regular(path)
+        if path.startswith("/proc/self/fd/"):  # a verified descriptor's file (a link by design)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+        else:
+            fd, st = open_regular(path)
         with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
             records, size = archive.infolist(), st.st_size
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:

@@ -265,7 +265,7 @@ def record_torch_loads(monkeypatch):
     calls, real_load = [], torch.load
 
     def recording_load(f, *args, **kwargs):
-        calls.append((os.path.basename(str(f)), kwargs.get("weights_only", "MISSING")))
+        calls.append((os.path.basename(os.path.realpath(str(f))), kwargs.get("weights_only", "MISSING")))
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)

@@ -346,35 +346,49 @@ def test_a_file_that_cannot_be_mapped_is_read(run_copy, monkeypatch):
     assert check["controller"].position.step == 7
 
 
-def test_a_file_replaced_while_it_is_read_makes_the_load_start_over(run_copy, monkeypatch, caplog):
+def test_a_file_replaced_while_it_is_read_is_read_as_it_was_verified(run_copy, monkeypatch):
+    """A writer commits step 8 while the verified step-7 file is read: the load gets step 7, whole."""
     directory, database = run_copy
     real_load, replaced = torch.load, []
 
     def load_then_save(path, *args, **kwargs):
         result = real_load(path, *args, **kwargs)
-        if os.path.basename(str(path)) == LAST_NAME and not replaced:
+        if os.path.basename(os.path.realpath(str(path))) == LAST_NAME and not replaced:
             replaced.append(True)
             saver(str(directory))(8)  # a writer commits step 8 meanwhile
         return result
 
     monkeypatch.setattr(torch, "load", load_then_save)
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert replaced and check["controller"].position.step == 7  # the bytes that were verified, not a mixture
+
+
+def test_a_file_replaced_after_its_verification_makes_the_load_start_over(run_copy, monkeypatch, caplog):
+    directory, database = run_copy
+    real_open, replaced = verification.Verifier.open_verified, []
+
+    def replaced_first(self, path):
+        if os.path.basename(path) == LAST_NAME and not replaced:
+            replaced.append(True)
+            saver(str(directory))(8)  # renamed over the path between its verification and its read
+        return real_open(self, path)
+
+    monkeypatch.setattr(verification.Verifier, "open_verified", replaced_first)
     with caplog.at_level("INFO", logger="experiment_io"):
         check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-    assert check["controller"].position.step == 8  # what is on disk and verified, not what was read first
-    assert "loading again" in caplog.text
+    assert check["controller"].position.step == 8 and "loading again" in caplog.text
 
 
 def test_a_directory_that_never_stops_changing_gives_a_clear_error(run_copy, monkeypatch):
     directory, database = run_copy
-    real_load, save, steps = torch.load, saver(str(directory)), itertools.count(8)
+    real_open, save, steps = verification.Verifier.open_verified, saver(str(directory)), itertools.count(8)
 
-    def load_then_save(path, *args, **kwargs):
-        result = real_load(path, *args, **kwargs)
-        if os.path.basename(str(path)) == LAST_NAME:
+    def replaced_every_time(self, path):
+        if os.path.basename(path) == LAST_NAME:
             save(next(steps))
-        return result
+        return real_open(self, path)
 
-    monkeypatch.setattr(torch, "load", load_then_save)
+    monkeypatch.setattr(verification.Verifier, "open_verified", replaced_every_time)
     with pytest.raises(ExperimentIOError, match="keeps writing"):
         load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
 
@@ -402,7 +416,8 @@ def test_a_flipped_bit_in_tensor_data_loads_silently_with_torch_but_not_with_the
     assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     loads = []
     real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(str(f))) or real_load(f, *a, **k))
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(os.path.realpath(str(f))))
+                        or real_load(f, *a, **k))
     with pytest.raises(CorruptCheckpointError, match=BEST_MODEL_NAME):
         load_model_from_cwd(directory=str(directory), strict=True)
     assert BEST_MODEL_NAME not in loads
