@@ -28,6 +28,7 @@ from .errors import ExperimentIOError
 from .generations import Search, base_name, previous_name
 from .metric_tracker import MetricTracker
 from .payloads import BEST_NAME, LAST_NAME
+from .reading import verified_source
 from .verification import Verifier, check_archive
 from .version import __version__
 
@@ -106,8 +107,9 @@ def _newest_tracker(directory):
         generations, _ = Search(verifier, [name]).all()
         if generations:
             path = generations[0][0]
-            check_archive(path)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with verified_source(path, verifier) as source:  # the very file that was verified
+                check_archive(source or path)
+                state = torch.load(source or path, map_location="cpu", weights_only=True)
             fmt.check_payload(state, path, ("checkpoint",))
             return MetricTracker.from_state_dict(state["metric_tracker"]), path
     raise ExperimentIOError(f"{directory} holds no intact checkpoint")

@@ -62,7 +62,7 @@ from .distributed import current
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
 from .generations import RunWriter, Search, is_previous_name, previous_name
 from .lock import LOCK_NAME
-from .reading import Replaced, until_stable
+from .reading import until_stable, verified_source
 from .verification import FileRecord, Verifier, check_archive
 from .version import __version__
 
@@ -376,26 +376,17 @@ def _load_once(path, directory, name, map_location, strict):
         )
     verifier = Verifier(directory, files)
     chosen = _pick(path, verifier, name, strict)
-    try:
-        check_archive(chosen)
-    except NotACheckpointError:
-        if not verifier.unchanged(chosen):
-            raise Replaced(chosen) from None
-        raise
-    try:
-        loaded = torch.load(chosen, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
-            "Save state_dicts and plain data instead, or, for classes you trust, register them with "
-            "torch.serialization.add_safe_globals([...]) before loading. verified_load never loads "
-            "with weights_only=False."
-        ) from e
-    except Exception as e:  # torch raises many types for bytes it cannot read
-        if not verifier.unchanged(chosen):
-            raise Replaced(chosen) from e
-        raise NotACheckpointError(
-            f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e
-    if not verifier.unchanged(chosen):  # a writer renamed a new file over it after it was verified
-        raise Replaced(chosen)
-    return loaded
+    with verified_source(chosen, verifier) as source:  # the very file that was verified
+        check_archive(source or chosen)
+        try:
+            return torch.load(source or chosen, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
+                "Save state_dicts and plain data instead, or, for classes you trust, register them with "
+                "torch.serialization.add_safe_globals([...]) before loading. verified_load never loads "
+                "with weights_only=False."
+            ) from e
+        except Exception as e:  # torch raises many types for bytes it cannot read
+            raise NotACheckpointError(
+                f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e

@@ -27,7 +27,7 @@ from .trust import load_structure
 from .verification import NotARegularFile, Verifier, check_archive, descriptor_path
 
 __all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
-           "check_pairing", "pick_structure_and_state", "until_stable", "Replaced"]
+           "check_pairing", "pick_structure_and_state", "until_stable", "verified_source", "Replaced"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def torch_load(path, map_location, *, mmap=False, read_from=None):
 
 
 @contextlib.contextmanager
-def _stable(path, verifier):
+def verified_source(path, verifier):
     """A read of a verified file. Yields the path to read: that of a descriptor opened on the very file that was
     verified, so that what a writer (or anyone) renames over ``path`` meanwhile is never read; :class:`Replaced`
     when ``path`` names another file by then."""
@@ -135,25 +135,28 @@ def _stable(path, verifier):
         fd = None
     if fd is None:
         raise Replaced(path)
+    source = descriptor_path(fd)
     try:
-        yield descriptor_path(fd)
+        yield source
     except NotACheckpointError:
         if not verifier.unchanged(path):
             raise Replaced(path) from None
         raise
     finally:
         os.close(fd)
+    if source is None and not verifier.unchanged(path):  # read by path (no /proc): was it the verified file?
+        raise Replaced(path)
 
 
 def load_state_file(path, kinds, map_location, record, verifier=None):
     """Load a verified state file through a memory map; check its kind and version."""
-    with _stable(path, verifier) as source:
+    with verified_source(path, verifier) as source:
         payload = torch_load(path, map_location, mmap=True, read_from=source)
     return payload, fmt.check_payload(payload, path, kinds)
 
 
 def load_structure_file(path, allow, trusted, record, verifier=None):
-    with _stable(path, verifier) as source:
+    with verified_source(path, verifier) as source:
         payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source)
     fmt.check_payload(payload, path, ("structure",))
     return payload
