@@ -239,8 +239,9 @@ class _Loop:
         device = module_device(self.model)
         batches = self.database.shard_batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
                                               start=position.samples_done, rank=world.rank, world_size=world.world_size)
-        bar = tqdm(total=self.n_train, initial=position.samples_done, disable=self.quiet, desc=f"epoch {position.epoch}",
-                   unit="sample", leave=False)
+        # quiet: no tqdm at all (even disabled, it takes tqdm's lock, shared with forked processes)
+        bar = _NoProgress() if self.quiet else tqdm(
+            total=self.n_train, initial=position.samples_done, desc=f"epoch {position.epoch}", unit="sample", leave=False)
         with contextlib.closing(bar):
             if self.agree(preemption):  # a signal that came while the run was set up
                 return
@@ -302,6 +303,16 @@ class _Loop:
         if self.distribution.writer:
             log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
                      tracker.stopping_key, tracker.stopping_value(metrics), " (best so far)" if better else "")
+
+
+class _NoProgress:
+    """The progress display of a quiet run: nothing."""
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
 
 
 def _data_parallel(model, distribution):
