@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from driver_model import DropoutNet  # noqa: E402  (importable, so the structure file can name it)
+from driver_model import DropoutNet, save_result  # noqa: E402  (importable, so the structure file can name it)
 
 from experiment_io import (  # noqa: E402
     Evaluator,
@@ -127,16 +127,8 @@ def main():
         return 0
     controller = check["controller"]
     if rank == 0:
-        torch.save({
-            "model": getattr(check["training_modules"].model, "module", check["training_modules"].model).state_dict(),
-            "optimizer": controller.optimizer.state_dict(),
-            "schedulers": [s.state_dict() for s in controller.schedulers],
-            "history": metrics.history,
-            "epochs": metrics.epochs,
-            "best_epoch": metrics.best_epoch,
-            "best_model_state": metrics.best_model_state,
-            "current_epoch": controller.current_epoch,
-        }, "result.pt")
+        model = check["training_modules"].model
+        save_result(getattr(model, "module", model), controller, metrics)
     print(f"FINISHED rank {rank}", flush=True)
     return 0
 

@@ -9,3 +9,17 @@ class DropoutNet(torch.nn.Module):
 
     def forward(self, x, index):
         return self.body(x)
+
+
+def save_result(model, controller, metrics, path="result.pt"):
+    """What the subprocess tests compare: final parameters, optimizer and scheduler state, metric history."""
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": controller.optimizer.state_dict(),
+        "schedulers": [s.state_dict() for s in controller.schedulers],
+        "history": metrics.history,
+        "epochs": metrics.epochs,
+        "best_epoch": metrics.best_epoch,
+        "best_model_state": metrics.best_model_state,
+        "current_epoch": controller.current_epoch,
+    }, path)

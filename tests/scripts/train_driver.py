@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from driver_model import DropoutNet  # noqa: E402  (importable, so the structure file can name it)
+from driver_model import DropoutNet, save_result  # noqa: E402  (importable, so the structure file can name it)
 
 from experiment_io import Evaluator, HDF5Database, SetupParams, TrainingModules, setup_training, train_model  # noqa: E402
 from experiment_io.serialization import load_checkpoint_from_cwd  # noqa: E402
@@ -76,16 +76,7 @@ def main():
     if metrics.stop_reason.startswith("interrupted"):
         print("INTERRUPTED", flush=True)
         return 3
-    torch.save({
-        "model": training_modules.model.state_dict(),
-        "optimizer": controller.optimizer.state_dict(),
-        "schedulers": [s.state_dict() for s in controller.schedulers],
-        "history": metrics.history,
-        "epochs": metrics.epochs,
-        "best_epoch": metrics.best_epoch,
-        "best_model_state": metrics.best_model_state,
-        "current_epoch": controller.current_epoch,
-    }, "result.pt")
+    save_result(training_modules.model, controller, metrics)
     print("FINISHED", flush=True)
     return 0
 
