@@ -24,17 +24,31 @@ from .payloads import (
     epoch_checkpoint_name,
     epoch_model_name,
     model_payload,
+    run_status,
     save_payloads,
     structure_payload,
 )
 from .devices import module_device
 from .distributed import SINGLE
+from .errors import RunExistsError
 from .policy import EpochFiles
 from .rng import get_rng_state
 
 __all__ = ["RunCheckpointer"]
 
 log = logging.getLogger(__name__)
+
+
+def _run_exists_message(directory, status, continues):
+    started = ("the objects given were loaded from another run" if continues
+               else "a new run was started there")
+    return (f"{directory} holds the checkpoints of another run ({status.describe()}), and {started}: training "
+            "would replace that run, its best model included. To go on:\n"
+            "  - resume that run: check = load_checkpoint_from_cwd(directory=...); train_model(**check, ...) "
+            "(or the one script for start and restart: check = load_checkpoint_from_cwd(missing_ok=True) "
+            "or start_fresh());\n"
+            "  - replace it: train_model(..., overwrite=True);\n"
+            "  - keep it: train in another directory, train_model(..., directory='another/run').")
 
 
 class RunCheckpointer:
@@ -52,31 +66,43 @@ class RunCheckpointer:
     all ranks meet once the last save has committed.
 
     :param directory: the run directory.
-    :param resuming: keep an intact structure file of the run instead of writing one.
+    :param resuming: the objects continue a run: keep an intact structure file instead of writing one.
+    :param continues: the digest of the structure file the objects were loaded from: only the
+        run of that structure file is continued.
+    :param overwrite: start a new run even over the committed checkpoints of another run
+        (:class:`~experiment_io.errors.RunExistsError` otherwise).
     :param async_save: ``False``, ``True`` or ``"copy"``.
     :param distribution: the run's :class:`~experiment_io.distributed.Distribution`.
     :param lock: the run's :class:`~experiment_io.RunLock` (checked before each save).
     """
 
-    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, async_save=False,
-                 distribution=SINGLE, lock=None):
+    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, continues=None,
+                 overwrite=False, async_save=False, distribution=SINGLE, lock=None):
         self.training_modules, self.controller = training_modules, controller
         self.metric_tracker, self.database = metric_tracker, database
         self.distribution, self.lock = distribution, lock
         self.writer = self.background = None
         self.overlap = async_save is True
-        distribution.on_writer(lambda: self._start(directory, resuming, async_save))
+        distribution.on_writer(lambda: self._start(directory, resuming, continues, overwrite, async_save))
 
-    def _start(self, directory, resuming, async_save):
-        """Rank 0: keep or write the structure file."""
+    def _start(self, directory, resuming, continues, overwrite, async_save):
+        """Rank 0: keep the structure file of the run that goes on, or write a new one (never over another run's
+        checkpoints unless ``overwrite``)."""
         training_modules, controller, database = self.training_modules, self.controller, self.database
         self.writer = RunWriter(directory)
-        if resuming and self.writer.has_intact(STRUCTURE_NAME):
+        existing = self.writer.record(STRUCTURE_NAME)
+        # the run in the directory goes on: the one the objects were loaded from (or, for objects restored
+        # by hand, whatever run is there)
+        same_run = existing is not None and (existing["digest"] == continues if continues else resuming)
+        if same_run and self.writer.has_intact(STRUCTURE_NAME):
             log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
         else:
-            if self.writer.record(STRUCTURE_NAME) is not None:
-                log.warning("starting a new run in %s, which holds another run; the new run's checkpoints supersede it "
-                            "(use a new directory to keep both)", directory)
+            status = run_status(self.writer.files) if existing is not None else None
+            if status is not None and not overwrite:
+                raise RunExistsError(_run_exists_message(directory, status, continues))
+            if status is not None:
+                log.warning("starting a new run in %s with overwrite=True: it replaces the run there (%s)",
+                            directory, status.describe())
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
             save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]

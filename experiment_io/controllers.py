@@ -76,6 +76,9 @@ class Controller:
     :ivar position: the :class:`TrainingPosition` of the run: where
         ``train_model`` continues (a loader restores it from the checkpoint). It is
         saved in the state files, never in the structure file.
+    :ivar loaded_from: the run directory a loader restored this controller from
+        (``None`` for a new one): ``train_model`` continues there unless given another
+        ``directory``. Never saved.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler, batch_size: int, max_epochs: int, stopping_key: str, *,
@@ -105,16 +108,20 @@ class Controller:
         #: why training stopped early (``None`` while it may go on until ``max_epochs``)
         self.stop_reason = None
         self.position = TrainingPosition()
+        self.loaded_from = None
+        self._loaded_structure = None  # the digest of the structure file a loader read this controller from
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("position", None)  # state files hold it
+        for key in ("position", "loaded_from", "_loaded_structure"):  # state files hold the position
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.position = TrainingPosition(epoch=self.current_epoch)
-        if self.schedulers:
+        self.loaded_from = self._loaded_structure = None
+        if self.schedulers and isinstance(self.optimizer, torch.optim.Optimizer):  # not a prediction's stand-in
             _track_optimizer_steps(self.optimizer)
 
     @property

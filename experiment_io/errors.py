@@ -23,6 +23,8 @@ __all__ = [
     "RunLockedError",
     "StagedStateModifiedError",
     "RankFailedError",
+    "RunExistsError",
+    "SetupError",
 ]
 
 
@@ -147,4 +149,24 @@ class RankFailedError(ExperimentIOError, RuntimeError):
 
     Raised on the other ranks so that they stop instead of waiting for rank 0 in a
     collective; the message gives rank 0's error (rank 0 raises the error itself).
+    """
+
+
+class RunExistsError(ExperimentIOError, FileExistsError):
+    """A new run was started in a directory that holds another run's checkpoints.
+
+    Starting afresh would replace that run, its best model included. The message
+    says what the directory holds (epochs done, best epoch, finished or not) and the
+    ways on: resume it, pass ``overwrite=True`` to replace it, or train in another
+    directory.
+    """
+
+
+class SetupError(ExperimentIOError, ValueError):
+    """The experiment as given cannot be set up or saved.
+
+    Raised for a wrong argument (an unknown optimizer name, a device the machine
+    lacks), a data set that is not in the data file, or an object of the experiment
+    that cannot be stored (a lambda or a local function). The message names the
+    argument or attribute and the fix.
     """

@@ -135,7 +135,8 @@ _RECORD_FIELDS = {
     "digest": (str,), "size": (int,), "step": (int,), "epochs_done": (int,), "samples_done": (int,),
     "world_size": (int,), "format_version": (int,), "written_at": (int, float), "kind": (str,),
     "structure_digest": (str, type(None)), "interrupted": (str, type(None)), "model_device": (str,),
-    "library_version": (str,), "torch_version": (str,),
+    "library_version": (str,), "torch_version": (str,), "max_epochs": (int,), "best_epoch": (int, type(None)),
+    "finished": (bool,), "stop_reason": (str, type(None)),
 }
 _SCALARS = (str, int, float, bool, type(None))
 

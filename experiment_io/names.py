@@ -8,7 +8,7 @@ is given (torch, experiment_io, and what the user allowed).
 import importlib
 import sys
 
-__all__ = ["qualified_name", "under", "resolve"]
+__all__ = ["qualified_name", "under", "resolve", "module_of"]
 
 
 def qualified_name(obj) -> str:
@@ -21,11 +21,12 @@ def under(module_name: str, roots) -> bool:
     return any(module_name == r or module_name.startswith(r + ".") for r in roots)
 
 
-def resolve(name: str, importable=()):
+def resolve(name: str, importable=(), exact=()):
     """Find the object ``name`` (``"module.QualName"``) names.
 
     :param importable: module names (and their submodules) that may be imported to
         find it; any other module must be imported already.
+    :param exact: module names that may be imported themselves (not their submodules).
     :return: ``(object, None)``, or ``(None, why not)``; the reason starts with
         ``"module "`` when the module exists but lacks the name or cannot be imported.
     """
@@ -33,7 +34,7 @@ def resolve(name: str, importable=()):
     for cut in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:cut])
         module = sys.modules.get(module_name)
-        if module is None and under(module_name, importable):
+        if module is None and (under(module_name, importable) or module_name in exact):
             try:
                 module = importlib.import_module(module_name)
             except ImportError:
@@ -45,9 +46,18 @@ def resolve(name: str, importable=()):
         for attr in parts[cut:]:
             if attr not in getattr(obj, "__dict__", {}) and not hasattr(type(obj), attr):
                 if cut < len(parts) - 1:  # maybe a submodule that is not imported: never imported for a file
-                    return None, (f"its module {'.'.join(parts[:-1])} is neither imported nor allowed "
-                                  "(it was not imported)")
+                    return None, f"its module {'.'.join(parts[:-1])} is not imported"
                 return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
             obj = getattr(obj, attr)
         return obj, None
-    return None, "its module is neither imported nor allowed (it was not imported)"
+    return None, f"its module {module_of(name)} is not imported"
+
+
+def module_of(name: str) -> str:
+    """The module part of a stored ``"module.QualName"``: everything before the first capitalised part, or
+    before the last part."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part[:1].isupper():
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1]) or name

@@ -22,6 +22,8 @@ Payloads are written by :func:`save_payload` and committed through a
 :class:`~experiment_io.generations.RunWriter` by :func:`save_payloads`.
 """
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -42,6 +44,8 @@ __all__ = [
     "model_payload",
     "save_payload",
     "save_payloads",
+    "RunStatus",
+    "run_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,7 +113,8 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
         fmt.HEADER_KEY: fmt.make_header(
             "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
             model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
-            world_size=len(rng_states),
+            world_size=len(rng_states), max_epochs=controller.max_epochs, best_epoch=metric_tracker.best_epoch,
+            finished=position.samples_done == 0 and controller.finished, stop_reason=controller.stop_reason,
         ),
         "model": model.state_dict(),
         "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
@@ -146,3 +151,49 @@ def save_payloads(writer, payloads):
                {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None})
         for name, payload in payloads.items()
     })
+
+
+@dataclass
+class RunStatus:
+    """Where a run stands, as its manifest records it (nothing is unpickled).
+
+    :ivar epochs_done: epochs finished.
+    :ivar max_epochs: epochs the run trains for (``None`` for a run written by an older version).
+    :ivar best_epoch: the 0-based epoch of the best model (``None`` before the first epoch ends).
+    :ivar finished: whether training ended (``max_epochs`` reached or the controller stopped it).
+    :ivar stop_reason: why the controller stopped it early, if it did.
+    :ivar interrupted: the signal that stopped it mid-epoch, if one did.
+    :ivar step: optimizer steps taken.
+    """
+
+    epochs_done: int
+    max_epochs: Optional[int]
+    best_epoch: Optional[int]
+    finished: bool
+    stop_reason: Optional[str]
+    interrupted: Optional[str]
+    step: int
+
+    def describe(self) -> str:
+        """One line: ``"3 of 10 epochs done, best epoch 2, not finished"``."""
+        of = f" of {self.max_epochs}" if self.max_epochs is not None else ""
+        best = f"best epoch {self.best_epoch}" if self.best_epoch is not None else "no best model yet"
+        if self.finished:
+            state = f"finished ({self.stop_reason or 'max_epochs reached'})"
+        elif self.interrupted:
+            state = f"not finished: stopped by {self.interrupted} in epoch {self.epochs_done}"
+        else:
+            state = "not finished"
+        return f"{self.epochs_done}{of} epochs done, {best}, {state}"
+
+
+def run_status(files: dict) -> Optional[RunStatus]:
+    """The status of a run from its manifest's records (``None`` when it holds no committed checkpoint)."""
+    records = [files[name] for name in (LAST_NAME, BEST_NAME) if name in files]
+    if not records:
+        return None
+    newest = max(records, key=lambda r: r.get("step", 0))
+    return RunStatus(epochs_done=newest.get("epochs_done", 0), max_epochs=newest.get("max_epochs"),
+                     best_epoch=newest.get("best_epoch"), finished=bool(newest.get("finished", False)),
+                     stop_reason=newest.get("stop_reason"), interrupted=newest.get("interrupted"),
+                     step=newest.get("step", 0))

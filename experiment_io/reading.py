@@ -155,9 +155,10 @@ def load_state_file(path, kinds, map_location, record, verifier=None):
     return payload, fmt.check_payload(payload, path, kinds)
 
 
-def load_structure_file(path, allow, trusted, record, verifier=None):
+def load_structure_file(path, allow, trusted, record, verifier=None, model_only=False):
     with verified_source(path, verifier) as source:
-        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source)
+        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source,
+                                 model_only=model_only)
     fmt.check_payload(payload, path, ("structure",))
     return payload
 

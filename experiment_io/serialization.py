@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -29,10 +30,10 @@ from .errors import (
     MissingDatabaseError,
     NotACheckpointError,
 )
-from .generations import Generation, Role
+from .generations import Generation, Role, base_name
 from .launch import launched_world
 from .metric_tracker import MetricTracker
-from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME
+from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
 from .reading import (
     check_pairing,
     load_state_file,
@@ -45,6 +46,7 @@ from .reading import (
 )
 from .rng import placed_on_cpu, set_rng_state
 from .skeleton import materialize
+from .storage import read_manifest
 from .training_modules import TrainingModules
 
 __all__ = ["load_checkpoint", "load_checkpoint_from_cwd", "load_model_from_cwd"]
@@ -52,6 +54,8 @@ __all__ = ["load_checkpoint", "load_checkpoint_from_cwd", "load_model_from_cwd"]
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+_KEPT = re.compile(r"(?:model|checkpoint)_epoch_(\d+)\.pt")
 
 
 def _directory(directory):
@@ -122,6 +126,9 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
         raise IncompatibleCheckpointError(f"{state_path} does not fit the objects of {structure_path}: {e!r}") from e
     position.interrupted = None
     controller.position = position
+    # train_model(**check) continues in the directory the checkpoint came from
+    controller.loaded_from = os.path.dirname(os.path.abspath(state_path))
+    controller._loaded_structure = header.get("structure_digest")
     if restore_rng:
         _set_rank_rng_state(rng_state, own_rng)
 
@@ -237,18 +244,26 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
 
 def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, directory: Optional[PathLike] = None,
-                        strict: bool = False, allow: Sequence = (), trusted: bool = False,
-                        mmap: bool = False) -> torch.nn.Module:
-    """Load the best model of the run in the current directory, ready for prediction.
+                        strict: bool = False, allow: Sequence = (), trusted: bool = False, mmap: bool = False,
+                        which: str = "best", epoch: Optional[int] = None) -> torch.nn.Module:
+    """Load a model of the run in the current directory (by default its best), ready for prediction.
 
     The model comes from the structure file with the weights of ``best_model.pt``; if
     that does not verify (or the run did not store it), the best model state carried
     by ``last_checkpoint.pt``, then by ``best_checkpoint.pt``, is used. It is returned
     in evaluation mode.
 
+    Only what the model needs must be importable: classes and functions of the rest of
+    the training set-up (a custom optimizer, function metrics) are not loaded, and the
+    trust gate refuses only what the model itself refers to.
+
     :param map_location: as for :func:`torch.load`.
     :param model_device: ``'cpu'``, ``'cuda:N'`` or ``'auto'``; not with ``map_location``.
     :param strict: raise at the first file that does not verify instead of falling back.
+    :param allow: classes, functions or module names the model may use beyond the
+        default families (see :mod:`experiment_io.trust`); a class defined in the
+        training script (stored as ``__main__.Name``) can be handed over itself.
+    :param trusted: load the structure file with full pickle (only for files you wrote).
     :param mmap: ``False`` (default): the weights get memory of their own, and the
         model does not depend on the file after the load. ``True``: on the CPU, the
         weights stay in the verified file's memory map (private, copy-on-write:
@@ -259,29 +274,59 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         that path), and a file truncated meanwhile kills the process with SIGBUS.
         experiment_io itself never changes a file in place. Weights moved to a GPU
         never refer to the file.
+    :param which: ``"best"`` (default): the model of the best epoch; ``"last"``: the
+        model as of the newest checkpoint (``last_checkpoint.pt``).
+    :param epoch: the model kept for this 0-based epoch (``model_epoch_N.pt``, else
+        ``checkpoint_epoch_N.pt``: written with ``store_every`` or ``store_all_better``);
+        overrides ``which``.
     :return: the :class:`torch.nn.Module`.
     """
     check_location_args(map_location, model_device)
-
-    roles = [Role(BEST_MODEL_NAME, Generation.CURRENT), Role(LAST_NAME), Role(BEST_NAME),
-             Role(BEST_MODEL_NAME, Generation.PREVIOUS)]
+    if which not in ("best", "last"):
+        raise ValueError(f"which={which!r}; choose 'best' or 'last' (or epoch=N for a kept epoch)")
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, not {epoch!r}")
+        roles = [Role(epoch_model_name(epoch)), Role(epoch_checkpoint_name(epoch))]
+        wanted = f"the model of epoch {epoch}"
+    elif which == "last":
+        roles = [Role(LAST_NAME)]
+        wanted = "the last model"
+    else:
+        roles = [Role(BEST_MODEL_NAME, Generation.CURRENT), Role(LAST_NAME), Role(BEST_NAME),
+                 Role(BEST_MODEL_NAME, Generation.PREVIOUS)]
+        wanted = "the best model"
 
     def load():
         verifier = run_verifier(directory)
         structure_path, structure_record, structure, model_path, record = pick_structure_and_state(
-            verifier, roles, strict, False, lambda path, record: load_structure_file(path, allow, trusted, record, verifier))
+            verifier, roles, strict, False,
+            lambda path, record: load_structure_file(path, allow, trusted, record, verifier, model_only=True))
         payload, header = load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record, verifier)
         return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
 
-    loaded = until_stable(load, _directory(directory))
+    try:
+        loaded = until_stable(load, _directory(directory))
+    except CheckpointNotFoundError as e:
+        if epoch is None:
+            raise
+        kept = _kept_epochs(_directory(directory))
+        raise CheckpointNotFoundError(
+            f"{_directory(directory)} holds no model of epoch {epoch}: "
+            + (f"models are kept for epochs {kept}. " if kept else "no epoch's model was kept. ")
+            + "Keep them with train_model(..., store_every=N) or store_all_better=True; "
+              "which='best' and which='last' are always there.") from e
     directory, structure, structure_path, structure_record, payload, header, model_path = loaded
     check_pairing(model_path, header, structure_path, structure_record)
     if header["kind"] == "model":
         model_state = payload["model"]
+    elif which == "last" or epoch is not None:
+        model_state = payload["model"]
     else:
         model_state = payload["metric_tracker"].get("best_model_state") if isinstance(payload["metric_tracker"], dict) else None
         if model_state is None:
-            raise CheckpointNotFoundError(f"{directory} holds no best model yet: no epoch has finished.")
+            raise CheckpointNotFoundError(f"{directory} holds no best model yet: no epoch has finished. "
+                                          "Load which='last' for the model as of the last checkpoint.")
         log.info("using the best model state carried by %s", model_path)
     device = target_device(map_location, model_device, header.get("model_device"), model_path)
     model = structure["training_modules"].model
@@ -291,5 +336,12 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         model.to(device)
     _load_model_state(model, model_state, model_path)
     model.eval()
-    log.info("best model (after %s epochs) loaded from %s", header.get("epochs_done"), model_path)
+    log.info("%s (after %s epochs) loaded from %s", wanted, header.get("epochs_done"), model_path)
     return model
+
+
+def _kept_epochs(directory):
+    """The 0-based epochs whose model a run directory keeps (from its manifest)."""
+    manifest = read_manifest(directory)
+    names = manifest[1] if manifest else {}
+    return sorted({int(m.group(1)) for n in names for m in [_KEPT.fullmatch(base_name(n))] if m})

@@ -8,19 +8,19 @@ import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import storage
 from .checkpointing import RunCheckpointer
 from .controllers import Controller, TrainingPosition
 from .devices import module_device
 from .distributed import is_data_parallel, join, ordered_mean_hook, unwrap
-from .errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError
+from .errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError, SetupError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
 from .payloads import LAST_NAME
 from .policy import SavePolicy
 from .preemption import DEFAULT_SIGNALS, Preemption, Stop, StopKind
+from .progress import Report
 from .training_modules import TrainingModules, as_tuple
 
 __all__ = ["train_model"]
@@ -33,7 +33,8 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False, *,
                 directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,
                 checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
-                exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False) -> MetricTracker:
+                exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False,
+                overwrite: bool = False, max_epochs: Optional[int] = None) -> MetricTracker:
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -42,6 +43,14 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     ``store_every`` epochs and, with ``store_all_better``, at every better epoch.
     Training starts (or continues) at the controller's ``position`` (a
     :class:`~experiment_io.TrainingPosition`), which a loader restores.
+
+    What training does is shown without any set-up: a progress bar per epoch, a
+    line per epoch (losses, the stopping metric, whether it is the best so far) and
+    a summary at the end, written by the progress display to stderr. Once logging
+    is configured (``logging.basicConfig(level=logging.INFO)``), the lines go to
+    the log of ``experiment_io`` instead, at INFO; ``quiet=True`` shows no bar and
+    leaves them to the log only. Warnings (a fallback to an older checkpoint, a
+    signal) always reach stderr unless logging is configured otherwise.
 
     Signals (``signals``, by default SIGTERM, SIGUSR1 and SIGINT) stop training at the
     next batch boundary, after a mid-epoch ``last_checkpoint.pt`` is written; resuming
@@ -78,8 +87,11 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     :param store_all_better: keep the epoch files of every better epoch.
     :param store_best: write ``best_checkpoint.pt`` and ``best_model.pt``.
     :param store_every: keep the epoch files every this many epochs (0: never).
-    :param quiet: no progress bar.
-    :param directory: the run directory (default: the current working directory).
+    :param quiet: no progress display: no bar, and the epoch lines and the summary
+        go to the log only (see below).
+    :param directory: the run directory. Default: the directory the controller was
+        loaded from (``train_model(**check)`` continues where the checkpoint came
+        from), else the current working directory.
     :param checkpoint_every_batches: also write a mid-epoch ``last_checkpoint.pt``
         every this many batches (0: only at the end of each epoch).
     :param checkpoint_every_seconds: also write a mid-epoch ``last_checkpoint.pt``
@@ -91,7 +103,13 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     :param async_save: ``False``, ``True`` or ``"copy"``: write checkpoints in a
         background thread (see above); costs host memory for one copy of the
         checkpointed state.
+    :param overwrite: start this run even if the directory holds the checkpoints of
+        another run, which this run's files then replace. Without it, that is refused.
+    :param max_epochs: train until this many epochs are done (sets the controller's
+        ``max_epochs``): extends a finished run, or shortens one.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
+    :raises RunExistsError: when a new run would replace the checkpoints of another
+        run in the directory (see ``overwrite``).
     :raises RunLockedError: when another live process is training in the same directory.
     :raises CheckpointWriteError: when a checkpoint cannot be written (disk full, I/O
         error); the previous checkpoint is intact.
@@ -105,7 +123,11 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     _check_database(database)
     if async_save not in (False, True, "copy"):
         raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")
-    directory = os.path.abspath(directory or os.getcwd())
+    directory = os.path.abspath(directory or controller.loaded_from or os.getcwd())
+    if max_epochs is not None:
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+            raise SetupError(f"max_epochs must be a positive integer, not {max_epochs!r}")
+        controller.max_epochs = max_epochs
     preemption = Preemption(signals, exit_on_preemption=exit_on_preemption, requeue=requeue)
     # signals are handled from here on, so that one arriving while the run is set up
     # still ends in a checkpoint and the documented exit status
@@ -113,7 +135,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         distribution = join(module_device(training_modules.model))
         lock = distribution.on_writer(lambda: stack.enter_context(RunLock(_made(directory))))
         position = controller.position
-        resuming = controller.current_epoch > 0 or position.samples_done > 0
+        resuming = controller.loaded_from is not None or controller.current_epoch > 0 or position.samples_done > 0
         if resuming:
             log.info("resuming at epoch %d, sample %d of the epoch", position.epoch, position.samples_done)
         where = (controller.current_epoch, position.epoch, position.samples_done, position.step)
@@ -122,16 +144,20 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 f"the ranks do not start from the same position (rank {distribution.rank}: epoch {position.epoch}, "
                 f"sample {position.samples_done}, step {position.step}): every rank must load the same checkpoint. "
                 "Keep the run directory on a file system all nodes see, and start or resume every rank alike.")
+        continues = controller._loaded_structure if controller.loaded_from is not None else None
         checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
-                                       resuming=resuming, async_save=async_save, distribution=distribution, lock=lock)
+                                       resuming=resuming, continues=continues, overwrite=overwrite,
+                                       async_save=async_save, distribution=distribution, lock=lock)
+        report = Report(quiet or not distribution.writer)
         loop = _Loop(training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
-                     quiet or not distribution.writer, distribution)
+                     report, distribution)
+        started = time.perf_counter()
         with checkpointer.committing():
             stop = loop.run(policy, preemption, checkpointer)
         preemption.exiting(stop, launched=distribution.active)
     metric_tracker.stop_reason = stop.text
     if distribution.writer:
-        log.info("training ended (%s); %s", stop.text, metric_tracker.summary())
+        report.summary(stop, controller, metric_tracker, time.perf_counter() - started, directory)
     preemption.finish(stop, requeuer=distribution.writer)
     return metric_tracker
 
@@ -176,10 +202,10 @@ class _Loop:
     """One training run's epochs and batches, on this rank."""
 
     def __init__(self, training_modules, wrapped, database, controller, metric_tracker, callbacks, batch_callbacks,
-                 quiet, distribution):
+                 report, distribution):
         self.model, self.loss_fn, self.evaluator = training_modules
         self.database, self.controller, self.metric_tracker = database, controller, metric_tracker
-        self.callbacks, self.batch_callbacks, self.quiet = callbacks, batch_callbacks, quiet
+        self.callbacks, self.batch_callbacks, self.report = callbacks, batch_callbacks, report
         self.distribution = distribution
         self.trained = _data_parallel(wrapped if wrapped is not None else self.model, distribution)
         self.evaluator.database = database
@@ -239,9 +265,7 @@ class _Loop:
         device = module_device(self.model)
         batches = self.database.shard_batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
                                               start=position.samples_done, rank=world.rank, world_size=world.world_size)
-        # quiet: no tqdm at all (even disabled, it takes tqdm's lock, shared with forked processes)
-        bar = _NoProgress() if self.quiet else tqdm(
-            total=self.n_train, initial=position.samples_done, desc=f"epoch {position.epoch}", unit="sample", leave=False)
+        bar = self.report.bar(self.n_train, position.samples_done, f"epoch {position.epoch}")
         with contextlib.closing(bar):
             if self.agree(preemption):  # a signal that came while the run was set up
                 return
@@ -301,18 +325,7 @@ class _Loop:
         checkpointer.save(policy.files(epoch, better))
         policy.saved()
         if self.distribution.writer:
-            log.info("epoch %d: train loss %.6g, valid %s %.6g%s", epoch, metrics["train"]["loss"],
-                     tracker.stopping_key, tracker.stopping_value(metrics), " (best so far)" if better else "")
-
-
-class _NoProgress:
-    """The progress display of a quiet run: nothing."""
-
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
+            self.report.epoch(epoch, controller.max_epochs, metrics, tracker, better, time.perf_counter() - self.started)
 
 
 def _data_parallel(model, distribution):

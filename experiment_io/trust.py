@@ -26,7 +26,7 @@ import torch
 
 from .controllers import Controller
 from .errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
-from .names import qualified_name, resolve
+from .names import module_of, qualified_name, resolve
 from .verification import check_archive
 from .training_modules import Evaluator, TrainingModules
 
@@ -64,27 +64,69 @@ def register_safe_classes(*classes: type) -> None:
         _registered.add(cls)
 
 
-def admitted_globals(global_names, *, allow=(), source="the structure file"):
-    """Decide which globals of a structure file to admit.
+def _main_stand_ins(allow):
+    """Classes and functions passed in ``allow``, by the name they would have had in the training script.
 
-    :param global_names: globals the file refers to (as ``"module.Name"``).
-    :param allow: objects or names the user trusts: a class or function object, an
-        exact ``"module.Name"``, or a module name whose family classes are admitted
-        (and which may then be imported).
-    :param source: the file, for error messages.
-    :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
-    :raises UnsafeCheckpointError: naming every refused global.
-    :raises StructureClassError: when an admissible module lacks the named class.
-    """
+    A class defined in the script that trained (a notebook, a one-file script) is stored
+    as ``__main__.Name``; the class itself, handed to a loader, stands for that name."""
+    return {f"__main__.{a.__qualname__}": a for a in allow if not isinstance(a, str) and hasattr(a, "__qualname__")}
+
+
+class _Refusal:
+    """What the gate refused: the names, why, and the message that says how to load anyway."""
+
+    def __init__(self, refused, missing, source):
+        self.refused, self.missing, self.source = refused, missing, source
+
+    def __bool__(self):
+        return bool(self.refused or self.missing)
+
+    def error(self, only=None):
+        """The error to raise (for ``only`` these names, when given)."""
+        refused = [(n, why) for n, why in self.refused if only is None or n in only]
+        missing = [(n, why) for n, why in self.missing if only is None or n in only]
+        if refused:
+            return UnsafeCheckpointError(_refused_message(refused, self.source))
+        lines = "\n".join(f"  - {n}: {why}" for n, why in missing)
+        fixes = []
+        if any(n.startswith("__main__.") for n, _ in missing):
+            local = [n.split(".", 1)[1] for n, _ in missing if n.startswith("__main__.")]
+            fixes.append(f"{', '.join(local)} was defined in the script that trained (its __main__ module), which "
+                         "no other script can import. Move the definition into a module that both scripts import, or "
+                         f"hand the class itself to the load function: allow=[{', '.join(local)}]")
+        if any(not n.startswith("__main__.") for n, _ in missing):
+            fixes.append("Install or restore the code that defines them (or import it under its old name) before "
+                         "loading, or hand the class itself to the load function: allow=[TheClass]")
+        return StructureClassError(f"{self.source} names classes that cannot be found:\n{lines}\n" + "\n".join(fixes) + ".")
+
+
+def _refused_message(refused, source):
+    lines = "\n".join(f"  - {n}: {why}" for n, why in refused)
+    modules = sorted({module_of(n) for n, why in refused if "is not imported" in why})
+    fixes = []
+    if modules:
+        fixes.append(f"import {', '.join(modules)} (the module{'s' if len(modules) > 1 else ''} that define"
+                     f"{'' if len(modules) > 1 else 's'} them) in your script before loading")
+    fixes.append(f"if you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function")
+    fixes.append("if you wrote this file yourself, pass trusted=True to load it with full pickle")
+    return (f"{source} refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
+            f"To load it: {'; or '.join(fixes)}.")
+
+
+def _judge(global_names, allow, source):
+    """``(admitted, refusal)``: see :func:`admitted_globals`."""
     allowed_objects = {qualified_name(a): a for a in allow if not isinstance(a, str)}
+    allowed_objects = {**_main_stand_ins(allow), **allowed_objects}
     allowed_names = {a for a in allow if isinstance(a, str)}
     importable = _IMPORTABLE_ROOTS + tuple(allowed_names)
+    # a name allowed exactly ("mynets.MLP") lets its module be imported ("mynets"), not that module's submodules
+    exact = {".".join(a.split(".")[:i]) for a in allowed_names for i in range(1, a.count(".") + 1)}
     admitted, refused, missing = [], [], []
     for name in sorted(global_names):
         if name in allowed_objects:
             admitted.append((allowed_objects[name], name))
             continue
-        obj, why = resolve(name, importable)
+        obj, why = resolve(name, importable, exact)
         if obj is None:
             (missing if why.startswith("module ") else refused).append((name, why))
             continue
@@ -96,23 +138,85 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
             admitted.append((obj, name))
         else:
             refused.append((name, "it is a class outside the admitted families (modules, optimizers, schedulers, experiment_io classes, containers)"))
-    if refused:
-        lines = "\n".join(f"  - {n}: {why}" for n, why in refused)
-        raise UnsafeCheckpointError(
-            f"{source} refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
-            f"If you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function; "
-            "if you wrote this file yourself, pass trusted=True to load it with full pickle."
-        )
-    if missing:
-        lines = "\n".join(f"  - {n}: {why}" for n, why in missing)
-        raise StructureClassError(
-            f"{source} names classes that cannot be found:\n{lines}\n"
-            "Install or restore the code that defines them (or import it under its old name) before loading."
-        )
+    return admitted, _Refusal(refused, missing, source)
+
+
+def admitted_globals(global_names, *, allow=(), source="the structure file"):
+    """Decide which globals of a structure file to admit.
+
+    :param global_names: globals the file refers to (as ``"module.Name"``).
+    :param allow: objects or names the user trusts: a class or function object, an
+        exact ``"module.Name"`` (whose module may then be imported), or a module name
+        whose family classes are admitted (and which may then be imported, with its
+        submodules). A class or function passed as an object also stands for the name
+        it had in a training script (``"__main__.Name"``).
+    :param source: the file, for error messages.
+    :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
+    :raises UnsafeCheckpointError: naming every refused global and each way to load anyway.
+    :raises StructureClassError: when an admissible module lacks the named class.
+    """
+    admitted, refusal = _judge(global_names, allow, source)
+    if refusal:
+        raise refusal.error()
     return admitted
 
 
-def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None):
+class _Absent:
+    """Stands, in a prediction's load, for a global of the training set-up that the gate refused.
+
+    An instance keeps nothing and does nothing; if the model refers to one, the load
+    raises the gate's error instead of returning the model."""
+
+    stored_name = None
+    #: whether the file called it with arguments (a function call, never a plain object): always refused
+    called = False
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            cls.called = True
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return f"<not loaded: {self.stored_name}>"
+
+
+def _stand_in(name):
+    return type(name.rsplit(".", 1)[-1], (_Absent,), {"stored_name": name})
+
+
+def _absent_names(root):
+    """The stored names of every stand-in that ``root`` refers to (through attributes and containers)."""
+    found, seen, stack = set(), set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (torch.Tensor, str, bytes, int, float, bool, type(None))):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, type):
+            if issubclass(obj, _Absent):
+                found.add(obj.stored_name)
+            continue
+        if isinstance(obj, _Absent):
+            found.add(obj.stored_name)
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            stack.extend(obj)
+        else:
+            stack.append(type(obj))
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    return found
+
+
+def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None, model_only=False):
     """Load a structure file through the trust gate, with every tensor on the CPU.
 
     :param path: the structure file (already verified against its digest).
@@ -120,6 +224,10 @@ def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None
     :param trusted: load with full pickle, skipping the gate (logged).
     :param digest: the file's digest, for the log.
     :param read_from: where to read the file's bytes (a verified descriptor's path; default: ``path``).
+    :param model_only: only the model will be used (a prediction): globals of the rest of
+        the training set-up (a custom optimizer, function metrics) that the gate refuses
+        are unpickled as inert stand-ins, and the gate's error is raised only when the
+        model itself refers to one.
     :return: the unpickled payload.
     """
     source = read_from or path
@@ -131,9 +239,23 @@ def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None
         names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception as e:  # a damaged archive or pickle raises many types here
         raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: {e!r})") from e
-    entries = admitted_globals(names, allow=allow, source=str(path))
-    with torch.serialization.safe_globals(entries):
+    entries, refusal = _judge(names, allow, str(path))
+    if refusal and not model_only:
+        raise refusal.error()
+    stand_ins = [(_stand_in(n), n) for n, _ in refusal.refused + refusal.missing]
+    with torch.serialization.safe_globals(entries + stand_ins):
         try:
-            return torch.load(source, map_location="cpu", weights_only=True)
+            payload = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # the unpickler raises many types for malformed input
+            if refusal:
+                raise refusal.error() from e
             raise NotACheckpointError(f"{path} could not be unpickled as a structure file: {e}") from e
+    if any(cls.called for cls, _ in stand_ins):
+        raise refusal.error(only={n for cls, n in stand_ins if cls.called})
+    if stand_ins:
+        model = getattr(payload.get("training_modules"), "model", None) if isinstance(payload, dict) else None
+        needed = _absent_names(model) if model is not None else {n for _, n in stand_ins}
+        if needed:
+            raise refusal.error(only=needed)
+        log.info("%s: the model needs none of %s (not loaded)", path, ", ".join(n for _, n in stand_ins))
+    return payload
