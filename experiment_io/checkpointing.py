@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 
 import torch
 
@@ -24,13 +25,15 @@ from .payloads import (
     epoch_checkpoint_name,
     epoch_model_name,
     model_payload,
+    main_module_names,
     run_status,
     save_payloads,
     structure_payload,
+    unpicklable_part,
 )
 from .devices import module_device
 from .distributed import SINGLE
-from .errors import RunExistsError
+from .errors import RunExistsError, SetupError
 from .policy import EpochFiles
 from .rng import get_rng_state
 
@@ -49,6 +52,23 @@ def _run_exists_message(directory, status, continues):
             "or start_fresh());\n"
             "  - replace it: train_model(..., overwrite=True);\n"
             "  - keep it: train in another directory, train_model(..., directory='another/run').")
+
+
+def _unpicklable_error(training_modules, controller, error):
+    model, loss, evaluator = training_modules
+    for name, obj in (("model", model), ("loss", loss), ("evaluator", evaluator), ("controller", controller)):
+        found = unpicklable_part(name, obj)
+        if found is not None:
+            path, part, part_error = found
+            break
+    else:
+        path, part, part_error = "the experiment", None, error
+    what = getattr(part, "__qualname__", type(part).__name__)
+    return SetupError(
+        f"the experiment cannot be stored: {path} holds {what!r}, which cannot be pickled ({part_error}). "
+        "The structure file refers to functions and classes by their import path, so a lambda, a function "
+        "defined inside another function, or an open file cannot be stored. Define it with def (or as a "
+        "torch.nn.Module) at the top level of a module that the training and prediction scripts both import.")
 
 
 class RunCheckpointer:
@@ -104,7 +124,17 @@ class RunCheckpointer:
                 log.warning("starting a new run in %s with overwrite=True: it replaces the run there (%s)",
                             directory, status.describe())
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
-            save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
+            try:
+                save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                raise _unpicklable_error(training_modules, controller, e) from e
+            local = main_module_names(self.writer.path(STRUCTURE_NAME))
+            if local:
+                log.warning(
+                    "%s are defined in the script being run (__main__): the structure file names them so, and a "
+                    "restart or prediction script cannot import them from there. Move them into a module that "
+                    "every script imports, or hand them to the loaders: load_model_from_cwd(allow=[%s])",
+                    ", ".join(n.split(".", 1)[1] for n in local), ", ".join(n.split(".", 1)[1] for n in local))
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
         self.background = BackgroundWriter() if async_save else None
 

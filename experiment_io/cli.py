@@ -27,7 +27,7 @@ from . import storage
 from .errors import ExperimentIOError
 from .generations import Search, base_name, previous_name
 from .metric_tracker import MetricTracker
-from .payloads import BEST_NAME, LAST_NAME
+from .payloads import BEST_NAME, LAST_NAME, run_status
 from .reading import verified_source
 from .verification import Verifier, check_archive
 from .version import __version__
@@ -54,15 +54,30 @@ def _when(record):
         return "?"
 
 
+def _what(record):
+    """What a file holds, in words: the epoch its state is from."""
+    done, kind = record.get("epochs_done"), record.get("kind")
+    if kind == "structure" or done is None:
+        return ""
+    if record.get("samples_done"):
+        why = f", stopped by {record['interrupted']}" if record.get("interrupted") else ""
+        return f"in epoch {done} ({record['samples_done']} samples){why}"
+    if done == 0:
+        return "before the first epoch" + (f", stopped by {record['interrupted']}" if record.get("interrupted") else "")
+    return f"{'model' if kind == 'model' else 'state'} after epoch {done - 1}"
+
+
 def cmd_info(args):
     files = _manifest(args.directory)
     print(f"run directory {os.path.abspath(args.directory)}")
-    print(f"{'file':32} {'kind':10} {'epochs':>6} {'step':>8} {'ranks':>5} {'size':>12}  written              note")
+    status = run_status(files)
+    print(f"run: {status.describe()}" if status is not None else "run: no checkpoint committed yet")
+    print("epochs are numbered from 0; 'done' counts finished epochs (a file written after epoch 2 has 3 done)")
+    print(f"{'file':32} {'kind':10} {'done':>5} {'step':>8} {'ranks':>5} {'size':>12}  written              holds")
     for name in sorted(files):
         record = files[name]
-        note = f"interrupted by {record['interrupted']}" if record.get("interrupted") else ""
-        print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>6} {record.get('step', ''):>8} "
-              f"{record.get('world_size', ''):>5} {record['size']:>12}  {_when(record)}  {note}")
+        print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>5} {record.get('step', ''):>8} "
+              f"{record.get('world_size', ''):>5} {record['size']:>12}  {_when(record)}  {_what(record)}")
     return 0
 
 

@@ -15,8 +15,9 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import h5py
 import numpy as np
 import torch
+import xxhash
 
-from .errors import DatabaseRestartError, IncompatibleCheckpointError
+from .errors import DatabaseRestartError, IncompatibleCheckpointError, _SetupKeyError
 from .names import resolve
 from .ordering import epoch_permutation, global_steps
 
@@ -65,7 +66,8 @@ class Database:
             raise ValueError("a database needs at least one input and one target array")
         missing = [name for name in inputs + targets if name not in arrays]
         if missing:
-            raise KeyError(f"arrays {missing} were named as inputs or targets but are not in the database (it has {sorted(arrays)})")
+            raise _SetupKeyError(f"arrays {missing} were named as inputs or targets but are not in the database (it has "
+                                 f"{sorted(arrays)}); name arrays it has")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
         dtype = np.dtype(float_dtype) if float_dtype is not None else torch.empty(0).numpy().dtype
@@ -162,17 +164,32 @@ class Database:
             yield (*self.get(self.sample_indices(split, stand_in)), n, step_size)
 
     def fingerprint(self) -> dict:
-        """What a resume must find unchanged: the seed and the split sizes (plain data)."""
-        return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS}}
+        """What a resume must find unchanged: the seed, the split sizes and a digest of the data (plain data)."""
+        if getattr(self, "_data_digest", None) is None:
+            digest = xxhash.xxh3_128()
+            for name in sorted(self.arrays):
+                array = np.ascontiguousarray(self.arrays[name])
+                digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+                digest.update(memoryview(array).cast("B"))
+            self._data_digest = f"xxh3_128:{digest.hexdigest()}"
+        return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS},
+                "data": self._data_digest}
 
     def check_fingerprint(self, state: dict) -> None:
         """Check that this database is the one a checkpoint was trained on.
 
-        :raises IncompatibleCheckpointError: when the seed or the split sizes differ
-            (the data order of the resumed run would silently differ).
+        :raises IncompatibleCheckpointError: when the seed, the split sizes or the data
+            differ (the resumed run would silently train on other data, or in another order).
         """
         mine = self.fingerprint()
-        if mine != state:
+        if "data" in state and state["data"] != mine["data"] and {k: v for k, v in state.items() if k != "data"} == \
+                {k: v for k, v in mine.items() if k != "data"}:
+            where = f" read from {self.path}" if getattr(self, "path", None) else ""
+            raise IncompatibleCheckpointError(
+                f"the data{where} differ from those the run was trained on (same seed and sizes, other values: "
+                "the file was replaced or changed since). The resumed run would train on other data. Restore the "
+                "data the run was trained on, or start a new run on the new data.")
+        if any(state.get(k) != v for k, v in mine.items() if k in state):
             raise IncompatibleCheckpointError(
                 f"the database given for the restart differs from the one the run was trained on "
                 f"(checkpoint: {state}, given: {mine}); the resumed run would see other data in another "
@@ -202,6 +219,17 @@ def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dty
     }
 
 
+def _check_names(path, inputs, targets, held, what):
+    """Refuse input or target names that the data file does not hold, naming what it holds."""
+    for role, names in (("inputs", inputs), ("targets", targets)):
+        missing = [n for n in names if n not in held]
+        if missing:
+            close = {n: [h for h in held if h.lower() == str(n).lower()] for n in missing}
+            hint = "".join(f" ({n!r} differs from {c[0]!r} in case only)" for n, c in close.items() if c)
+            raise _SetupKeyError(f"{role}={list(names)}: {path} holds no {what} {missing}{hint}; it holds the {what} "
+                                 f"{sorted(held)}. Name {what} the file holds.")
+
+
 class NPZDatabase(Restartable, Database):
     """A database read from a numpy ``.npz`` archive.
 
@@ -212,7 +240,8 @@ class NPZDatabase(Restartable, Database):
     def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
         with np.load(self.restart_kwargs["path"], allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in dict.fromkeys(list(inputs) + list(targets)) if name in archive}
+            _check_names(self.restart_kwargs["path"], inputs, targets, list(archive.files), "arrays")
+            arrays = {name: archive[name] for name in dict.fromkeys(list(inputs) + list(targets))}
         super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
         self.path = self.restart_kwargs["path"]
 
@@ -226,7 +255,10 @@ class HDF5Database(Restartable, Database):
     def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
         with h5py.File(self.restart_kwargs["path"], "r") as h5:
-            arrays = {name: h5[name][()] for name in dict.fromkeys(list(inputs) + list(targets)) if name in h5}
+            held = []
+            h5.visititems(lambda name, obj: held.append(name) if isinstance(obj, h5py.Dataset) else None)
+            _check_names(self.restart_kwargs["path"], inputs, targets, held, "datasets")
+            arrays = {name: h5[name][()] for name in dict.fromkeys(list(inputs) + list(targets))}
         super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
         self.path = self.restart_kwargs["path"]
 

@@ -32,13 +32,14 @@ def _accelerator_count(device_type):
     return None
 
 
-def resolve_device(spec):
+def resolve_device(spec, argument="model_device"):
     """Turn a device request into a :class:`torch.device` that exists on this machine.
 
     :param spec: ``None``, ``"auto"`` (CUDA when present, else CPU), a string such
         as ``"cpu"`` or ``"cuda:1"``, or a :class:`torch.device`. ``"auto"`` and
         ``"cuda"`` without an index mean this rank's GPU (``LOCAL_RANK``) in a
         data-parallel run, the current GPU otherwise.
+    :param argument: the name of the argument that asked for it, for the message.
     :return: a :class:`torch.device`, or ``None`` for ``None``.
     :raises DeviceError: for a malformed or unavailable device.
     """
@@ -46,25 +47,31 @@ def resolve_device(spec):
         return None
     if isinstance(spec, str) and spec == "auto":
         device = _rank_device(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
-        log.info("model_device='auto' resolved to %s", device)
+        log.info("%s='auto' resolved to %s", argument, device)
         return device
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"{spec!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from e
-    count = _accelerator_count(device.type)
-    if count is not None:
-        if count == 0:
-            raise DeviceError(
-                f"device {spec!r} was asked for, but this machine has no {device.type} device. "
-                "Pass model_device='cpu', or model_device='auto' to use the best device available."
-            )
-        if device.index is not None and device.index >= count:
-            raise DeviceError(
-                f"device {spec!r} was asked for, but this machine has only {count} {device.type} device(s) "
-                f"(indices 0..{count - 1}). Pick one of those, or model_device='auto'."
-            )
+        raise DeviceError(f"{argument}={spec!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from e
+    _check_available(device, spec, argument)
     return _rank_device(device) if device.type == "cuda" and device.index is None else device
+
+
+def _check_available(device, spec, argument):
+    count = _accelerator_count(device.type)
+    if count is None:
+        return
+    if count == 0:
+        auto = "model_device='auto'" if argument == "map_location" else f"{argument}='auto'"
+        raise DeviceError(
+            f"{argument}={spec!r} was asked for, but this machine has no {device.type} device. "
+            f"Pass {argument}='cpu', or {auto} to use the best device available."
+        )
+    if device.index is not None and device.index >= count:
+        raise DeviceError(
+            f"{argument}={spec!r} was asked for, but this machine has only {count} {device.type} device(s) "
+            f"(indices 0..{count - 1}). Pick one of those, or 'auto'."
+        )
 
 
 def _rank_device(device):
@@ -76,10 +83,17 @@ def _rank_device(device):
 
 
 def check_location_args(map_location, model_device):
-    """Refuse ``map_location`` and ``model_device`` given together.
+    """Refuse ``map_location`` and ``model_device`` given together, and a plain ``map_location`` this machine lacks.
 
-    :raises DeviceError: naming which argument to drop.
+    :raises DeviceError: naming which argument to drop, or the device that is missing.
     """
+    if isinstance(map_location, (str, torch.device)) and model_device is None:
+        try:
+            device = torch.device(map_location)
+        except (RuntimeError, TypeError) as e:
+            raise DeviceError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda', 'cuda:N', "
+                              "or model_device='auto'.") from e
+        _check_available(device, map_location, "map_location")
     if map_location is not None and model_device is not None:
         raise DeviceError(
             "map_location and model_device were both given; pass only one. Drop map_location to "

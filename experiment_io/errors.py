@@ -170,3 +170,9 @@ class SetupError(ExperimentIOError, ValueError):
     that cannot be stored (a lambda or a local function). The message names the
     argument or attribute and the fix.
     """
+
+
+class _SetupKeyError(SetupError, KeyError):
+    """A :class:`SetupError` for a name that is not there (a data set, a metric); also a :class:`KeyError`."""
+
+    __str__ = Exception.__str__

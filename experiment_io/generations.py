@@ -165,7 +165,10 @@ class Search:
                 continue
             fitting = [r for r in records if r["size"] == size]
             if not fitting:
-                problems.append(self.verifier.describe(path, self.verifier.files.get(candidate), size=size))
+                own = self.verifier.files.get(candidate)
+                if own is not None and all(own is not r for r in records) and own["size"] == size:
+                    continue  # the other generation, not asked for (strict): no problem of its own
+                problems.append(self.verifier.describe(path, own, size=size))
             pairs += [(path, r) for r in fitting]
         return pairs, problems
 
@@ -181,7 +184,10 @@ class Search:
                 yield path, record
             elif not self._reported[path] and not any(verifier.matches(p, r) for _, p, r in self._candidates if p == path):
                 self._reported[path] = True
-                self.report(verifier.describe(path, verifier.files.get(os.path.basename(path))))
+                own = verifier.files.get(os.path.basename(path))
+                if own is not None and own is not record and verifier.matches(path, own):
+                    continue  # intact, but the other generation, which was not asked for (strict)
+                self.report(verifier.describe(path, record))
 
     def _newest_committed(self):
         """The newest record the manifest commits for the roles' names (``None`` when it has none)."""
@@ -231,8 +237,11 @@ class Search:
                 "Start the run from the beginning."
             )
         listed = "\n  - ".join(self.problems)
-        what = "the committed generation (strict=True: no fallback)" if self.strict else "an intact generation"
-        raise CorruptCheckpointError(f"no {what} of {names} in {self.verifier.directory}:\n  - {listed}")
+        if self.strict:
+            raise CorruptCheckpointError(
+                f"the committed generation of {names} in {self.verifier.directory} does not verify, and strict=True "
+                f"allows no fallback to an older one:\n  - {listed}\nLoad without strict=True to fall back.")
+        raise CorruptCheckpointError(f"no intact generation of {names} in {self.verifier.directory}:\n  - {listed}")
 
 
 class RunWriter:

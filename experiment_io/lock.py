@@ -10,7 +10,7 @@ from typing import Union
 
 from .errors import CheckpointWriteError, RunLockedError
 
-__all__ = ["LOCK_NAME", "RunLock"]
+__all__ = ["LOCK_NAME", "RunLock", "writer_now"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,36 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def writer_now(directory) -> str:
+    """Who is training in ``directory`` now, in words (``""`` when nobody seems to be).
+
+    Reads the lock file without locking it (a lock taken to look would make a starting
+    writer fail): its holder counts as alive when it runs on this host and its pid
+    exists, and as possibly alive on another host.
+    """
+    from .storage import _pid_alive
+    from .verification import NotARegularFile, open_regular
+
+    try:
+        fd, _ = open_regular(os.path.join(directory, LOCK_NAME))
+    except (OSError, NotARegularFile):
+        return ""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return ""
+    finally:
+        os.close(fd)
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return ""
+    if holder.get("host") == socket.gethostname():
+        if not _pid_alive(holder["pid"]):
+            return ""
+        return f"pid {holder['pid']} on this host has been training there since {holder.get('since', '?')}"
+    return (f"pid {holder['pid']} on host {holder.get('host', '?')} holds its lock (since {holder.get('since', '?')}) "
+            "and may be training there")
 
 
 def _forget_locks_in_child():

@@ -59,9 +59,10 @@ import torch
 from . import storage
 from .asynchronous import BackgroundWriter, surfaced
 from .distributed import current
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, UnsafeCheckpointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError, UnsafeCheckpointError
 from .generations import RunWriter, Search, is_previous_name, previous_name
 from .lock import LOCK_NAME
+from .names import qualified_name
 from .reading import until_stable, verified_source
 from .verification import FileRecord, Verifier, check_archive
 from .version import __version__
@@ -134,6 +135,21 @@ class PendingSave:
         return self._record
 
 
+def _save_loadable(obj, f, path):
+    """``torch.save(obj, f)``, refused before it is committed when :func:`verified_load` would refuse the file."""
+    torch.save(obj, f)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(f.written())
+    registered = {entry[1] if isinstance(entry, tuple) else qualified_name(entry)
+                  for entry in torch.serialization.get_safe_globals()}
+    refused = sorted(set(names) - registered)
+    if refused:
+        raise SetupError(
+            f"{path} was not written: the object holds {', '.join(refused)}, which verified_load (like "
+            "torch.load(weights_only=True)) refuses, so the file could not be loaded back. Save state_dicts and "
+            "plain data (tensors, numbers, strings, lists, dicts) instead, or, for classes you trust, register "
+            "them before saving and loading: torch.serialization.add_safe_globals([...]).")
+
+
 class AtomicSaver:
     """Saves objects as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
@@ -178,7 +194,7 @@ class AtomicSaver:
             writer = self._writer(directory)
 
         def write(staged):
-            record = writer.save_files({name: (lambda f: torch.save(staged, f), fields)})[name]
+            record = writer.save_files({name: (lambda f: _save_loadable(staged, f, path), fields)})[name]
             log.debug("saved %s (%s)", path, record.digest)
             return record
 

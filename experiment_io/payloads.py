@@ -21,7 +21,9 @@ State files hold plain data and tensors only: each loads with
 Payloads are written by :func:`save_payload` and committed through a
 :class:`~experiment_io.generations.RunWriter` by :func:`save_payloads`.
 """
+import io
 import logging
+import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +48,8 @@ __all__ = [
     "save_payloads",
     "RunStatus",
     "run_status",
+    "unpicklable_part",
+    "main_module_names",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,3 +201,56 @@ def run_status(files: dict) -> Optional[RunStatus]:
                      best_epoch=newest.get("best_epoch"), finished=bool(newest.get("finished", False)),
                      stop_reason=newest.get("stop_reason"), interrupted=newest.get("interrupted"),
                      step=newest.get("step", 0))
+
+
+def _children(obj):
+    """``(label, child)`` of an object, for finding the part that cannot be pickled."""
+    if isinstance(obj, dict):
+        return [(f"[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, torch.nn.Module):
+        named = [(f".{k}", v) for k, v in vars(obj).items() if not k.startswith("_")]
+        named += [(f".{k}", v) for k, v in obj._modules.items()]
+        return named + [(f".{k}", v) for k, v in vars(obj).items() if k.startswith("_") and k != "_modules"]
+    state = obj.__getstate__() if hasattr(obj, "__getstate__") else getattr(obj, "__dict__", None)
+    return [(f".{k}", v) for k, v in state.items()] if isinstance(state, dict) else []
+
+
+def _pickle_error(obj):
+    try:
+        pickle.dump(obj, io.BytesIO(), protocol=2)
+    except Exception as e:  # pickling raises PicklingError, AttributeError, TypeError...
+        return e
+    return None
+
+
+def unpicklable_part(name, obj, error=None):
+    """The innermost part of ``obj`` that cannot be pickled: ``(path, part, error)``, or ``None``.
+
+    :param name: what ``obj`` is called in the path (e.g. ``"model"``).
+    """
+    error = error or _pickle_error(obj)
+    if error is None:
+        return None
+    path, seen = name, {id(obj)}
+    while True:
+        for label, child in _children(obj):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            child_error = _pickle_error(child)
+            if child_error is not None:
+                path, obj, error = path + label, child, child_error
+                break
+        else:
+            return path, obj, error
+
+
+def main_module_names(path):
+    """The globals of a written structure file that live in ``__main__`` (the training script or notebook)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # only a hint: never fail a save for it
+        return []
+    return sorted(n for n in names if n.startswith("__main__."))

@@ -11,6 +11,7 @@ from .controllers import Controller, PatienceController
 from .databases import SPLITS
 from .devices import place_training_modules, resolve_device
 from .distributed import unwrap
+from .errors import SetupError, _SetupKeyError
 from .metric_tracker import MetricTracker
 from .training import train_model
 from .training_modules import Evaluator, TrainingModules
@@ -28,7 +29,8 @@ class SetupParams:
     :ivar batch_size: training batch size.
     :ivar max_epochs: number of epochs to train.
     :ivar optimizer: an optimizer class (built over the model's parameters with
-        ``learning_rate`` and ``optimizer_kwargs``) or an optimizer instance.
+        ``learning_rate`` and ``optimizer_kwargs``), the name of one in
+        :mod:`torch.optim` (``"Adam"``), or an optimizer instance.
     :ivar learning_rate: the learning rate given to an optimizer class.
     :ivar device: where the model and training loss go: ``"cpu"``, ``"cuda:N"``, ``"auto"``.
     :ivar eval_batch_size: evaluation batch size (default: ``batch_size``).
@@ -38,6 +40,8 @@ class SetupParams:
     :ivar termination_patience: stop after this many epochs without improvement
         (uses a :class:`PatienceController`); ``None`` trains ``max_epochs``.
     :ivar optimizer_kwargs: further keyword arguments for an optimizer class.
+    :ivar larger_is_better: whether a larger stopping metric is better (accuracy,
+        R²); by default a smaller one is (a loss).
     """
 
     stopping_key: str
@@ -50,6 +54,23 @@ class SetupParams:
     scheduler: Any = None
     termination_patience: int = None
     optimizer_kwargs: dict = field(default_factory=dict)
+    larger_is_better: bool = False
+
+
+def _optimizer_class(spec):
+    """The optimizer class ``SetupParams.optimizer`` names (a class, a callable, or a name in torch.optim)."""
+    if isinstance(spec, str):
+        cls = getattr(torch.optim, spec, None)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            return cls
+        known = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+                       and c is not torch.optim.Optimizer)
+        raise SetupError(f"optimizer={spec!r} is not an optimizer of torch.optim (it has {', '.join(known)}); pass "
+                         "one of those names, or the class itself: optimizer=torch.optim.Adam")
+    if not callable(spec):
+        raise SetupError(f"optimizer={spec!r} is neither an optimizer class, nor an optimizer, nor the name of one "
+                         "in torch.optim: pass e.g. optimizer=torch.optim.Adam or optimizer='Adam'")
+    return spec
 
 
 def setup_training(training_modules: TrainingModules, setup_params: SetupParams) -> tuple:
@@ -75,10 +96,12 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
     if unwrap(evaluator.model) is not unwrap(model):
         raise ValueError("the evaluator evaluates another model than the one being trained")
     if params.stopping_key not in evaluator.evaluation_losses:
-        raise KeyError(
+        raise _SetupKeyError(
             f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses {sorted(evaluator.evaluation_losses)}"
         )
-    device = resolve_device(params.device)
+    if not isinstance(params.larger_is_better, bool):
+        raise SetupError(f"larger_is_better must be True or False, not {params.larger_is_better!r}")
+    device = resolve_device(params.device, "device")
     place_training_modules(training_modules, device)
     if isinstance(params.optimizer, torch.optim.Optimizer):
         optimizer = params.optimizer
@@ -86,7 +109,8 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         if not all(id(p) in model_params for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("the optimizer given in SetupParams holds parameters that are not the model's")
     else:
-        optimizer = params.optimizer(model.parameters(), lr=params.learning_rate, **params.optimizer_kwargs)
+        optimizer = _optimizer_class(params.optimizer)(model.parameters(), lr=params.learning_rate,
+                                                       **params.optimizer_kwargs)
     makers = params.scheduler if isinstance(params.scheduler, (list, tuple)) else [params.scheduler] if params.scheduler else []
     schedulers = [make(optimizer) for make in makers]
     common = dict(eval_batch_size=params.eval_batch_size)
@@ -95,7 +119,7 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
                                         termination_patience=params.termination_patience, **common)
     else:
         controller = Controller(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key, **common)
-    metric_tracker = MetricTracker(params.stopping_key)
+    metric_tracker = MetricTracker(params.stopping_key, larger_is_better=params.larger_is_better)
     log.info("training set up on %s: %s, %d scheduler(s), %s", device, type(optimizer).__name__, len(schedulers), type(controller).__name__)
     return training_modules, controller, metric_tracker
 

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .generations import Generation, Role, base_name
 from .launch import launched_world
+from .lock import writer_now
 from .metric_tracker import MetricTracker
 from .payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
 from .reading import (
@@ -146,6 +147,17 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
 
 
+def _not_yet(error, directory):
+    """``error`` (no checkpoint found), telling that a live process is writing the run's first checkpoint."""
+    writer = writer_now(_directory(directory))
+    if not writer or not os.path.isdir(_directory(directory)):
+        return error
+    return CheckpointNotFoundError(
+        f"{_directory(directory)} holds no checkpoint yet, and {writer}: its first checkpoint is being written. "
+        "Wait until it has saved (after its first epoch, or its first checkpoint_every_batches), then load; "
+        "do not start another run there.")
+
+
 def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False, map_location: Any = None,
                     model_device: Any = None, *, database=None, allow: Sequence = (), trusted: bool = False,
                     restore_rng: bool = True, verify: bool = True) -> dict:
@@ -211,8 +223,8 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     :param trusted: as for :func:`load_checkpoint`.
     :param restore_rng: as for :func:`load_checkpoint`.
     :param missing_ok: return ``None`` instead of raising when the directory holds no
-        checkpoint yet (damaged files still raise). This makes the restart script and
-        the first start one script::
+        checkpoint yet (damaged files and a directory that does not exist still
+        raise). This makes the restart script and the first start one script::
 
             check = load_checkpoint_from_cwd(missing_ok=True) or start_fresh()
             train_model(**check, callbacks=None, batch_callbacks=None)
@@ -233,11 +245,16 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
     try:
         structure, structure_path, state, header, state_path = until_stable(load, _directory(directory))
-    except CheckpointNotFoundError:
-        if missing_ok:
-            log.info("no checkpoint in %s: starting fresh", directory or os.getcwd())
-            return None
-        raise
+    except CheckpointNotFoundError as e:
+        if not missing_ok:
+            raise _not_yet(e, directory) from None
+        if not os.path.isdir(_directory(directory)):  # a mistyped path must not start a new run somewhere else
+            raise CheckpointNotFoundError(
+                f"run directory {_directory(directory)} does not exist. missing_ok=True returns None for a directory "
+                "that holds no checkpoint yet, not for a missing one (a mistyped path?). If this is the first start, "
+                f"create it first: os.makedirs({str(directory or os.getcwd())!r}, exist_ok=True).") from e
+        log.info("no checkpoint in %s: starting fresh", _directory(directory))
+        return None
     return _assemble(structure, structure_path, state, header, state_path, map_location=map_location,
                      model_device=model_device, database=database, restart_db=restart_db, allow=allow,
                      restore_rng=restore_rng)
@@ -309,7 +326,7 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         loaded = until_stable(load, _directory(directory))
     except CheckpointNotFoundError as e:
         if epoch is None:
-            raise
+            raise _not_yet(e, directory) from None
         kept = _kept_epochs(_directory(directory))
         raise CheckpointNotFoundError(
             f"{_directory(directory)} holds no model of epoch {epoch}: "

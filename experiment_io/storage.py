@@ -24,6 +24,7 @@ process at a chosen instant of a save.
 import contextlib
 import ctypes
 import errno
+import io
 import logging
 import os
 import re
@@ -184,6 +185,37 @@ class _HashingWriter:
 
     def record(self):
         return FileRecord(self.size, f"{DIGEST_NAME}:{self._hash.hexdigest()}")
+
+    def written(self):
+        """A readable file object over what was written so far (it reads with ``pread``: the write offset stays)."""
+        self.flush()
+        return io.BufferedReader(_PositionalReader(self._fd, self.size))
+
+
+class _PositionalReader(io.RawIOBase):
+    """Reads ``size`` bytes of a descriptor with ``pread``, leaving its file offset alone."""
+
+    def __init__(self, fd, size):
+        self._fd, self._size, self._position = fd, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = os.pread(self._fd, min(len(buffer), max(self._size - self._position, 0)), self._position)
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self._position = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence] + offset
+        return self._position
+
+    def tell(self):
+        return self._position
 
 
 def _temporary_path(path):

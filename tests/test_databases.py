@@ -199,8 +199,12 @@ def test_no_inputs_or_targets():
 def test_check_fingerprint_checks_seed_and_splits():
     db = indexed(seed=3)
     state = db.fingerprint()
-    assert state == {"seed": 3, "n_samples": N, "split_sizes": {"train": 160, "valid": 20, "test": 20}}
+    assert {k: v for k, v in state.items() if k != "data"} == {
+        "seed": 3, "n_samples": N, "split_sizes": {"train": 160, "valid": 20, "test": 20}}
+    assert state["data"].startswith("xxh3_128:")
     indexed(seed=3).check_fingerprint(state)  # the same database: accepted
+    old = {k: v for k, v in state.items() if k != "data"}  # written before the data were fingerprinted
+    indexed(seed=3).check_fingerprint(old)
     with pytest.raises(IncompatibleCheckpointError) as info:
         indexed(seed=4).check_fingerprint(state)
     assert isinstance(info.value, ValueError)

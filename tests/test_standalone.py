@@ -1,4 +1,5 @@
 """atomic_save and verified_load: round trips, generations, damage, crashes, kills and weights_only."""
+import dataclasses
 import json
 import logging
 import os
@@ -25,14 +26,22 @@ from experiment_io.errors import (
     CorruptCheckpointError,
     ExperimentIOError,
     RunLockedError,
+    SetupError,
     UnsafeCheckpointError,
 )
+from experiment_io.generations import RunWriter
 from experiment_io.rng import get_rng_state, set_rng_state
 
 from helpers import (assert_bitwise_equal, flip_bit, fork_child, race, record_torch_loads, rewrite_manifest,
                      sigkill_after, snapshot_directory)
 
 torch.set_num_threads(1)
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
 
 
 def state(step, n=64):
@@ -227,10 +236,25 @@ class Gadget:
 def test_a_file_that_would_run_code_is_refused(tmp_path, environment):
     canary = tmp_path / "CANARY"
     path = tmp_path / "evil.pt"
-    atomic_save({"weights": torch.zeros(2), "payload": Gadget(open, str(canary), "w")}, path)
+    evil = {"weights": torch.zeros(2), "payload": Gadget(open, str(canary), "w")}
+    with pytest.raises(SetupError, match="was not written.*io.open.*add_safe_globals"):
+        atomic_save(evil, path)  # refused when it is saved, not only when the job is gone
+    assert not path.exists() and not canary.exists()
+    # a file that some other writer put there, and that the manifest vouches for, is refused too
+    RunWriter(tmp_path).save_files({"evil.pt": (lambda f: torch.save(evil, f), {"kind": "user"})})
     with pytest.raises(UnsafeCheckpointError, match="add_safe_globals"):
         verified_load(path)
     assert not canary.exists()
+
+
+def test_atomic_save_admits_what_verified_load_admits(tmp_path):
+    """The fix the refusal suggests works: classes registered with add_safe_globals are saved and loaded back."""
+    path = tmp_path / "point.pt"
+    with pytest.raises(SetupError, match="add_safe_globals"):
+        atomic_save({"where": Point(1, 2)}, path)
+    with torch.serialization.safe_globals([Point]):
+        atomic_save({"where": Point(1, 2)}, path)
+        assert verified_load(path)["where"] == Point(1, 2)
 
 
 def test_a_file_without_a_manifest_record_fails_closed(tmp_path):
