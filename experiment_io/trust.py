@@ -106,11 +106,15 @@ def _refused_message(refused, source):
     fixes = []
     if modules:
         fixes.append(f"import {', '.join(modules)} (the module{'s' if len(modules) > 1 else ''} that define"
-                     f"{'' if len(modules) > 1 else 's'} them) in your script before loading")
-    fixes.append(f"if you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function")
+                     f"{'' if len(modules) > 1 else 's'} them) in your script before loading: a module, optimizer or "
+                     "scheduler class of an imported module is admitted (a function, or a class of another kind, "
+                     "must still be named in allow=[...])")
+    fixes.append(f"if you trust them, pass allow=[{', '.join(repr(n) for n, _ in refused)}] to the load function "
+                 "(their modules are then imported)")
     fixes.append("if you wrote this file yourself, pass trusted=True to load it with full pickle")
+    ways = "\n".join(f"  - {fix}" for fix in fixes)
     return (f"{source} refers to {len(refused)} global(s) that the trust gate does not admit:\n{lines}\n"
-            f"To load it: {'; or '.join(fixes)}.")
+            f"To load it, either:\n{ways}")
 
 
 def _judge(global_names, allow, source):

@@ -95,9 +95,10 @@ def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batc
     """
     database = database if database is not None else make_database()
     tm = make_training_modules(seed, buffered=buffered)
+    options = {k: setup_kwargs.pop(k) for k in ("store_every", "store_all_better", "overwrite") if k in setup_kwargs}
     params = SetupParams(stopping_key="mse", batch_size=batch_size, max_epochs=max_epochs, device=device, **setup_kwargs)
     tm, controller, tracker = setup_training(tm, params)
-    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(directory))
+    train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(directory), **options)
     return tm, controller, tracker, database
 
 
