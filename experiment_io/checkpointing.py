@@ -47,7 +47,7 @@ def _run_exists_message(directory, status, continues):
                else "a new run was started there")
     return (f"{directory} holds the checkpoints of another run ({status.describe()}), and {started}: training "
             "would replace that run, its best model included. To go on:\n"
-            "  - resume that run: check = load_checkpoint_from_cwd(directory=...); train_model(**check, ...) "
+            f"  - resume that run: check = load_checkpoint_from_cwd(directory={directory!r}); train_model(**check, ...) "
             "(or the one script for start and restart: check = load_checkpoint_from_cwd(missing_ok=True) "
             "or start_fresh());\n"
             "  - replace it: train_model(..., overwrite=True);\n"

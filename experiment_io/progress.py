@@ -38,6 +38,8 @@ def _number(value):
 
 
 def _duration(seconds):
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:
