@@ -20,7 +20,7 @@ import torch
 
 from experiment_io import (HDF5Database, SetupParams, TrainingModules, Evaluator, atomic_save, load_checkpoint_from_cwd,
                            load_model_from_cwd, setup_training, train_model)
-from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, DeviceError,
+from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, DeviceError, ExperimentIOError,
                                   IncompatibleCheckpointError, RunExistsError, SetupError)
 from experiment_io.lock import RunLock
 from experiment_io.cli import main as cli_main
@@ -205,6 +205,10 @@ def test_a_fresh_start_over_a_run_is_refused_and_each_way_on_works(project):
     assert "2 of 2 epochs done, best epoch" in message and "finished" in message
     for way in ("load_checkpoint_from_cwd(", "overwrite=True", "directory='another/run'"):
         assert way in message
+    resume = re.search(r"(check = load_checkpoint_from_cwd\(directory='[^']+'\))", message).group(1)
+    printed = outcome(f"import mymodel, mytraining\nfrom experiment_io import load_checkpoint_from_cwd\n"
+                      f"{resume[:-1]}, allow=['mytraining.rmse'])\nprint('OK', check['controller'].current_epoch)", project)
+    assert "OK 2" in printed  # the resume it suggests names the right directory
     before = open(project / "run" / "best_model.pt", "rb").read()
     assert open(project / "run" / "best_model.pt", "rb").read() == before  # untouched
     # the ways on, as the message words them
@@ -437,3 +441,20 @@ def test_info_says_where_the_run_stands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"run: 3 of 3 epochs done, best epoch \d, finished", out)
     assert re.search(r"best_model\.pt .* model after epoch \d", out)
+
+
+def test_a_moved_data_file_is_passed_as_the_message_says(tmp_path):
+    write_data(tmp_path / "data.h5")
+    database = HDF5Database(tmp_path / "data.h5", inputs=["x"], targets=["y"], seed=0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    tm, controller, tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), Evaluator(model, {"MSE": torch.nn.MSELoss()})),
+                                             SetupParams(stopping_key="MSE", batch_size=32, max_epochs=1))
+    train_model(tm, database, controller, tracker, None, None, directory=str(tmp_path / "run"), quiet=True)
+    os.rename(tmp_path / "data.h5", tmp_path / "moved.h5")
+    with pytest.raises(ExperimentIOError) as info:
+        load_checkpoint_from_cwd(directory=str(tmp_path / "run"))
+    assert "Pass database=HDF5Database('<new path>', ...) with the same seed and splits" in str(info.value)
+    check = load_checkpoint_from_cwd(directory=str(tmp_path / "run"),
+                                     database=HDF5Database(tmp_path / "moved.h5", inputs=["x"], targets=["y"], seed=0))
+    train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, max_epochs=2)
+    assert check["controller"].current_epoch == 2

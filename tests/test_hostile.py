@@ -8,13 +8,14 @@ import time
 import pytest
 import torch
 
-from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd, storage, verified_load
+from experiment_io import (SetupParams, load_checkpoint_from_cwd, load_model_from_cwd, setup_training, storage, train_model,
+                           verified_load)
 from experiment_io.cli import main
 from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, ExperimentIOError
 from experiment_io.lock import LOCK_NAME
 from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
 
-from helpers import make_database, race, rewrite_manifest, train_tiny_run
+from helpers import make_database, make_training_modules, race, rewrite_manifest, train_tiny_run
 
 
 @contextlib.contextmanager
@@ -62,9 +63,12 @@ def test_a_planted_lock_link_destroys_nothing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(victim, run / LOCK_NAME)
-    with pytest.raises(CheckpointWriteError, match="symbolic link"):
+    with pytest.raises(CheckpointWriteError, match="symbolic link.*remove it"):
         train_tiny_run(run)
     assert victim.read_text() == "precious"
+    os.remove(run / LOCK_NAME)  # the fix the message gives
+    train_tiny_run(run)
+    assert victim.read_text() == "precious" and storage.read_manifest(str(run))[1].get(LAST_NAME) is not None
 
 
 def test_a_planted_lock_hard_link_destroys_nothing(tmp_path):
@@ -73,9 +77,13 @@ def test_a_planted_lock_hard_link_destroys_nothing(tmp_path):
     manifest = (run / storage.MANIFEST_NAME).read_bytes()
     os.remove(run / LOCK_NAME)
     os.link(run / storage.MANIFEST_NAME, run / LOCK_NAME)
-    with pytest.raises(CheckpointWriteError, match="hard link"):
+    with pytest.raises(CheckpointWriteError, match="hard link.*remove it"):
         train_tiny_run(run)
     assert (run / storage.MANIFEST_NAME).read_bytes() == manifest
+    os.remove(run / LOCK_NAME)  # the fix the message gives; the run is then resumed
+    check = load_checkpoint_from_cwd(directory=str(run), database=make_database())
+    train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, max_epochs=3)
+    assert storage.read_manifest(str(run))[1][LAST_NAME]["epochs_done"] == 3
 
 
 def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
@@ -273,6 +281,14 @@ def test_a_lock_removed_while_held_stops_the_holder_before_it_writes(tmp_path):
         train_model(tm, make_database(), controller, tracker, None, [clean_up_stale_lock], quiet=True,
                     directory=str(tmp_path), checkpoint_every_batches=4)
     assert storage.read_manifest(str(tmp_path))[1].get(LAST_NAME) is None  # nothing written after the loss
+    # the fix the message gives: with one job training there, resume from the last checkpoint (none yet: start)
+    check = load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), missing_ok=True)
+    if check is None:
+        tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=16,
+                                                                                      max_epochs=2))
+        check = {"training_modules": tm, "controller": controller, "metric_tracker": tracker, "database": make_database()}
+    train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path))
+    assert storage.read_manifest(str(tmp_path))[1][LAST_NAME]["epochs_done"] == 2
 
 
 @pytest.mark.slow
