@@ -147,6 +147,21 @@ def _meta_stand_in(tensor):
     return _dressed_as(tensor, torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta"))
 
 
+def torch_function_name(obj):
+    """The name under ``torch`` of a builtin torch function (``torch.tanh``), else ``None``.
+
+    Pickle stores such a function as a call of ``getattr`` on a class of torch's C
+    extension, which no safe unpickler admits; stored by its name, ``torch.tanh``, it
+    is one global that the trust gate can judge.
+    """
+    if type(obj) is not types.BuiltinFunctionType:
+        return None
+    name = getattr(obj, "__name__", None)
+    if name and "." in getattr(obj, "__qualname__", "") and getattr(torch, name, None) is obj:
+        return name
+    return None
+
+
 def pickle_module_without(tensors):
     """A pickle module for ``torch.save`` that writes each of ``tensors`` as a meta tensor.
 
@@ -165,6 +180,9 @@ def pickle_module_without(tensors):
                 stand_in = _meta_stand_in(obj)
                 self._stand_ins.append(stand_in)
                 return stand_in.__reduce_ex__(self._protocol)
+            name = torch_function_name(obj)
+            if name is not None:  # torch.tanh by its name, not as getattr(torch._C._VariableFunctionsClass, "tanh")
+                return name
             return NotImplemented
 
     return types.SimpleNamespace(Pickler=Pickler, Unpickler=pickle.Unpickler, __name__="pickle")

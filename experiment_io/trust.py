@@ -26,7 +26,7 @@ import torch
 
 from .controllers import Controller
 from .errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
-from .names import module_of, qualified_name, resolve
+from .names import module_of, qualified_name, resolve, under
 from .verification import check_archive
 from .training_modules import Evaluator, TrainingModules
 
@@ -47,6 +47,44 @@ _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedD
                          collections.Counter, collections.deque})
 _IMPORTABLE_ROOTS = ()  # nothing is imported for a file but what the user allows
 _registered = set()
+
+#: Elementwise and reducing tensor math of ``torch`` that a model may keep as an attribute (``self.act = torch.tanh``).
+_TORCH_MATH = """abs absolute acos acosh add addcdiv addcmul amax amin angle asin asinh atan atan2 atanh bmm cat ceil clamp
+clamp_max clamp_min clip cos cosh cross cummax cummin cumprod cumsum deg2rad diag diagonal diff div divide dot einsum erf
+erfc erfinv exp exp2 expm1 flatten flip floor floor_divide fmax fmin fmod frac hypot i0 kron lerp lgamma log log10 log1p
+log2 log_softmax logaddexp logaddexp2 logcumsumexp logit logsumexp matmul max maximum mean median min minimum mm mul
+multiply mv nan_to_num nanmean nansum narrow neg negative norm outer permute polygamma pow prod rad2deg reciprocal relu
+remainder reshape roll round rsqrt selu sigmoid sign sin sinc sinh softmax sqrt square squeeze stack std sub subtract sum
+t tan tanh tensordot transpose tril triu true_divide trunc unsqueeze var where xlogy""".split()
+
+#: Arithmetic and comparison of :mod:`operator` (never attrgetter, itemgetter, methodcaller, call or setters).
+_OPERATORS = """abs add and_ eq floordiv ge gt inv invert le lshift lt matmul mod mul ne neg not_ or_ pos pow rshift sub
+truediv truth xor""".split()
+
+_safe_functions = None
+
+
+def safe_functions():
+    """The functions the gate admits by default, by identity: tensor math that cannot reach files, imports or code.
+
+    Every public function of :mod:`torch.nn.functional` that computes on tensors, the
+    elementwise and reducing math of ``torch`` listed in ``_TORCH_MATH``, every
+    function of :mod:`math`, and the arithmetic and comparisons of :mod:`operator`.
+    """
+    global _safe_functions
+    if _safe_functions is None:
+        import math
+        import operator
+
+        functional = torch.nn.functional
+        found = [v for n, v in vars(functional).items()
+                 if not n.startswith("_") and callable(v) and not isinstance(v, type)
+                 and getattr(v, "__module__", None) in ("torch.nn.functional", "torch", "torch._C._nn")]
+        found += [getattr(torch, n) for n in _TORCH_MATH if hasattr(torch, n)]
+        found += [v for n, v in vars(math).items() if not n.startswith("_") and callable(v)]
+        found += [getattr(operator, n) for n in _OPERATORS]
+        _safe_functions = {id(f): f for f in found}
+    return _safe_functions
 
 
 def register_safe_classes(*classes: type) -> None:
@@ -134,10 +172,14 @@ def _judge(global_names, allow, source):
         if obj is None:
             (missing if why.startswith("module ") else refused).append((name, why))
             continue
-        if name in allowed_names:
-            admitted.append((obj, name))
+        if name in allowed_names or under(module_of(name), allowed_names):
+            admitted.append((obj, name))  # named, or of a module or package the user named
         elif not isinstance(obj, type):
-            refused.append((name, f"it is a {type(obj).__name__}, not a class"))
+            if safe_functions().get(id(obj)) is obj:
+                admitted.append((obj, name))
+            else:
+                refused.append((name, f"it is a {type(obj).__name__}, not a class, and not one of the tensor math "
+                                      "functions admitted by default"))
         elif obj in _CONTAINERS or obj in _registered or issubclass(obj, _FAMILIES):
             admitted.append((obj, name))
         else:

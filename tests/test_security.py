@@ -6,7 +6,9 @@ that only the trust gate stands between the file and the payload.
 """
 import builtins
 import importlib
+import io
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -35,6 +37,13 @@ class Gadget:
         return self.function, self.args
 
 
+class CallGadget(Gadget):
+    """A gadget whose result is then called (pickle checks only that the object is callable when writing)."""
+
+    def __call__(self, *args):
+        raise AssertionError("never called while writing")
+
+
 def payloads(canary):
     touch = f"open({str(canary)!r}, 'w').close()"
     return {
@@ -45,6 +54,19 @@ def payloads(canary):
         "subprocess.Popen": Gadget(subprocess.Popen, ["touch", str(canary)]),
         "importlib": Gadget(importlib.import_module, "this"),
         "nested reduce gadget": Gadget(getattr, Gadget(importlib.import_module, "os"), "system"),
+        # functions next to those admitted by default (tensor math), which must stay refused
+        "torch.save": Gadget(torch.save, {"x": 1}, str(canary)),
+        "torch.load": Gadget(torch.load, str(canary)),
+        "torch.from_file": Gadget(torch.from_file, str(canary), True, 8),
+        "io.open": Gadget(io.open, str(canary), "w"),
+        "getattr of torch": Gadget(CallGadget(getattr, torch._C._VariableFunctionsClass, "from_file"), str(canary), True, 8),
+        "operator.call": Gadget(operator.call, CallGadget(getattr, torch._C._VariableFunctionsClass, "from_file"),
+                                str(canary), True, 8),
+        "operator.methodcaller": Gadget(CallGadget(operator.methodcaller, "from_file", str(canary), True, 8),
+                                        torch._C._VariableFunctionsClass),
+        "operator.attrgetter": Gadget(CallGadget(operator.attrgetter, "from_file"), torch._C._VariableFunctionsClass),
+        "handle_torch_function": Gadget(torch.nn.functional.handle_torch_function, torch.save, (),
+                                        {"x": 1}, str(canary)),
     }
 
 

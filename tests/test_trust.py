@@ -302,3 +302,92 @@ def test_legacy_pickle_file_is_not_a_structure(tmp_path):
     with pytest.raises((NotACheckpointError, UnsafeCheckpointError)):
         load_structure(path)
     assert not canary.exists()
+
+
+USERPKG_NETS = '''
+import operator
+import torch
+import torch.nn.functional as F
+
+
+class Scaler:
+    """A helper that is not a torch.nn.Module."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, x):
+        return x * self.factor
+
+
+def shifted_softplus(x):
+    return F.softplus(x) - 0.6931
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.act = torch.tanh
+        self.act2 = F.silu
+        self.combine = operator.add
+        self.scale = Scaler(2.0)
+        self.custom = shifted_softplus
+
+    def forward(self, x):
+        return self.lin(self.custom(self.scale(self.combine(self.act(x), self.act2(x)))))
+'''
+
+USERPKG_TRAIN = '''
+import numpy as np
+import torch
+import torch.nn.functional as F
+from userpkg.nets import Net
+from experiment_io import Database, Evaluator, SetupParams, TrainingModules, setup_training, train_model
+
+torch.manual_seed(0)
+x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+database = Database({"x": x, "y": x[:, :1] ** 2}, ["x"], ["y"], seed=0)
+model = Net()
+evaluator = Evaluator(model, {"MSE": F.mse_loss, "MAE": F.l1_loss})
+tm, controller, tracker = setup_training(TrainingModules(model, F.mse_loss, evaluator),
+                                         SetupParams(stopping_key="MSE", batch_size=16, max_epochs=1))
+train_model(tm, database, controller, tracker, None, None, directory="run", quiet=True)
+torch.save(model(torch.ones(2, 3)).detach(), "expected.pt")
+'''
+
+
+def test_a_model_with_functions_and_helper_classes_of_a_user_package(tmp_path):
+    """Tensor math (torch.tanh, F.silu, operator.add, F.mse_loss) is admitted by default; the package's own helpers
+    need the user's word, and allow=['package'] is that word for its classes and functions alike."""
+    (tmp_path / "userpkg").mkdir()
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    (tmp_path / "userpkg" / "nets.py").write_text(USERPKG_NETS)
+    (tmp_path / "train.py").write_text(USERPKG_TRAIN)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, check=True, timeout=300, env=env)
+
+    def load(code):
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env=env)
+        return result.returncode, result.stdout + result.stderr
+
+    status, output = load("""
+        import userpkg.nets
+        from experiment_io import load_model_from_cwd
+        load_model_from_cwd(directory="run")
+    """)
+    assert status != 0 and "UnsafeCheckpointError" in output
+    refused = output[output.index("UnsafeCheckpointError"):]
+    assert "userpkg.nets.Scaler" in refused and "userpkg.nets.shifted_softplus" in refused
+    for admitted in ("torch.tanh", "silu", "operator", "mse_loss", "getattr"):
+        assert admitted not in refused, admitted
+    status, output = load("""
+        import torch
+        from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
+        model = load_model_from_cwd(directory="run", allow=["userpkg"])
+        assert torch.equal(model(torch.ones(2, 3)), torch.load("expected.pt"))
+        check = load_checkpoint_from_cwd(directory="run", allow=["userpkg"], database=None, restart_db=False)
+        print("OK", type(check["training_modules"].model.scale).__name__)
+    """)
+    assert status == 0 and "OK Scaler" in output, output
