@@ -34,7 +34,7 @@ def small_experiment(seed=0, n=8192):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=generator)
     y = torch.sin(x).sum(dim=1, keepdim=True)
-    database = Database({"x": x.numpy(), "y": y.numpy()}, ["x"], ["y"], seed, 0.1, 0.1)
+    database = Database({"x": x.numpy(), "y": y.numpy()}, ["x"], ["y"], seed, test_size=0.1, valid_size=0.1)
     model = SmallNet()
     evaluator = Evaluator(model, {"mse": torch.nn.MSELoss(), "mae": torch.nn.L1Loss()}, batch_size=1024)
     tm, controller, tracker = setup_training(TrainingModules(model, torch.nn.MSELoss(), evaluator),

@@ -53,7 +53,7 @@ def touch(tensors):
 
 def tiny_database():
     """A database of 4 samples (for the loaders, which want one)."""
-    return Database({"x": torch.zeros(4, 1).numpy(), "y": torch.zeros(4, 1).numpy()}, ["x"], ["y"], 0, 0.25, 0.25)
+    return Database({"x": torch.zeros(4, 1).numpy(), "y": torch.zeros(4, 1).numpy()}, ["x"], ["y"], 0, test_size=0.25, valid_size=0.25)
 
 
 def build_run(directory, size):

@@ -9,6 +9,7 @@ save policy asked for and writes them, synchronously or through a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pickle
 
@@ -189,6 +190,11 @@ class RunCheckpointer:
         else:
             save_payloads(self.writer, files)
             log.debug("saved %s", ", ".join(files))
+
+    def write_results(self, name, document):
+        """Rank 0: write ``document`` as JSON into the run directory (atomically, recorded in the manifest)."""
+        data = json.dumps(document, indent=1, sort_keys=True).encode("utf-8")
+        self.writer.save_files({name: (lambda f: f.write(data), {"kind": "results"})})
 
     @contextlib.contextmanager
     def committing(self):

@@ -108,6 +108,9 @@ class Controller:
         #: why training stopped early (``None`` while it may go on until ``max_epochs``)
         self.stop_reason = None
         self.position = TrainingPosition()
+        for s in schedulers:  # hippynn's RaiseBatchSizeOnPlateau changes the controller's batch size
+            if callable(getattr(s, "set_controller", None)):
+                s.set_controller(self)
         self.loaded_from = None
         self._loaded_structure = None  # the digest of the structure file a loader read this controller from
 

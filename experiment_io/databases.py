@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .errors import DatabaseRestartError, IncompatibleCheckpointError, _SetupKeyError
+from .errors import DatabaseRestartError, IncompatibleCheckpointError, SetupError, _SetupKeyError
 from .names import resolve
 from .ordering import epoch_permutation, global_steps
 
@@ -47,29 +47,64 @@ def _split_count(size, n, name):
 class Database:
     """Named arrays with a seeded split and a seeded shuffle per epoch.
 
-    :param arrays: ``{name: numpy array}``, all with the same first dimension.
+    :param arr_dict: ``{name: numpy array}``, all with the same first dimension
+        (also accepted as ``arrays=``).
     :param inputs: names of the arrays fed to the model, in order.
     :param targets: names of the arrays the loss compares with, in order.
     :param seed: seed of the split and of every epoch's shuffle.
-    :param valid_size: fraction (float) or number (int) of samples for validation.
-    :param test_size: fraction (float) or number (int) of samples for testing.
+    :param test_size: fraction (float) or number (int) of samples for testing
+        (default 0.1).
+    :param valid_size: fraction (float) or number (int) of samples for validation
+        (default 0.1). The order of these two is hippynn's.
     :param float_dtype: dtype that floating arrays are cast to (default: torch's
         default dtype, normally float32).
+    :param splits: explicit split indices instead of a split drawn from the seed:
+        ``{"train": indices, "valid": indices, "test": indices}`` (arrays or lists of
+        sample indices, disjoint); a split left out is empty, except ``"train"``,
+        which then takes the rest. Not with ``test_size`` or ``valid_size``.
+    :param auto_split: take the splits from boolean arrays named ``split_train``,
+        ``split_valid`` and ``split_test`` of ``arr_dict`` (hippynn's convention).
+    :param quiet: accepted for hippynn's signature; experiment_io logs instead of
+        printing, so it changes nothing.
+
+    A split drawn from the seed: the samples are permuted with
+    ``numpy.random.default_rng([seed, 0x5EED])``; the first ``test_size`` of the
+    permutation are the test split, the next ``valid_size`` the validation split, the
+    rest the training split (each sorted). This differs from hippynn's draw for the
+    same seed: to keep a hippynn split, pass its indices as ``splits``.
     """
 
     restartable = False
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], inputs: Sequence[str], targets: Sequence[str], seed: int,
-                 valid_size: Union[int, float] = 0.1, test_size: Union[int, float] = 0.1, *, float_dtype=None):
+    def __init__(self, arr_dict: Optional[Mapping[str, np.ndarray]] = None, inputs: Sequence[str] = None,
+                 targets: Sequence[str] = None, seed: int = None, test_size: Union[int, float, None] = None,
+                 valid_size: Union[int, float, None] = None, *, float_dtype=None, splits=None, auto_split=False,
+                 quiet=False, arrays=None):
+        if (arr_dict is None) == (arrays is None):
+            raise SetupError("pass the arrays once: as the first argument (arr_dict) or as arrays=")
+        arrays = arr_dict if arr_dict is not None else arrays
+        if inputs is None or targets is None or seed is None:
+            raise SetupError("a database needs inputs, targets and a seed")
         inputs, targets = list(inputs), list(targets)
         if not inputs or not targets:
-            raise ValueError("a database needs at least one input and one target array")
+            raise SetupError("a database needs at least one input and one target array")
         missing = [name for name in inputs + targets if name not in arrays]
         if missing:
             raise _SetupKeyError(f"arrays {missing} were named as inputs or targets but are not in the database (it has "
                                  f"{sorted(arrays)}); name arrays it has")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+            raise SetupError(f"seed must be a non-negative integer, not {seed!r}")
+        if auto_split:
+            if splits is not None:
+                raise SetupError("pass splits= or auto_split=True, not both")
+            splits = {s: np.flatnonzero(np.asarray(arrays[f"split_{s}"])) for s in SPLITS if f"split_{s}" in arrays}
+            if not splits:
+                raise SetupError(f"auto_split=True, but the arrays hold none of split_train, split_valid, split_test "
+                                 f"(they are {sorted(arrays)})")
+        if splits is not None and (test_size is not None or valid_size is not None):
+            raise SetupError("explicit splits= (or auto_split=True) decide the split sizes: leave out test_size and valid_size")
+        test_size = 0.1 if test_size is None and splits is None else test_size
+        valid_size = 0.1 if valid_size is None and splits is None else valid_size
         dtype = np.dtype(float_dtype) if float_dtype is not None else torch.empty(0).numpy().dtype
         self.arrays = {}
         for name in dict.fromkeys(inputs + targets):
@@ -79,16 +114,19 @@ class Database:
             self.arrays[name] = array
         lengths = {name: len(a) for name, a in self.arrays.items()}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f"arrays must all have the same number of samples, got {lengths}")
+            raise SetupError(f"arrays must all have the same number of samples, got {lengths}")
         self.n_samples = next(iter(lengths.values()))
         self.inputs, self.targets = inputs, targets
         self.seed = seed
         self.valid_size, self.test_size = valid_size, test_size
         self.float_dtype = str(dtype)
+        if splits is not None:
+            self.splits = _explicit_splits(splits, self.n_samples)
+            return
         n_test = _split_count(test_size, self.n_samples, "test_size")
         n_valid = _split_count(valid_size, self.n_samples, "valid_size")
         if n_test + n_valid >= self.n_samples:
-            raise ValueError(f"valid_size and test_size leave no training samples out of {self.n_samples}")
+            raise SetupError(f"valid_size and test_size leave no training samples out of {self.n_samples}")
         order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(self.n_samples)
         self.splits = {
             "test": np.sort(order[:n_test]),
@@ -172,15 +210,44 @@ class Database:
                 digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
                 digest.update(memoryview(array).cast("B"))
             self._data_digest = f"xxh3_128:{digest.hexdigest()}"
+        if getattr(self, "_split_digest", None) is None:
+            digest = xxhash.xxh3_128()
+            for split in SPLITS:
+                digest.update(np.ascontiguousarray(self.splits[split], dtype=np.int64).tobytes() + b";")
+            self._split_digest = f"xxh3_128:{digest.hexdigest()}"
         return {"seed": self.seed, "n_samples": self.n_samples, "split_sizes": {s: self.split_size(s) for s in SPLITS},
-                "data": self._data_digest}
+                "data": self._data_digest, "splits": self._split_digest, "inputs": list(self.inputs),
+                "targets": list(self.targets)}
+
+    def _align_names(self, state):
+        """Put the inputs and targets in the order the run was trained with (the model takes its inputs by
+        position); refuse other names."""
+        for role in ("inputs", "targets"):
+            stored = state.get(role)
+            if stored is None:  # written before the names were stored
+                continue
+            mine = list(getattr(self, role))
+            if sorted(mine) != sorted(stored):
+                raise IncompatibleCheckpointError(
+                    f"the database's {role} are {mine}, but the run was trained with {role} {list(stored)}: the model "
+                    f"would be fed other arrays. Build the database with {role}={list(stored)}.")
+            if mine != list(stored):
+                log.warning("the database's %s %s are in another order than the run was trained with; realigned to %s",
+                            role, mine, list(stored))
+                setattr(self, role, list(stored))
+                self._data_digest = None
 
     def check_fingerprint(self, state: dict) -> None:
         """Check that this database is the one a checkpoint was trained on.
 
-        :raises IncompatibleCheckpointError: when the seed, the split sizes or the data
-            differ (the resumed run would silently train on other data, or in another order).
+        The inputs and targets are put in the order the run was trained with (the
+        model takes them by position), with a warning.
+
+        :raises IncompatibleCheckpointError: when the seed, the split, the data, or the
+            names of the inputs and targets differ (the resumed run would silently
+            train on other data, or in another order).
         """
+        self._align_names(state)
         mine = self.fingerprint()
         if "data" in state and state["data"] != mine["data"] and {k: v for k, v in state.items() if k != "data"} == \
                 {k: v for k, v in mine.items() if k != "data"}:
@@ -195,6 +262,30 @@ class Database:
                 f"(checkpoint: {state}, given: {mine}); the resumed run would see other data in another "
                 "order. Pass the same data, seed and split sizes, or start a new run."
             )
+
+
+def _explicit_splits(splits, n_samples):
+    """Checked, sorted index arrays of explicit splits; the training split takes the rest when left out."""
+    if not isinstance(splits, Mapping) or not set(splits) <= set(SPLITS):
+        raise SetupError(f"splits must be a dict with keys among {list(SPLITS)}, not {splits!r}")
+    found = {}
+    for name, indices in splits.items():
+        array = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if array.dtype == bool:
+            array = np.flatnonzero(array)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise SetupError(f"splits[{name!r}] must be a one-dimensional array of sample indices")
+        if len(array) and (array.min() < 0 or array.max() >= n_samples):
+            raise SetupError(f"splits[{name!r}] holds indices outside 0..{n_samples - 1}")
+        found[name] = np.sort(array.astype(np.int64))
+    taken = np.concatenate(list(found.values())) if found else np.zeros(0, np.int64)
+    if len(np.unique(taken)) != len(taken):
+        raise SetupError("the explicit splits overlap (or repeat an index): each sample belongs to one split at most")
+    if "train" not in found:
+        found["train"] = np.setdiff1d(np.arange(n_samples), taken)
+    for name in SPLITS:
+        found.setdefault(name, np.zeros(0, np.int64))
+    return found
 
 
 class Restartable:
@@ -212,11 +303,17 @@ class Restartable:
         return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": dict(self.restart_kwargs)}
 
 
-def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype):
-    return {
+def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits=None):
+    if splits is None:  # the defaults, written out: a descriptor rebuilds the same split whatever the defaults become
+        valid_size = 0.1 if valid_size is None else valid_size
+        test_size = 0.1 if test_size is None else test_size
+    kwargs = {
         "path": os.path.abspath(os.fspath(path)), "inputs": list(inputs), "targets": list(targets), "seed": seed,
         "valid_size": valid_size, "test_size": test_size, "float_dtype": None if float_dtype is None else str(np.dtype(float_dtype)),
     }
+    if splits is not None:  # plain lists: the descriptor is plain data
+        kwargs["splits"] = {name: np.asarray(indices).tolist() for name, indices in splits.items()}
+    return kwargs
 
 
 def _check_names(path, inputs, targets, held, what):
@@ -234,32 +331,36 @@ class NPZDatabase(Restartable, Database):
     """A database read from a numpy ``.npz`` archive.
 
     :param path: the archive; its arrays are looked up by the names in ``inputs``
-        and ``targets``. Other parameters as :class:`Database`.
+        and ``targets``. Other parameters as :class:`Database` (``test_size`` before
+        ``valid_size``, as in hippynn).
     """
 
-    def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
-        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
+    def __init__(self, path, inputs, targets, seed, test_size=None, valid_size=None, *, float_dtype=None, splits=None,
+                 quiet=False):
+        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
         with np.load(self.restart_kwargs["path"], allow_pickle=False) as archive:
             _check_names(self.restart_kwargs["path"], inputs, targets, list(archive.files), "arrays")
             arrays = {name: archive[name] for name in dict.fromkeys(list(inputs) + list(targets))}
-        super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
+        super().__init__(arrays, inputs, targets, seed, test_size, valid_size, float_dtype=float_dtype, splits=splits)
         self.path = self.restart_kwargs["path"]
 
 
 class HDF5Database(Restartable, Database):
     """A database read from an HDF5 file; each named array is a dataset of the file.
 
-    :param path: the HDF5 file. Other parameters as :class:`Database`.
+    :param path: the HDF5 file. Other parameters as :class:`Database` (``test_size``
+        before ``valid_size``, as in hippynn).
     """
 
-    def __init__(self, path, inputs, targets, seed, valid_size=0.1, test_size=0.1, *, float_dtype=None):
-        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype)
+    def __init__(self, path, inputs, targets, seed, test_size=None, valid_size=None, *, float_dtype=None, splits=None,
+                 quiet=False):
+        self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
         with h5py.File(self.restart_kwargs["path"], "r") as h5:
             held = []
             h5.visititems(lambda name, obj: held.append(name) if isinstance(obj, h5py.Dataset) else None)
             _check_names(self.restart_kwargs["path"], inputs, targets, held, "datasets")
             arrays = {name: h5[name][()] for name in dict.fromkeys(list(inputs) + list(targets))}
-        super().__init__(arrays, inputs, targets, seed, valid_size, test_size, float_dtype=float_dtype)
+        super().__init__(arrays, inputs, targets, seed, test_size, valid_size, float_dtype=float_dtype, splits=splits)
         self.path = self.restart_kwargs["path"]
 
 

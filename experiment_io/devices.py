@@ -126,9 +126,8 @@ def place_training_modules(training_modules, device):
         model.to(device)
         if isinstance(loss, torch.nn.Module):
             loss.to(device)
-    for fn in evaluator.evaluation_losses.values():
-        if isinstance(fn, torch.nn.Module):
-            fn.to("cpu")
+    for fn in evaluator.modules().values():
+        fn.to("cpu")
 
 
 def _plain_device(map_location):

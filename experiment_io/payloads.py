@@ -39,6 +39,7 @@ __all__ = [
     "LAST_NAME",
     "BEST_NAME",
     "BEST_MODEL_NAME",
+    "BEST_EVALUATION_NAME",
     "epoch_checkpoint_name",
     "epoch_model_name",
     "structure_payload",
@@ -62,6 +63,8 @@ LAST_NAME = "last_checkpoint.pt"
 BEST_NAME = "best_checkpoint.pt"
 #: The model's ``state_dict`` at the best epoch.
 BEST_MODEL_NAME = "best_model.pt"
+#: The best model's metrics on every split, written when training ends (JSON).
+BEST_EVALUATION_NAME = "best_evaluation.json"
 
 
 def save_payload(payload, f):

@@ -28,7 +28,8 @@ class SetupParams:
     :ivar stopping_key: the evaluation loss (on the validation split) that picks the best model.
     :ivar batch_size: training batch size.
     :ivar max_epochs: number of epochs to train.
-    :ivar optimizer: an optimizer class (built over the model's parameters with
+    :ivar optimizer: an optimizer class (built over the model's parameters that
+        require gradients, with
         ``learning_rate`` and ``optimizer_kwargs``), the name of one in
         :mod:`torch.optim` (``"Adam"``), or an optimizer instance.
     :ivar learning_rate: the learning rate given to an optimizer class.
@@ -36,7 +37,9 @@ class SetupParams:
     :ivar eval_batch_size: evaluation batch size (default: ``batch_size``).
     :ivar scheduler: ``None``, or a callable ``scheduler(optimizer)`` returning an LR
         scheduler (e.g. ``functools.partial(ReduceLROnPlateau, patience=5)``), or a
-        list of such callables.
+        scheduler instance over the optimizer given as ``optimizer``, or a list of
+        these. A scheduler with a ``set_controller`` method (hippynn's
+        ``RaiseBatchSizeOnPlateau``) is handed the controller.
     :ivar termination_patience: stop after this many epochs without improvement
         (uses a :class:`PatienceController`); ``None`` trains ``max_epochs``.
     :ivar optimizer_kwargs: further keyword arguments for an optimizer class.
@@ -73,6 +76,18 @@ def _optimizer_class(spec):
     return spec
 
 
+def _scheduler(spec, optimizer):
+    """A scheduler from ``SetupParams.scheduler``: a factory called with the optimizer, or an instance over it."""
+    if hasattr(spec, "state_dict") and hasattr(spec, "step") and not isinstance(spec, type):
+        if getattr(spec, "optimizer", optimizer) is not optimizer:
+            raise SetupError(f"the scheduler {type(spec).__name__} steps another optimizer than the one set up here; "
+                             "pass a factory (functools.partial(Scheduler, ...)), which is called with it")
+        return spec
+    if not callable(spec):
+        raise SetupError(f"scheduler {spec!r} is neither a scheduler nor a callable that makes one from the optimizer")
+    return spec(optimizer)
+
+
 def setup_training(training_modules: TrainingModules, setup_params: SetupParams) -> tuple:
     """Place the modules on their devices and build the controller and metric tracker.
 
@@ -95,9 +110,9 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         raise TypeError(f"the evaluator must be an experiment_io Evaluator, not {type(evaluator).__name__}")
     if unwrap(evaluator.model) is not unwrap(model):
         raise ValueError("the evaluator evaluates another model than the one being trained")
-    if params.stopping_key not in evaluator.evaluation_losses:
+    if params.stopping_key not in evaluator.metric_names and not (evaluator.joint is not None and not evaluator.joint_names):
         raise _SetupKeyError(
-            f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses {sorted(evaluator.evaluation_losses)}"
+            f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses {sorted(evaluator.metric_names)}"
         )
     if not isinstance(params.larger_is_better, bool):
         raise SetupError(f"larger_is_better must be True or False, not {params.larger_is_better!r}")
@@ -109,10 +124,12 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         if not all(id(p) in model_params for group in optimizer.param_groups for p in group["params"]):
             raise ValueError("the optimizer given in SetupParams holds parameters that are not the model's")
     else:
-        optimizer = _optimizer_class(params.optimizer)(model.parameters(), lr=params.learning_rate,
-                                                       **params.optimizer_kwargs)
+        trained = [p for p in model.parameters() if p.requires_grad]  # frozen parameters (pretraining) stay out
+        if not trained:
+            raise SetupError("every parameter of the model has requires_grad=False: there is nothing to train")
+        optimizer = _optimizer_class(params.optimizer)(trained, lr=params.learning_rate, **params.optimizer_kwargs)
     makers = params.scheduler if isinstance(params.scheduler, (list, tuple)) else [params.scheduler] if params.scheduler else []
-    schedulers = [make(optimizer) for make in makers]
+    schedulers = [_scheduler(make, optimizer) for make in makers]
     common = dict(eval_batch_size=params.eval_batch_size)
     if params.termination_patience is not None:
         controller = PatienceController(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key,

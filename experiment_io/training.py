@@ -17,11 +17,12 @@ from .distributed import is_data_parallel, join, ordered_mean_hook, unwrap
 from .errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError, SetupError
 from .lock import RunLock
 from .metric_tracker import MetricTracker
-from .payloads import LAST_NAME
+from .databases import SPLITS
+from .payloads import BEST_EVALUATION_NAME, LAST_NAME
 from .policy import SavePolicy
 from .preemption import DEFAULT_SIGNALS, Preemption, Stop, StopKind
 from .progress import Report
-from .training_modules import TrainingModules, as_tuple
+from .training_modules import TrainingModules, as_tuple, loss_value
 
 __all__ = ["train_model"]
 
@@ -34,7 +35,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,
                 checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
                 exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False,
-                overwrite: bool = False, max_epochs: Optional[int] = None) -> MetricTracker:
+                overwrite: bool = False, max_epochs: Optional[int] = None, evaluate_best: bool = True) -> MetricTracker:
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -107,6 +108,11 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         another run, which this run's files then replace. Without it, that is refused.
     :param max_epochs: train until this many epochs are done (sets the controller's
         ``max_epochs``): extends a finished run, or shortens one.
+    :param evaluate_best: when training has ended (not when a signal stopped it),
+        evaluate the best model on every split that holds samples, as hippynn does:
+        the results go to ``metric_tracker.evaluations["best"]`` and, with the best
+        epoch, to ``best_evaluation.json`` in the run directory (written atomically and
+        recorded in the manifest). The model keeps its last weights.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunExistsError: when a new run would replace the checkpoints of another
         run in the directory (see ``overwrite``).
@@ -154,6 +160,8 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         started = time.perf_counter()
         with checkpointer.committing():
             stop = loop.run(policy, preemption, checkpointer)
+        if evaluate_best and stop.kind in (StopKind.MAX_EPOCHS, StopKind.CONTROLLER):
+            loop.evaluate_best(checkpointer)
         preemption.exiting(stop, launched=distribution.active)
     metric_tracker.stop_reason = stop.text
     if distribution.writer:
@@ -274,7 +282,7 @@ class _Loop:
                 targets = [t.to(device) for t in batch_targets]
                 controller.optimizer.zero_grad(set_to_none=True)
                 outputs = as_tuple(self.trained(*inputs))
-                loss = self.loss_fn(*outputs, *targets)
+                loss = loss_value(self.loss_fn(*outputs, *targets))
                 weight = n * world.world_size / step_size  # 1 but in a data-parallel run's last, uneven step
                 (loss if weight == 1 else loss * weight).backward()
                 world.average_gradients(self.loss_parameters)
@@ -309,6 +317,29 @@ class _Loop:
         world = self.distribution
         metrics = world.on_writer(lambda: self.evaluator.evaluate("valid", batch_size=self.controller.eval_batch_size))
         return world.broadcast(metrics)
+
+    def evaluate_best(self, checkpointer):
+        """Evaluate the best model on every non-empty split (rank 0); keep and write the results."""
+        tracker = self.metric_tracker
+        if tracker.best_model_state is None:
+            return
+
+        def evaluate():
+            last = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(tracker.best_model_state)
+            try:
+                return {split: self.evaluator.evaluate(split, database=self.database,
+                                                       batch_size=self.controller.eval_batch_size)
+                        for split in SPLITS if self.database.split_size(split) > 0}
+            finally:
+                self.model.load_state_dict(last)
+
+        results = self.distribution.broadcast(self.distribution.on_writer(evaluate))
+        tracker.evaluations["best"] = results
+        if self.distribution.writer:
+            checkpointer.write_results(BEST_EVALUATION_NAME, {"best_epoch": tracker.best_epoch, "results": results})
+            self.report.line("best model (epoch %s): %s" % (tracker.best_epoch, "; ".join(
+                f"{split} " + ", ".join(f"{k} {v:.6g}" for k, v in values.items()) for split, values in results.items())))
 
     def end_epoch(self, policy, preemption, checkpointer):
         """Evaluate, record, step the controller, save the epoch's files."""

@@ -4,9 +4,13 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import torch
 
-__all__ = ["TrainingModules", "Evaluator", "as_tuple"]
+from .errors import SetupError
+
+__all__ = ["TrainingModules", "Evaluator", "as_tuple", "loss_value"]
 
 log = logging.getLogger(__name__)
+
+_JOINT = "(one pass)"  # the state key of a one-pass evaluation callable that is a module
 
 
 def as_tuple(output):
@@ -14,12 +18,31 @@ def as_tuple(output):
     return tuple(output) if isinstance(output, (tuple, list)) else (output,)
 
 
+def loss_value(value):
+    """The loss to minimize in what a training loss returned.
+
+    A tensor is the loss. Of a tuple or list (hippynn's training-loss graph returns
+    a 1-tuple), the first element is; of a dict, the ``"loss"`` entry is.
+
+    :raises SetupError: for anything else.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if isinstance(value, dict) and isinstance(value.get("loss"), torch.Tensor):
+        return value["loss"]
+    raise SetupError(f"the training loss returned {type(value).__name__}: return a scalar tensor, a tuple or list "
+                     "whose first element is the loss, or a dict with a 'loss' entry")
+
+
 class TrainingModules(NamedTuple):
     """The three objects that are trained and judged.
 
     :ivar model: any :class:`torch.nn.Module`; ``model(*inputs)`` returns a tensor or a
         tuple of tensors.
-    :ivar loss: the training loss, called as ``loss(*predictions, *targets)``.
+    :ivar loss: the training loss, called as ``loss(*predictions, *targets)``; it
+        returns the loss, or a tuple, list or dict that holds it (see :func:`loss_value`).
     :ivar evaluator: an :class:`Evaluator` over the same model.
     """
 
@@ -36,22 +59,45 @@ class Evaluator:
     the whole split at once (so that metrics such as a maximum error are exact, not
     averages of batch values).
 
+    The losses come either one per name, ``{name: loss}``, or from one callable that
+    computes several in one pass (as hippynn's validation graph does): it returns a
+    tuple or list of scalars in the order of ``names``, or a dict ``{name: scalar}``.
+
     :param model: the model to evaluate.
-    :param evaluation_losses: ``{name: loss}``; each loss is called as
-        ``loss(*predictions, *targets)`` and returns a scalar.
+    :param evaluation_losses: ``{name: loss}``, each loss called as
+        ``loss(*predictions, *targets)`` and returning a scalar; or one callable
+        called so and returning several.
     :param batch_size: batch size of evaluation when none is given to :meth:`evaluate`.
+    :param names: the names of what one callable returns, in order (needed when it
+        returns a tuple or list).
     """
 
-    def __init__(self, model: torch.nn.Module, evaluation_losses: Dict[str, Callable], *, batch_size: int = 256):
-        if not isinstance(evaluation_losses, dict) or not evaluation_losses:
-            raise ValueError("evaluation_losses must be a non-empty dict {name: loss}")
+    def __init__(self, model: torch.nn.Module, evaluation_losses, *, batch_size: int = 256, names=None):
+        self.joint, self.joint_names = None, ()
+        if callable(evaluation_losses) and not isinstance(evaluation_losses, dict):
+            if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+                raise SetupError(f"names must be a list of strings, not {names!r}")
+            self.joint, self.joint_names = evaluation_losses, tuple(names or ())
+            evaluation_losses = {}
+        else:
+            if names is not None:
+                raise SetupError("names= goes with one callable that returns several metrics, not with a dict of losses")
+            if not isinstance(evaluation_losses, dict) or not evaluation_losses:
+                raise SetupError("evaluation_losses must be a non-empty dict {name: loss}, or one callable that "
+                                 "returns several metrics (with names=[...])")
         for name, fn in evaluation_losses.items():
             if not isinstance(name, str) or not callable(fn):
-                raise TypeError(f"evaluation loss {name!r} must be a callable under a string name")
+                raise SetupError(f"evaluation loss {name!r} must be a callable under a string name")
         self.model = model
         self.evaluation_losses = dict(evaluation_losses)
         self.batch_size = batch_size
         self.database = None
+
+    @property
+    def metric_names(self) -> list:
+        """The names of every metric :meth:`evaluate` returns (those of a one-pass callable returning a dict are
+        known after the first evaluation)."""
+        return list(self.evaluation_losses) + list(self.joint_names)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -61,17 +107,27 @@ class Evaluator:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.database = None
+        self.__dict__.setdefault("joint", None)  # written before one-pass metrics existed
+        self.__dict__.setdefault("joint_names", ())
+
+    def modules(self) -> dict:
+        """``{name: module}`` of the evaluation losses that are modules (the one-pass callable under ``""``)."""
+        found = {name: fn for name, fn in self.evaluation_losses.items() if isinstance(fn, torch.nn.Module)}
+        if isinstance(self.joint, torch.nn.Module):
+            found[_JOINT] = self.joint
+        return found
 
     def state_dict(self) -> dict:
         """The state of every evaluation loss that is a module (most have none)."""
-        return {name: fn.state_dict() for name, fn in self.evaluation_losses.items() if isinstance(fn, torch.nn.Module)}
+        return {name: fn.state_dict() for name, fn in self.modules().items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the state of the evaluation losses from :meth:`state_dict`'s output."""
+        modules = self.modules()
         for name, fn_state in state.items():
-            if name not in self.evaluation_losses:
+            if name not in modules:
                 raise KeyError(f"evaluation loss {name!r} is in the state but not in this evaluator")
-            self.evaluation_losses[name].load_state_dict(fn_state)
+            modules[name].load_state_dict(fn_state)
 
     def predict(self, split: str, *, database=None, batch_size: Optional[int] = None) -> tuple:
         """Run the model over a split.
@@ -105,4 +161,21 @@ class Evaluator:
         """
         predictions, targets = self.predict(split, database=database, batch_size=batch_size)
         with torch.no_grad():
-            return {name: float(fn(*predictions, *targets)) for name, fn in self.evaluation_losses.items()}
+            results = {name: float(fn(*predictions, *targets)) for name, fn in self.evaluation_losses.items()}
+            if self.joint is not None:
+                results.update(self._joint_results(self.joint(*predictions, *targets)))
+        return results
+
+    def _joint_results(self, values):
+        if isinstance(values, dict):
+            missing = [n for n in self.joint_names if n not in values]
+            if missing:
+                raise SetupError(f"the one-pass evaluation returned {sorted(values)}, without {missing}")
+            return {str(name): float(value) for name, value in values.items()}
+        if isinstance(values, torch.Tensor) and values.dim() == 0:
+            values = (values,)
+        values = list(values)
+        if len(values) != len(self.joint_names):
+            raise SetupError(f"the one-pass evaluation returned {len(values)} values for the {len(self.joint_names)} "
+                             f"names {list(self.joint_names)}; give one name per value (names=[...])")
+        return {name: float(value) for name, value in zip(self.joint_names, values)}

@@ -71,7 +71,7 @@ def make_arrays(n=200, seed=0):
 
 def make_database(n=200, seed=0, valid_size=0.1, test_size=0.1, data_seed=0):
     """An in-memory :class:`Database` over :func:`make_arrays`."""
-    return Database(make_arrays(n, data_seed), ["x"], ["y"], seed, valid_size, test_size)
+    return Database(make_arrays(n, data_seed), ["x"], ["y"], seed, valid_size=valid_size, test_size=test_size)
 
 
 def make_training_modules(seed=0, *, buffered=False):
