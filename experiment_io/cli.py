@@ -6,9 +6,12 @@
     experiment-io verify [DIR]            check every file against the manifest
     experiment-io metrics [DIR] [--hdf5 OUT]
                                           the metric history (printed, or exported)
+    experiment-io import-hippynn SRC DST  an experiment_io run from a hippynn run
+                                          directory (reads its pickles: trusted runs only)
 
-Everything here reads state files with ``torch.load(weights_only=True)`` and never
-opens the structure file, so it is safe on a run directory of unknown origin.
+Everything here but ``import-hippynn`` reads state files with
+``torch.load(weights_only=True)`` and never opens the structure file, so it is safe
+on a run directory of unknown origin.
 Exit status: 0 when all is well, 1 when a check fails (for ``verify``: a file
 without any intact generation), 2 for bad usage, 3 when ``verify`` finds a file
 whose committed generation is lost while an older one is intact.
@@ -145,6 +148,23 @@ def cmd_metrics(args):
     return 0
 
 
+def cmd_import_hippynn(args):
+    from .hippynn_runs import import_hippynn_run
+
+    try:
+        import hippynn  # noqa: F401
+    except ImportError:
+        print("error: import-hippynn needs hippynn installed (pip install 'experiment_io[hippynn]')", file=sys.stderr)
+        return 1
+    print(f"reading {args.source} with full pickle: its files run code when they are loaded, so import only "
+          "runs you trust (you vouch for them by running this command)")
+    status = import_hippynn_run(args.source, args.destination, overwrite=args.overwrite)
+    print(f"imported into {os.path.abspath(args.destination)}: {status.describe()}")
+    print("load the best model with load_model_from_cwd(directory=..., allow=['hippynn']); resume with "
+          "load_checkpoint_from_cwd(directory=..., allow=['hippynn'], database=<the same database>)")
+    return 0
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="experiment-io", description="Inspect and verify experiment_io run directories.")
     parser.add_argument("--version", action="version", version=f"experiment_io {__version__}")
@@ -157,6 +177,12 @@ def _parser():
         sub.set_defaults(function=function)
         if name == "metrics":
             sub.add_argument("--hdf5", metavar="OUT", help="write the history to this HDF5 file instead")
+    sub = commands.add_parser("import-hippynn", help="write an experiment_io run from a hippynn run directory "
+                                                     "(loads its pickles: only for runs you trust)")
+    sub.add_argument("source", help="the hippynn run directory")
+    sub.add_argument("destination", help="the experiment_io run directory to write")
+    sub.add_argument("--overwrite", action="store_true", help="replace a run already in the destination")
+    sub.set_defaults(function=cmd_import_hippynn)
     return parser
 
 

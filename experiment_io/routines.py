@@ -14,7 +14,7 @@ from .distributed import unwrap
 from .errors import SetupError, _SetupKeyError
 from .metric_tracker import MetricTracker
 from .training import train_model
-from .training_modules import Evaluator, TrainingModules
+from .training_modules import Evaluator, TrainingModules, adopt_evaluator
 
 __all__ = ["SetupParams", "setup_training", "test_model", "setup_and_train"]
 
@@ -106,8 +106,8 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
     params = setup_params
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the model must be a torch.nn.Module, not {type(model).__name__}")
-    if not isinstance(evaluator, Evaluator):
-        raise TypeError(f"the evaluator must be an experiment_io Evaluator, not {type(evaluator).__name__}")
+    evaluator = adopt_evaluator(evaluator)  # hippynn's evaluator computes its metrics in one pass
+    training_modules = TrainingModules(model, loss, evaluator)
     if unwrap(evaluator.model) is not unwrap(model):
         raise ValueError("the evaluator evaluates another model than the one being trained")
     if params.stopping_key not in evaluator.metric_names and not (evaluator.joint is not None and not evaluator.joint_names):

@@ -6,7 +6,7 @@ import torch
 
 from .errors import SetupError
 
-__all__ = ["TrainingModules", "Evaluator", "as_tuple", "loss_value"]
+__all__ = ["TrainingModules", "Evaluator", "as_tuple", "loss_value", "adopt_evaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +179,21 @@ class Evaluator:
             raise SetupError(f"the one-pass evaluation returned {len(values)} values for the {len(self.joint_names)} "
                              f"names {list(self.joint_names)}; give one name per value (names=[...])")
         return {name: float(value) for name, value in zip(self.joint_names, values)}
+
+
+def adopt_evaluator(evaluator):
+    """An experiment_io :class:`Evaluator` for ``evaluator``.
+
+    An experiment_io evaluator is returned as is. hippynn's evaluator (what
+    ``hippynn.experiment.assemble_for_training`` returns: a ``model``, a ``loss``
+    graph that computes every validation metric in one pass, and their
+    ``loss_names``) becomes ``Evaluator(model, loss, names=loss_names)``.
+
+    :raises SetupError: for anything else.
+    """
+    if isinstance(evaluator, Evaluator):
+        return evaluator
+    model, joint, names = (getattr(evaluator, a, None) for a in ("model", "loss", "loss_names"))
+    if isinstance(model, torch.nn.Module) and callable(joint) and names is not None:
+        return Evaluator(model, joint, names=list(names))
+    raise SetupError(f"the evaluator must be an experiment_io Evaluator (or hippynn's), not {type(evaluator).__name__}")
