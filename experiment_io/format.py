@@ -2,7 +2,9 @@
 
 Nothing here touches the disk. Every payload that experiment_io writes is a dict
 with a header under :data:`HEADER_KEY`; the header names the payload's kind and
-the format version that wrote it. The manifest is a JSON document listing every
+the format version that wrote it. A model file is written as the model's plain
+``state_dict`` (since version 3): its header goes into its manifest record only
+(:func:`model_from_record`). The manifest is a JSON document listing every
 file of a run with its digest.
 """
 import json
@@ -20,6 +22,7 @@ __all__ = [
     "KINDS",
     "make_header",
     "check_payload",
+    "model_from_record",
     "manifest_to_bytes",
     "manifest_from_bytes",
 ]
@@ -31,7 +34,10 @@ __all__ = [
 #: 1. First version.
 #: 2. Structure files hold the parameters and persistent buffers of the model and
 #:    of the training loss as meta tensors (no data): the state files restore them.
-FORMAT_VERSION = 2
+#: 3. Model files (``best_model.pt``, ``model_epoch_N.pt``) hold the model's plain
+#:    ``state_dict``, as hippynn's do (``model.load_state_dict(torch.load(path))``);
+#:    their header lives only in their manifest record.
+FORMAT_VERSION = 3
 
 #: Key of the header entry in every payload.
 HEADER_KEY = "experiment_io"
@@ -128,6 +134,23 @@ def manifest_to_bytes(files, **fields):
     header = make_header(MANIFEST_KIND, **fields)
     header["digest"] = _manifest_digest(header, files)
     return json.dumps({"header": header, "files": files}, sort_keys=True, indent=1).encode("utf-8")
+
+
+def model_from_record(payload, name, record):
+    """A model file of format 3 or newer (a plain ``state_dict``), as a payload with the header of its record.
+
+    :return: ``(payload, header)``, or ``None`` when ``payload`` is not such a file.
+    :raises FormatVersionError: for a record of a newer format.
+    """
+    if not isinstance(record, dict) or record.get("kind") != "model" or isinstance(payload, dict) and HEADER_KEY in payload:
+        return None
+    if not isinstance(record.get("format_version"), int) or record["format_version"] < 3:
+        return None
+    check_version(record["format_version"], name)
+    if not isinstance(payload, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        raise NotACheckpointError(f"{name} is recorded as a model file, but does not hold a state_dict of tensors.")
+    header = {k: v for k, v in record.items() if k not in ("digest", "size", "written_at")}
+    return {HEADER_KEY: header, "model": payload}, header
 
 
 #: The type each known field of a manifest record must have (other fields: plain scalars).

@@ -9,9 +9,10 @@ file                              content
 ``last_checkpoint.pt``            every ``state_dict`` (model, loss, evaluator,
                                   controller, metric tracker, RNG, data position)
 ``best_checkpoint.pt``            the same, at the best epoch
-``best_model.pt``                 the model's ``state_dict`` at the best epoch
+``best_model.pt``                 the model's plain ``state_dict`` at the best epoch
 ``checkpoint_epoch_N.pt``         as ``last_checkpoint.pt``, kept for epoch N
 ``model_epoch_N.pt``              as ``best_model.pt``, kept for epoch N
+``best_evaluation.json``          the best model's metrics on every split (JSON)
 ``experiment_manifest.json``      digest, size and provenance of every file above
 ================================  =================================================
 
@@ -75,7 +76,11 @@ def save_payload(payload, f):
     ``torch.save`` archive (CRC-32 included), which ``torch.load`` and zip tools read.
     """
     options = {}
-    if payload.get(fmt.HEADER_KEY, {}).get("kind") == "structure":
+    kind = payload.get(fmt.HEADER_KEY, {}).get("kind")
+    if kind == "model":  # the plain state_dict (format 3): its header goes into the manifest record only
+        torch.save(payload["model"], f)
+        return
+    if kind == "structure":
         model, loss, _evaluator = payload["training_modules"]
         left_out = skeleton.without_aliases(payload, skeleton.restored_tensors(model, loss))
         options["pickle_module"] = skeleton.pickle_module_without(left_out)
@@ -136,7 +141,8 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
 
 
 def model_payload(model_state, epochs_done, step, structure_digest, model_device, world_size=1):
-    """A model's ``state_dict`` with a header."""
+    """A model's ``state_dict`` with a header (the file holds the ``state_dict`` alone; the header goes into its
+    manifest record)."""
     return {
         fmt.HEADER_KEY: fmt.make_header(
             "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest, model_device=str(model_device),

@@ -149,9 +149,19 @@ def verified_source(path, verifier):
 
 
 def load_state_file(path, kinds, map_location, record, verifier=None):
-    """Load a verified state file through a memory map; check its kind and version."""
+    """Load a verified state file through a memory map; check its kind and version.
+
+    A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
+    of its manifest record.
+    """
     with verified_source(path, verifier) as source:
         payload = torch_load(path, map_location, mmap=True, read_from=source)
+    plain_model = fmt.model_from_record(payload, path, record)
+    if plain_model is not None:
+        if "model" not in kinds:
+            raise NotACheckpointError(f"{path} is an experiment_io 'model' file, but a "
+                                      f"{' or '.join(repr(k) for k in kinds)} file was expected here.")
+        return plain_model
     return payload, fmt.check_payload(payload, path, kinds)
 
 

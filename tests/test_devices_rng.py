@@ -307,8 +307,12 @@ def rewrite_header(directory, name, **fields):
     """Rewrite a state file of a run with changed header fields, keeping its manifest consistent."""
     path = directory / name
     payload = torch.load(path, weights_only=True)
+    writer = RunWriter(directory)
+    if "experiment_io" not in payload:  # a model file: its plain state_dict, its header in the manifest record
+        header = {k: v for k, v in writer.record(name).items() if k not in ("digest", "size", "written_at")}
+        payload = {"experiment_io": header, "model": payload}
     payload["experiment_io"].update(fields)
-    save_payloads(RunWriter(directory), {name: payload})
+    save_payloads(writer, {name: payload})
 
 
 def test_saved_on_a_missing_gpu_needs_model_device(run_copy, trained_run, no_cuda):
