@@ -134,6 +134,39 @@ class Database:
             "train": np.sort(order[n_test + n_valid:]),
         }
 
+    @classmethod
+    def from_hippynn(cls, database, seed: int = 0, *, float_dtype=None) -> "Database":
+        """A database with the arrays, inputs, targets and split of a split hippynn database.
+
+        hippynn's split is kept exactly (by its ``indices``: sample ``i`` of the result is
+        hippynn's sample of the ``i``-th smallest index, so that with hippynn's default
+        indices the samples keep their numbers); ``seed`` draws the order of every epoch. The arrays are copied into memory, so the database is not
+        restartable from a file: pass it again with ``load_checkpoint_from_cwd(database=...)``.
+
+        :param database: a ``hippynn.databases.Database`` after its split.
+        :raises SetupError: when it has not been split.
+        """
+        parts = {name: split for name, split in getattr(database, "splits", {}).items() if name in SPLITS}
+        if not parts or any("indices" not in split for split in parts.values()):
+            raise SetupError("the hippynn database has no split yet (make_random_split / split_the_rest), or its "
+                             "splits lack their 'indices'")
+        indices = {name: np.asarray(split["indices"].cpu() if isinstance(split["indices"], torch.Tensor)
+                                    else split["indices"]) for name, split in parts.items()}
+        order = np.concatenate(list(indices.values()))
+        if len(np.unique(order)) != len(order):
+            raise SetupError("the splits of the hippynn database share indices")
+        rank = np.argsort(order, kind="stable")  # sample i of the result is the i-th smallest of hippynn's indices
+        position = np.empty(len(order), dtype=np.int64)
+        position[rank] = np.arange(len(order))
+        arrays = {}
+        for key in dict.fromkeys(list(database.inputs) + list(database.targets)):
+            merged = np.concatenate([split[key].cpu().numpy() if isinstance(split[key], torch.Tensor)
+                                     else np.asarray(split[key]) for split in parts.values()])
+            arrays[key] = merged[rank]
+        bounds = np.cumsum([0] + [len(idx) for idx in indices.values()])
+        splits = {name: position[bounds[i]:bounds[i + 1]] for i, name in enumerate(indices)}
+        return cls(arrays, list(database.inputs), list(database.targets), seed, float_dtype=float_dtype, splits=splits)
+
     def __len__(self):
         return self.n_samples
 

@@ -68,3 +68,55 @@ def test_a_hippynn_run_directory_is_imported_and_resumed(tmp_path):
     # a second import into the same directory is refused; --overwrite replaces it
     assert cli_main(["import-hippynn", str(tmp_path / "hippynn_run"), str(tmp_path / "imported")]) == 1
     assert cli_main(["import-hippynn", str(tmp_path / "hippynn_run"), str(tmp_path / "imported"), "--overwrite"]) == 0
+
+
+BAREBONES_PORT = '''
+import os, sys
+sys.path.insert(0, {scripts!r})
+import torch
+import hippynn
+from hippynn_driver import arrays
+from hippynn.graphs import inputs, networks, targets, loss
+# the two lines of the port (docs/hippynn.rst)
+from experiment_io import Database, SetupParams, setup_and_train
+
+network_params = {{"possible_species": [0, 1, 2], "n_features": 8, "n_sensitivities": 8, "dist_soft_min": 0.5,
+                  "dist_soft_max": 3.0, "dist_hard_max": 4.0, "n_interaction_layers": 1, "n_atom_layers": 1}}
+species = inputs.SpeciesNode(db_name="Z")
+positions = inputs.PositionsNode(db_name="R")
+network = networks.Hipnn("hipnn_model", (species, positions), module_kwargs=network_params)
+henergy = targets.HEnergyNode("HEnergy", network, db_name="T")
+mse_energy = loss.MSELoss.of_node(henergy)
+mae_energy = loss.MAELoss.of_node(henergy)
+rmse_energy = mse_energy ** (1 / 2)
+validation_losses = {{"RMSE": rmse_energy, "MAE": mae_energy, "MSE": mse_energy}}
+training_modules, db_info = hippynn.experiment.assemble_for_training(mse_energy, validation_losses)
+with hippynn.tools.active_directory("TEST_BAREBONES_SCRIPT"):
+    database = hippynn.databases.Database(arrays(), test_size=0.1, valid_size=0.1, seed=2001, quiet=True, **db_info)
+    from hippynn.pretraining import set_e0_values
+    set_e0_values(henergy, database, trainable_after=False)
+    database = Database.from_hippynn(database, seed=2001)
+    experiment_params = SetupParams(stopping_key="MSE", batch_size=12, optimizer=torch.optim.Adam, max_epochs=2,
+                                    learning_rate=0.001)
+    metrics = setup_and_train(training_modules=training_modules, database=database, setup_params=experiment_params,
+                              quiet=True)
+    print("TRAINED", sorted(metrics.evaluations["best"]))
+'''
+
+
+def test_the_barebones_example_ports_with_two_lines(tmp_path):
+    script = tmp_path / "barebones.py"
+    script.write_text(BAREBONES_PORT.format(scripts=os.path.dirname(DRIVER)))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TRAINED ['test', 'train', 'valid']" in result.stdout
+    model = load_model_from_cwd(directory=str(tmp_path / "TEST_BAREBONES_SCRIPT"), allow=["hippynn"])
+    assert type(model).__name__ == "GraphModule"
+
+
+def test_the_hippynn_port_example_runs():
+    example = os.path.join(os.path.dirname(os.path.dirname(DRIVER)), os.pardir, "examples", "hippynn_port.py")
+    result = subprocess.run([sys.executable, os.path.abspath(example)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "== predict" in result.stdout and result.stdout.count("predicted") == 4
+    assert "realigned" in result.stderr or "resuming at epoch 1" in result.stdout
