@@ -42,7 +42,8 @@ class TrainingModules(NamedTuple):
     :ivar model: any :class:`torch.nn.Module`; ``model(*inputs)`` returns a tensor or a
         tuple of tensors.
     :ivar loss: the training loss, called as ``loss(*predictions, *targets)``; it
-        returns the loss, or a tuple, list or dict that holds it (see :func:`loss_value`).
+        returns the loss, or a tuple, list or dict that holds it: of a tuple or list the
+        first element is the loss, of a dict the ``"loss"`` entry.
     :ivar evaluator: an :class:`Evaluator` over the same model.
     """
 
