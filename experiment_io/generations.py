@@ -303,6 +303,10 @@ class RunWriter:
         self._written = {}
         try:
             records = {name: self._write_generation(name, write, fields) for name, (write, fields) in writes.items()}
+            # one directory fsync makes every rename of this save durable before the manifest commits them
+            storage.fsync_directory(self.directory)
+            for name in writes:
+                storage.write_step("directory_fsynced", self.path(name))
             storage.write_step("manifest", self.directory)
             storage.write_manifest(self.directory, self.files)
         except BaseException:
@@ -355,7 +359,7 @@ class RunWriter:
                 self.files.pop(previous, None)
         if self.files.get(previous) is None:
             self.files.pop(previous, None)
-        record = storage.atomic_write(self.path(name), write, keep_previous=keep_previous)
+        record = storage.atomic_write(self.path(name), write, keep_previous=keep_previous, sync_directory=False)
         self.files[name] = {**record.as_dict(), **fields, "written_at": time.time()}
         self._written[name] = self._identity(name)
         storage.write_step("file_saved", self.path(name))

@@ -152,18 +152,47 @@ def model_payload(model_state, epochs_done, step, structure_digest, model_device
     }
 
 
+#: A payload written under several names (``last_checkpoint.pt`` and ``best_checkpoint.pt``) whose tensors
+#: hold at most this many bytes is serialized once, in memory, and its bytes written to each file.
+SERIALIZE_ONCE_BYTES = 64 * 1024 * 1024
+
+
+def _tensor_bytes(obj):
+    """The bytes of the tensors in a payload (dicts, lists and tuples walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_payloads(writer, payloads):
     """Write payloads through ``writer`` (a :class:`~experiment_io.generations.RunWriter`) and commit them.
+
+    A small payload given under several names is serialized once (see
+    :data:`SERIALIZE_ONCE_BYTES`): the files get the same bytes.
 
     :param payloads: ``{file name: payload dict}``; the plain fields of each
         payload's header (kind, step, epochs done...) go into the file's record.
     :return: ``{file name: FileRecord}``.
     """
-    return writer.save_files({
-        name: (lambda f, p=payload: save_payload(p, f),
-               {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None})
-        for name, payload in payloads.items()
-    })
+    shared_ids = [id(p) for p in payloads.values()]
+    serialized = {}
+    writes = {}
+    for name, payload in payloads.items():
+        fields = {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None}
+        if shared_ids.count(id(payload)) > 1 and (id(payload) in serialized
+                                                  or _tensor_bytes(payload) <= SERIALIZE_ONCE_BYTES):
+            if id(payload) not in serialized:
+                buffer = io.BytesIO()
+                save_payload(payload, buffer)
+                serialized[id(payload)] = buffer.getbuffer()
+            writes[name] = (lambda f, data=serialized[id(payload)]: f.write(data), fields)
+        else:
+            writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
+    return writer.save_files(writes)
 
 
 @dataclass

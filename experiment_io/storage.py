@@ -243,7 +243,7 @@ def fsync_directory(directory):
         os.close(fd)
 
 
-def atomic_write(path, write, *, hashed=True, keep_previous=None):
+def atomic_write(path, write, *, hashed=True, keep_previous=None, sync_directory=True):
     """Write a file atomically and durably.
 
     :param path: the target path; its directory must exist.
@@ -254,6 +254,8 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
     :param keep_previous: when given, an existing file at ``path`` is renamed to
         this path (in the same directory) just before the new one takes its place,
         so that the previous generation survives until the caller commits the new one.
+    :param sync_directory: make the renames durable before returning (``False``: the
+        caller fsyncs the directory itself, once for several files, before it commits them).
     :return: the :class:`~experiment_io.verification.FileRecord` of the new file, or ``None`` when not hashed.
     :raises CheckpointWriteError: when the write fails (disk full, I/O error); the
         temporary file is removed and the previous file at ``path`` is untouched.
@@ -276,8 +278,9 @@ def atomic_write(path, write, *, hashed=True, keep_previous=None):
             write_step("rotated", keep_previous)
         os.replace(temporary, path)
         write_step("replaced", path)
-        fsync_directory(directory)
-        write_step("directory_fsynced", path)
+        if sync_directory:
+            fsync_directory(directory)
+            write_step("directory_fsynced", path)
     except Exception as e:
         _discard(temporary)
         # ``torch.save`` turns an error of a write into a RuntimeError of its own
