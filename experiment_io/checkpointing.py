@@ -26,6 +26,7 @@ from .payloads import (
     epoch_checkpoint_name,
     epoch_model_name,
     model_payload,
+    _tensor_bytes,
     main_module_names,
     run_status,
     save_payloads,
@@ -41,6 +42,11 @@ from .rng import get_rng_state
 __all__ = ["RunCheckpointer"]
 
 log = logging.getLogger(__name__)
+
+#: With ``async_save``, a checkpoint whose tensors hold fewer bytes than this is written synchronously: below
+#: it, handing the save to the background thread costs training more than the write itself (measured on the
+#: small model of ``benchmarks/bench_small.py``).
+ASYNC_MIN_BYTES = 8 * 1024 * 1024
 
 
 def _run_exists_message(directory, status, continues):
@@ -182,7 +188,13 @@ class RunCheckpointer:
             ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
             files[epoch_checkpoint_name(ended)] = payload
             files[epoch_model_name(ended)] = model_file
-        if self.background is not None:
+        if self.background is not None and _tensor_bytes(payload) < ASYNC_MIN_BYTES:
+            # a small save is quicker written here than handed over: the background thread would compete with
+            # training for the interpreter for longer than the write takes
+            self.background.wait()
+            save_payloads(self.writer, files)
+            log.debug("saved %s (small: written synchronously)", ", ".join(files))
+        elif self.background is not None:
             self.background.submit(files, lambda staged: save_payloads(self.writer, staged),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())

@@ -4,9 +4,12 @@ The loaders of :mod:`experiment_io.serialization` read through these functions.
 Files are chosen by :class:`~experiment_io.generations.Search`; every file is
 verified against the manifest before anything in it is unpickled. While the
 structure file is loaded, the state file is looked for and verified in a second
-thread. State files are then memory-mapped (``torch.load(mmap=True)``): their
-bytes, in the page cache since the verification, are copied straight into the
-model's parameters. After reading a file, the reader checks that its path still
+thread. A model file for prediction is then memory-mapped
+(``torch.load(mmap=True)``): its bytes, in the page cache since the
+verification, are copied straight into the model's parameters. A checkpoint
+loaded to resume is read into memory of its own instead, and its tensors become
+the model's and the optimizer's without a second copy: a resume needs about the
+checkpoint's size in memory, not twice that. After reading a file, the reader checks that its path still
 names the file it verified; a writer that replaced it meanwhile makes the load
 start over (:func:`until_stable`).
 """
@@ -148,14 +151,14 @@ def verified_source(path, verifier):
         raise Replaced(path)
 
 
-def load_state_file(path, kinds, map_location, record, verifier=None):
-    """Load a verified state file through a memory map; check its kind and version.
+def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True):
+    """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
 
     A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
     of its manifest record.
     """
     with verified_source(path, verifier) as source:
-        payload = torch_load(path, map_location, mmap=True, read_from=source)
+        payload = torch_load(path, map_location, mmap=mmap, read_from=source)
     plain_model = fmt.model_from_record(payload, path, record)
     if plain_model is not None:
         if "model" not in kinds:

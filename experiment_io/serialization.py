@@ -4,9 +4,9 @@ Every file is verified against the run's manifest before anything in it is
 unpickled (see :mod:`experiment_io.reading`). State files load with
 ``torch.load(weights_only=True)``; the structure file goes through the trust gate
 (:mod:`experiment_io.trust`). After a load, every tensor lies on a known device
-(see :mod:`experiment_io.devices`): the modules copy their states into their own
-tensors, and the rest of the state gets memory of its own, so that no file stays
-mapped after a resume.
+(see :mod:`experiment_io.devices`). A checkpoint is read into memory of its own,
+whose tensors the modules then take without a copy; no file stays mapped after a
+resume.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .asynchronous import with_own_memory
 from .controllers import TrainingPosition
 from .databases import restore_database
 from .devices import check_location_args, place_training_modules, target_device
@@ -103,14 +102,12 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     controller = structure["controller"]
     if not isinstance(training_modules, TrainingModules):
         raise NotACheckpointError(f"{structure_path} holds no TrainingModules (found {type(training_modules).__name__})")
-    # the modules copy their states into their own tensors; the rest of the state is
-    # kept, so it gets memory of its own instead of the file's mapping
-    state = {**state, **with_own_memory({k: v for k, v in state.items() if k not in ("model", "loss", "evaluator")})}
+    # the state was read into memory of its own (not mapped): the modules take its tensors as they are
     try:
         model, loss, evaluator = training_modules
         # a structure file of format 2 holds the modules' state tensors as meta tensors
-        state["model"] = materialize(model, state["model"], state_path, device=device)
-        state["loss"] = materialize(loss, state["loss"], state_path, device=device)
+        state["model"] = materialize(model, state["model"], state_path, device=device, own_memory=False)
+        state["loss"] = materialize(loss, state["loss"], state_path, device=device, own_memory=False)
         place_training_modules(training_modules, device)
         _load_model_state(model, state["model"], state_path)
         if isinstance(loss, torch.nn.Module):
@@ -193,7 +190,7 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
         state_record, state_verifier = verified_record(state_fname, verify, verifier)
         structure = load_structure_file(structure_fname, allow, trusted, structure_record, verifier)
         state, header = load_state_file(state_fname, ("checkpoint",), _location(map_location), state_record,
-                                        state_verifier)
+                                        state_verifier, mmap=False)
         return structure, structure_record, state, header
 
     structure, structure_record, state, header = until_stable(load, os.path.dirname(os.path.abspath(state_fname)))
@@ -240,7 +237,8 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
         verifier = run_verifier(directory)
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
             verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier))
-        state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier)
+        state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier,
+                                        mmap=False)
         return structure, structure_path, state, header, state_path
 
     try:

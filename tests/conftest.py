@@ -21,6 +21,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def background_saves_for_any_size(monkeypatch):
+    """Tests of async_save run with tiny models: let every save go to the background writer, as a large one does
+    (``checkpointing.ASYNC_MIN_BYTES`` keeps small saves synchronous otherwise; one test checks that rule)."""
+    from experiment_io import checkpointing
+    monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 0)
+
+
 @pytest.fixture
 def write_steps():
     """``write_steps(observer)`` calls ``observer(step, path)`` at each step of every save until the test ends.

@@ -634,3 +634,24 @@ def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
     assert read_reports() == []
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, restore_rng=False)
     assert check["controller"].position.step in (3, 6)
+
+
+def test_a_small_checkpoint_is_written_synchronously_with_async_save(tmp_path, monkeypatch):
+    """The rule async_save follows: below ASYNC_MIN_BYTES of tensors, handing a save to the background thread costs
+    training more than writing it, so it is written at once (and the files are those of a synchronous run)."""
+    from experiment_io import checkpointing
+    monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 8 * 1024 * 1024)
+    submitted = []
+    real_submit = checkpointing.BackgroundWriter.submit
+    monkeypatch.setattr(checkpointing.BackgroundWriter, "submit",
+                        lambda self, *a, **k: submitted.append(a) or real_submit(self, *a, **k))
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=16,
+                                                                                  max_epochs=2))
+    train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                async_save=True, checkpoint_every_batches=3)
+    assert submitted == []
+    assert storage.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]["epochs_done"] == 2
+    monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 0)  # and a larger one goes to the background
+    train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory=str(tmp_path),
+                async_save=True, max_epochs=3)
+    assert len(submitted) == 1
