@@ -1,8 +1,12 @@
 """1. Durable save of a state of 64 float32 tensors (1 GiB; --quick: 64 MiB).
 
-experiment_io (atomic write, digest, fsync) vs raw write+fsync of the same bytes vs
-torch.save+fsync vs torch.save; then where the time of a save goes (torch.save's
-CRC-32, the digest, the copy to the page cache, the fsync).
+experiment_io (atomic write, digest, fsync) against the disk's limit (the same bytes
+written raw with paced writeback, and with O_DIRECT, then fsynced; the naive raw
+write, one big write then one fsync, is kept for reference), against torch.save
+with and without fsync, and against the peers that are installed (safetensors,
+torch.distributed.checkpoint, torchsnapshot; each made durable); then where the
+time of a save goes (torch.save's CRC-32, the digest, the copy to the page cache,
+the fsync).
 """
 import os
 import shutil
@@ -19,6 +23,8 @@ from fixtures import make_state, state_nbytes, state_payload
 
 NAME = "save"
 RAW = "raw write + fsync of the tensor bytes"
+PACED = "raw write, paced writeback (8 MiB) + fsync: the disk's limit"
+DIRECT = "raw O_DIRECT write (8 MiB blocks) + fsync"
 EIO = "experiment_io: atomic_write(save_payload) (digest, fsync)"
 
 
@@ -31,6 +37,103 @@ def _write_tensors(fd, state):
         view = memoryview(t.numpy()).cast("B")
         while view:
             view = view[os.write(fd, view):]
+
+
+def _paced(fd, state, block=8 * harness.MiB):
+    """Write the tensors' bytes, asking the kernel to start writing back every ``block`` bytes (as a well-tuned
+    writer does: the final fsync then waits for little)."""
+    written = flushed = 0
+    for t in state.values():
+        view = memoryview(t.numpy()).cast("B")
+        while view:
+            n = os.write(fd, view[:block])
+            view, written = view[n:], written + n
+            if written - flushed >= block and storage._sync_file_range is not None:
+                storage._sync_file_range(fd, flushed, written - flushed, storage._SYNC_FILE_RANGE_WRITE)
+                flushed = written
+
+
+def _direct(path, state, block=8 * harness.MiB):
+    """Write the tensors' bytes with O_DIRECT (bypassing the page cache) from an aligned buffer; ``False`` where
+    the file system refuses O_DIRECT."""
+    import mmap
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except (OSError, AttributeError):
+        return False
+    buffer = mmap.mmap(-1, block)  # page-aligned
+    try:
+        pending = 0
+        for t in state.values():
+            view = memoryview(t.numpy()).cast("B")
+            while view:
+                n = min(block - pending, len(view))
+                buffer[pending:pending + n] = view[:n]
+                pending, view = pending + n, view[n:]
+                if pending == block:
+                    os.write(fd, buffer)
+                    pending = 0
+        if pending:  # the tail, padded to the block size (the benchmark's sizes are multiples of it)
+            os.write(fd, buffer)
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
+        buffer.close()
+
+
+def _fsync_tree(path):
+    for root, _, names in os.walk(path):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def peers(directory, state):
+    """The other libraries' durable saves of the same tensors, those that are installed: ``{name: fn}``."""
+    found = {}
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        pass
+    else:
+        path = os.path.join(directory, "peer.safetensors")
+
+        def safetensors_save():
+            save_file(state, path)
+            _fsync_file(path)
+        found["safetensors save_file + fsync"] = safetensors_save
+    try:
+        import torch.distributed.checkpoint as dcp
+    except ImportError:
+        pass
+    else:
+        where = os.path.join(directory, "peer-dcp")
+        found["torch.distributed.checkpoint.save (fsyncs its files)"] = lambda: dcp.save(state, checkpoint_id=where)
+    try:
+        import torchsnapshot
+    except ImportError:
+        pass
+    else:
+        where = os.path.join(directory, "peer-snapshot")
+
+        def snapshot():
+            shutil.rmtree(where, ignore_errors=True)
+            torchsnapshot.Snapshot.take(path=where, app_state={"state": torchsnapshot.StateDict(**state)})
+            _fsync_tree(where)
+        found["torchsnapshot Snapshot.take + fsync"] = snapshot
+    return found
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def durable_save(directory, size, reps, seed):
@@ -62,30 +165,47 @@ def durable_save(directory, size, reps, seed):
                 f.flush()
                 os.fsync(f.fileno())
 
+    def paced():
+        fd = os.open(paths["raw"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _paced(fd, state)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     methods = {
         RAW: raw,
+        PACED: paced,
         EIO: eio,
         "experiment_io: save_payloads (+ generation, manifest)": lambda: save_payloads(writer, {LAST_NAME: payload}),
         "torch.save + fsync": tsave,
         "torch.save (no fsync)": lambda: tsave(False),
     }
+    if _direct(paths["raw"], {"probe": torch.zeros(2 * 1024 * 1024, dtype=torch.float32)}):
+        methods[DIRECT] = lambda: _direct(paths["raw"], state)
+    methods.update(peers(directory, state))
 
     def setup(name):
         # every file of the section goes before each save: the page cache does not grow from one
         # measurement to the next, and each save finds the memory the previous one freed
-        harness.remove(*paths.values(), writer.path(LAST_NAME), writer.path(previous_name(LAST_NAME)))
+        harness.remove(*paths.values(), writer.path(LAST_NAME), writer.path(previous_name(LAST_NAME)),
+                       os.path.join(directory, "peer.safetensors"))
+        for peer_dir in ("peer-dcp", "peer-snapshot"):
+            shutil.rmtree(os.path.join(directory, peer_dir), ignore_errors=True)
         harness.settle()
 
     results = harness.summaries(harness.side_by_side(methods, reps, seed=seed, setup=setup))
     harness.rows(f"1. Durable save of {n_tensors} float32 tensors, {nbytes / harness.MiB:.0f} MiB "
-                 "(throughput relative to raw write + fsync; >= 0.9 is the target)",
-                 results, RAW, nbytes=nbytes, ratio="throughput")
-    harness.remove(*paths.values())
+                 "(throughput relative to the paced raw write, the disk's limit; >= 0.95 is the target)",
+                 results, PACED, nbytes=nbytes, ratio="throughput")
+    harness.remove(*paths.values(), os.path.join(directory, "peer.safetensors"))
+    for peer_dir in ("peer-dcp", "peer-snapshot"):
+        shutil.rmtree(os.path.join(directory, peer_dir), ignore_errors=True)
     shutil.rmtree(writer.directory, ignore_errors=True)
-    raw_r = results[RAW]
+    limit = results[PACED]
     return {"state_bytes": nbytes, "file_bytes": file_size[-1], "results": results,
-            "throughput_vs_raw": {name: raw_r["median"] / s["median"] for name, s in results.items()},
-            "throughput_vs_raw_of_minima": {name: raw_r["min"] / s["min"] for name, s in results.items()}}
+            "throughput_vs_raw": {name: limit["median"] / s["median"] for name, s in results.items()},
+            "throughput_vs_raw_of_minima": {name: limit["min"] / s["min"] for name, s in results.items()}}
 
 
 class _Null:
@@ -154,5 +274,5 @@ def run(args, results):
 
 def summarize(results):
     if "save" in results:
-        harness.target_line("durable save throughput / raw write + fsync", results["save"]["throughput_vs_raw"][EIO],
-                            0.9, minima=results["save"]["throughput_vs_raw_of_minima"][EIO])
+        harness.target_line("durable save throughput / paced raw write + fsync", results["save"]["throughput_vs_raw"][EIO],
+                            0.95, minima=results["save"]["throughput_vs_raw_of_minima"][EIO])
