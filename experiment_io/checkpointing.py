@@ -21,6 +21,7 @@ from .payloads import (
     BEST_MODEL_NAME,
     BEST_NAME,
     LAST_NAME,
+    METRICS_CSV_NAME,
     STRUCTURE_NAME,
     checkpoint_payload,
     epoch_checkpoint_name,
@@ -188,19 +189,22 @@ class RunCheckpointer:
             ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
             files[epoch_checkpoint_name(ended)] = payload
             files[epoch_model_name(ended)] = model_file
+        # the history as CSV, committed with the epoch's checkpoint
+        extra = ({METRICS_CSV_NAME: (self.metric_tracker.to_csv().encode("utf-8"), {"kind": "metrics"})}
+                 if epoch_files is not None else None)
         if self.background is not None and _tensor_bytes(payload) < ASYNC_MIN_BYTES:
             # a small save is quicker written here than handed over: the background thread would compete with
             # training for the interpreter for longer than the write takes
             self.background.wait()
-            save_payloads(self.writer, files)
+            save_payloads(self.writer, files, extra)
             log.debug("saved %s (small: written synchronously)", ", ".join(files))
         elif self.background is not None:
-            self.background.submit(files, lambda staged: save_payloads(self.writer, staged),
+            self.background.submit(files, lambda staged: save_payloads(self.writer, staged, extra),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
-            save_payloads(self.writer, files)
+            save_payloads(self.writer, files, extra)
             log.debug("saved %s", ", ".join(files))
 
     def write_results(self, name, document):

@@ -6,6 +6,7 @@
     experiment-io verify [DIR]            check every file against the manifest
     experiment-io metrics [DIR] [--hdf5 OUT]
                                           the metric history (printed, or exported)
+    experiment-io plot [DIR] [--out OUT] the training curves as PNG images (needs matplotlib)
     experiment-io import-hippynn SRC DST  an experiment_io run from a hippynn run
                                           directory (reads its pickles: trusted runs only)
 
@@ -148,6 +149,20 @@ def cmd_metrics(args):
     return 0
 
 
+def cmd_plot(args):
+    from .plots import PLOTS_DIRECTORY, plot_history, plotting_available
+
+    if not plotting_available():
+        print("error: plot needs matplotlib: pip install 'experiment_io[plots]' (or pip install matplotlib)",
+              file=sys.stderr)
+        return 1
+    tracker, path = _newest_tracker(args.directory)
+    out = args.out or os.path.join(args.directory, PLOTS_DIRECTORY)
+    written = plot_history(tracker, out)
+    print(f"{len(written)} plot(s) of {len(tracker.epochs)} epochs from {path} written to {out}")
+    return 0
+
+
 def cmd_import_hippynn(args):
     from .hippynn_runs import import_hippynn_run
 
@@ -171,12 +186,15 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     for name, function, text in (("info", cmd_info, "list the files of a run"),
                                  ("verify", cmd_verify, "check every file against the manifest"),
-                                 ("metrics", cmd_metrics, "print or export the metric history")):
+                                 ("metrics", cmd_metrics, "print or export the metric history"),
+                                 ("plot", cmd_plot, "write the training curves as PNG images (needs matplotlib)")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("directory", nargs="?", default=".", help="the run directory (default: .)")
         sub.set_defaults(function=function)
         if name == "metrics":
             sub.add_argument("--hdf5", metavar="OUT", help="write the history to this HDF5 file instead")
+        if name == "plot":
+            sub.add_argument("--out", metavar="DIR", help="where the images go (default: DIR/plots)")
     sub = commands.add_parser("import-hippynn", help="write an experiment_io run from a hippynn run directory "
                                                      "(loads its pickles: only for runs you trust)")
     sub.add_argument("source", help="the hippynn run directory")

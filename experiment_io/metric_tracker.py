@@ -19,6 +19,10 @@ __all__ = ["MetricTracker"]
 log = logging.getLogger(__name__)
 
 
+def _number(value):
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
 class MetricTracker:
     """Per-epoch metric history, best values, best epoch, best model state and epoch times.
 
@@ -34,6 +38,8 @@ class MetricTracker:
         self.epochs = []
         self.history = {}
         self.epoch_times = []
+        #: the learning rate of every parameter group during each epoch
+        self.learning_rates = []
         self.best_epoch = None
         self.best_metric_values = None
         self.best_model_state = None
@@ -71,12 +77,14 @@ class MetricTracker:
             return True
         return value > best if self.larger_is_better else value < best
 
-    def register_metrics(self, metric_info: dict, when: int, *, epoch_time: Optional[float] = None) -> bool:
+    def register_metrics(self, metric_info: dict, when: int, *, epoch_time: Optional[float] = None,
+                         learning_rates=None) -> bool:
         """Record the metrics of epoch ``when``.
 
         :param metric_info: ``{split: {name: value}}``.
         :param when: the epoch number.
         :param epoch_time: seconds the epoch took.
+        :param learning_rates: the learning rate of each parameter group during the epoch.
         :return: whether this epoch is the best so far.
         """
         value = self.stopping_value(metric_info)
@@ -91,6 +99,7 @@ class MetricTracker:
                     series.append(math.nan)
         self.epochs.append(int(when))
         self.epoch_times.append(float(epoch_time) if epoch_time is not None else math.nan)
+        self.learning_rates.append([float(lr) for lr in learning_rates] if learning_rates is not None else [])
         better = self.is_better(value)
         if better:
             self.best_epoch = int(when)
@@ -110,6 +119,7 @@ class MetricTracker:
             "epochs": list(self.epochs),
             "history": {s: {k: list(v) for k, v in vals.items()} for s, vals in self.history.items()},
             "epoch_times": list(self.epoch_times),
+            "learning_rates": [list(lrs) for lrs in self.learning_rates],
             "best_epoch": self.best_epoch,
             "best_metric_values": self.best_metric_values,
             "best_model_state": self.best_model_state,
@@ -125,6 +135,8 @@ class MetricTracker:
         self.epochs = list(state["epochs"])
         self.history = {s: {k: list(v) for k, v in vals.items()} for s, vals in state["history"].items()}
         self.epoch_times = list(state["epoch_times"])
+        # written before learning rates were recorded: none known for those epochs
+        self.learning_rates = [list(lrs) for lrs in state.get("learning_rates", [[] for _ in self.epochs])]
         self.best_epoch = state["best_epoch"]
         self.best_metric_values = state["best_metric_values"]
         self.best_model_state = state["best_model_state"]
@@ -159,6 +171,28 @@ class MetricTracker:
 
         atomic_write(path, write, hashed=False)
         log.info("metric history of %d epochs written to %s", len(self.epochs), path)
+
+    def columns(self) -> list:
+        """The ``(split, metric)`` pairs of the history, in the order they were first measured."""
+        return [(split, name) for split, values in self.history.items() for name in values]
+
+    def to_csv(self) -> str:
+        """The history as CSV text: one row per epoch.
+
+        Columns: ``epoch``, ``time_s``, ``lr`` (``lr_0``, ``lr_1``... with several
+        parameter groups), one ``<split>_<metric>`` column per metric, and ``best``
+        (1 on the best epoch).
+        """
+        groups = max((len(lrs) for lrs in self.learning_rates), default=0)
+        lr_names = ["lr"] if groups == 1 else [f"lr_{i}" for i in range(groups)]
+        header = ["epoch", "time_s", *lr_names, *(f"{s}_{n}" for s, n in self.columns()), "best"]
+        lines = [",".join(header)]
+        for row, epoch in enumerate(self.epochs):
+            lrs = self.learning_rates[row] if row < len(self.learning_rates) else []
+            values = [str(epoch), _number(self.epoch_times[row]), *(_number(lrs[i]) if i < len(lrs) else "" for i in range(groups)),
+                      *(_number(self.history[s][n][row]) for s, n in self.columns()), "1" if epoch == self.best_epoch else "0"]
+            lines.append(",".join(values))
+        return "\n".join(lines) + "\n"
 
     def summary(self) -> str:
         """A short text: best epoch and its metrics."""

@@ -13,6 +13,7 @@ file                              content
 ``checkpoint_epoch_N.pt``         as ``last_checkpoint.pt``, kept for epoch N
 ``model_epoch_N.pt``              as ``best_model.pt``, kept for epoch N
 ``best_evaluation.json``          the best model's metrics on every split (JSON)
+``metrics.csv``                   the metric history, one row per epoch
 ``experiment_manifest.json``      digest, size and provenance of every file above
 ================================  =================================================
 
@@ -41,6 +42,7 @@ __all__ = [
     "BEST_NAME",
     "BEST_MODEL_NAME",
     "BEST_EVALUATION_NAME",
+    "METRICS_CSV_NAME",
     "epoch_checkpoint_name",
     "epoch_model_name",
     "structure_payload",
@@ -66,6 +68,8 @@ BEST_NAME = "best_checkpoint.pt"
 BEST_MODEL_NAME = "best_model.pt"
 #: The best model's metrics on every split, written when training ends (JSON).
 BEST_EVALUATION_NAME = "best_evaluation.json"
+#: The metric history, one row per epoch (CSV), rewritten with every epoch's checkpoint.
+METRICS_CSV_NAME = "metrics.csv"
 
 
 def save_payload(payload, f):
@@ -168,7 +172,7 @@ def _tensor_bytes(obj):
     return 0
 
 
-def save_payloads(writer, payloads):
+def save_payloads(writer, payloads, extra=None):
     """Write payloads through ``writer`` (a :class:`~experiment_io.generations.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
@@ -176,6 +180,7 @@ def save_payloads(writer, payloads):
 
     :param payloads: ``{file name: payload dict}``; the plain fields of each
         payload's header (kind, step, epochs done...) go into the file's record.
+    :param extra: ``{file name: (bytes, fields)}``: further files committed with the same save.
     :return: ``{file name: FileRecord}``.
     """
     shared_ids = [id(p) for p in payloads.values()]
@@ -192,6 +197,8 @@ def save_payloads(writer, payloads):
             writes[name] = (lambda f, data=serialized[id(payload)]: f.write(data), fields)
         else:
             writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
+    for name, (data, fields) in (extra or {}).items():
+        writes[name] = (lambda f, d=data: f.write(d), fields)
     return writer.save_files(writes)
 
 

@@ -35,7 +35,8 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,
                 checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
                 exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False,
-                overwrite: bool = False, max_epochs: Optional[int] = None, evaluate_best: bool = True) -> MetricTracker:
+                overwrite: bool = False, max_epochs: Optional[int] = None, evaluate_best: bool = True,
+                plots: bool = True) -> MetricTracker:
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -115,6 +116,10 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         the results go to ``metric_tracker.evaluations["best"]`` and, with the best
         epoch, to ``best_evaluation.json`` in the run directory (written atomically and
         recorded in the manifest). The model keeps its last weights.
+    :param plots: when training has ended, write the training curves (one PNG per
+        metric, see :mod:`experiment_io.plots`) into ``plots/`` of the run directory,
+        if matplotlib is installed. ``metrics.csv`` (one row per epoch) is written
+        with every epoch's checkpoint in any case.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunExistsError: when a new run would replace the checkpoints of another
         run in the directory (see ``overwrite``).
@@ -164,12 +169,28 @@ def train_model(training_modules: TrainingModules, database, controller: Control
             stop = loop.run(policy, preemption, checkpointer)
         if evaluate_best and stop.kind in (StopKind.MAX_EPOCHS, StopKind.CONTROLLER):
             loop.evaluate_best(checkpointer)
+        if plots and distribution.writer and stop.kind in (StopKind.MAX_EPOCHS, StopKind.CONTROLLER):
+            _write_plots(metric_tracker, directory)
         preemption.exiting(stop, launched=distribution.active)
     metric_tracker.stop_reason = stop.text
     if distribution.writer:
         report.summary(stop, controller, metric_tracker, time.perf_counter() - started, directory)
     preemption.finish(stop, requeuer=distribution.writer)
     return metric_tracker
+
+
+def _write_plots(tracker, directory):
+    """The training curves into ``plots/``; a missing matplotlib or a failing plot never fails the run."""
+    from .plots import PLOTS_DIRECTORY, plot_history, plotting_available
+
+    if not plotting_available():
+        log.info("no plots: matplotlib is not installed (pip install 'experiment_io[plots]'); metrics.csv holds the "
+                 "history")
+        return
+    try:
+        plot_history(tracker, os.path.join(directory, PLOTS_DIRECTORY))
+    except Exception as e:  # a plot is a convenience: the run and its files are what matters
+        log.warning("the training curves could not be plotted (%r); metrics.csv holds the history", e)
 
 
 def _made(directory):
@@ -349,7 +370,9 @@ class _Loop:
         position = controller.position
         epoch = position.epoch
         metrics = {"train": {"loss": position.loss_sum / self.n_train}, "valid": self.evaluate()}
-        better = tracker.register_metrics(metrics, epoch, epoch_time=time.perf_counter() - self.started)
+        learning_rates = [group["lr"] for group in controller.optimizer.param_groups]  # those of this epoch
+        better = tracker.register_metrics(metrics, epoch, epoch_time=time.perf_counter() - self.started,
+                                          learning_rates=learning_rates)
         if better:
             tracker.record_best_model(self.model)
         controller.push_epoch(epoch, better, tracker.stopping_value(metrics))
