@@ -176,7 +176,7 @@ def save_payloads(writer, payloads, extra=None):
     """Write payloads through ``writer`` (a :class:`~experiment_io.generations.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
-    :data:`SERIALIZE_ONCE_BYTES`): the files get the same bytes.
+    ``SERIALIZE_ONCE_BYTES``): the files get the same bytes.
 
     :param payloads: ``{file name: payload dict}``; the plain fields of each
         payload's header (kind, step, epochs done...) go into the file's record.

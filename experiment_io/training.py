@@ -105,7 +105,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     :param async_save: ``False``, ``True`` or ``"copy"``: write checkpoints in a
         background thread (see above); costs host memory for one copy of the
         checkpointed state. A checkpoint of less than 8 MiB of tensors
-        (:data:`~experiment_io.checkpointing.ASYNC_MIN_BYTES`) is written
+        (``experiment_io.checkpointing.ASYNC_MIN_BYTES``) is written
         synchronously all the same: handing it over would cost training more.
     :param overwrite: start this run even if the directory holds the checkpoints of
         another run, which this run's files then replace. Without it, that is refused.
