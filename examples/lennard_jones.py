@@ -251,7 +251,7 @@ def phase_compare(args):
         "optimizer and scheduler state": (resumed["controller"], reference["controller"]),
         "metric history": (resumed["metric_tracker"]["history"], reference["metric_tracker"]["history"]),
         "best epoch": (resumed["metric_tracker"]["best_epoch"], reference["metric_tracker"]["best_epoch"]),
-        "best model": (_load_state(run_dir, "best_model.pt")["model"], _load_state(reference_dir, "best_model.pt")["model"]),
+        "best model": (_load_state(run_dir, "best_model.pt"), _load_state(reference_dir, "best_model.pt")),  # plain state_dicts
     }
     failed = False
     for what, (a, b) in checks.items():
