@@ -69,8 +69,8 @@ def _unpicklable_error(training_modules, controller, error):
         if found is not None:
             path, part, part_error = found
             break
-    else:
-        path, part, part_error = "the experiment", None, error
+    else:  # nothing of the experiment fails to pickle alone: not a pickling problem, the original error stands
+        return error
     what = getattr(part, "__qualname__", type(part).__name__)
     return SetupError(
         f"the experiment cannot be stored: {path} holds {what!r}, which cannot be pickled ({part_error}). "
@@ -126,16 +126,22 @@ class RunCheckpointer:
             log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
         else:
             status = run_status(self.writer.files) if existing is not None else None
-            if status is not None and not overwrite:
+            if same_run:  # this very run, whose structure file is damaged or missing: written again
+                log.warning("%s of the run in %s does not verify; it is written again from the objects being trained",
+                            STRUCTURE_NAME, directory)
+            elif status is not None and not overwrite:
                 raise RunExistsError(_run_exists_message(directory, status, continues))
-            if status is not None:
+            elif status is not None:
                 log.warning("starting a new run in %s with overwrite=True: it replaces the run there (%s)",
                             directory, status.describe())
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
             try:
                 save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
             except (pickle.PicklingError, AttributeError, TypeError) as e:
-                raise _unpicklable_error(training_modules, controller, e) from e
+                explained = _unpicklable_error(training_modules, controller, e)
+                if explained is e:
+                    raise
+                raise explained from e
             local = main_module_names(self.writer.path(STRUCTURE_NAME))
             if local:
                 log.warning(

@@ -95,7 +95,7 @@ class Controller:
             if getattr(s, "optimizer", optimizer) is not optimizer:
                 raise ValueError(f"scheduler {type(s).__name__} steps another optimizer than the controller's")
         for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
         self.optimizer = optimizer
         self.schedulers = schedulers

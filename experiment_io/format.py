@@ -23,6 +23,7 @@ __all__ = [
     "make_header",
     "check_payload",
     "model_from_record",
+    "record_fields",
     "manifest_to_bytes",
     "manifest_from_bytes",
 ]
@@ -162,6 +163,23 @@ _RECORD_FIELDS = {
     "finished": (bool,), "stop_reason": (str, type(None)),
 }
 _SCALARS = (str, int, float, bool, type(None))
+
+
+def record_fields(header):
+    """The fields of a payload's header that go into its manifest record: plain scalars of the type a reader
+    accepts (a field of another type, from a custom controller say, is left out rather than making the manifest
+    unreadable)."""
+    fields = {}
+    for field, value in header.items():
+        types = _RECORD_FIELDS.get(field, _SCALARS)
+        if not isinstance(value, _SCALARS) or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and field in _RECORD_FIELDS and value < 0:
+            continue
+        fields[field] = value
+    return fields
 
 
 def _check_record(name, fname, record):

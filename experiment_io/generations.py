@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 from . import storage, verification
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
+from .errors import (CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, IncompatibleCheckpointError,
+                     NotACheckpointError)
 
 __all__ = ["previous_name", "base_name", "Generation", "Role", "RunWriter", "Search", "Pick"]
 
@@ -304,7 +305,10 @@ class RunWriter:
         try:
             records = {name: self._write_generation(name, write, fields) for name, (write, fields) in writes.items()}
             # one directory fsync makes every rename of this save durable before the manifest commits them
-            storage.fsync_directory(self.directory)
+            try:
+                storage.fsync_directory(self.directory)
+            except OSError as e:
+                raise CheckpointWriteError(storage._write_failure(self.directory, self.directory, e)) from e
             for name in writes:
                 storage.write_step("directory_fsynced", self.path(name))
             storage.write_step("manifest", self.directory)

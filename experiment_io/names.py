@@ -7,6 +7,7 @@ is given (torch, experiment_io, and what the user allowed).
 """
 import importlib
 import sys
+import types
 
 __all__ = ["qualified_name", "under", "resolve", "module_of"]
 
@@ -43,12 +44,17 @@ def resolve(name: str, importable=(), exact=()):
         if module is None:
             continue
         obj = module
-        for attr in parts[cut:]:
+        for depth, attr in enumerate(parts[cut:], cut + 1):
             if attr not in getattr(obj, "__dict__", {}) and not hasattr(type(obj), attr):
                 if cut < len(parts) - 1:  # maybe a submodule that is not imported: never imported for a file
                     return None, f"its module {'.'.join(parts[:-1])} is not imported"
                 return None, f"module {module_name} has no attribute {'.'.join(parts[cut:])} (moved or renamed?)"
             obj = getattr(obj, attr)
+            # a module reached by attribute must be the submodule of that name, never one imported under it
+            # ("pkg.torch.os"): a path through another module's imports reaches anything
+            if isinstance(obj, types.ModuleType) and obj.__name__ != ".".join(parts[:depth]):
+                return None, (f"{'.'.join(parts[:depth])} is the module {obj.__name__} imported under another name; "
+                              "a stored name never goes through another module's imports")
         return obj, None
     return None, f"its module {module_of(name)} is not imported"
 

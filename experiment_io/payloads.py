@@ -187,7 +187,7 @@ def save_payloads(writer, payloads, extra=None):
     serialized = {}
     writes = {}
     for name, payload in payloads.items():
-        fields = {k: v for k, v in payload[fmt.HEADER_KEY].items() if isinstance(v, (int, float, str)) or v is None}
+        fields = fmt.record_fields(payload[fmt.HEADER_KEY])
         if shared_ids.count(id(payload)) > 1 and (id(payload) in serialized
                                                   or _tensor_bytes(payload) <= SERIALIZE_ONCE_BYTES):
             if id(payload) not in serialized:

@@ -1,16 +1,21 @@
-"""The trust gate: what a structure file may construct when it is loaded.
+r"""The trust gate: what a structure file may construct when it is loaded.
 
 A structure file is a pickle of whole objects, and unpickling can run code. The
 gate reads the file's globals without running anything
 (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`) and admits a global
-only when it is
+only when it is the class or function defined at the name the file gives (never
+an object reached through another module's imports, such as ``pkg.torch.os.system``)
+and it is
 
-* a class (never a function),
-* of a known family: :class:`torch.nn.Module`, :class:`torch.optim.Optimizer`, LR
-  schedulers, experiment_io's own structure classes, plain containers, or a class
-  registered with :func:`register_safe_classes`,
-* from a module that is torch, experiment_io, already imported, or named by the
-  user in ``allow``.
+* a class of a known family: :class:`torch.nn.Module`, :class:`torch.optim.Optimizer`,
+  LR schedulers, experiment_io's own structure classes, plain containers, or a class
+  registered with :func:`register_safe_classes`, from a module that is torch,
+  experiment_io, already imported, or named by the user in ``allow``;
+* or a tensor math function (:func:`safe_functions`: ``torch.nn.functional``,
+  elementwise ``torch`` functions, float ``math``, arithmetic ``operator``\ s),
+  never one that reads or writes files, imports, runs code or reaches attributes by
+  name;
+* or any class or function defined in a module or package named in ``allow``.
 
 Globals named exactly in ``allow`` (by object or by ``"module.Name"``) are admitted
 whatever they are. Everything else is refused with an
@@ -57,9 +62,16 @@ multiply mv nan_to_num nanmean nansum narrow neg negative norm outer permute pol
 remainder reshape roll round rsqrt selu sigmoid sign sin sinc sinh softmax sqrt square squeeze stack std sub subtract sum
 t tan tanh tensordot transpose tril triu true_divide trunc unsqueeze var where xlogy""".split()
 
-#: Arithmetic and comparison of :mod:`operator` (never attrgetter, itemgetter, methodcaller, call or setters).
-_OPERATORS = """abs add and_ eq floordiv ge gt inv invert le lshift lt matmul mod mul ne neg not_ or_ pos pow rshift sub
+#: Arithmetic and comparison of :mod:`operator` (never attrgetter, itemgetter, methodcaller, call or setters,
+#: nor mul and lshift, which a file could call to build a huge object: ``mul(b"x", 10**12)``).
+_OPERATORS = """abs add and_ eq floordiv ge gt inv invert le lt matmul ne neg not_ or_ pos pow rshift sub
 truediv truth xor""".split()
+
+#: The float functions of :mod:`math` (never factorial, comb, perm, prod or isqrt, which run for as long as a
+#: file's integer asks).
+_MATH = """acos acosh asin asinh atan atan2 atanh cbrt ceil copysign cos cosh degrees dist erf erfc exp exp2 expm1
+fabs floor fmod frexp fsum gamma hypot isclose isfinite isinf isnan ldexp lgamma log log10 log1p log2 modf pow
+radians remainder sin sinh sqrt tan tanh trunc""".split()
 
 _safe_functions = None
 
@@ -68,8 +80,11 @@ def safe_functions():
     """The functions the gate admits by default, by identity: tensor math that cannot reach files, imports or code.
 
     Every public function of :mod:`torch.nn.functional` that computes on tensors, the
-    elementwise and reducing math of ``torch`` listed in ``_TORCH_MATH``, every
-    function of :mod:`math`, and the arithmetic and comparisons of :mod:`operator`.
+    elementwise and reducing math of ``torch`` listed in ``_TORCH_MATH``, the float
+    functions of :mod:`math` and the arithmetic and comparisons of :mod:`operator`
+    listed in ``_MATH`` and ``_OPERATORS``. ``operator.pow`` (hippynn's ``x ** y``) is
+    among them: a file could make it compute a huge integer power (a load that hangs,
+    never one that runs code).
     """
     global _safe_functions
     if _safe_functions is None:
@@ -81,7 +96,7 @@ def safe_functions():
                  if not n.startswith("_") and callable(v) and not isinstance(v, type)
                  and getattr(v, "__module__", None) in ("torch.nn.functional", "torch", "torch._C._nn")]
         found += [getattr(torch, n) for n in _TORCH_MATH if hasattr(torch, n)]
-        found += [v for n, v in vars(math).items() if not n.startswith("_") and callable(v)]
+        found += [getattr(math, n) for n in _MATH if hasattr(math, n)]
         found += [getattr(operator, n) for n in _OPERATORS]
         _safe_functions = {id(f): f for f in found}
     return _safe_functions
@@ -155,6 +170,18 @@ def _refused_message(refused, source):
             f"To load it, either:\n{ways}")
 
 
+def _defined_at(obj, name):
+    """Whether ``obj`` is the class or function defined at ``name`` (what pickle writes for it), not an object
+    reached through another module's imports or attributes."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return isinstance(module, str) and isinstance(qualname, str) and f"{module}.{qualname}" == name
+
+
+def _where(obj):
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return f"{module}.{qualname}" if module and qualname else f"a {type(obj).__name__}"
+
+
 def _judge(global_names, allow, source):
     """``(admitted, refusal)``: see :func:`admitted_globals`."""
     allowed_objects = {qualified_name(a): a for a in allow if not isinstance(a, str)}
@@ -172,8 +199,15 @@ def _judge(global_names, allow, source):
         if obj is None:
             (missing if why.startswith("module ") else refused).append((name, why))
             continue
-        if name in allowed_names or under(module_of(name), allowed_names):
-            admitted.append((obj, name))  # named, or of a module or package the user named
+        if name in allowed_names:
+            admitted.append((obj, name))  # named exactly by the user
+        elif safe_functions().get(id(obj)) is obj:
+            admitted.append((obj, name))  # tensor math, whatever name reached it
+        elif not _defined_at(obj, name):
+            refused.append((name, f"it names {_where(obj)}, which is not defined at that name (a stored class or "
+                                  "function is named where it is defined)"))
+        elif under(module_of(name), allowed_names):
+            admitted.append((obj, name))  # defined in a module or package the user named
         elif not isinstance(obj, type):
             if safe_functions().get(id(obj)) is obj:
                 admitted.append((obj, name))
@@ -192,9 +226,9 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
 
     :param global_names: globals the file refers to (as ``"module.Name"``).
     :param allow: objects or names the user trusts: a class or function object, an
-        exact ``"module.Name"`` (whose module may then be imported), or a module name
-        whose family classes are admitted (and which may then be imported, with its
-        submodules). A class or function passed as an object also stands for the name
+        exact ``"module.Name"`` (whose module may then be imported), or a module or
+        package name, whose classes and functions (defined there) are admitted and
+        which may then be imported, with its submodules. A class or function passed as an object also stands for the name
         it had in a training script (``"__main__.Name"``).
     :param source: the file, for error messages.
     :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.

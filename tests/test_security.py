@@ -199,3 +199,40 @@ def test_no_call_passes_weights_only_false_unless_trusted(run_directory, monkeyp
     loads.clear()
     load_model_from_cwd(directory=directory, trusted=True)
     assert [weights_only for _, weights_only in loads] == [False, True]  # only the structure file, and only because trusted=True was given
+
+
+PACKAGE_PATH_GADGETS = {
+    # names that a package allowed by name reaches through the modules it imports
+    "pkg.torch.os.system": "userpkg_gadget.torch.os.system",
+    "pkg.torch.builtins.eval": "userpkg_gadget.torch.builtins.eval",
+    "pkg.np.load": "userpkg_gadget.np.load",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PACKAGE_PATH_GADGETS))
+def test_a_package_allowed_by_name_admits_nothing_reached_through_its_imports(tmp_path, kind, monkeypatch):
+    """allow=['pkg'] trusts what pkg defines, not whatever pkg imported: a stored name that walks from pkg into
+    torch's imports (pkg.torch.os.system) is refused, and nothing runs."""
+    package = tmp_path / "userpkg_gadget"
+    package.mkdir()
+    (package / "__init__.py").write_text("import torch\nimport numpy as np\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    canary = tmp_path / "CANARY"
+    name = PACKAGE_PATH_GADGETS[kind]
+    module, attr = name.rsplit(".", 1)
+    argument = f"touch {canary}" if attr == "system" else (f"open({str(canary)!r}, 'w')" if attr == "eval" else str(canary))
+    # a pickle whose REDUCE calls the function found at that dotted name (written by hand: pickle would name it
+    # where it is defined)
+    import pickle as pickle_module
+    data = (b"\x80\x02c" + module.encode() + b"\n" + attr.encode() + b"\n" + pickle_module.dumps((argument,), protocol=2)[2:-1]
+            + b"R}q\x00X\x01\x00\x00\x00aq\x01h\x01s.")
+    path = tmp_path / "gadget.pt"
+    import zipfile
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("gadget/data.pkl", data)
+        archive.writestr("gadget/byteorder", "little")
+        archive.writestr("gadget/version", "3\n")
+    with pytest.raises((UnsafeCheckpointError, StructureClassError)) as info:
+        trust.load_structure(str(path), allow=["userpkg_gadget"])
+    assert "not defined at that name" in str(info.value) or "imported under another name" in str(info.value)
+    assert not canary.exists()
