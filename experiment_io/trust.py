@@ -11,7 +11,7 @@ and it is
   LR schedulers, experiment_io's own structure classes, plain containers, or a class
   registered with :func:`register_safe_classes`, from a module that is torch,
   experiment_io, already imported, or named by the user in ``allow``;
-* or a tensor math function (:func:`safe_functions`: ``torch.nn.functional``,
+* or a tensor math function (``safe_functions()``: ``torch.nn.functional``,
   elementwise ``torch`` functions, float ``math``, arithmetic ``operator``\ s),
   never one that reads or writes files, imports, runs code or reaches attributes by
   name;
