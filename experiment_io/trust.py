@@ -203,7 +203,9 @@ def _judge(global_names, allow, source):
             admitted.append((obj, name))  # named exactly by the user
         elif safe_functions().get(id(obj)) is obj:
             admitted.append((obj, name))  # tensor math, whatever name reached it
-        elif not _defined_at(obj, name):
+        elif isinstance(obj, type) and (obj in _CONTAINERS or obj in _registered or issubclass(obj, _FAMILIES)):
+            admitted.append((obj, name))  # a class of a known family, whatever name reached it
+        elif under(module_of(name), allowed_names) and not _defined_at(obj, name):
             refused.append((name, f"it names {_where(obj)}, which is not defined at that name (a stored class or "
                                   "function is named where it is defined)"))
         elif under(module_of(name), allowed_names):
