@@ -85,11 +85,7 @@ def _direct(path, state, block=8 * harness.MiB):
 def _fsync_tree(path):
     for root, _, names in os.walk(path):
         for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(os.path.join(root, name))
 
 
 def peers(directory, state):
@@ -134,6 +130,12 @@ def _fsync_file(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_peer_files(directory):
+    harness.remove(os.path.join(directory, "peer.safetensors"))
+    for peer_dir in ("peer-dcp", "peer-snapshot"):
+        shutil.rmtree(os.path.join(directory, peer_dir), ignore_errors=True)
 
 
 def durable_save(directory, size, reps, seed):
@@ -188,19 +190,16 @@ def durable_save(directory, size, reps, seed):
     def setup(name):
         # every file of the section goes before each save: the page cache does not grow from one
         # measurement to the next, and each save finds the memory the previous one freed
-        harness.remove(*paths.values(), writer.path(LAST_NAME), writer.path(previous_name(LAST_NAME)),
-                       os.path.join(directory, "peer.safetensors"))
-        for peer_dir in ("peer-dcp", "peer-snapshot"):
-            shutil.rmtree(os.path.join(directory, peer_dir), ignore_errors=True)
+        harness.remove(*paths.values(), writer.path(LAST_NAME), writer.path(previous_name(LAST_NAME)))
+        _remove_peer_files(directory)
         harness.settle()
 
     results = harness.summaries(harness.side_by_side(methods, reps, seed=seed, setup=setup))
     harness.rows(f"1. Durable save of {n_tensors} float32 tensors, {nbytes / harness.MiB:.0f} MiB "
                  "(throughput relative to the paced raw write, the disk's limit; >= 0.95 is the target)",
                  results, PACED, nbytes=nbytes, ratio="throughput")
-    harness.remove(*paths.values(), os.path.join(directory, "peer.safetensors"))
-    for peer_dir in ("peer-dcp", "peer-snapshot"):
-        shutil.rmtree(os.path.join(directory, peer_dir), ignore_errors=True)
+    harness.remove(*paths.values())
+    _remove_peer_files(directory)
     shutil.rmtree(writer.directory, ignore_errors=True)
     limit = results[PACED]
     return {"state_bytes": nbytes, "file_bytes": file_size[-1], "results": results,

@@ -3,6 +3,8 @@
 Its state is plain data (numbers, strings, lists, dicts and tensors), never a
 pickled object, so it loads with ``torch.load(weights_only=True)``.
 """
+import csv
+import io
 import logging
 import math
 import os
@@ -186,13 +188,16 @@ class MetricTracker:
         groups = max((len(lrs) for lrs in self.learning_rates), default=0)
         lr_names = ["lr"] if groups == 1 else [f"lr_{i}" for i in range(groups)]
         header = ["epoch", "time_s", *lr_names, *(f"{s}_{n}" for s, n in self.columns()), "best"]
-        lines = [",".join(header)]
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")  # quotes a metric name that holds a comma
+        writer.writerow(header)
         for row, epoch in enumerate(self.epochs):
             lrs = self.learning_rates[row] if row < len(self.learning_rates) else []
-            values = [str(epoch), _number(self.epoch_times[row]), *(_number(lrs[i]) if i < len(lrs) else "" for i in range(groups)),
-                      *(_number(self.history[s][n][row]) for s, n in self.columns()), "1" if epoch == self.best_epoch else "0"]
-            lines.append(",".join(values))
-        return "\n".join(lines) + "\n"
+            writer.writerow([str(epoch), _number(self.epoch_times[row]),
+                             *(_number(lrs[i]) if i < len(lrs) else "" for i in range(groups)),
+                             *(_number(self.history[s][n][row]) for s, n in self.columns()),
+                             "1" if epoch == self.best_epoch else "0"])
+        return out.getvalue()
 
     def summary(self) -> str:
         """A short text: best epoch and its metrics."""
