@@ -56,7 +56,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import storage
+from . import archive, storage
 from .asynchronous import BackgroundWriter, surfaced
 from .distributed import current
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError, UnsafeCheckpointError
@@ -137,7 +137,7 @@ class PendingSave:
 
 def _save_loadable(obj, f, path):
     """``torch.save(obj, f)``, refused before it is committed when :func:`verified_load` would refuse the file."""
-    torch.save(obj, f)
+    archive.save(obj, f)
     names = torch.serialization.get_unsafe_globals_in_checkpoint(f.written())
     registered = {entry[1] if isinstance(entry, tuple) else qualified_name(entry)
                   for entry in torch.serialization.get_safe_globals()}

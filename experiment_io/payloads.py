@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from . import archive
 from . import format as fmt
 from . import skeleton
 from .devices import module_device
@@ -77,18 +78,19 @@ def save_payload(payload, f):
 
     A structure payload is written without the data of the tensors that the state
     files restore (see :mod:`experiment_io.skeleton`). The file is a standard
-    ``torch.save`` archive (CRC-32 included), which ``torch.load`` and zip tools read.
+    ``torch.save`` archive (CRC-32 included), which ``torch.load`` and zip tools read;
+    :mod:`experiment_io.archive` writes its zip container.
     """
     options = {}
     kind = payload.get(fmt.HEADER_KEY, {}).get("kind")
     if kind == "model":  # the plain state_dict (format 3): its header goes into the manifest record only
-        torch.save(payload["model"], f)
+        archive.save(payload["model"], f)
         return
     if kind == "structure":
         model, loss, _evaluator = payload["training_modules"]
         left_out = skeleton.without_aliases(payload, skeleton.restored_tensors(model, loss))
         options["pickle_module"] = skeleton.pickle_module_without(left_out)
-    torch.save(payload, f, **options)
+    archive.save(payload, f, **options)
 
 
 def epoch_checkpoint_name(epoch):

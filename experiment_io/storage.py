@@ -27,9 +27,11 @@ import errno
 import io
 import logging
 import os
+import queue
 import re
 import secrets
 import sys
+import threading
 from dataclasses import dataclass
 
 import xxhash
@@ -66,6 +68,79 @@ _DIRECT_WRITE = 256 * 1024
 _WRITE_BLOCK = 4 * 1024 * 1024
 #: Ask the kernel to start writing back every this many bytes written.
 _WRITEBACK_EVERY = 8 * 1024 * 1024
+#: Writes at least this large are digested on :func:`side_thread` while they are written.
+SIDE_DIGEST_BYTES = 1024 * 1024
+
+class _Task:
+    """A call made on the side thread; :meth:`result` waits for it and returns (or raises) what it did."""
+
+    def __init__(self, function, args):
+        self._function, self._args = function, args
+        self._done = threading.Event()
+        self._value = self._error = None
+
+    def run(self):
+        try:
+            self._value = self._function(*self._args)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _SideThread:
+    """One daemon thread that runs calls in the order they were submitted.
+
+    Not a ``ThreadPoolExecutor``: that refuses new work once the interpreter starts
+    to shut down, while a background save may still be writing.
+    """
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="experiment_io-digest", daemon=True).start()
+
+    def _serve(self):
+        while True:
+            self._queue.get().run()
+
+    def submit(self, function, *args):
+        task = _Task(function, args)
+        self._queue.put(task)
+        return task
+
+
+_side = None
+_side_lock = threading.Lock()
+
+
+def side_thread():
+    """The one worker thread that digests (and checksums) large writes while the writing thread writes them.
+
+    xxh3 and CRC-32 release the GIL on large buffers, so on a second core they cost
+    a save no time: the write to the page cache is the slower of the two.
+    """
+    global _side
+    with _side_lock:
+        if _side is None:
+            _side = _SideThread()
+        return _side
+
+
+def _forget_side_thread():
+    global _side, _side_lock
+    _side, _side_lock = None, threading.Lock()  # a forked child has no such thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_side_thread)
+
+
 _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)\.tmp$")
 
 
@@ -124,8 +199,9 @@ class _HashingWriter:
 
     Small writes (``torch.save`` makes hundreds: zip headers, the pickle) are
     gathered into blocks; large ones (tensor data) are written straight from the
-    caller's memory. Every byte is hashed just before it is handed to the kernel,
-    so the digest covers exactly the bytes of the file, in order. Every
+    caller's memory, which must not change until the file is complete (the digest of
+    a large write is computed on :func:`side_thread` while the bytes are written).
+    The digest covers exactly the bytes of the file, in order. Every
     :data:`_WRITEBACK_EVERY` bytes the kernel is asked to start writing back what
     was written so far; the final fsync then has little left to wait for.
 
@@ -137,6 +213,7 @@ class _HashingWriter:
         self._hash = xxhash.xxh3_128()
         self._pending = bytearray()
         self._written_back = 0
+        self._digesting = None  # the digest of the previous large write, on the side thread
         self.size = 0
         self.error = None  # the first OSError of a write: every later write raises it again
 
@@ -160,20 +237,30 @@ class _HashingWriter:
             self._out(memoryview(self._pending))
             self._pending = bytearray()
 
+    def _digested(self):
+        """Wait until every byte handed to the side thread is in the digest."""
+        if self._digesting is not None:
+            digesting, self._digesting = self._digesting, None
+            digesting.result()
+
     def _out(self, view):
         if self.error is not None:
             raise self.error
-        self._hash.update(view)
+        self._digested()  # the digest takes the bytes in file order
+        if len(view) >= SIDE_DIGEST_BYTES:
+            self._digesting = side_thread().submit(self._hash.update, view)
+        else:
+            self._hash.update(view)
         try:
             while view:
-                written = os.write(self._fd, view)
+                written = os.write(self._fd, view[:_WRITEBACK_EVERY])
                 self.size += written
                 view = view[written:]
+                if self.size - self._written_back >= _WRITEBACK_EVERY:
+                    self._start_writeback()
         except OSError as e:
             self.error = e
             raise
-        if self.size - self._written_back >= _WRITEBACK_EVERY:
-            self._start_writeback()
 
     def _start_writeback(self):
         global _sync_file_range
@@ -184,6 +271,7 @@ class _HashingWriter:
         self._written_back = self.size
 
     def record(self):
+        self._digested()
         return FileRecord(self.size, f"{DIGEST_NAME}:{self._hash.hexdigest()}")
 
     def written(self):

@@ -19,6 +19,7 @@ import torch
 from experiment_io.generations import previous_name
 from experiment_io.lock import RunLock
 import experiment_io.storage as storage
+from experiment_io import archive
 from experiment_io.controllers import TrainingPosition
 from experiment_io.generations import RunWriter
 from experiment_io.payloads import (
@@ -256,19 +257,19 @@ def test_failed_load_modifies_no_file(run_copy):
 def test_disk_full_or_io_error_during_a_save(run_copy, code, monkeypatch):
     directory, database = run_copy
     before = snapshot_directory(directory)
-    real_save = torch.save
+    real_save = archive.save
 
     def failing_save(obj, f, *args, **kwargs):
         f.write(b"partial data")
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(archive, "save", failing_save)
     writer = RunWriter(str(directory))
     with pytest.raises(CheckpointWriteError) as excinfo:
         save_payloads(writer, {LAST_NAME: {"experiment_io": {"kind": "checkpoint"}}})
     assert isinstance(excinfo.value, OSError)
     assert os.strerror(code) in str(excinfo.value)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(archive, "save", real_save)
     assert not [n for n in os.listdir(directory) if n.endswith(".tmp")]
     assert snapshot_directory(directory) == before
     assert check_loads(str(directory), database, 7) == 7

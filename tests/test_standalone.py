@@ -19,6 +19,7 @@ from experiment_io import verification
 from experiment_io.generations import previous_name
 from experiment_io.lock import LOCK_NAME, RunLock
 import experiment_io.storage as storage
+from experiment_io import archive
 from experiment_io import ResumableSampler, atomic_save, verified_load
 from experiment_io.errors import (
     CheckpointNotFoundError,
@@ -293,7 +294,7 @@ def test_failed_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(archive, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match="No space left"):
         atomic_save(state(3), path)
     monkeypatch.undo()
@@ -430,13 +431,13 @@ def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeyp
     path = tmp_path / "ckpt.pt"
     atomic_save(state(1), path)
     before = snapshot_directory(tmp_path)
-    real_save = torch.save
+    real_save = archive.save
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(archive, "save", full_disk)
     with pytest.raises(CheckpointWriteError, match="No space left"):
         atomic_save(state(2), path, async_save=True).wait()
     failed = atomic_save(state(3), path, async_save=True)
@@ -450,7 +451,7 @@ def test_async_save_errors_are_raised_by_wait_or_the_next_save(tmp_path, monkeyp
     atomic_save(state(3), path, async_save=True)
     with pytest.raises(CheckpointWriteError, match="No space left"):
         atomic_save(state(4), path, async_save=True)  # ...so the next save raises its error
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(archive, "save", real_save)
     assert snapshot_directory(tmp_path) == before
     assert verified_load(path, strict=True)["step"] == 1
 
