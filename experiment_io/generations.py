@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
+from . import format as fmt
 from . import storage, verification
 from .errors import (CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, IncompatibleCheckpointError,
                      NotACheckpointError)
@@ -303,16 +304,29 @@ class RunWriter:
         snapshot = dict(self.files)
         self._written = {}
         try:
-            records = {name: self._write_generation(name, write, fields) for name, (write, fields) in writes.items()}
-            # one directory fsync makes every rename of this save durable before the manifest commits them
-            try:
-                storage.fsync_directory(self.directory)
-            except OSError as e:
-                raise CheckpointWriteError(storage._write_failure(self.directory, self.directory, e)) from e
-            for name in writes:
-                storage.write_step("directory_fsynced", self.path(name))
-            storage.write_step("manifest", self.directory)
-            storage.write_manifest(self.directory, self.files)
+            with storage.FileBatch() as batch:
+                keep_previous, records = {}, {}
+                for name, (write, fields) in writes.items():
+                    keep_previous[name] = self._rotation(name)
+                    records[name] = batch.write(self.path(name), write)
+                    self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
+                manifest = storage.manifest_path(self.directory)
+                batch.write(manifest, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
+                # the files and the manifest are fsynced together (one wait); the manifest is renamed
+                # into place only once every file's rename is durable
+                batch.make_durable()
+                for name in writes:
+                    batch.publish(self.path(name), keep_previous[name])
+                    self._written[name] = self._identity(name)
+                batch.sync_directory(self.directory)
+                for name in writes:
+                    storage.write_step("directory_fsynced", self.path(name))
+                for name in writes:
+                    storage.write_step("file_saved", self.path(name))
+                storage.write_step("manifest", self.directory)
+                batch.publish(manifest)
+                batch.sync_directory(self.directory)
+                storage.write_step("directory_fsynced", manifest)
         except BaseException:
             self.files = snapshot  # nothing of this save was committed
             self._known_good.clear()
@@ -344,7 +358,9 @@ class RunWriter:
         known = self._known_good.get(name)
         return known is not None and known == self._identity(name)
 
-    def _write_generation(self, name: str, write: Callable, fields: dict):
+    def _rotation(self, name: str):
+        """Where the committed file at ``name`` goes when the new one takes its place (``None``: nowhere, it is
+        not the committed one); the records of the previous generation updated accordingly."""
         previous = previous_name(name)
         committed = self.files.get(name)
         if self._still_committed(name) or verification.file_matches(self.path(name), committed):
@@ -363,8 +379,4 @@ class RunWriter:
                 self.files.pop(previous, None)
         if self.files.get(previous) is None:
             self.files.pop(previous, None)
-        record = storage.atomic_write(self.path(name), write, keep_previous=keep_previous, sync_directory=False)
-        self.files[name] = {**record.as_dict(), **fields, "written_at": time.time()}
-        self._written[name] = self._identity(name)
-        storage.write_step("file_saved", self.path(name))
-        return record
+        return keep_previous

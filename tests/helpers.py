@@ -176,16 +176,17 @@ def kill_storm(directory, kills, *, async_save=False, seed=0, max_delay=0.3, on_
     database = make_database(n=400)
     rng = random.Random(seed)
     committed = 0
-    original_write_manifest = storage.write_manifest
     for attempt in range(kills):
         def body(report):
-            def write_manifest_and_report(directory_, files, **fields):
-                result = original_write_manifest(directory_, files, **fields)
-                if LAST_NAME in files:  # committed: the manifest that lists it is on disk
-                    report(files[LAST_NAME]["step"])
-                return result
+            def report_commits(step, path):
+                # the save is committed once the manifest's rename is durable
+                if step == "directory_fsynced" and os.path.basename(path) == storage.MANIFEST_NAME:
+                    _, files = storage.read_manifest(os.path.dirname(path))
+                    if LAST_NAME in files:
+                        report(files[LAST_NAME]["step"])
 
-            storage.write_manifest = write_manifest_and_report
+            observing = storage.observe_write_steps(report_commits)
+            observing.__enter__()  # for the life of this child (held here: a dropped context would end it)
             check = load_checkpoint_from_cwd(directory=str(directory), database=database, missing_ok=True)
             if check is None:
                 tm, controller, tracker = setup_training(make_training_modules(),

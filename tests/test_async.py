@@ -388,18 +388,18 @@ def test_preemption_exits_75_after_the_last_save_committed(tmp_path, signame):
 
 def failing_atomic_write(monkeypatch, fail_at, delay=0.0):
     """Make the ``fail_at``-th write of the background thread raise ENOSPC (a raw OSError) after ``delay`` s."""
-    original = storage.atomic_write
+    original = storage.FileBatch.write
     calls = []
 
-    def atomic_write(path, *args, **kwargs):
+    def write(self, path, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             calls.append(path)
             if len(calls) == fail_at:
                 time.sleep(delay)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return original(path, *args, **kwargs)
+        return original(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(storage, "atomic_write", atomic_write)
+    monkeypatch.setattr(storage.FileBatch, "write", write)
     return calls
 
 

@@ -49,7 +49,10 @@ class Recorder:
         self.states.append((dict(self.durable), list(self.pending), set(self.synced)))
 
     def _temporary_of(self, name):
-        return next(op[1] for op in reversed(self.pending) if op[0] == "create" and op[1].startswith(f".{name}."))
+        """The temporary file renamed to ``name``: created since the last directory fsync, or before it (the
+        manifest's is created with the files, and renamed once their renames are durable)."""
+        created = [op[1] for op in reversed(self.pending) if op[0] == "create"] + list(self.durable)
+        return next(temporary for temporary in created if temporary.startswith(f".{name}."))
 
     def _apply(self, state, operations, synced=None):
         state = dict(state)
