@@ -139,9 +139,10 @@ def train_model_runs(directory, epochs, reps, seed):
             where = os.path.join(directory, f"small-train-{mode}")
             shutil.rmtree(where, ignore_errors=True)
             started = time.perf_counter()
-            # without the one evaluation of the best model at the end (not a per-epoch cost; the hand loop has none)
+            # without what train_model does once at the end (the best model's evaluation, the plots): not a
+            # per-epoch cost, and the hand loop has neither
             train_model(tm, database, controller, tracker, None, None, quiet=True, async_save=mode == "async",
-                        directory=where, evaluate_best=False)
+                        directory=where, evaluate_best=False, plots=False)
             walls[mode].append((time.perf_counter() - started) / epochs)
             epoch_times[mode].append(statistics.median(tracker.epoch_times))
         return run

@@ -13,6 +13,7 @@ from .lock import RunLock
 from .metric_tracker import MetricTracker
 from .own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save, verified_load
 from .preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE
+from .retention import Retention
 from .routines import SetupParams, setup_and_train, setup_training, test_model
 from .sampler import ResumableSampler
 from .serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
@@ -45,6 +46,7 @@ __all__ = [
     "setup_and_train",
     "PREEMPTED_EXIT_CODE",
     "DEFAULT_SIGNALS",
+    "Retention",
     # loading
     "load_checkpoint",
     "load_checkpoint_from_cwd",

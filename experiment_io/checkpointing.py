@@ -38,6 +38,10 @@ from .devices import module_device
 from .distributed import SINGLE
 from .errors import RunExistsError, SetupError
 from .policy import EpochFiles
+from .format import HEADER_KEY
+from .provenance import process_provenance
+from .retention import epoch_of
+from .verification import is_retired
 from .rng import get_rng_state
 
 __all__ = ["RunCheckpointer"]
@@ -122,8 +126,12 @@ class RunCheckpointer:
         # the run in the directory goes on: the one the objects were loaded from (or, for objects restored
         # by hand, whatever run is there)
         same_run = existing is not None and (existing["digest"] == continues if continues else resuming)
+        last = self.writer.record(LAST_NAME) or {}
+        self.resumes = 0
         if same_run and self.writer.has_intact(STRUCTURE_NAME):
             log.info("resuming: keeping the existing %s", STRUCTURE_NAME)
+            previous = last.get("resumes", 0)
+            self.resumes = (previous if isinstance(previous, int) else 0) + (1 if last else 0)
         else:
             status = run_status(self.writer.files) if existing is not None else None
             if same_run:  # this very run, whose structure file is damaged or missing: written again
@@ -188,13 +196,19 @@ class RunCheckpointer:
         files = {LAST_NAME: payload}
         model_file = model_payload(payload["model"], position.epoch, position.step, self.structure_digest,
                                    module_device(self.training_modules.model), self.distribution.world_size)
+        # where the files come from: recorded in their manifest records (never a reason for a save to fail)
+        for header in (payload[HEADER_KEY], model_file[HEADER_KEY]):
+            header.update(process_provenance(), resumes=self.resumes)
         if epoch_files is not None and epoch_files.best:
             files[BEST_NAME] = payload
             files[BEST_MODEL_NAME] = model_file
-        if epoch_files is not None and epoch_files.keep:
+        retention = (), None
+        if epoch_files is not None:
             ended = position.epoch - 1  # files are named by the 0-based epoch that just ended
-            files[epoch_checkpoint_name(ended)] = payload
-            files[epoch_model_name(ended)] = model_file
+            keep, retention = self._retention(epoch_files, ended)
+            if keep:
+                files[epoch_checkpoint_name(ended)] = payload
+                files[epoch_model_name(ended)] = model_file
         # the history as CSV, committed with the epoch's checkpoint
         extra = ({METRICS_CSV_NAME: (self.metric_tracker.to_csv().encode("utf-8"), {"kind": "metrics"})}
                  if epoch_files is not None else None)
@@ -202,16 +216,34 @@ class RunCheckpointer:
             # a small save is quicker written here than handed over: the background thread would compete with
             # training for the interpreter for longer than the write takes
             self.background.wait()
-            save_payloads(self.writer, files, extra)
+            save_payloads(self.writer, files, extra, *retention)
             log.debug("saved %s (small: written synchronously)", ", ".join(files))
         elif self.background is not None:
-            self.background.submit(files, lambda staged: save_payloads(self.writer, staged, extra),
+            self.background.submit(files, lambda staged: save_payloads(self.writer, staged, extra, *retention),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
-            save_payloads(self.writer, files, extra)
+            save_payloads(self.writer, files, extra, *retention)
             log.debug("saved %s", ", ".join(files))
+
+    def _retention(self, epoch_files, ended):
+        """Whether to write the files of the epoch that ``ended``; the epoch files to remove, and why each kept one
+        is kept (``{name: "last 3, every 10"}``)."""
+        retention = epoch_files.retention
+        if retention is None:
+            return epoch_files.keep, ((), None)
+        tracker = self.metric_tracker
+        values = tracker.stopping_values()
+        names = [name for name, record in self.writer.files.items()
+                 if epoch_of(name) is not None and not is_retired(record)]
+        existing = {epoch_of(name) for name in names} - {ended}
+        keep = epoch_files.keep and retention.keeps(ended, existing, values, tracker.larger_is_better)
+        kept = retention.reasons(existing | ({ended} if keep else set()), values, tracker.larger_is_better)
+        if keep:
+            names += [epoch_checkpoint_name(ended), epoch_model_name(ended)]
+        why = {name: ", ".join(kept[epoch_of(name)]) for name in names if epoch_of(name) in kept}
+        return keep, (sorted(name for name in names if epoch_of(name) not in kept), why)
 
     def write_results(self, name, document):
         """Rank 0: write ``document`` as JSON into the run directory (atomically, recorded in the manifest)."""

@@ -59,7 +59,14 @@ def _when(record):
 
 
 def _what(record):
-    """What a file holds, in words: the epoch its state is from."""
+    """What a file holds, in words: the epoch its state is from, and why a retention keeps it."""
+    if record.get("retired") is True:
+        return "being removed (no longer kept by the retention)"
+    held = _held(record)
+    return f"{held}; kept: {record['kept']}" if record.get("kept") else held
+
+
+def _held(record):
     done, kind = record.get("epochs_done"), record.get("kind")
     if kind == "structure" or done is None:
         return ""
@@ -78,6 +85,7 @@ def cmd_info(args):
     print(f"run: {status.describe()}" if status is not None else "run: no checkpoint committed yet")
     print("epochs are numbered from 0; 'done' counts finished epochs (a file written after epoch 2 has 3 done)")
     print(f"{'file':32} {'kind':10} {'done':>5} {'step':>8} {'ranks':>5} {'size':>12}  written              holds")
+    _print_provenance(files.get(LAST_NAME))
     for name in sorted(files):
         record = files[name]
         print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>5} {record.get('step', ''):>8} "
@@ -85,10 +93,37 @@ def cmd_info(args):
     return 0
 
 
+def _print_provenance(record):
+    """Where the newest checkpoint was written: host, command, SLURM job, git commit, resumes."""
+    if not isinstance(record, dict):
+        return
+    parts = []
+    if record.get("host"):
+        parts.append(f"host {record['host']}")
+    if record.get("slurm_job_id"):
+        restarts = record.get("slurm_restart_count")
+        parts.append(f"SLURM job {record['slurm_job_id']}" + (f" (restart {restarts})" if restarts else ""))
+    if "world_size" in record:
+        parts.append(f"{record['world_size']} rank(s)")
+    if "resumes" in record:
+        parts.append(f"resumed {record['resumes']} time(s)")
+    if record.get("git_commit"):
+        dirty = " with uncommitted changes" if record.get("git_dirty") else ""
+        parts.append(f"git commit {record['git_commit'][:12]}{dirty}")
+    versions = [f"{name} {record[key]}" for name, key in (("experiment_io", "library_version"), ("torch", "torch_version"))
+                if record.get(key)]
+    if parts or versions:
+        print(f"{LAST_NAME} written by: " + ", ".join(parts + versions))
+    if record.get("command"):
+        print(f"command: {record['command']}")
+
+
 def cmd_verify(args):
-    files = _manifest(args.directory)
-    verifier = Verifier(os.path.abspath(args.directory), files)
+    verifier = Verifier(os.path.abspath(args.directory), _manifest(args.directory))
+    files = verifier.files
     failures = rollbacks = 0
+    for name in sorted(verifier.retired):
+        print(f"retired  {name:32} (being removed: the retention no longer keeps it)")
     for role in _roles(files):
         generations, problems = Search(verifier, [role]).all()
         for path, record in generations:
@@ -102,7 +137,7 @@ def cmd_verify(args):
             rollbacks += 1
             print(f"OLDER    {role}: its committed generation (step {files[role].get('step', '-')}) is missing or "
                   "damaged; only an older one is intact, and a load goes back to it")
-    for name in _uncommitted(args.directory, files):
+    for name in _uncommitted(args.directory, {**files, **verifier.retired}):
         print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save replaces it)")
     if failures:
         print(f"{failures} file(s) without any intact generation")

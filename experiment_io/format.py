@@ -160,7 +160,8 @@ _RECORD_FIELDS = {
     "world_size": (int,), "format_version": (int,), "written_at": (int, float), "kind": (str,),
     "structure_digest": (str, type(None)), "interrupted": (str, type(None)), "model_device": (str,),
     "library_version": (str,), "torch_version": (str,), "max_epochs": (int,), "best_epoch": (int, type(None)),
-    "finished": (bool,), "stop_reason": (str, type(None)),
+    "finished": (bool,), "stop_reason": (str, type(None)), "retired": (bool,), "kept": (str,), "host": (str,), "command": (str,), "slurm_job_id": (str,),
+    "slurm_restart_count": (int,), "git_commit": (str,), "git_dirty": (bool,), "resumes": (int,), "stopping_value": (int, float, type(None)),
 }
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -291,18 +291,28 @@ class RunWriter:
         except OSError:
             return False
 
-    def save_files(self, writes: Mapping[str, tuple]) -> dict:
+    def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (), kept: Mapping[str, str] | None = None) -> dict:
         """Write several files, then commit them by writing the manifest.
 
         :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the
             file's bytes to ``f``; ``fields`` (plain data) go into its manifest record.
+        :param retire: files to remove (with their previous generations): their records
+            are marked retired in the manifest that commits this save, then the files
+            are unlinked and a manifest without their records is written.
+        :param kept: ``{file name: why a retention keeps it}``, recorded as the ``"kept"`` field.
         :return: ``{file name: FileRecord}``.
         """
         if storage.manifest_identity(self.directory) != self._manifest_identity:
             log.info("the manifest of %s was changed by another writer; reading it again", self.directory)
             self._reload()
-        snapshot = dict(self.files)
+        self._unlink_retired()  # left by a save that did not finish its removals
+        snapshot = {name: dict(record) if isinstance(record, dict) else record for name, record in self.files.items()}
         self._written = {}
+        for name in retire:
+            for candidate in (name, previous_name(name)):
+                if candidate in self.files and candidate not in writes:
+                    self.files[candidate] = {**self.files[candidate], "retired": True}
+                    self._known_good.pop(candidate, None)
         try:
             with storage.FileBatch() as batch:
                 keep_previous, records = {}, {}
@@ -310,6 +320,9 @@ class RunWriter:
                     keep_previous[name] = self._rotation(name)
                     records[name] = batch.write(self.path(name), write)
                     self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
+                for name, why in (kept or {}).items():
+                    if name in self.files and not verification.is_retired(self.files[name]):
+                        self.files[name] = {**self.files[name], "kept": why}
                 manifest = storage.manifest_path(self.directory)
                 batch.write(manifest, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
                 # the files and the manifest are fsynced together (one wait); the manifest is renamed
@@ -334,7 +347,25 @@ class RunWriter:
             raise
         self._manifest_identity = storage.manifest_identity(self.directory)
         self._known_good.update(self._written)
+        if self._unlink_retired():
+            storage.write_manifest(self.directory, self.files)
+            self._manifest_identity = storage.manifest_identity(self.directory)
         return records
+
+    def _unlink_retired(self):
+        """Remove the files whose records are retired, and their records (not yet written); whether there were any."""
+        retired = [name for name, record in self.files.items() if verification.is_retired(record)]
+        for name in retired:
+            try:
+                os.unlink(self.path(name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # kept recorded as retired: tried again at the next save
+                log.warning("could not remove %s, which the retention no longer keeps: %s", self.path(name), e)
+                continue
+            del self.files[name]
+            log.info("removed %s (not kept by the retention)", name)
+        return bool(retired)
 
     def _set_aside(self, name):
         """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name."""

@@ -56,6 +56,11 @@ class MetricTracker:
             return None
         return self.best_metric_values[self.stopping_split][self.stopping_key]
 
+    def stopping_values(self) -> dict:
+        """The stopping metric of every recorded epoch: ``{epoch: value}``."""
+        series = self.history.get(self.stopping_split, {}).get(self.stopping_key, [])
+        return dict(zip(self.epochs, series))
+
     def stopping_value(self, metric_info: dict) -> float:
         """Read the stopping metric from ``{split: {name: value}}``.
 

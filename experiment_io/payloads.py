@@ -117,6 +117,12 @@ def structure_payload(training_modules, controller, database_descriptor):
     }
 
 
+def _last_stopping_value(metric_tracker):
+    """The stopping metric of the newest recorded epoch (``None`` before the first ends)."""
+    values = metric_tracker.stopping_values() if hasattr(metric_tracker, "stopping_values") else {}
+    return values.get(metric_tracker.epochs[-1]) if values and metric_tracker.epochs else None
+
+
 def checkpoint_payload(training_modules, controller, metric_tracker, database, structure_digest, rng_states=None):
     """Every state of a run, at the controller's position, as plain data and tensors.
 
@@ -133,6 +139,7 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
             model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
             world_size=len(rng_states), max_epochs=controller.max_epochs, best_epoch=metric_tracker.best_epoch,
             finished=position.samples_done == 0 and controller.finished, stop_reason=controller.stop_reason,
+            stopping_value=_last_stopping_value(metric_tracker),
         ),
         "model": model.state_dict(),
         "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
@@ -174,7 +181,7 @@ def _tensor_bytes(obj):
     return 0
 
 
-def save_payloads(writer, payloads, extra=None):
+def save_payloads(writer, payloads, extra=None, retire=(), kept=None):
     """Write payloads through ``writer`` (a :class:`~experiment_io.generations.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
@@ -183,6 +190,8 @@ def save_payloads(writer, payloads, extra=None):
     :param payloads: ``{file name: payload dict}``; the plain fields of each
         payload's header (kind, step, epochs done...) go into the file's record.
     :param extra: ``{file name: (bytes, fields)}``: further files committed with the same save.
+    :param retire: files removed once the save has committed, and
+    :param kept: why files are kept (see :meth:`~experiment_io.generations.RunWriter.save_files`).
     :return: ``{file name: FileRecord}``.
     """
     shared_ids = [id(p) for p in payloads.values()]
@@ -201,7 +210,7 @@ def save_payloads(writer, payloads, extra=None):
             writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
     for name, (data, fields) in (extra or {}).items():
         writes[name] = (lambda f, d=data: f.write(d), fields)
-    return writer.save_files(writes)
+    return writer.save_files(writes, retire, kept)
 
 
 @dataclass

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import SetupError
+from .retention import Retention
 
 __all__ = ["SavePolicy", "EpochFiles"]
 
@@ -19,11 +23,14 @@ class EpochFiles:
     """Which files the save at the end of an epoch writes besides ``last_checkpoint.pt``.
 
     :ivar best: ``best_checkpoint.pt`` and ``best_model.pt``.
-    :ivar keep: ``checkpoint_epoch_N.pt`` and ``model_epoch_N.pt`` for this epoch.
+    :ivar keep: ``checkpoint_epoch_N.pt`` and ``model_epoch_N.pt`` for this epoch
+        (with a retention: if the retention keeps it).
+    :ivar retention: which epoch files are kept (``None``: all that are written).
     """
 
     best: bool
     keep: bool
+    retention: Optional[Retention] = None
 
 
 def _count(value, name):
@@ -43,6 +50,9 @@ class SavePolicy:
     :ivar keep_better_epochs: keep the epoch files of every epoch that improved.
     :ivar keep_best: write ``best_checkpoint.pt`` and ``best_model.pt`` when the
         stopping metric improves.
+    :ivar retention: which epoch files to keep (:class:`~experiment_io.retention.Retention`);
+        with one, and neither ``keep_every_epochs`` nor ``keep_better_epochs``, every
+        epoch's files are written if the retention keeps that epoch.
     """
 
     every_batches: int = 0
@@ -50,11 +60,15 @@ class SavePolicy:
     keep_every_epochs: int = 0
     keep_better_epochs: bool = False
     keep_best: bool = True
+    retention: Optional[Retention] = None
     _last_save: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self):
         _count(self.every_batches, "checkpoint_every_batches")
         _count(self.keep_every_epochs, "store_every")
+        if self.retention is not None and not isinstance(self.retention, Retention):
+            raise SetupError(f"retention must be an experiment_io.Retention or None, not {self.retention!r}; "
+                             "for example retention=Retention(last=3, best=2)")
         if self.every_seconds is not None and not (isinstance(self.every_seconds, (int, float)) and self.every_seconds > 0):
             raise ValueError(f"checkpoint_every_seconds must be positive or None, not {self.every_seconds!r}")
 
@@ -72,4 +86,6 @@ class SavePolicy:
     def files(self, epoch: int, better: bool) -> EpochFiles:
         """What the save at the end of the 0-based ``epoch`` writes."""
         keep = bool(self.keep_every_epochs and (epoch + 1) % self.keep_every_epochs == 0) or (self.keep_better_epochs and better)
-        return EpochFiles(best=better and self.keep_best, keep=keep)
+        if self.retention is not None and not (self.keep_every_epochs or self.keep_better_epochs):
+            keep = True  # every epoch is a candidate; the retention decides
+        return EpochFiles(best=better and self.keep_best, keep=keep, retention=self.retention)

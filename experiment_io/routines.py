@@ -159,15 +159,17 @@ def test_model(database, evaluator: Evaluator, batch_size: int, when, metric_tra
 
 def setup_and_train(training_modules: TrainingModules, database, setup_params: SetupParams, *,
                     store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False,
-                    callbacks=None, batch_callbacks=None, directory=None) -> MetricTracker:
+                    callbacks=None, batch_callbacks=None, directory=None, retention=None) -> MetricTracker:
     """Set up, train, then load the best model and test it on every split.
+
+    The keyword arguments are :func:`~experiment_io.training.train_model`'s.
 
     :return: the metric tracker (its ``evaluations["best"]`` holds the test results).
     """
     training_modules, controller, metric_tracker = setup_training(training_modules, setup_params)
     train_model(training_modules, database, controller, metric_tracker, callbacks, batch_callbacks,
                 store_all_better=store_all_better, store_best=store_best, store_every=store_every, quiet=quiet,
-                directory=directory)
+                directory=directory, retention=retention)
     if metric_tracker.best_model_state is not None:
         training_modules.model.load_state_dict(metric_tracker.best_model_state)
     test_model(database, training_modules.evaluator, controller.eval_batch_size, "best", metric_tracker)

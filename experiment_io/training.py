@@ -20,6 +20,7 @@ from .metric_tracker import MetricTracker
 from .databases import SPLITS
 from .payloads import BEST_EVALUATION_NAME, LAST_NAME
 from .policy import SavePolicy
+from .retention import Retention
 from .preemption import DEFAULT_SIGNALS, Preemption, Stop, StopKind
 from .progress import Report
 from .training_modules import TrainingModules, as_tuple, loss_value
@@ -36,7 +37,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
                 exit_on_preemption: bool = True, requeue: bool = False, async_save: bool | str = False,
                 overwrite: bool = False, max_epochs: Optional[int] = None, evaluate_best: bool = True,
-                plots: bool = True) -> MetricTracker:
+                plots: bool = True, retention: Optional[Retention] = None) -> MetricTracker:
     """Train, writing checkpoints into the run directory.
 
     Writes ``experiment_structure.pt`` once, ``last_checkpoint.pt`` after every epoch,
@@ -89,6 +90,11 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     :param store_all_better: keep the epoch files of every better epoch.
     :param store_best: write ``best_checkpoint.pt`` and ``best_model.pt``.
     :param store_every: keep the epoch files every this many epochs (0: never).
+    :param retention: which epoch files to keep within a disk quota, e.g.
+        ``Retention(last=3, best=2, every=10)`` (see :mod:`experiment_io.retention`). With
+        a retention and neither ``store_every`` nor ``store_all_better``, each epoch's
+        files are written when the retention keeps that epoch; files it no longer keeps
+        are removed once the save that replaces them has committed.
     :param quiet: no progress display: no bar, and the epoch lines and the summary
         go to the log only (see below).
     :param directory: the run directory. Default: the directory the controller was
@@ -132,7 +138,8 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         training_modules = TrainingModules(*training_modules)
     training_modules, wrapped = _unwrapped(training_modules)
     policy = SavePolicy(every_batches=checkpoint_every_batches, every_seconds=checkpoint_every_seconds,
-                        keep_every_epochs=store_every, keep_better_epochs=store_all_better, keep_best=store_best)
+                        keep_every_epochs=store_every, keep_better_epochs=store_all_better, keep_best=store_best,
+                        retention=retention)
     _check_database(database)
     if async_save not in (False, True, "copy"):
         raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")

@@ -44,12 +44,19 @@ class FileRecord:
         return {"size": self.size, "digest": self.digest}
 
 
+def _map_for_reading(fd, size):
+    """A read-only map of the file; on Linux populated in one call (MAP_POPULATE), not one page fault at a time."""
+    if hasattr(mmap, "MAP_SHARED"):  # POSIX
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+
+
 def _digest_fd(fd):
     """Digest the file open at ``fd`` (at offset 0) from its first byte to its end.
 
     Files of :data:`_MAP_AT_LEAST` bytes or more are hashed through a read-only
-    memory map: the hash reads the page cache directly, without copying it (about
-    twice as fast as reading); smaller files, and files that cannot be mapped, are
+    memory map, populated at once where the system can: the hash reads the page
+    cache directly, without copying it (about twice as fast as reading); smaller files, and files that cannot be mapped, are
     read in blocks. A file must not be truncated by another process while it is
     digested (a mapped page beyond the end of a file cannot be read); this library
     never truncates a file, it replaces files by renaming new ones over them.
@@ -57,7 +64,7 @@ def _digest_fd(fd):
     size = os.fstat(fd).st_size
     if size >= _MAP_AT_LEAST:
         try:
-            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            mapped = _map_for_reading(fd, size)
         except (OSError, ValueError):  # a file system without mmap: read it
             pass
         else:
@@ -130,6 +137,11 @@ def _identity(stat_result):
     return stat_result.st_dev, stat_result.st_ino
 
 
+def is_retired(record):
+    """Whether a manifest record is of a file being removed (see :mod:`experiment_io.retention`)."""
+    return isinstance(record, dict) and record.get("retired") is True
+
+
 class Verifier:
     """Digests the files of one run directory on demand, each at most once.
 
@@ -143,12 +155,14 @@ class Verifier:
     inode before and after a read means the same file throughout).
 
     :param directory: the run directory.
-    :param files: the manifest's records.
+    :param files: the manifest's records; those marked ``"retired"`` (files being
+        removed by a retention) are kept apart in :attr:`retired` and never used.
     """
 
     def __init__(self, directory, files):
         self.directory = directory
-        self.files = files
+        self.files = {name: record for name, record in files.items() if not is_retired(record)}
+        self.retired = {name: record for name, record in files.items() if is_retired(record)}
         self._digests = {}
 
     def path(self, name):
