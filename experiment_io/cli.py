@@ -7,6 +7,9 @@
     experiment-io metrics [DIR] [--hdf5 OUT]
                                           the metric history (printed, or exported)
     experiment-io plot [DIR] [--out OUT] the training curves as PNG images (needs matplotlib)
+    experiment-io list   [DIR]            every file of the directory: generation, epoch, what it holds
+    experiment-io export DIR OUT [--format safetensors|state_dict] [--which best|last | --epoch N]
+                                          the model's weights, for use without experiment_io
     experiment-io import-hippynn SRC DST  an experiment_io run from a hippynn run
                                           directory (reads its pickles: trusted runs only)
 
@@ -29,10 +32,11 @@ import torch
 from . import format as fmt
 from . import storage
 from .errors import ExperimentIOError
-from .generations import Search, base_name, previous_name
+from .generations import Search, base_name, is_previous_name, previous_name
 from .metric_tracker import MetricTracker
-from .payloads import BEST_NAME, LAST_NAME, run_status
-from .reading import verified_source
+from .payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name,
+                       run_status)
+from .reading import load_state_file, verified_source
 from .verification import Verifier, check_archive
 from .version import __version__
 
@@ -155,6 +159,89 @@ def _uncommitted(directory, files):
     return [n for n in names if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
 
 
+def cmd_list(args):
+    directory = os.path.abspath(args.directory)
+    verifier = Verifier(directory, _manifest(directory))
+    files, retired = verifier.files, verifier.retired
+    print(f"{'file':36} {'generation':12} {'epoch':>5} {'size':>12}  holds")
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):
+            print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  " + ("training curves (PNG)" if name == "plots" else "a folder"))
+            continue
+        record = files.get(name) or retired.get(name)
+        if name == storage.MANIFEST_NAME:
+            generation, holds = "", "the manifest: the record of every file"
+        elif name == "experiment_io.lock":
+            generation, holds = "", "the lock of the training process"
+        elif storage.is_temporary(name):
+            generation, holds = "temporary", "left by an interrupted save; removed by the next one"
+        elif record is None:
+            generation, holds = "unrecorded", "no committed save wrote it"
+        elif name in retired:
+            generation, holds = "retired", _what(record)
+        else:
+            generation = "previous" if is_previous_name(name) else "committed"
+            holds = _what(record) or record.get("kind", "")
+        epoch = _epoch_of_record(record)
+        size = record["size"] if record else os.path.getsize(path)
+        print(f"{name:36} {generation:12} {epoch:>5} {size:>12}  {holds}")
+    return 0
+
+
+def _epoch_of_record(record):
+    """The 0-based epoch a file's state is from ('' when it is not from the end of an epoch)."""
+    if not record or record.get("samples_done") or not isinstance(record.get("epochs_done"), int):
+        return ""
+    return record["epochs_done"] - 1 if record["epochs_done"] > 0 else ""
+
+
+def _model_state(directory, which, epoch):
+    """The verified model ``state_dict`` of a run (state files only, never the structure file), and its record."""
+    verifier = Verifier(directory, _manifest(directory))
+    if epoch is not None:
+        candidates = [(epoch_model_name(epoch), "model"), (epoch_checkpoint_name(epoch), "checkpoint")]
+    elif which == "last":
+        candidates = [(LAST_NAME, "checkpoint")]
+    else:
+        candidates = [(BEST_MODEL_NAME, "model"), (BEST_NAME, "checkpoint")]
+    for name, kind in candidates:
+        generations, _ = Search(verifier, [name]).all()
+        for path, record in generations:
+            payload, header = load_state_file(path, (kind,), "cpu", record, verifier, mmap=False)
+            return payload["model"], os.path.basename(path), header
+    what = f"epoch {epoch}" if epoch is not None else f"the {which} model"
+    raise ExperimentIOError(f"{directory} holds no intact file with {what}" + (
+        " (epoch files are kept with store_every, store_all_better or a retention; experiment-io list shows them)"
+        if epoch is not None else ""))
+
+
+def cmd_export(args):
+    if args.epoch is not None and args.which is not None:
+        print("error: give --which or --epoch, not both", file=sys.stderr)
+        return 2
+    directory = os.path.abspath(args.directory)
+    state, source, header = _model_state(directory, args.which or "best", args.epoch)
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if args.format == "safetensors":
+        try:
+            from safetensors.torch import save as safetensors_bytes
+        except ImportError:
+            print("error: --format safetensors needs safetensors: pip install 'experiment_io[safetensors]' "
+                  "(or use --format state_dict)", file=sys.stderr)
+            return 1
+        metadata = {"source": os.path.join(directory, source), "experiment_io_version": __version__}
+        metadata.update({k: str(header[k]) for k in ("epochs_done", "step", "format_version") if k in header})
+        # safetensors stores each tensor on its own: views and shared storages are written as separate copies
+        data = safetensors_bytes({k: v.detach().contiguous().clone() for k, v in state.items()}, metadata=metadata)
+        storage.atomic_write(args.out, lambda f: f.write(data), hashed=False)
+    else:
+        storage.atomic_write(args.out, lambda f: torch.save(state, f), hashed=False)
+    done = header.get("epochs_done")
+    print(f"{len(state)} tensors of {source} (after {done} epoch(s)) written to {args.out} as {args.format}")
+    return 0
+
+
 def _newest_tracker(directory):
     verifier = Verifier(os.path.abspath(directory), _manifest(directory))
     for name in (LAST_NAME, BEST_NAME):
@@ -230,6 +317,17 @@ def _parser():
             sub.add_argument("--hdf5", metavar="OUT", help="write the history to this HDF5 file instead")
         if name == "plot":
             sub.add_argument("--out", metavar="DIR", help="where the images go (default: DIR/plots)")
+    sub = commands.add_parser("list", help="every file of a run directory: generation, epoch, what it holds")
+    sub.add_argument("directory", nargs="?", default=".", help="the run directory (default: .)")
+    sub.set_defaults(function=cmd_list)
+    sub = commands.add_parser("export", help="write a model's weights for use without experiment_io")
+    sub.add_argument("directory", help="the run directory")
+    sub.add_argument("out", help="the file to write")
+    sub.add_argument("--format", choices=("safetensors", "state_dict"), default="state_dict",
+                     help="safetensors (needs safetensors) or a torch.save'd state_dict (default)")
+    sub.add_argument("--which", choices=("best", "last"), help="the best model (default) or the newest checkpoint's")
+    sub.add_argument("--epoch", type=int, metavar="N", help="the model kept for the 0-based epoch N")
+    sub.set_defaults(function=cmd_export)
     sub = commands.add_parser("import-hippynn", help="write an experiment_io run from a hippynn run directory "
                                                      "(loads its pickles: only for runs you trust)")
     sub.add_argument("source", help="the hippynn run directory")

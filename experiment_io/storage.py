@@ -545,6 +545,11 @@ def write_manifest(directory, files, **fields):
     return atomic_write_bytes(os.path.join(directory, MANIFEST_NAME), fmt.manifest_to_bytes(files, **fields))
 
 
+def is_temporary(name):
+    """Whether ``name`` is a temporary file of a write (renamed into place when the write completes)."""
+    return _TEMP_PATTERN.match(name) is not None
+
+
 def manifest_path(directory):
     """The path of the manifest of ``directory``."""
     return os.path.join(directory, MANIFEST_NAME)
