@@ -223,6 +223,23 @@ class AtomicSaver:
             if self._background is not None:
                 self._background.wait()
 
+    def remove(self, path: Union[str, os.PathLike]) -> None:
+        """Remove a file this saver wrote, and its previous generation, with their manifest records.
+
+        The removal is committed like a save: the records are marked retired in the
+        manifest, the files unlinked, then the records dropped; a crash leaves no file
+        the manifest does not know. A path without a record is left alone.
+        """
+        self.wait()  # a save of the same file may be in flight
+        path, directory, name = _split(path)
+        _check_name(path, name)
+        with self._lock:
+            writer = self._writer(directory)
+        if writer.record(name) is None and writer.record(previous_name(name)) is None:
+            log.debug("nothing to remove at %s: no save of it is recorded", path)
+            return
+        writer.save_files({}, retire=[name])
+
     def __enter__(self) -> "AtomicSaver":
         return self
 

@@ -128,6 +128,10 @@ class ResumableSampler(torch.utils.data.Sampler):
         self._epoch = 0
         self._start = 0  # global position where the sharding of the current epoch began
         self._consumed = 0
+        #: ``len(sampler)`` counts the whole epoch instead of what is left of it: for a
+        #: loop that counts the batches it already trained itself (Lightning's, see
+        #: :class:`experiment_io.lightning.ExactResume`, which sets it).
+        self.len_whole_epoch = False
 
     def _per_rank(self, remaining):
         return remaining // self._world_size if self._drop_last else math.ceil(remaining / self._world_size)
@@ -211,7 +215,7 @@ class ResumableSampler(torch.utils.data.Sampler):
         return iter(self.shard()[start:].tolist())
 
     def __len__(self):
-        return self.num_samples - self._consumed
+        return self.num_samples if self.len_whole_epoch else self.num_samples - self._consumed
 
     @property
     def global_samples_consumed(self) -> int:
