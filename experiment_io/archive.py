@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["save"]
 
-#: What a record's data offset is a multiple of (``torch.load(mmap=True)`` maps storages in place).
+#: What a record's data offset is a multiple of (``torch.load(mmap=True)`` maps storages in place), unless
+#: torch's configuration says otherwise (``torch.utils.serialization.config.save.storage_alignment``).
 ALIGNMENT = 64
 #: Sizes and offsets at or above this are written in the zip64 extra field.
 ZIP64_LIMIT = 0xFFFFFFFF
@@ -49,19 +50,27 @@ _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _ZIP64_END = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _END = struct.Struct("<IHHHHIIH")
-_FLAGS = 0x0808  # sizes and CRC-32 in a data descriptor after the data; names in UTF-8
-_VERSION_NEEDED = 45  # zip64
+_UTF8 = 0x0800  # names in UTF-8
+_FLAGS = 0x0808  # names in UTF-8; sizes and CRC-32 in a data descriptor after the data
+_VERSION_ZIP64 = 45
 
 
 def _torch_archive_layout():
-    """The archive's top folder and the content of its ``version`` record, as this torch writes them."""
+    """The archive's top folder and the content of its ``version`` record, as this torch writes them (``None``
+    when this torch writes something else: then :func:`save` is ``torch.save``)."""
     buffer = io.BytesIO()
     torch.save({}, buffer)
     buffer.seek(0)
-    with zipfile.ZipFile(buffer) as archive:
-        names = archive.namelist()
-        top = names[0].split("/", 1)[0]
-        return top, archive.read(f"{top}/version")
+    try:
+        with zipfile.ZipFile(buffer) as archive:
+            names = archive.namelist()
+            top = names[0].split("/", 1)[0]
+            if names[-2:] != [f"{top}/version", f"{top}/.data/serialization_id"]:
+                return None
+            return top, archive.read(f"{top}/version")
+    except (zipfile.BadZipFile, KeyError, IndexError) as e:  # pragma: no cover - another torch release
+        log.debug("torch.save writes an archive of another layout (%r); writing with torch.save", e)
+        return None
 
 
 def _usable_serializer():
@@ -92,9 +101,10 @@ def _storage_view(storage):
 class _ZipWriter:
     """What ``torch.serialization._save`` writes its records to: a zip container on ``f``."""
 
-    def __init__(self, f, top):
+    def __init__(self, f, top, alignment):
         self._f = f
         self._top = top
+        self._alignment = alignment
         self._offset = 0
         self._entries = []  # (name bytes, crc, size, header offset)
 
@@ -103,18 +113,25 @@ class _ZipWriter:
         self._offset += len(data)
 
     def write_record(self, name, data, nbytes):
+        """One stored record, laid out exactly as torch's writer (miniz) lays it out: torch computes the offsets of
+        storages from that layout without reading the headers (``map_location="meta"``, ``calculate_storage_offsets``).
+        """
         if isinstance(data, str):
             data = data.encode()
         view = data if isinstance(data, (bytes, bytearray)) else _storage_view(data)
         view = memoryview(view).cast("B")[:nbytes]
         full_name = f"{self._top}/{name}".encode()
         header_offset = self._offset
-        large = nbytes >= ZIP64_LIMIT
-        zip64 = struct.pack("<HHQQ", 0x0001, 16, 0, 0) if large else b""
+        large, far = nbytes >= ZIP64_LIMIT, header_offset >= ZIP64_LIMIT
+        zip64_values = ([nbytes, nbytes] if large else []) + ([header_offset] if far else [])
+        zip64 = struct.pack(f"<HH{len(zip64_values)}Q", 0x0001, 8 * len(zip64_values), *zip64_values) if zip64_values else b""
         fixed = _LOCAL.size + len(full_name) + len(zip64)
-        padding = -(header_offset + fixed + 4) % ALIGNMENT
+        padding = -(header_offset + fixed + 4) % self._alignment
         extra = zip64 + struct.pack("<HH", 0x4246, padding) + b"Z" * padding  # "FB": torch's padding field
-        self._out(_LOCAL.pack(0x04034B50, _VERSION_NEEDED, _FLAGS, 0, 0, 0, 0, 0, 0, len(full_name), len(extra)))
+        flags = _FLAGS if nbytes else _UTF8  # an empty record has no data descriptor
+        version = _VERSION_ZIP64 if zip64_values else 0
+        size32 = _MASKED if large else 0
+        self._out(_LOCAL.pack(0x04034B50, version, flags, 0, 0, 0, 0, size32, size32, len(full_name), len(extra)))
         self._out(full_name)
         self._out(extra)
         if nbytes >= storage.SIDE_DIGEST_BYTES:  # checksummed on the second core while it is written
@@ -122,13 +139,13 @@ class _ZipWriter:
             self._out(view)
             crc = checksum.result()
         else:
-            crc = crc32(view)
+            crc = crc32(view) if nbytes else 0
             self._out(view)
-        if large:
+        if nbytes and zip64_values:
             self._out(_DESCRIPTOR.pack(0x08074B50, crc, nbytes, nbytes))
-        else:
+        elif nbytes:
             self._out(struct.pack("<IIII", 0x08074B50, crc, nbytes, nbytes))
-        self._entries.append((full_name, crc, nbytes, header_offset))
+        self._entries.append((full_name, crc, nbytes, header_offset, flags))
 
     def write_record_metadata(self, name, nbytes):  # pragma: no cover - torch calls it only under skip_data
         raise NotImplementedError("experiment_io writes every record's data")
@@ -136,11 +153,11 @@ class _ZipWriter:
     def write_end_of_file(self, version):
         self.write_record("version", version, len(version))
         # as torch's: 40 digits that depend on the records' sizes and CRC-32s only
-        summary = hashlib.blake2b(b"".join(struct.pack("<QI", size, crc) for _, crc, size, _ in self._entries))
+        summary = hashlib.blake2b(b"".join(struct.pack("<QI", size, crc) for _, crc, size, _, _ in self._entries))
         serialization_id = f"{int.from_bytes(summary.digest()[:16], 'little') % 10 ** 40:040d}"
         self.write_record(".data/serialization_id", serialization_id, len(serialization_id))
         start = self._offset
-        for name, crc, size, offset in self._entries:
+        for name, crc, size, offset, flags in self._entries:
             values = []
             size32 = size
             if size >= ZIP64_LIMIT:
@@ -151,15 +168,16 @@ class _ZipWriter:
                 values.append(offset)
                 offset32 = _MASKED
             extra = struct.pack(f"<HH{len(values)}Q", 0x0001, 8 * len(values), *values) if values else b""
+            version = _VERSION_ZIP64 if values else 0
             self._out(_CENTRAL.pack(
-                0x02014B50, _VERSION_NEEDED, _VERSION_NEEDED, _FLAGS, 0, 0, 0, crc, size32, size32,
+                0x02014B50, version, version, flags, 0, 0, 0, crc, size32, size32,
                 len(name), len(extra), 0, 0, 0, 0, offset32,
             ))
             self._out(name)
             self._out(extra)
         end = self._offset
         count, size = len(self._entries), end - start
-        self._out(_ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, _VERSION_NEEDED, _VERSION_NEEDED, 0, 0, count, count, size, start))
+        self._out(_ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, _VERSION_ZIP64, _VERSION_ZIP64, 0, 0, count, count, size, start))
         self._out(_ZIP64_LOCATOR.pack(0x07064B50, 0, end, 1))
         self._out(_END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(size, _MASKED), min(start, _MASKED), 0))
 
@@ -172,13 +190,15 @@ def save(obj, f, pickle_module=None):
     """
     global _layout
     pickle_module = pickle_module or torch.serialization.pickle
-    if _serializer is None:
+    if _layout is None and _serializer is not None:
+        _layout = _torch_archive_layout() or False
+    if _serializer is None or not _layout:
         torch.save(obj, f, pickle_module=pickle_module)
         return
-    if _layout is None:
-        _layout = _torch_archive_layout()
     top, version = _layout
-    writer = _ZipWriter(f, top)
+    alignment = torch.serialization._get_storage_alignment() if hasattr(
+        torch.serialization, "_get_storage_alignment") else ALIGNMENT
+    writer = _ZipWriter(f, top, alignment)
     _serializer(obj, writer, pickle_module, torch.serialization.DEFAULT_PROTOCOL, False)
     writer.write_end_of_file(version)
     flush = getattr(f, "flush", None)

@@ -235,7 +235,8 @@ class RunCheckpointer:
             return epoch_files.keep, ((), None)
         tracker = self.metric_tracker
         values = tracker.stopping_values()
-        names = [name for name, record in self.writer.files.items()
+        # a snapshot (one C-level copy): a save in flight in the background may be changing the records
+        names = [name for name, record in list(self.writer.files.items())
                  if epoch_of(name) is not None and not is_retired(record)]
         existing = {epoch_of(name) for name in names} - {ended}
         keep = epoch_files.keep and retention.keeps(ended, existing, values, tracker.larger_is_better)

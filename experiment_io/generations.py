@@ -348,8 +348,14 @@ class RunWriter:
         self._manifest_identity = storage.manifest_identity(self.directory)
         self._known_good.update(self._written)
         if self._unlink_retired():
-            storage.write_manifest(self.directory, self.files)
-            self._manifest_identity = storage.manifest_identity(self.directory)
+            try:  # the save is committed: a failure here only leaves retired records for the next save to drop
+                storage.write_manifest(self.directory, self.files)
+            except CheckpointWriteError as e:
+                log.warning("the files the retention removed are still listed as retired in the manifest of %s: %s",
+                            self.directory, e)
+                self._manifest_identity = None  # read it again before the next save
+            else:
+                self._manifest_identity = storage.manifest_identity(self.directory)
         return records
 
     def _unlink_retired(self):

@@ -42,7 +42,9 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from .errors import SetupError
 from .generations import previous_name
 from .own_loop import AtomicSaver, verified_load
-from .preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preemption
+from .preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preemption, Stop
+from .storage import read_manifest
+from .verification import is_retired
 from .rng import get_rng_state, set_rng_state
 from .sampler import ResumableSampler
 
@@ -141,17 +143,26 @@ class ExactResume(Callback):
         self._preemption = None
         self._pending_rng = None
         self._warned_sampler = False
+        self._last_step = None  # the global step after the previous batch: a batch that changed it stepped
+        self._saved_step = None
 
     @property
     def state_key(self) -> str:
         return "experiment_io.ExactResume"
 
     def ckpt_path(self) -> Optional[str]:
-        """The checkpoint to resume from: :attr:`path` if a committed save wrote it (or its previous generation
-        survives), else ``None`` (a fresh fit)."""
-        directory = os.path.dirname(self.path)
-        candidates = (self.path, os.path.join(directory, previous_name(os.path.basename(self.path))))
-        return self.path if any(os.path.exists(p) for p in candidates) else None
+        """The checkpoint to resume from: :attr:`path` if a committed save of it is recorded in its directory's
+        manifest (its previous generation counts), else ``None`` (a fresh fit). A file that a save killed before
+        its commit left behind is not a checkpoint."""
+        directory, name = os.path.split(self.path)
+        try:
+            manifest = read_manifest(directory)
+        except Exception as e:  # noqa: BLE001 - a damaged manifest: the load says what is wrong
+            log.warning("the manifest beside %s is unreadable (%s); trying to resume from it anyway", self.path, e)
+            return self.path
+        files = manifest[1] if manifest else {}
+        recorded = any(n in files and not is_retired(files[n]) for n in (name, previous_name(name)))
+        return self.path if recorded else None
 
     # --- signals -----------------------------------------------------------------------------
 
@@ -183,23 +194,46 @@ class ExactResume(Callback):
         elif not self._warned_sampler:
             log.warning("ExactResume has no sampler: a fit resumed mid-epoch starts that epoch over")
             self._warned_sampler = True
+        stepped = trainer.global_step != self._last_step
+        self._last_step = trainer.global_step
         requested = self._preemption is not None and self._preemption.requested is not None
+        # every rank takes part in this reduction after every batch: all stop at the same batch
         stop = bool(trainer.strategy.reduce_boolean_decision(requested, all=False))
-        due = bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+        if not stepped:  # inside a gradient accumulation window: the accumulated gradients are in no checkpoint
+            return
+        due = (bool(self.every_n_steps) and trainer.global_step % self.every_n_steps == 0
+               and trainer.global_step != self._saved_step)
         if not (stop or due):
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
         if not stop:
             return
-        name = self._preemption.requested if requested else "a signal received by another rank"
+        name = self._agreed_signal()
         log.warning("%s: checkpoint written to %s at step %d (epoch %d, batch %d); resume with "
                     "trainer.fit(..., ckpt_path=%r)", name, self.path, trainer.global_step, trainer.current_epoch,
                     batch_idx, self.path)
         if self.exit_on_preemption and name != "SIGINT":
+            world_size, _ = _world()
+            self._preemption.exiting(Stop.by_signal(name), launched=world_size > 1)
             self._release_signals()
             raise SystemExit(PREEMPTED_EXIT_CODE)
         trainer.should_stop = True
+
+    def _agreed_signal(self):
+        """The signal every rank acts on: the first one received, in rank order (a collective)."""
+        mine = self._preemption.requested if self._preemption is not None else None
+        world_size, _ = _world()
+        if world_size == 1:
+            return mine
+        names = [None] * world_size
+        torch.distributed.all_gather_object(names, mine)
+        return next(n for n in names if n is not None)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._pending_rng = None  # streams loaded for one fit are not applied to a later one
+        self._release_signals()
 
     # --- what the checkpoint holds -------------------------------------------------------------
 

@@ -200,8 +200,7 @@ class _HashingWriter:
 
     Small writes (``torch.save`` makes hundreds: zip headers, the pickle) are
     gathered into blocks; large ones (tensor data) are written straight from the
-    caller's memory, which must not change until the file is complete (the digest of
-    a large write is computed on :func:`side_thread` while the bytes are written).
+    caller's memory (and digested on :func:`side_thread` while they are written).
     The digest covers exactly the bytes of the file, in order. Every
     :data:`_WRITEBACK_EVERY` bytes the kernel is asked to start writing back what
     was written so far; the final fsync then has little left to wait for.
@@ -214,7 +213,6 @@ class _HashingWriter:
         self._hash = xxhash.xxh3_128()
         self._pending = bytearray()
         self._written_back = 0
-        self._digesting = None  # the digest of the previous large write, on the side thread
         self.size = 0
         self.error = None  # the first OSError of a write: every later write raises it again
 
@@ -238,19 +236,13 @@ class _HashingWriter:
             self._out(memoryview(self._pending))
             self._pending = bytearray()
 
-    def _digested(self):
-        """Wait until every byte handed to the side thread is in the digest."""
-        if self._digesting is not None:
-            digesting, self._digesting = self._digesting, None
-            digesting.result()
-
     def _out(self, view):
         if self.error is not None:
             raise self.error
-        self._digested()  # the digest takes the bytes in file order
-        if len(view) >= SIDE_DIGEST_BYTES:
-            self._digesting = side_thread().submit(self._hash.update, view)
-        else:
+        # a large write is digested on the side thread while it is written, and the digest is complete before this
+        # returns: the caller may free or reuse its buffer as soon as write() returns
+        digesting = side_thread().submit(self._hash.update, view) if len(view) >= SIDE_DIGEST_BYTES else None
+        if digesting is None:
             self._hash.update(view)
         try:
             while view:
@@ -262,6 +254,9 @@ class _HashingWriter:
         except OSError as e:
             self.error = e
             raise
+        finally:
+            if digesting is not None:
+                digesting.result()
 
     def _start_writeback(self):
         global _sync_file_range
@@ -272,7 +267,6 @@ class _HashingWriter:
         self._written_back = self.size
 
     def record(self):
-        self._digested()
         return FileRecord(self.size, f"{DIGEST_NAME}:{self._hash.hexdigest()}")
 
     def written(self):

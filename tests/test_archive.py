@@ -114,6 +114,26 @@ def test_zip64_records_are_read_by_torch_and_zipfile(monkeypatch, tmp_path):
         assert_same(torch.load(path, weights_only=True, mmap=mmap), obj)
 
 
+def test_torch_finds_every_storage_where_it_computes_it_is(tmp_path):
+    """torch computes storage offsets from the writer's layout without reading headers (map_location="meta");
+    empty storages (no data descriptor) among them."""
+    obj = [torch.full((3,), float(i)) for i in range(11)] + [torch.zeros(0), torch.arange(4.0) + 100, torch.ones(0, 2),
+                                                             torch.randn(600_000), torch.tensor([7.0])]
+    path = tmp_path / "a.pt"
+    path.write_bytes(archive_bytes(obj))
+    data = path.read_bytes()
+    meta = torch.load(path, map_location="meta", weights_only=True)
+    for tensor, original in zip(meta, obj):
+        if original.numel():
+            offset = tensor.untyped_storage()._checkpoint_offset
+            assert data[offset:offset + original.nbytes] == original.numpy().tobytes()
+    with zipfile.ZipFile(path) as z:
+        empty = z.getinfo("archive/data/11")
+        assert empty.flag_bits & 0x08 == 0 and empty.file_size == 0  # as torch writes an empty record
+    loaded = torch.load(path, weights_only=True, mmap=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded, obj))
+
+
 def test_the_archive_is_the_same_bytes_for_the_same_object():
     assert archive_bytes(tensors() | {"large": torch.ones(600_000)}) == archive_bytes(tensors() | {"large": torch.ones(600_000)})
 
