@@ -170,6 +170,15 @@ def cmd_list(args):
             print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  " + ("training curves (PNG)" if name == "plots" else "a folder"))
             continue
         record = files.get(name) or retired.get(name)
+        try:
+            actual_size = os.lstat(path).st_size
+        except OSError:
+            actual_size = None
+        if record is not None and actual_size != record.get("size"):
+            record = None  # not the file its record describes (a save interrupted before its commit left it)
+            unrecorded = "not the recorded file: left by a save interrupted before its commit"
+        else:
+            unrecorded = "no committed save wrote it"
         if name == storage.MANIFEST_NAME:
             generation, holds = "", "the manifest: the record of every file"
         elif name == "experiment_io.lock":
@@ -177,14 +186,14 @@ def cmd_list(args):
         elif storage.is_temporary(name):
             generation, holds = "temporary", "left by an interrupted save; removed by the next one"
         elif record is None:
-            generation, holds = "unrecorded", "no committed save wrote it"
+            generation, holds = "unrecorded", unrecorded
         elif name in retired:
             generation, holds = "retired", _what(record)
         else:
             generation = "previous" if is_previous_name(name) else "committed"
             holds = _what(record) or record.get("kind", "")
         epoch = _epoch_of_record(record)
-        size = record["size"] if record else os.path.getsize(path)
+        size = actual_size if actual_size is not None else "?"
         print(f"{name:36} {generation:12} {epoch:>5} {size:>12}  {holds}")
     return 0
 
@@ -205,11 +214,15 @@ def _model_state(directory, which, epoch):
         candidates = [(LAST_NAME, "checkpoint")]
     else:
         candidates = [(BEST_MODEL_NAME, "model"), (BEST_NAME, "checkpoint")]
-    for name, kind in candidates:
-        generations, _ = Search(verifier, [name]).all()
-        for path, record in generations:
-            payload, header = load_state_file(path, (kind,), "cpu", record, verifier, mmap=False)
-            return payload["model"], os.path.basename(path), header
+    found = [(name, kind, path, record) for name, kind in candidates for path, record in Search(verifier, [name]).all()[0]]
+    # the committed generation of any candidate before a previous one of the first
+    found.sort(key=lambda entry: entry[3] is not verifier.files.get(entry[0]))
+    for name, kind, path, record in found:
+        payload, header = load_state_file(path, (kind,), "cpu", record, verifier, mmap=False)
+        if record is not verifier.files.get(name):
+            print(f"warning: the committed {name} does not verify; exporting the previous generation "
+                  f"{os.path.basename(path)} (step {record.get('step', '?')})", file=sys.stderr)
+        return payload["model"], os.path.basename(path), header
     what = f"epoch {epoch}" if epoch is not None else f"the {which} model"
     raise ExperimentIOError(f"{directory} holds no intact file with {what}" + (
         " (epoch files are kept with store_every, store_all_better or a retention; experiment-io list shows them)"

@@ -37,7 +37,7 @@ _cached = None
 
 
 def _git(directory, *args):
-    result = subprocess.run(["git", "-C", directory, *args], capture_output=True, text=True, timeout=_GIT_TIMEOUT,
+    result = subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True, text=True, timeout=_GIT_TIMEOUT,
                             stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         return None
@@ -50,13 +50,17 @@ def _git_state(directory):
         return {}
     try:
         commit = _git(directory, "rev-parse", "HEAD")
-        if not commit:
-            return {}
-        status = _git(directory, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("no git commit recorded: %s", e)
         return {}
+    if not commit:
+        return {}
     state = {"git_commit": commit.strip()}
+    try:
+        status = _git(directory, "status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError) as e:  # the commit is known; whether the tree is dirty is not
+        log.debug("whether %s has uncommitted changes is not recorded: %s", directory, e)
+        return state
     if status is not None:
         state["git_dirty"] = bool(status.strip())
     return state

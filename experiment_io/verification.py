@@ -44,10 +44,19 @@ class FileRecord:
         return {"size": self.size, "digest": self.digest}
 
 
+def _populate_limit():
+    """The largest file mapped populated at once: a quarter of the memory (a larger one is read page by page)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
 def _map_for_reading(fd, size):
     """A read-only map of the file; on Linux populated in one call (MAP_POPULATE), not one page fault at a time."""
     if hasattr(mmap, "MAP_SHARED"):  # POSIX
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+        populate = getattr(mmap, "MAP_POPULATE", 0) if size <= _populate_limit() else 0
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
     return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
 

@@ -113,3 +113,25 @@ def test_list_marks_files_being_removed_by_a_retention(tmp_path, monkeypatch):
     lines = {line.split()[0]: line for line in cli("list", tmp_path).stdout.splitlines()[1:]}
     assert " retired " in lines["model_epoch_0.pt"] and "being removed" in lines["model_epoch_0.pt"]
     assert "kept: last 1" in lines["model_epoch_1.pt"]
+
+
+def test_list_tells_a_file_left_by_an_interrupted_save_from_the_committed_one(tmp_path):
+    directory = tmp_path / "run"
+    train_tiny_run(str(directory), max_epochs=2)
+    (directory / LAST_NAME).write_bytes(b"a save renamed this in, then died before its manifest")
+    lines = {line.split()[0]: line for line in cli("list", directory).stdout.splitlines()[1:]}
+    assert " unrecorded " in lines[LAST_NAME] and "interrupted" in lines[LAST_NAME]
+
+
+def test_export_prefers_a_committed_best_checkpoint_to_an_older_best_model(tmp_path):
+    directory = tmp_path / "run"
+    train_tiny_run(str(directory), max_epochs=3)
+    path = directory / "best_model.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = cli("export", directory, tmp_path / "best.pt")
+    assert result.returncode == 0, result.stderr
+    assert "best_checkpoint.pt" in result.stdout
+    best = torch.load(directory / "best_checkpoint.pt", weights_only=True)["model"]
+    assert_same_state(torch.load(tmp_path / "best.pt", weights_only=True), best)
