@@ -41,6 +41,7 @@ from collections import defaultdict
 import torch
 
 from .errors import CheckpointWriteError, StagedStateModifiedError
+from .storage import worker_thread
 
 __all__ = ["StagingArea", "BackgroundWriter", "with_own_memory", "surfaced"]
 
@@ -286,7 +287,7 @@ class BackgroundWriter:
         self._error = self._result = None
         self._done.clear()
         self._staged.clear()
-        self._thread = threading.Thread(target=self._write, args=(staged, write), name="experiment_io-save", daemon=False)
+        self._thread = worker_thread(self._write, staged, write, name="experiment_io-save", daemon=False)
         self._thread.start()
         self.serial += 1
         log.debug("staged %s in %.3f s (%.0f MiB left to copy in the background); writing in the background",

@@ -224,7 +224,7 @@ class _Concurrently:
 
     def __init__(self, fn):
         self._outcome = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="experiment_io-verify", daemon=True)
+        self._thread = storage.worker_thread(self._run, fn, name="experiment_io-verify", daemon=True)
         self._thread.start()
 
     def _run(self, fn):

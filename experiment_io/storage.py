@@ -30,6 +30,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -72,6 +73,24 @@ _WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Writes at least this large are digested on :func:`side_thread` while they are written.
 SIDE_DIGEST_BYTES = 1024 * 1024
 
+#: The signals a job receives from outside (a scheduler, a terminal): delivered to the main thread only, where
+#: Python runs their handlers. Were one delivered to a worker thread, a main thread blocked in a system call
+#: (``signal.pause()``, a ``wait``) would not wake up to handle it.
+_OUTSIDE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP",
+                                                            "SIGQUIT", "SIGALRM") if hasattr(signal, name))
+
+
+def worker_thread(target, *args, name, daemon):
+    """A thread of this library: it never receives the signals that the main thread handles."""
+
+    def run():
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _OUTSIDE_SIGNALS)
+        target(*args)
+
+    return threading.Thread(target=run, name=name, daemon=daemon)
+
+
 class _Task:
     """A call made on the side thread; :meth:`result` waits for it and returns (or raises) what it did."""
 
@@ -104,7 +123,7 @@ class _SideThread:
 
     def __init__(self):
         self._queue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="experiment_io-digest", daemon=True).start()
+        worker_thread(self._serve, name="experiment_io-digest", daemon=True).start()
 
     def _serve(self):
         while True:
@@ -424,7 +443,7 @@ class FileBatch:
             except OSError as e:
                 errors[path] = e
 
-        helpers = [threading.Thread(target=sync, args=(path, raw), name="experiment_io-fsync")
+        helpers = [worker_thread(sync, path, raw, name="experiment_io-fsync", daemon=False)
                    for path, _, raw in waiting[1:]]
         for helper in helpers:
             helper.start()

@@ -176,3 +176,20 @@ def test_a_forked_child_writes_with_a_side_thread_of_its_own(tmp_path):
     child.join(60)
     assert child.exitcode == 0
     assert digest == f"{DIGEST_NAME}:{xxhash.xxh3_128((tmp_path / 'child.pt').read_bytes()).hexdigest()}"
+
+
+def test_the_library_threads_leave_outside_signals_to_the_main_thread():
+    import signal
+    import threading
+
+    seen = {}
+
+    def probe():
+        seen["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    thread = storage.worker_thread(probe, name="probe", daemon=True)
+    thread.start()
+    thread.join(10)
+    assert {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1} <= seen["blocked"]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's mask is untouched
+    assert threading.current_thread() is threading.main_thread()
