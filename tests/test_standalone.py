@@ -465,6 +465,9 @@ def test_the_process_exits_only_after_the_async_save_committed(tmp_path, ending)
     path = tmp_path / "big.pt"
     script = textwrap.dedent(f"""
         import os, signal, time, torch
+        # Ctrl-C as a terminal delivers it, whatever disposition or mask this process inherited from its parent
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
         from experiment_io import atomic_save
         atomic_save({{"x": torch.arange(32 * 2**20, dtype=torch.float32)}}, {str(path)!r}, async_save=True)
         # the script ends here, while the background thread writes 128 MiB
