@@ -31,3 +31,9 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_typehints = "none"
 
 html_theme = "alabaster"
+
+# the bases of the Lightning integration's classes are documented by Lightning, not here
+nitpick_ignore = globals().get("nitpick_ignore", []) + [
+    ("py:class", "lightning.fabric.plugins.io.checkpoint_io.CheckpointIO"),
+    ("py:class", "lightning.pytorch.callbacks.callback.Callback"),
+]

@@ -6,7 +6,7 @@ a few small records, and one record per tensor storage, each aligned to 64 bytes
 of a second per GiB: more than the write of the bytes to the page cache. This
 module writes the same archive with the CRC-32 of zlib-ng (about 20 GB/s), computed
 for a large record on the side thread while the record is written, so that the
-files stay standard zip archives (``torch.load``, :mod:`zipfile` and ``unzip -t``
+files stay standard zip archives (``torch.load``, ``zipfile`` and ``unzip -t``
 read and check them) at the disk's speed.
 
 The records come from torch's own serializer (``torch.serialization._save``), so

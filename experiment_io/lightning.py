@@ -69,11 +69,14 @@ class AtomicCheckpointIO(CheckpointIO):
         self._saver = AtomicSaver()
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        """Write ``checkpoint`` to ``path`` with :func:`~experiment_io.atomic_save`."""
         if storage_options is not None:
             raise SetupError("AtomicCheckpointIO takes no storage_options; it writes local or shared file systems")
         self._saver.save(checkpoint, os.fspath(path))
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        """The checkpoint at ``path``, proven intact, through :func:`~experiment_io.verified_load` (always
+        ``weights_only``)."""
         if weights_only is False:
             log.warning("AtomicCheckpointIO loads with weights_only=True whatever Lightning asks (%s)", path)
         return verified_load(os.fspath(path), map_location=map_location)
@@ -151,7 +154,7 @@ class ExactResume(Callback):
         return "experiment_io.ExactResume"
 
     def ckpt_path(self) -> Optional[str]:
-        """The checkpoint to resume from: :attr:`path` if a committed save of it is recorded in its directory's
+        """The checkpoint to resume from: ``path`` if a committed save of it is recorded in its directory's
         manifest (its previous generation counts), else ``None`` (a fresh fit). A file that a save killed before
         its commit left behind is not a checkpoint."""
         directory, name = os.path.split(self.path)

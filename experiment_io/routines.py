@@ -162,7 +162,7 @@ def setup_and_train(training_modules: TrainingModules, database, setup_params: S
                     callbacks=None, batch_callbacks=None, directory=None, retention=None) -> MetricTracker:
     """Set up, train, then load the best model and test it on every split.
 
-    The keyword arguments are :func:`~experiment_io.training.train_model`'s.
+    The keyword arguments are :func:`~experiment_io.train_model`'s.
 
     :return: the metric tracker (its ``evaluations["best"]`` holds the test results).
     """

@@ -91,7 +91,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     :param store_best: write ``best_checkpoint.pt`` and ``best_model.pt``.
     :param store_every: keep the epoch files every this many epochs (0: never).
     :param retention: which epoch files to keep within a disk quota, e.g.
-        ``Retention(last=3, best=2, every=10)`` (see :mod:`experiment_io.retention`). With
+        ``Retention(last=3, best=2, every=10)`` (see :class:`~experiment_io.Retention`). With
         a retention and neither ``store_every`` nor ``store_all_better``, each epoch's
         files are written when the retention keeps that epoch; files it no longer keeps
         are removed once the save that replaces them has committed.

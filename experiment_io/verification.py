@@ -165,7 +165,7 @@ class Verifier:
 
     :param directory: the run directory.
     :param files: the manifest's records; those marked ``"retired"`` (files being
-        removed by a retention) are kept apart in :attr:`retired` and never used.
+        removed by a retention) are kept apart in ``retired`` and never used.
     """
 
     def __init__(self, directory, files):
