@@ -535,7 +535,7 @@ def read_manifest(directory):
 
     :return: ``(header, files)``, or ``None`` when the directory has no manifest.
     """
-    path = os.path.join(directory, MANIFEST_NAME)
+    path = manifest_path(directory)
     try:
         fd, st = open_regular(path)
     except NotARegularFile as e:
@@ -555,7 +555,7 @@ def read_manifest(directory):
 
 def write_manifest(directory, files, **fields):
     """Write the manifest of a run directory atomically (always the last write of a save)."""
-    return atomic_write_bytes(os.path.join(directory, MANIFEST_NAME), fmt.manifest_to_bytes(files, **fields))
+    return atomic_write_bytes(manifest_path(directory), fmt.manifest_to_bytes(files, **fields))
 
 
 def is_temporary(name):
@@ -575,7 +575,7 @@ def manifest_identity(directory):
     them (every write of it is a rename of a new file).
     """
     try:
-        st = os.stat(os.path.join(directory, MANIFEST_NAME))
+        st = os.stat(manifest_path(directory))
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
