@@ -10,6 +10,7 @@
     experiment-io list   [DIR]            every file of the directory: generation, epoch, what it holds
     experiment-io export DIR OUT [--format safetensors|state_dict] [--which best|last | --epoch N]
                                           the model's weights, for use without experiment_io
+    experiment-io lineage DIR             the checkpoints of a model (experiment_io.lineage) as a tree
     experiment-io import-hippynn SRC DST  an experiment_io run from a hippynn run
                                           directory (reads its pickles: trusted runs only)
 
@@ -298,6 +299,16 @@ def cmd_plot(args):
     return 0
 
 
+def cmd_lineage(args):
+    from .lineage import tree
+
+    if not os.path.isdir(args.directory):
+        print(f"error: {args.directory} is not a directory", file=sys.stderr)
+        return 1
+    print(tree(args.directory))
+    return 0
+
+
 def cmd_import_hippynn(args):
     from .hippynn_runs import import_hippynn_run
 
@@ -341,6 +352,9 @@ def _parser():
     sub.add_argument("--which", choices=("best", "last"), help="the best model (default) or the newest checkpoint's")
     sub.add_argument("--epoch", type=int, metavar="N", help="the model kept for the 0-based epoch N")
     sub.set_defaults(function=cmd_export)
+    sub = commands.add_parser("lineage", help="the checkpoints of a model of experiment_io.lineage as a tree of forks")
+    sub.add_argument("directory", help="the model's directory (<root>/<model id>, ckpts/<model id> by default)")
+    sub.set_defaults(function=cmd_lineage)
     sub = commands.add_parser("import-hippynn", help="write an experiment_io run from a hippynn run directory "
                                                      "(loads its pickles: only for runs you trust)")
     sub.add_argument("source", help="the hippynn run directory")
