@@ -43,6 +43,7 @@ import copy
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -171,6 +172,15 @@ def _split_batch(batch):
     return batch[0], batch[1]
 
 
+def _samples(loader):
+    """The number of samples of a DataLoader's dataset (``None`` when it has no length): part of a cache key."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
 def _call(module, inputs):
     return module(*inputs) if isinstance(inputs, (list, tuple)) else module(inputs)
 
@@ -266,7 +276,7 @@ class Model:
     def _read(self, cp_id, name, required=True):
         path = os.path.join(self.checkpoint_directory(cp_id), name)
         try:
-            return verified_load(path, map_location=self._device())
+            return verified_load(path, map_location="cpu")  # load_state_dict puts each state where it belongs
         except CheckpointNotFoundError:
             if required:
                 raise
@@ -630,7 +640,7 @@ class CheckpointBlock:
             raise SetupError(f"{self._where}: train() needs a loss and an optimizer; give them to setup() "
                              "(loss_cls=..., optimizer_cls=...) in this block or an earlier one")
         key = {"epochs": epochs, "watch": watch, "mode": mode, "load_best": bool(load_best), "metrics": names,
-               "validated": val_dl is not None}
+               "train_samples": _samples(train_dl), "val_samples": _samples(val_dl) if val_dl is not None else None}
         call = self._calls
         self._calls += 1
         record = self._record
@@ -679,11 +689,16 @@ class CheckpointBlock:
         if writer.record(STRUCTURE_NAME) is None:  # written once: the best model's records name its digest
             evaluator = Evaluator(model.model, {"loss": model.loss_fn})
             structure = structure_payload(TrainingModules(model.model, model.loss_fn, evaluator), None, None)
-            writer.save_files({STRUCTURE_NAME: _payload_write(structure)})
-        digest = writer.record(STRUCTURE_NAME)["digest"]
-        best_model = (best_states or end_states)["model"]
-        writes[BEST_MODEL_NAME] = _payload_write(model_payload(best_model, result["best_epoch"], model.step, digest,
-                                                               model._device()))
+            try:
+                writer.save_files({STRUCTURE_NAME: _payload_write(structure)})
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                log.warning("%s: the model does not pickle (%s), so load_model_from_cwd cannot load this checkpoint; "
+                            "its block, states and cache are kept as usual", self._where, e)
+        if writer.record(STRUCTURE_NAME) is not None:
+            digest = writer.record(STRUCTURE_NAME)["digest"]
+            best_model = (best_states or end_states)["model"]
+            writes[BEST_MODEL_NAME] = _payload_write(model_payload(best_model, result["best_epoch"], model.step, digest,
+                                                                   model._device()))
         retire = [PROGRESS_NAME] if writer.record(PROGRESS_NAME) is not None else []
         if best_states is not None:
             writes[BACKUP_NAME] = (_save_bytes({**best_states, "calls": calls}), _fields("backup"))
@@ -872,8 +887,7 @@ class _Training:
             running = dict(progress["running"])
         else:
             running = {"loss": 0.0, "count": 0, **{n: 0.0 for n in self.names}}
-        dataset = getattr(self.train_dl, "dataset", None)
-        total = len(dataset) if hasattr(dataset, "__len__") else 0
+        total = _samples(self.train_dl) or 0
         bar = self.report.bar(total, running["count"], f"{self.block._where}, epoch {model.epoch + 1}")
         module.train()
         index = skip
@@ -1029,7 +1043,7 @@ class Cache:
     def evaluate(self, dataloader: Iterable, metrics: Sequence[Callable] = (), *, name: str = "evaluate") -> dict:
         """The mean loss and metrics of the checkpoint's model on ``dataloader``: ``{"loss": ..., "<metric>": ...}``."""
         names = [_metric_name(fn) for fn in metrics]
-        key = {"op": "evaluate", "metrics": names}
+        key = {"op": "evaluate", "metrics": names, "samples": _samples(dataloader)}
 
         def compute(target):
             if target.loss_fn is None:
@@ -1058,7 +1072,7 @@ class Cache:
         key = {"op": "find_lr", "optimizer": qualified_name(optimizer_cls) if optimizer_cls else None,
                "optimizer_args": _plain(dict(optimizer_args or {}), "optimizer_args"),
                "loss": qualified_name(loss_cls) if loss_cls else None, "epochs": epochs, "min_rate": min_rate,
-               "max_rate": max_rate}
+               "max_rate": max_rate, "samples": _samples(dataloader)}
 
         def compute(target):
             module = copy.deepcopy(target.model)

@@ -277,6 +277,9 @@ def pick_structure_and_state(verifier, roles, strict, newest_first, load_structu
         return structure_path, structure_record, structure, pick.path, pick.record
     if error is not None:
         raise error
+    if not structures.problems:
+        raise CheckpointNotFoundError(f"{verifier.directory} holds no {STRUCTURE_NAME}: nothing there can be loaded as a "
+                                      "model (its manifest records no structure file)")
     raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - " + "\n  - ".join(structures.problems))
 
 

@@ -393,3 +393,29 @@ def test_plot_metrics(tmp_path):
     train_line = axes[1].get_lines()[0]
     assert list(train_line.get_xdata()) == [1, 2, 3]
     assert os.path.getsize(tmp_path / "curves.png") > 1000
+
+
+class WithLambda(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(5, 2)
+        self.activation = lambda x: x * 2  # does not pickle
+
+    def forward(self, x):
+        return self.activation(self.layer(x))
+
+
+def test_a_model_that_does_not_pickle_still_trains_and_caches(tmp_path, caplog):
+    train_dl, test_dl = loaders()
+    model = Model("lam", WithLambda(), root=tmp_path, quiet=True)
+    with model.checkpoint(1) as cp:
+        cp.setup(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1))
+        first = cp.train(train_dl, test_dl, epochs=1)
+    assert "does not pickle" in caplog.text
+    again = Model("lam", WithLambda(), root=tmp_path, quiet=True)
+    with again.checkpoint(1) as cp:
+        cp.setup(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1))
+        assert cp.train(train_dl, test_dl, epochs=1) == first
+    assert same(params(again), params(model))
+    with pytest.raises(CheckpointNotFoundError):
+        load_model_from_cwd(directory=again.checkpoint_directory(1))
