@@ -651,7 +651,10 @@ class CheckpointBlock:
                             "delete the checkpoint to train it again: model.delete_checkpoint(%r)",
                             self._where, call + 1, cached["key"], key, self.id)
             set_rng_state(cached["rng"])
-            log.info("%s: train() call %d read from the cache", self._where, call + 1)
+            done = cached["result"]
+            Report(self.model.quiet).line(
+                f"{self._where}: train() call {call + 1} read from the checkpoint ({len(done['history']['epoch'])} epochs, "
+                f"best {done['watch']} {done['best_value']:.4g} at epoch {done['best_epoch']})")
             return copy.deepcopy(cached["result"])
         self._begin()
         runner = _Training(self, call, key, train_dl, val_dl, metrics, names, save_every, save_every_seconds)

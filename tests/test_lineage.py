@@ -419,3 +419,20 @@ def test_a_model_that_does_not_pickle_still_trains_and_caches(tmp_path, caplog):
     assert same(params(again), params(model))
     with pytest.raises(CheckpointNotFoundError):
         load_model_from_cwd(directory=again.checkpoint_directory(1))
+
+
+def test_the_notebook_example_reads_everything_back_on_its_second_run(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                           "notebook_lineage.py")
+    (tmp_path / "notebook_lineage.py").write_text(open(example).read())
+
+    def run():
+        done = subprocess.run([sys.executable, str(tmp_path / "notebook_lineage.py")], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+    first, second = run(), run()
+    assert "read from the checkpoint" not in first.stderr
+    assert second.stderr.count("read from the checkpoint") == 3 and "epoch 1 (1 of" not in second.stderr
+    assert second.stdout == first.stdout
+    assert "├── 2" in first.stdout and "└── 3" in first.stdout
