@@ -5,6 +5,7 @@ A record holds a file's size and its xxh3-128 digest (:data:`DIGEST_NAME`).
 once, and remembers which file (device and inode) it digested, so that a loader
 can prove that the file it then reads is the one it verified.
 """
+import ctypes
 import errno
 import mmap
 import os
@@ -52,11 +53,55 @@ def _populate_limit():
         return 0
 
 
+class _LibcMap:
+    """A read-only shared map of a whole file, made and populated by a direct ``mmap(2)`` call.
+
+    The call goes through :mod:`ctypes`, which lets go of the GIL while it runs:
+    Python's :class:`mmap.mmap` holds it while ``MAP_POPULATE`` reads the file in, so
+    a cold 2 GiB file stopped every other thread (the structure's unpickling, the
+    state file's load) for the second or more the disk took.
+    """
+
+    _libc = None
+
+    @classmethod
+    def available(cls):
+        if cls._libc is None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.mmap.restype = ctypes.c_void_p
+                libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int64)
+                libc.munmap.restype = ctypes.c_int
+                libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+                cls._libc = libc if hasattr(mmap, "MAP_POPULATE") and ctypes.sizeof(ctypes.c_void_p) == 8 else False
+            except (OSError, AttributeError):  # pragma: no cover - not Linux
+                cls._libc = False
+        return bool(cls._libc)
+
+    def __init__(self, fd, size):
+        address = self._libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+        if address is None or address == ctypes.c_void_p(-1).value:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        self._address, self._size = address, size
+        self.view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+
+    def __enter__(self):
+        return self.view
+
+    def __exit__(self, *exc):
+        self.view.release()
+        self._libc.munmap(self._address, self._size)
+
+
 def _map_for_reading(fd, size):
-    """A read-only map of the file; on Linux populated in one call (MAP_POPULATE), not one page fault at a time."""
+    """A read-only map of the file; on Linux populated in one call (MAP_POPULATE) made without the GIL, not one
+    page fault at a time."""
+    if size <= _populate_limit() and _LibcMap.available():
+        return _LibcMap(fd, size)
     if hasattr(mmap, "MAP_SHARED"):  # POSIX
-        populate = getattr(mmap, "MAP_POPULATE", 0) if size <= _populate_limit() else 0
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
 
@@ -77,8 +122,8 @@ def _digest_fd(fd):
         except (OSError, ValueError):  # a file system without mmap: read it
             pass
         else:
-            with mapped:
-                hasher = xxhash.xxh3_128(mapped)
+            with mapped as data:
+                hasher = xxhash.xxh3_128(data)
             return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
     hasher = xxhash.xxh3_128()
     buffer = bytearray(_READ_CHUNK)
