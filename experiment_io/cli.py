@@ -305,7 +305,14 @@ def cmd_lineage(args):
     if not os.path.isdir(args.directory):
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return 1
-    print(tree(args.directory))
+    text = tree(args.directory)
+    print(text)
+    if text.endswith("(no checkpoints)"):
+        models = sorted(n for n in os.listdir(args.directory) if os.path.isdir(os.path.join(args.directory, n))
+                        and not n.startswith("."))
+        if models:
+            print(f"{args.directory} looks like the root of several models; give one of them: "
+                  + ", ".join(os.path.join(args.directory, m) for m in models[:5]))
     return 0
 
 

@@ -40,6 +40,7 @@ gives the same result as an uninterrupted run. Blocks record their parent, so
 """
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -47,9 +48,12 @@ import pickle
 import re
 import shutil
 import time
+import uuid
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+import xxhash
 
 from . import archive, storage
 from . import format as fmt
@@ -172,6 +176,14 @@ def _split_batch(batch):
     return batch[0], batch[1]
 
 
+def _needs_closure(cls):
+    try:
+        parameter = inspect.signature(cls.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
 def _samples(loader):
     """The number of samples of a DataLoader's dataset (``None`` when it has no length): part of a cache key."""
     dataset = getattr(loader, "dataset", None)
@@ -259,6 +271,10 @@ class Model:
         self.step = 0
         self._classes = {}
         self._writers = {}
+        #: what the components hold: "built" (as your code built them), "checkpoint" (``current``'s end state as
+        #: loaded, in the way ``_current_token`` names), or the id of a block whose training left them midway
+        self._holds = "built"
+        self._current_token = None
 
     # ------------------------------------------------------------------ files
 
@@ -337,7 +353,7 @@ class Model:
                     if optimizer is None:
                         raise SetupError(f"{where}: a {component.replace('_', ' ')} needs an optimizer; set one up too")
                     built[component] = cls(optimizer, **args)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise SetupError(f"{where}: {recipe.describe(component)} could not be built: {e}") from e
         if "loss" in built:
             self.loss_fn = built["loss"]
@@ -360,9 +376,19 @@ class Model:
             "step": self.step,
         }
 
+    def fingerprint(self) -> str:
+        """A digest of the model's architecture: its class, its ``repr`` and the names, shapes and dtypes of its
+        state. A checkpoint trained with another architecture is refused."""
+        parts = [qualified_name(type(self.model)), re.sub(r" at 0x[0-9a-f]+", "", repr(self.model))]
+        parts += [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.model.state_dict().items()]
+        return xxhash.xxh3_64("\n".join(parts).encode()).hexdigest()
+
     def _set_states(self, states, *, schedulers=True, model=True):
         if model:
-            self.model.load_state_dict(states["model"])
+            try:
+                self.model.load_state_dict(states["model"])
+            except RuntimeError as e:
+                raise IncompatibleCheckpointError(f"the checkpoint's model does not fit this model: {e}") from e
         if isinstance(self.loss_fn, torch.nn.Module) and states.get("loss"):
             self.loss_fn.load_state_dict(states["loss"])
         for component in ("optimizer",) + (("epoch_scheduler", "step_scheduler") if schedulers else ()):
@@ -413,21 +439,43 @@ class Model:
                 f"checkpoint {cp_id} of model {self.id} never ran to its end (its block was interrupted): re-run "
                 f"its block to finish it, or model.delete_checkpoint({cp_id!r})")
         where = f"checkpoint {cp_id} of model {self.id}"
+        self._check_fingerprint(record, where)
         self._build(_Recipe(record["recipe"]), where)
+        built_lrs = [(group.get("lr"), group.get("initial_lr")) for group in self.optimizer.param_groups] \
+            if self.optimizer is not None else []
         states = self._read(cp_id, STATE_NAME)
         _check_pair(record, states, where)
+        variant = ""
         if from_backup:
             if self._has(cp_id, BACKUP_NAME):
                 backup = self._read(cp_id, BACKUP_NAME)
                 _check_pair(record, backup, where)
                 states = backup
+                variant += "+backup"
             else:
                 log.warning("%s has no backup: its last train() ended on its best epoch or loaded it "
                             "(load_best=True); loading its end state", where)
         self._set_states(states, schedulers=load_schedulers)
-        self.current = cp_id
+        if not load_schedulers:
+            variant += "+fresh-schedulers"
+            if self.epoch_scheduler is not None or self.step_scheduler is not None:
+                for group, (lr, initial) in zip(self.optimizer.param_groups, built_lrs):  # the schedules start again
+                    group["lr"] = lr
+                    if initial is not None:
+                        group["initial_lr"] = initial
+        self._stands_at(cp_id, record["token"] + variant)
         log.info("model %s now at checkpoint %s%s (epoch %d)", self.id, cp_id, " (backup)" if from_backup else "",
                  self.epoch)
+
+    def _stands_at(self, cp_id, token):
+        self.current, self._current_token, self._holds = cp_id, token, "checkpoint"
+
+    def _check_fingerprint(self, record, where):
+        if record.get("fingerprint") not in (None, self.fingerprint()):
+            raise IncompatibleCheckpointError(
+                f"{where} was trained with another model architecture (its layers, shapes or dtypes differ from this "
+                f"model's). Build the model as it was, or delete the checkpoint to train it anew: "
+                f"model.delete_checkpoint({record['id']!r})")
 
     def delete_checkpoint(self, id) -> None:
         """Delete checkpoint ``id`` with its cache (checkpoints that continued from it keep their own files)."""
@@ -438,6 +486,8 @@ class Model:
             return
         _remove_tree(directory)
         self._writers.pop(directory, None)
+        if self.current == cp_id:  # the components keep its state, which no checkpoint holds any more
+            self.current, self._current_token, self._holds = None, None, f"deleted checkpoint {cp_id}"
         log.info("deleted checkpoint %s of model %s", cp_id, self.id)
 
     def delete(self) -> None:
@@ -445,7 +495,9 @@ class Model:
         if os.path.isdir(self.directory):
             _remove_tree(self.directory)
         self._writers.clear()
-        self.current = None
+        if self._holds != "built":
+            self._holds = "a deleted checkpoint"
+        self.current, self._current_token = None, None
         log.info("deleted model %s (%s)", self.id, self.directory)
 
     def tree(self) -> str:
@@ -482,6 +534,8 @@ class CheckpointBlock:
         self._setup_done = False
         self._state_loaded = False
         self._trained = False
+        self._rng_restored = False
+        self._loaders = ()
         self._record = None
         self._lock = None
 
@@ -491,20 +545,49 @@ class CheckpointBlock:
         self._lock = RunLock(self.directory)
         self._lock.__enter__()
         try:
-            self._record = self.model._block(self.id)
-            parent = self.model.current
-            if self._record is not None and self._record["parent"] != parent:
-                raise IncompatibleCheckpointError(
-                    f"{self._where} continued from checkpoint {self._record['parent']}, but the model now stands at "
-                    f"{'no checkpoint' if parent is None else 'checkpoint ' + parent}. Load its parent first "
-                    f"(model.load_checkpoint({self._record['parent']!r})), or delete it to train it from here: "
-                    f"model.delete_checkpoint({self.id!r})")
-            self._parent = parent
-            self._recipe = _Recipe(copy.deepcopy(dict(self.model.recipe)))
+            self._check_entry()
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise
         return self
+
+    def _check_entry(self):
+        """Whether this block may run from what the model holds now; sets its parent."""
+        model = self.model
+        record = self._record = model._block(self.id)
+        if record is not None:
+            model._check_fingerprint(record, self._where)
+        if record is not None and record["complete"] and model._holds == "checkpoint" and model.current == self.id \
+                and model._current_token == record["token"]:
+            self._parent, self._parent_token = record["parent"], record.get("parent_token")  # the same cell again
+        else:
+            if model._holds not in ("built", "checkpoint") and model._holds != f"block {self.id}":
+                interrupted = model._holds.startswith("block ")
+                holder = model._holds.replace("block", "checkpoint")
+                raise IncompatibleCheckpointError(
+                    f"the model holds the state that {holder} "
+                    + ("left when it was interrupted" if interrupted else "ended with")
+                    + f", which no checkpoint holds, so {self._where} cannot record what it continues from. "
+                    + (f"Run {holder}'s block again to finish it, load" if interrupted else "Load")
+                    + " a checkpoint (model.load_checkpoint(id)), or build the model again (re-run the cell that "
+                    "creates it).")
+            parent = model.current
+            if record is not None and record["parent"] != parent:
+                load = (f"load its parent first (model.load_checkpoint({record['parent']!r}))" if record["parent"]
+                        is not None else "build the model again (re-run the cell that creates it)")
+                raise IncompatibleCheckpointError(
+                    f"{self._where} continued from "
+                    + ("the model as built" if record["parent"] is None else f"checkpoint {record['parent']}")
+                    + f", but the model now stands at {'no checkpoint' if parent is None else 'checkpoint ' + parent}. "
+                    f"To read it back, {load}; to train it from here, delete it: model.delete_checkpoint({self.id!r})")
+            if record is not None and record.get("parent_token") != model._current_token:
+                raise IncompatibleCheckpointError(
+                    f"{self._where} continued from another state of checkpoint {parent}: that checkpoint was trained "
+                    f"again or extended since, or it is loaded another way now (from_backup=, load_schedulers=). "
+                    f"Delete {self._where} to train it from the state the model stands at: "
+                    f"model.delete_checkpoint({self.id!r})")
+            self._parent, self._parent_token = parent, model._current_token
+        self._recipe = _Recipe(copy.deepcopy(dict(model.recipe)))
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
@@ -558,6 +641,11 @@ class CheckpointBlock:
                 if not isinstance(cls, type) or not issubclass(cls, _FAMILY[component]):
                     raise SetupError(f"{component}_cls must be a class of {' or '.join(f.__name__ for f in _FAMILY[component])}, "
                                      f"not {cls!r}")
+                if component == "step_scheduler" and issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    raise SetupError("ReduceLROnPlateau steps on a metric once per epoch: give it as epoch_scheduler_cls")
+                if component == "optimizer" and _needs_closure(cls):
+                    raise SetupError(f"{cls.__name__} needs a closure at each step (as LBFGS does), which train() "
+                                     "does not give; choose an optimizer whose step() takes no argument")
                 name = qualified_name(cls)
                 self.model._classes[name] = cls
             recipe[component] = {"cls": name, "args": _plain(dict(args or {}), f"{component}_args")}
@@ -600,9 +688,10 @@ class CheckpointBlock:
         else on the training batches).
 
         :param watch: ``"loss"`` or a metric's name.
-        :param mode: ``"min"`` or ``"max"``; by default ``"min"`` for ``loss`` and
-            names with ``error``, ``mse``, ``mae``; otherwise what the metric's
-            ``higher_is_better`` says (``"max"`` when undecorated).
+        :param mode: ``"min"`` or ``"max"``; by default what the metric's
+            ``higher_is_better`` says (see :func:`metric`); for ``loss`` and
+            undecorated names with ``loss``, ``error``, ``mse``, ``mae`` ``"min"``;
+            otherwise ``"max"``.
         :param load_best: end on the best epoch's model and optimizer state; the
             schedulers keep their end state, so the next call continues at their
             learning rate. With ``False``, when the best epoch was not the last, its
@@ -629,11 +718,11 @@ class CheckpointBlock:
         if watch != "loss" and watch not in names:
             raise SetupError(f"watch={watch!r} is neither 'loss' nor one of the metrics {names}")
         if mode is None:
-            if watch == "loss" or any(w in watch.lower() for w in _LOWER_IS_BETTER):
-                mode = "min"
+            declared = getattr(metrics[names.index(watch)], "higher_is_better", None) if watch != "loss" else None
+            if declared is not None:
+                mode = "max" if declared else "min"
             else:
-                fn = metrics[names.index(watch)]
-                mode = "max" if getattr(fn, "higher_is_better", True) else "min"
+                mode = "min" if watch == "loss" or any(w in watch.lower() for w in _LOWER_IS_BETTER) else "max"
         if mode not in ("min", "max"):
             raise SetupError(f"mode must be 'min' or 'max', not {mode!r}")
         if self.model.loss_fn is None or self.model.optimizer is None:
@@ -650,7 +739,10 @@ class CheckpointBlock:
                 log.warning("%s: train() call %d was trained with %s; this run asks %s. The cached result is returned; "
                             "delete the checkpoint to train it again: model.delete_checkpoint(%r)",
                             self._where, call + 1, cached["key"], key, self.id)
-            set_rng_state(cached["rng"])
+            if call == len(record["results"]) - 1 and not self._state_loaded:
+                self._load_end_state()  # the code after the block's last cached call sees the model it left
+            _set_random(cached["rng"], train_dl, val_dl)
+            self._rng_restored = True
             done = cached["result"]
             Report(self.model.quiet).line(
                 f"{self._where}: train() call {call + 1} read from the checkpoint ({len(done['history']['epoch'])} epochs, "
@@ -662,22 +754,36 @@ class CheckpointBlock:
         self._trained = True
         return copy.deepcopy(result)
 
-    def _begin(self):
-        """Before a call is trained: the record exists on disk, the components hold the state of the call before."""
+    def _load_end_state(self):
+        states = self.model._read(self.id, STATE_NAME)
+        _check_pair(self._record, states, self._where)
+        self.model._set_states(states)
+        self._state_loaded = True
+
+    def _ensure_record(self):
+        """The block's record, written when the block first trains or ends."""
         model = self.model
         if self._record is None:
-            self._record = {"id": self.id, "parent": self._parent, "description": self.description or "",
-                            "model_description": model.description, "recipe": dict(self._recipe), "results": [],
-                            "complete": False, "created": time.time()}
+            self._record = {"id": self.id, "parent": self._parent, "parent_token": self._parent_token,
+                            "token": uuid.uuid4().hex, "fingerprint": model.fingerprint(),
+                            "description": self.description or "", "model_description": model.description,
+                            "recipe": dict(self._recipe), "results": [], "complete": False, "created": time.time()}
             model._writer(self.id).save_files({BLOCK_NAME: (_save_bytes(self._record), _fields("block"))})
-        if not self._setup_done:
+        elif not self._setup_done:
             self._check_recipe(self._recipe)
-        if self._record["results"] and not self._state_loaded:
-            states = model._read(self.id, STATE_NAME)
-            _check_pair(self._record, states, self._where)
-            model._set_states(states)
-            set_rng_state(self._record["results"][-1]["rng"])
-            self._state_loaded = True
+        return self._record
+
+    def _begin(self):
+        """Before a call is trained: the record says the block is unfinished, the components hold the state of
+        the call before."""
+        model = self.model
+        record = self._ensure_record()
+        if record["complete"]:  # a finished block gets another call: unfinished until it ends again
+            record["complete"] = False
+            model._writer(self.id).save_files({BLOCK_NAME: (_save_bytes(record), _fields("block"))})
+        if record["results"] and not self._state_loaded:
+            self._load_end_state()
+        model._holds = f"block {self.id}"
 
     def _commit(self, result, rng, end_states, best_states):
         """After a call: its result, the end state, the best model and a backup (or none) in one save."""
@@ -685,6 +791,7 @@ class CheckpointBlock:
         record = self._record
         record["results"].append({"key": result.pop("_key"), "result": result, "rng": rng})
         record["epoch"], record["step"] = model.epoch, model.step
+        record["token"] = uuid.uuid4().hex  # a new end state: checkpoints that continued from the old one no longer fit
         calls = len(record["results"])
         writer = model._writer(self.id)
         writes = {BLOCK_NAME: (_save_bytes(record), _fields("block")),
@@ -702,7 +809,8 @@ class CheckpointBlock:
             best_model = (best_states or end_states)["model"]
             writes[BEST_MODEL_NAME] = _payload_write(model_payload(best_model, result["best_epoch"], model.step, digest,
                                                                    model._device()))
-        retire = [PROGRESS_NAME] if writer.record(PROGRESS_NAME) is not None else []
+        retire = [name for name in writer.files if (name == PROGRESS_NAME or name.startswith(_CACHE_PREFIX))
+                  and not writer.files[name].get("retired")]  # cached operations were on the old end state
         if best_states is not None:
             writes[BACKUP_NAME] = (_save_bytes({**best_states, "calls": calls}), _fields("backup"))
         elif writer.record(BACKUP_NAME) is not None:
@@ -712,33 +820,26 @@ class CheckpointBlock:
 
     def _finish(self):
         model = self.model
-        record = self._record
-        if record is None:  # a block that trained nothing: its end state is the parent's, with its own set-up
-            self._begin()
-            record = self._record
-        elif not self._setup_done:
-            self._check_recipe(self._recipe)
+        fresh = self._record is None
+        record = self._ensure_record()
+        writer = model._writer(self.id)
         if record["results"] and not self._state_loaded:
-            states = model._read(self.id, STATE_NAME)
-            _check_pair(record, states, self._where)
-            model._set_states(states)
-            set_rng_state(record["results"][-1]["rng"])
-            self._state_loaded = True
+            self._load_end_state()
+            if not self._rng_restored:
+                _set_random(record["results"][-1]["rng"], *self._loaders)
         if self._calls < len(record["results"]):
             log.warning("%s holds %d train() calls; this run made %d. The model is left as the last cached call "
                         "ended.", self._where, len(record["results"]), self._calls)
-        writer = model._writer(self.id)
-        if not record["results"] and writer.record(STATE_NAME) is None:
-            writer.save_files({STATE_NAME: (_save_bytes({**_snapshot(model._states()), "calls": 0}),
-                                            _fields("state", epochs_done=model.epoch))})
-        elif not record["results"]:
-            states = model._read(self.id, STATE_NAME)
-            _check_pair(record, states, self._where)
-            model._set_states(states)
+        if not record["results"]:  # a block that trains nothing: the parent's end state, with its own set-up
+            if fresh or writer.record(STATE_NAME) is None:
+                writer.save_files({STATE_NAME: (_save_bytes({**_snapshot(model._states()), "calls": 0}),
+                                                _fields("state", epochs_done=model.epoch))})
+            else:
+                self._load_end_state()
         if not record["complete"]:
             record["complete"] = True
             writer.save_files({BLOCK_NAME: (_save_bytes(record), _fields("block"))})
-        model.current = self.id
+        model._stands_at(self.id, record["token"])
 
     # ---------------------------------------------------------------- plots
 
@@ -788,11 +889,56 @@ def _interactive():
 
 
 def _carry_count(old, new):
-    """A scheduler rebuilt on a new optimizer keeps the count of steps of the one it replaces."""
-    if hasattr(old, "last_epoch") and hasattr(new, "last_epoch"):
-        new.last_epoch = old.last_epoch
-    if hasattr(old, "num_bad_epochs") and hasattr(new, "num_bad_epochs"):
-        new.num_bad_epochs, new.best = old.num_bad_epochs, old.best
+    """A scheduler rebuilt on a new optimizer continues the count of steps of the one it replaces: it is stepped
+    as many times, so that the learning rate is the schedule's at that count, from the new optimizer's rate."""
+    if isinstance(new, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        for field in ("num_bad_epochs", "best", "cooldown_counter", "last_epoch"):
+            if hasattr(old, field):
+                setattr(new, field, getattr(old, field))
+        return
+    with _quiet_scheduler():
+        for _ in range(max(getattr(old, "last_epoch", 0) - getattr(new, "last_epoch", 0), 0)):
+            new.step()
+
+
+@contextlib.contextmanager
+def _quiet_scheduler():
+    """Without torch's warning about a scheduler stepped before its optimizer (a resume or a carried count
+    steps a scheduler first, on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        yield
+
+
+def _generators(*loaders):
+    """The :class:`torch.Generator` objects a DataLoader draws its order from (its own, its sampler's)."""
+    found = []
+    for loader in loaders:
+        if loader is None:
+            continue
+        sampler = getattr(loader, "sampler", None)
+        inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        for generator in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
+                          getattr(inner, "generator", None)):
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found
+
+
+def _random(*loaders):
+    """The random streams: the process's, and those of the loaders' own generators."""
+    return {"streams": get_rng_state(), "loaders": [g.get_state() for g in _generators(*loaders)]}
+
+
+def _set_random(state, *loaders):
+    set_rng_state(state["streams"])
+    generators = _generators(*loaders)
+    if len(generators) == len(state["loaders"]):
+        for generator, saved in zip(generators, state["loaders"]):
+            generator.set_state(saved)
+    elif loaders:
+        log.warning("the DataLoaders have %d generators of their own, the checkpoint saved %d: their order is not "
+                    "restored", len(generators), len(state["loaders"]))
 
 
 class _Training:
@@ -828,11 +974,11 @@ class _Training:
             return None
         return progress
 
-    def _save_progress(self, epoch, batch, rng_start, history, running, best):
+    def _save_progress(self, epoch, batch, random_start, history, running, best):
         model, block = self.model, self.block
-        progress = {"call": self.call, "key": self.key, "epoch": epoch, "batch": batch, "rng_epoch_start": rng_start,
-                    "rng": get_rng_state(), "states": model._states(), "history": history, "running": running,
-                    "best": best}
+        progress = {"call": self.call, "key": self.key, "epoch": epoch, "batch": batch, "random_epoch_start": random_start,
+                    "random": _random(self.train_dl, self.val_dl), "states": model._states(), "history": history,
+                    "running": running, "best": best}
         model._writer(block.id).save_files({PROGRESS_NAME: (_save_bytes(progress), _fields(
             "progress", epochs_done=model.epoch, step=model.step))})
         self.saved_at = time.monotonic()
@@ -854,6 +1000,10 @@ class _Training:
                 count += n
         return sums, count
 
+    def _new_running(self):
+        """The sums of an epoch so far, and the learning rate it started with."""
+        return {"loss": 0.0, "count": 0, "lr": self.model.optimizer.param_groups[0]["lr"], **{n: 0.0 for n in self.names}}
+
     def run(self):
         model, block, key = self.model, self.block, self.key
         progress = self._progress()
@@ -861,24 +1011,29 @@ class _Training:
             model._set_states(progress["states"])
             history, best = progress["history"], progress["best"]
             start_epoch, start_batch = progress["epoch"], progress["batch"]
-            log.warning("%s: continuing the interrupted train() call %d at epoch %d of %d, batch %d",
-                        block._where, self.call + 1, start_epoch + 1, key["epochs"], start_batch)
+            # where the interrupted epoch began (its order is drawn again), or where the call stood
+            _set_random(progress["random_epoch_start"] if start_batch else progress["random"], self.train_dl,
+                        self.val_dl)
+            if start_epoch or start_batch:
+                where = (f"after its last epoch" if start_epoch == key["epochs"]
+                         else f"at epoch {start_epoch + 1} of {key['epochs']}, batch {start_batch}")
+                log.warning("%s: continuing the interrupted train() call %d %s", block._where, self.call + 1, where)
         else:
             history = {"epoch": [], "lr": [], "train_loss": [], **{f"train_{n}": [] for n in self.names}}
             if self.val_dl is not None:
                 history.update({"val_loss": [], **{f"val_{n}": [] for n in self.names}})
             best, start_epoch, start_batch = None, 0, 0
+            # the state the call starts from: a call interrupted before its first save starts there again
+            self._save_progress(0, 0, None, history, None, None)
         self.saved_at = time.monotonic()
         for epoch in range(start_epoch, key["epochs"]):
-            resuming = progress is not None and epoch == start_epoch
-            if resuming:  # an epoch's start, or where the interrupted epoch began (its order is drawn again)
-                set_rng_state(progress["rng_epoch_start"] if start_batch else progress["rng"])
-            rng_start = get_rng_state()
-            best = self._epoch(epoch, history, best, rng_start,
-                               progress if resuming else None, start_batch if resuming else 0)
+            resuming = progress is not None and epoch == start_epoch and start_batch
+            random_start = progress["random_epoch_start"] if resuming else _random(self.train_dl, self.val_dl)
+            best = self._epoch(epoch, history, best, random_start, progress if resuming else None,
+                               start_batch if resuming else 0)
         return self._end(history, best)
 
-    def _epoch(self, epoch, history, best, rng_start, progress, skip):
+    def _epoch(self, epoch, history, best, random_start, progress, skip):
         model, key = self.model, self.key
         module, loss_fn, optimizer, device = model.model, model.loss_fn, model.optimizer, model._device()
         started = time.monotonic()
@@ -886,10 +1041,10 @@ class _Training:
         for _ in range(skip):  # the same order as before the interruption: its batches are read, not trained on
             next(batches)
         if skip:
-            set_rng_state(progress["rng"])
+            _set_random(progress["random"], self.train_dl, self.val_dl)
             running = dict(progress["running"])
         else:
-            running = {"loss": 0.0, "count": 0, **{n: 0.0 for n in self.names}}
+            running = self._new_running()
         total = _samples(self.train_dl) or 0
         bar = self.report.bar(total, running["count"], f"{self.block._where}, epoch {model.epoch + 1}")
         module.train()
@@ -903,7 +1058,8 @@ class _Training:
                 loss.backward()
                 optimizer.step()
                 if model.step_scheduler is not None:
-                    model.step_scheduler.step()
+                    with _quiet_scheduler():
+                        model.step_scheduler.step()
                 model.step += 1
                 index += 1
                 n = _batch_size(targets)
@@ -916,7 +1072,7 @@ class _Training:
                 if (self.save_every and index % self.save_every == 0) or (
                         self.save_every_seconds is not None
                         and time.monotonic() - self.saved_at >= self.save_every_seconds):
-                    self._save_progress(epoch, index, rng_start, history, running, best)
+                    self._save_progress(epoch, index, random_start, history, running, best)
         finally:
             bar.close()
         if not running["count"]:
@@ -927,13 +1083,14 @@ class _Training:
             if not count:
                 raise SetupError(f"{self.block._where}: the validation DataLoader yielded no batch")
             values.update({f"val_{n}": sums[n] / count for n in ["loss"] + self.names})
-        lr = optimizer.param_groups[0]["lr"]
+        lr = running["lr"]
         scheduler = model.epoch_scheduler
         if scheduler is not None:
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(values[self.watched])
-            else:
-                scheduler.step()
+            with _quiet_scheduler():
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(values[self.watched])
+                else:
+                    scheduler.step()
         model.epoch += 1
         history["epoch"].append(model.epoch)
         history["lr"].append(lr)
@@ -947,8 +1104,7 @@ class _Training:
         self.report.line(f"{self.block._where}: epoch {model.epoch} ({epoch + 1} of {key['epochs']} in this call, "
                          f"{time.monotonic() - started:.1f} s): {shown}, lr {lr:.3g}"
                          + ("; best so far" if better else f"; best {self.watched} {best['value']:.4g} at epoch {best['epoch']}"))
-        self._save_progress(epoch + 1, 0, None, history, {"loss": 0.0, "count": 0, **{n: 0.0 for n in self.names}},
-                            best)
+        self._save_progress(epoch + 1, 0, None, history, None, best)
         return best
 
     def _end(self, history, best):
@@ -970,9 +1126,8 @@ class _Training:
                 backup = best["states"]
         result = {"history": history, "watch": self.watched, "best_epoch": best["epoch"], "best_value": best["value"],
                   "_key": key}
-        rng = get_rng_state()
-        end_states = model._states()
-        block._commit(result, rng, end_states, backup)
+        block._loaders = (self.train_dl, self.val_dl)
+        block._commit(result, _random(self.train_dl, self.val_dl), model._states(), backup)
         return result
 
 
@@ -1034,7 +1189,8 @@ class Cache:
     def _end_state(self):
         """A :class:`Model` holding the checkpoint's end state: the model itself when it stands there, else a copy."""
         model = self.model
-        if model.current == self.id:
+        record = model._block(self.id)
+        if model._holds == "checkpoint" and model.current == self.id and model._current_token == record["token"]:
             yield model
             return
         other = copy.copy(model)
@@ -1088,9 +1244,11 @@ class Cache:
                 entry = target.recipe["optimizer"]
                 cls = target._class("optimizer", entry["cls"], self._where)
                 optimizer = cls(module.parameters(), **{**entry["args"], **(optimizer_args or {})})
-                optimizer.load_state_dict(target.optimizer.state_dict())
+                optimizer.load_state_dict(copy.deepcopy(target.optimizer.state_dict()))  # the live state stays
             else:
                 raise SetupError(f"{self._where} has no optimizer; give optimizer_cls=")
+            if not hasattr(dataloader, "__len__"):
+                raise SetupError("find_lr needs a DataLoader with a length (not over an IterableDataset)")
             total = epochs * len(dataloader)
             factor = (max_rate / min_rate) ** (1 / max(total - 1, 1))
             lrs, losses = [], []

@@ -219,7 +219,7 @@ def test_fork_tree_and_parent_check(tmp_path, capsys):
     assert lines[2].startswith("    ├── 2 ") and lines[3].startswith("    └── 3 ")
     assert lines[4].startswith("        └── 4 \"from 3\"")
     assert cli_main(["lineage", str(tmp_path / "net")]) == 0
-    assert capsys.readouterr().out.strip() == text.replace("net: test model", "net: test model", 1)
+    assert capsys.readouterr().out.strip() == text  # the same tree, read from the files alone
     assert model.checkpoints() == ["1", "2", "3", "4"]
     # a re-run that reaches checkpoint 3 from checkpoint 2 is refused
     model.load_checkpoint(2)
@@ -244,24 +244,25 @@ def test_cache_computes_once_and_deletes(tmp_path):
     reference_loss = torch.nn.functional.cross_entropy(reference.model(test_dl.dataset.tensors[0]),
                                                        test_dl.dataset.tensors[1]).item()
     assert evaluation["loss"] == pytest.approx(reference_loss, rel=1e-5)
-    before = torch.rand(1)
     state = torch.get_rng_state()
     found = model.cache(1).find_lr(train_dl, optimizer_cls=torch.optim.SGD, epochs=2)
     assert torch.equal(torch.get_rng_state(), state)  # computing drew nothing from the streams that follow
     assert len(found["lrs"]) == len(found["losses"]) and found["lrs"][0] == 1e-8
     assert found["suggested_lr"] in found["lrs"]
     assert same(params(model), at_two)
+    live = {k: v["exp_avg"].clone() for k, v in model.optimizer.state_dict()["state"].items()}
+    model.cache(2).find_lr(train_dl)  # the checkpoint's own optimizer (Adam), with its state, on copies
+    assert all(torch.equal(model.optimizer.state_dict()["state"][k]["exp_avg"], v) for k, v in live.items())
     assert model.cache(1).evaluate(test_dl, metrics=[metric_accuracy]) == evaluation
     assert model.cache(1).find_lr(train_dl, optimizer_cls=torch.optim.SGD, epochs=2) == found
     assert CALLS["metric"] == 1
-    assert model.cache(1).names() == ["evaluate", "find_lr"]
+    assert model.cache(1).names() == ["evaluate", "find_lr"] and model.cache(2).names() == ["find_lr"]
     model.cache(1).delete("evaluate")
     assert model.cache(1).names() == ["find_lr"]
     model.cache(1).evaluate(test_dl, metrics=[metric_accuracy])
     assert CALLS["metric"] == 2
     model.cache(1).delete()
     assert model.cache(1).names() == [] and model.cache(1).get("find_lr") is None
-    assert before.shape == (1,)
     with pytest.raises(CheckpointNotFoundError, match="run its block first"):
         model.cache(9).evaluate(test_dl)
     model.delete_checkpoint(1)
@@ -436,3 +437,188 @@ def test_the_notebook_example_reads_everything_back_on_its_second_run(tmp_path):
     assert second.stderr.count("read from the checkpoint") == 3 and "epoch 1 (1 of" not in second.stderr
     assert second.stdout == first.stdout
     assert "├── 2" in first.stdout and "└── 3" in first.stdout
+
+
+def test_the_same_cell_twice_in_one_session_and_a_block_extended_later(tmp_path):
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first = first_block(model, train_dl, test_dl, epochs=2)
+    end = params(model)
+    assert first_block(model, train_dl, test_dl, epochs=2) == first  # run the cell again: read back
+    assert same(params(model), end) and model.current == "1"
+    with model.checkpoint(2) as cp:
+        cp.train(train_dl, test_dl, epochs=1)
+    model.cache(1).evaluate(test_dl)
+    model.load_checkpoint(1)
+    with model.checkpoint(1) as cp:  # checkpoint 1 gets a second call: its cache and its children no longer fit
+        cp.setup(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.Adam, optimizer_args=dict(lr=0.01),
+                 epoch_scheduler_cls=torch.optim.lr_scheduler.StepLR, epoch_scheduler_args=dict(step_size=1, gamma=0.5))
+        cp.train(train_dl, test_dl, watch="accuracy", epochs=2, metrics=[metric_accuracy])
+        cp.train(train_dl, test_dl, epochs=1)
+    assert model.cache(1).names() == [] and model.epoch == 3
+    with pytest.raises(IncompatibleCheckpointError, match=r"another state of checkpoint 1.*delete_checkpoint\('2'\)"):
+        with model.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=1)
+    model.delete_checkpoint(2)
+    with model.checkpoint(2) as cp:
+        assert cp.train(train_dl, test_dl, epochs=1)["history"]["epoch"] == [4]
+
+
+def test_a_model_left_midway_or_deleted_is_not_a_parent(tmp_path):
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first_block(model, train_dl, test_dl, epochs=1)
+    with pytest.raises(RuntimeError):
+        with model.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=1)
+            raise RuntimeError("a cell's error after training")
+    with pytest.raises(IncompatibleCheckpointError, match="checkpoint 2 left when it was interrupted"):
+        with model.checkpoint(3) as cp:
+            pass
+    with model.checkpoint(2) as cp:  # running the interrupted block again finishes it
+        cp.train(train_dl, test_dl, epochs=1)
+    with model.checkpoint(3) as cp:
+        cp.train(train_dl, test_dl, epochs=1)
+    model.delete_checkpoint(3)
+    with pytest.raises(IncompatibleCheckpointError, match="deleted checkpoint 3 ended with.*load_checkpoint"):
+        with model.checkpoint(3) as cp:
+            pass
+    model.load_checkpoint(2)  # the suggested fix
+    with model.checkpoint(3) as cp:
+        assert cp.train(train_dl, test_dl, epochs=1)["history"]["epoch"] == [3]
+    # a checkpoint extended with a call that is interrupted is unfinished again
+    model.load_checkpoint(2)
+    with pytest.raises(KeyboardInterrupt):
+        with model.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=1)
+            cp.train(train_dl, test_dl, epochs=1, metrics=[interrupting(1)])
+    with pytest.raises(CheckpointNotFoundError, match="never ran to its end"):
+        new_model(tmp_path).load_checkpoint(2)
+
+
+def interrupting(after):
+    """A metric that raises KeyboardInterrupt (a notebook's Ctrl-C) at its ``after``-th call."""
+    count = {"n": 0}
+
+    @metric("accuracy")
+    def accuracy(outputs, targets):
+        count["n"] += 1
+        if count["n"] == after:
+            raise KeyboardInterrupt
+        return (outputs.argmax(dim=-1) == targets).sum().item()
+    return accuracy
+
+
+def test_ctrl_c_before_any_save_and_rerun_in_the_same_session(tmp_path):
+    train_dl, test_dl = loaders()
+    reference = new_model(tmp_path / "reference")
+    expected = first_block(reference, train_dl, test_dl, epochs=2)
+    expected_random = torch.rand(3)
+    model = new_model(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C at the first call's 2nd batch, before any progress save
+        with model.checkpoint(1) as cp:
+            cp.setup(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.Adam, optimizer_args=dict(lr=0.01),
+                     epoch_scheduler_cls=torch.optim.lr_scheduler.StepLR,
+                     epoch_scheduler_args=dict(step_size=1, gamma=0.5))
+            cp.train(train_dl, test_dl, watch="accuracy", epochs=2, metrics=[interrupting(2)])
+    torch.manual_seed(99)
+    result = first_block(model, train_dl, test_dl, epochs=2)  # the cell again, in the same session
+    assert result == expected and same(params(model), params(reference))
+    assert torch.equal(torch.rand(3), expected_random)
+
+
+def test_random_draws_in_a_block_and_a_loader_generator_are_kept(tmp_path):
+    x = torch.randn(48, 5)
+    y = (x[:, 0] > 0).long()
+
+    def notebook(root):
+        generator = torch.Generator().manual_seed(7)
+        train_dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=generator)
+        model = new_model(root)
+        with model.checkpoint(1) as cp:
+            cp.setup(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1))
+            cp.train(train_dl, epochs=2)
+            inside = torch.rand(2)  # drawn after the last train() of the block
+        with model.checkpoint(2) as cp:
+            second = cp.train(train_dl, epochs=2)
+        return inside, torch.rand(2), second, params(model)
+
+    first = notebook(tmp_path / "a")
+    again = notebook(tmp_path / "a")
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert first[2] == again[2] and same(first[3], again[3])
+    (tmp_path / "b").mkdir()
+    model_b = notebook(tmp_path / "b")  # trained without any cache: the same
+    assert model_b[2] == first[2] and same(model_b[3], first[3])
+    generator = torch.Generator().manual_seed(7)
+    train_dl = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=generator)
+    model = new_model(tmp_path / "a")
+    model.load_checkpoint(1)
+    model.delete_checkpoint(2)
+    assert not os.path.exists(model.checkpoint_directory(2))
+
+
+def test_schedulers(tmp_path):
+    train_dl, test_dl = loaders()
+    with pytest.raises(SetupError, match="ReduceLROnPlateau"):
+        with new_model(tmp_path / "a").checkpoint(1) as cp:
+            cp.setup(optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1),
+                     step_scheduler_cls=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(SetupError, match="closure"):
+        with new_model(tmp_path / "b").checkpoint(1) as cp:
+            cp.setup(optimizer_cls=torch.optim.LBFGS)
+
+    def block(model, cp_id, epochs, **setup):
+        with model.checkpoint(cp_id) as cp:
+            if setup:
+                cp.setup(**setup)
+            return cp.train(train_dl, test_dl, epochs=epochs)
+
+    # a step scheduler (stepped every batch) is cached and continued exactly
+    model = new_model(tmp_path / "c")
+    cosine = dict(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1),
+                  step_scheduler_cls=torch.optim.lr_scheduler.CosineAnnealingLR, step_scheduler_args=dict(T_max=24))
+    block(model, 1, 2, **cosine)
+    rates = block(model, 2, 2)["history"]["lr"]
+    assert model.step_scheduler.last_epoch == 16 and model.step == 16
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                                                          T_max=24)
+    expected = []
+    for step in range(16):
+        if step % 4 == 0:
+            expected.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx(expected[2:])
+    # a scheduler carried over to a new optimizer goes on with the schedule, from the new optimizer's rate
+    model = new_model(tmp_path / "d")
+    step = dict(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1),
+                epoch_scheduler_cls=torch.optim.lr_scheduler.StepLR, epoch_scheduler_args=dict(step_size=1, gamma=0.5))
+    block(model, 1, 2, **step)
+    rates = block(model, 2, 2, optimizer_cls=torch.optim.Adam, optimizer_args=dict(lr=0.01))["history"]["lr"]
+    assert rates == pytest.approx([0.01 * 0.25, 0.01 * 0.125])
+    # load_schedulers=False: the schedule starts again, at the optimizer's rate as built
+    fresh = new_model(tmp_path / "d")
+    fresh.load_checkpoint(1, load_schedulers=False)
+    assert fresh.epoch_scheduler.last_epoch == 0 and fresh.optimizer.param_groups[0]["lr"] == 0.1
+    # ReduceLROnPlateau as the epoch scheduler gets the watched value
+    model = new_model(tmp_path / "e")
+    plateau = dict(loss_cls=torch.nn.CrossEntropyLoss, optimizer_cls=torch.optim.SGD, optimizer_args=dict(lr=0.1),
+                   epoch_scheduler_cls=torch.optim.lr_scheduler.ReduceLROnPlateau,
+                   epoch_scheduler_args=dict(mode="max", patience=0, factor=0.5))
+    with model.checkpoint(1) as cp:
+        cp.setup(**plateau)
+        rates = cp.train(train_dl, test_dl, watch="flat", epochs=3, metrics=[metric_flat])["history"]["lr"]
+    assert rates == [0.1, 0.1, 0.05]  # the flat metric does not improve in epoch 2: the rate halves after it
+
+
+def test_another_architecture_is_refused(tmp_path):
+    train_dl, test_dl = loaders()
+    first_block(new_model(tmp_path), train_dl, test_dl, epochs=1)
+    torch.manual_seed(0)
+    other = Model("net", torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+                  root=tmp_path, quiet=True)
+    with pytest.raises(IncompatibleCheckpointError, match="another model architecture"):
+        first_block(other, train_dl, test_dl, epochs=1)
+    with pytest.raises(IncompatibleCheckpointError, match="another model architecture"):
+        other.load_checkpoint(1)
