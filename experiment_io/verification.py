@@ -13,6 +13,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
 from .errors import NotACheckpointError
@@ -54,12 +55,15 @@ def _populate_limit():
 
 
 class _LibcMap:
-    """A read-only shared map of a whole file, made and populated by a direct ``mmap(2)`` call.
+    """A read-only shared map of a whole file, made by direct ``mmap(2)`` calls, each without the GIL.
 
-    The call goes through :mod:`ctypes`, which lets go of the GIL while it runs:
-    Python's :class:`mmap.mmap` holds it while ``MAP_POPULATE`` reads the file in, so
-    a cold 2 GiB file stopped every other thread (the structure's unpickling, the
-    state file's load) for the second or more the disk took.
+    The calls go through :mod:`ctypes`, which lets go of the GIL while they run
+    (Python's :class:`mmap.mmap` holds it while ``MAP_POPULATE`` reads a file in, so a
+    cold 2 GiB file stopped every other thread for as long as the disk took). A file
+    that is mostly in the page cache is mapped populated, in one call (the hash then
+    takes no page faults); a file that is not is mapped for sequential reading, so
+    that the kernel reads ahead of the hash (populating a cold file reads it about
+    twice as slowly as faulting it in with read-ahead).
     """
 
     _libc = None
@@ -74,16 +78,44 @@ class _LibcMap:
                                       ctypes.c_int64)
                 libc.munmap.restype = ctypes.c_int
                 libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-                cls._libc = libc if hasattr(mmap, "MAP_POPULATE") and ctypes.sizeof(ctypes.c_void_p) == 8 else False
+                libc.mincore.restype = ctypes.c_int
+                libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+                libc.madvise.restype = ctypes.c_int
+                libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                usable = all(hasattr(mmap, n) for n in ("MAP_POPULATE", "MADV_SEQUENTIAL"))
+                cls._libc = libc if usable and ctypes.sizeof(ctypes.c_void_p) == 8 else False
             except (OSError, AttributeError):  # pragma: no cover - not Linux
                 cls._libc = False
         return bool(cls._libc)
 
-    def __init__(self, fd, size):
-        address = self._libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
+    def _map(self, fd, size, flags):
+        address = self._libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED | flags, fd, 0)
         if address is None or address == ctypes.c_void_p(-1).value:
             error = ctypes.get_errno()
             raise OSError(error, os.strerror(error))
+        return address
+
+    def _mostly_cached(self, address, size, windows=32, window_pages=16):
+        """Whether most of the file is in the page cache, judged on ``windows`` runs of pages spread over it."""
+        page = mmap.PAGESIZE
+        pages = -(-size // page)
+        vector = np.zeros(window_pages, dtype=np.uint8)
+        resident = checked = 0
+        for start in sorted({pages * i // windows for i in range(windows)}):
+            count = min(window_pages, pages - start)
+            if self._libc.mincore(address + start * page, min(count * page, size - start * page), vector.ctypes.data):
+                return True  # unknown: map it populated
+            resident += int(np.count_nonzero(vector[:count] & 1))
+            checked += count
+        return resident * 2 >= checked
+
+    def __init__(self, fd, size):
+        address = self._map(fd, size, 0)
+        if self._mostly_cached(address, size):
+            self._libc.munmap(address, size)
+            address = self._map(fd, size, mmap.MAP_POPULATE)
+        else:
+            self._libc.madvise(address, size, mmap.MADV_SEQUENTIAL)
         self._address, self._size = address, size
         self.view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 

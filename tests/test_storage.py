@@ -416,3 +416,28 @@ def test_run_lock_of_another_process(tmp_path):
         proc.stdout.close()
     with RunLock(tmp_path):  # a dead holder's lock is taken over
         pass
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, cached):
+    """A large file is digested through a map made without the GIL: populated when it is in the page cache,
+    read ahead sequentially when it is not; either gives the digest of reading the file in blocks."""
+    from experiment_io import verification
+
+    path = tmp_path / "big.bin"
+    data = os.urandom(3 * 1024 * 1024 + 12345)  # not a whole number of pages
+    path.write_bytes(data)
+    if not verification._LibcMap.available():
+        pytest.skip("no direct mmap(2) on this system")
+    chosen = []
+    original = verification._LibcMap._mostly_cached
+
+    def decide(self, address, size, **kwargs):
+        chosen.append(original(self, address, size, **kwargs))
+        return cached
+    monkeypatch.setattr(verification._LibcMap, "_mostly_cached", decide)
+    mapped = verification.file_digest(path)
+    assert chosen and isinstance(chosen[0], bool)
+    monkeypatch.setattr(verification, "_MAP_AT_LEAST", 1 << 40)  # read in blocks instead
+    assert verification.file_digest(path) == mapped
+    assert mapped.size == len(data)
