@@ -380,7 +380,8 @@ class Model:
         """A digest of the model's architecture: its class, its ``repr`` and the names, shapes and dtypes of its
         state. A checkpoint trained with another architecture is refused."""
         parts = [qualified_name(type(self.model)), re.sub(r" at 0x[0-9a-f]+", "", repr(self.model))]
-        parts += [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.model.state_dict().items()]
+        parts += [f"{k}:uninitialized" if isinstance(v, torch.nn.parameter.UninitializedTensorMixin)
+                  else f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.model.state_dict().items()]
         return xxhash.xxh3_64("\n".join(parts).encode()).hexdigest()
 
     def _set_states(self, states, *, schedulers=True, model=True):
@@ -428,6 +429,10 @@ class Model:
             ``train()`` did not end on its best epoch (``load_best=False``).
         :param load_schedulers: also load the schedulers' states (otherwise they start
             afresh, as built from the recipe).
+
+        The random streams of the process are set to what they were when the
+        checkpoint's last ``train()`` call ended, so that blocks forked from one
+        checkpoint start from the same streams.
         :raises CheckpointNotFoundError: when the checkpoint does not exist or never ran to its end.
         """
         cp_id = _check_id(id, "a checkpoint's id")
@@ -463,6 +468,8 @@ class Model:
                     group["lr"] = lr
                     if initial is not None:
                         group["initial_lr"] = initial
+        if record["results"]:  # a rollback restores the random streams too (not a DataLoader's own generator)
+            set_rng_state(record["results"][-1]["rng"]["streams"])
         self._stands_at(cp_id, record["token"] + variant)
         log.info("model %s now at checkpoint %s%s (epoch %d)", self.id, cp_id, " (backup)" if from_backup else "",
                  self.epoch)
@@ -486,8 +493,10 @@ class Model:
             return
         _remove_tree(directory)
         self._writers.pop(directory, None)
-        if self.current == cp_id:  # the components keep its state, which no checkpoint holds any more
-            self.current, self._current_token, self._holds = None, None, f"deleted checkpoint {cp_id}"
+        if self.current == cp_id or self._holds == f"block {cp_id}":  # its state stays, which nothing holds now
+            self._holds = f"deleted checkpoint {cp_id}"
+            if self.current == cp_id:
+                self.current, self._current_token = None, None
         log.info("deleted checkpoint %s of model %s", cp_id, self.id)
 
     def delete(self) -> None:
@@ -503,6 +512,13 @@ class Model:
     def tree(self) -> str:
         """The checkpoints as a tree of forks, with what each trained."""
         return tree(self.directory, title=f"{self.id}" + (f": {self.description}" if self.description else ""))
+
+
+def _load_arguments(record):
+    """The arguments of the ``load_checkpoint`` that gives a block's parent as the block began from it."""
+    token = record.get("parent_token") or ""
+    return repr(record["parent"]) + (", from_backup=True" if "+backup" in token else "") + (
+        ", load_schedulers=False" if "+fresh-schedulers" in token else "")
 
 
 def _remove_tree(directory):
@@ -535,6 +551,7 @@ class CheckpointBlock:
         self._state_loaded = False
         self._trained = False
         self._rng_restored = False
+        self._entered_midway = False
         self._loaders = ()
         self._record = None
         self._lock = None
@@ -557,24 +574,26 @@ class CheckpointBlock:
         record = self._record = model._block(self.id)
         if record is not None:
             model._check_fingerprint(record, self._where)
-        if record is not None and record["complete"] and model._holds == "checkpoint" and model.current == self.id \
-                and model._current_token == record["token"]:
-            self._parent, self._parent_token = record["parent"], record.get("parent_token")  # the same cell again
+        self._entered_midway = model._holds == f"block {self.id}"
+        if record is not None and model.current == self.id and model._current_token == record["token"] \
+                and model._holds in ("checkpoint", f"block {self.id}"):
+            # the same cell again (finished, or interrupted in a call it added)
+            self._parent, self._parent_token = record["parent"], record.get("parent_token")
         else:
             if model._holds not in ("built", "checkpoint") and model._holds != f"block {self.id}":
                 interrupted = model._holds.startswith("block ")
                 holder = model._holds.replace("block", "checkpoint")
                 raise IncompatibleCheckpointError(
                     f"the model holds the state that {holder} "
-                    + ("left when it was interrupted" if interrupted else "ended with")
+                    + ("left when it was interrupted" if interrupted else "left")
                     + f", which no checkpoint holds, so {self._where} cannot record what it continues from. "
                     + (f"Run {holder}'s block again to finish it, load" if interrupted else "Load")
                     + " a checkpoint (model.load_checkpoint(id)), or build the model again (re-run the cell that "
                     "creates it).")
             parent = model.current
             if record is not None and record["parent"] != parent:
-                load = (f"load its parent first (model.load_checkpoint({record['parent']!r}))" if record["parent"]
-                        is not None else "build the model again (re-run the cell that creates it)")
+                load = (f"load its parent first (model.load_checkpoint({_load_arguments(record)}))"
+                        if record["parent"] is not None else "build the model again (re-run the cell that creates it)")
                 raise IncompatibleCheckpointError(
                     f"{self._where} continued from "
                     + ("the model as built" if record["parent"] is None else f"checkpoint {record['parent']}")
@@ -658,6 +677,8 @@ class CheckpointBlock:
                     rebuilt.add(component)
         self._check_recipe(recipe)
         carried = {c: getattr(self.model, c) for c in rebuilt}
+        if named:
+            self.model._holds = f"block {self.id}"  # its components differ from the parent's until the block ends
         self.model._build(recipe, self._where, keep=set(_COMPONENTS) - named)
         for component, old in carried.items():
             _carry_count(old, getattr(self.model, component))
@@ -757,6 +778,7 @@ class CheckpointBlock:
     def _load_end_state(self):
         states = self.model._read(self.id, STATE_NAME)
         _check_pair(self._record, states, self._where)
+        self.model._holds = f"block {self.id}"  # until the block ends: its parent's state is gone
         self.model._set_states(states)
         self._state_loaded = True
 
@@ -1019,6 +1041,14 @@ class _Training:
                          else f"at epoch {start_epoch + 1} of {key['epochs']}, batch {start_batch}")
                 log.warning("%s: continuing the interrupted train() call %d %s", block._where, self.call + 1, where)
         else:
+            if block._entered_midway and not block._state_loaded:
+                parent = block._record["parent"]
+                raise IncompatibleCheckpointError(
+                    f"{block._where}: the model holds what its interrupted train() call {self.call + 1} left, and the "
+                    "progress save of that call is for other arguments, so the state this call starts from is gone "
+                    "from this session. "
+                    + (f"Load its parent (model.load_checkpoint({_load_arguments(block._record)}))" if parent is not None
+                       else "Build the model again (re-run the cell that creates it)") + " and run the block again.")
             history = {"epoch": [], "lr": [], "train_loss": [], **{f"train_{n}": [] for n in self.names}}
             if self.val_dl is not None:
                 history.update({"val_loss": [], **{f"val_{n}": [] for n in self.names}})
@@ -1164,7 +1194,7 @@ class Cache:
         return sorted(n[len(_CACHE_PREFIX):-3] for n, r in files.items()
                       if n.startswith(_CACHE_PREFIX) and n.endswith(".pt") and not r.get("retired"))
 
-    def _cached(self, name, key, compute):
+    def _cached(self, name, key, compute, loaders=()):
         file = self._file(name)
         model = self.model
         record = model._block(self.id)
@@ -1178,8 +1208,14 @@ class Cache:
                             self._where, name, stored["key"], key, self.id, name)
             log.info("%s: %s read from the cache", self._where, name)
             return stored["result"]
-        with _random_streams_kept(), self._end_state() as target:
-            result = compute(target)
+        generators = _generators(*loaders)
+        kept = [g.get_state() for g in generators]
+        try:
+            with _random_streams_kept(), self._end_state() as target:
+                result = compute(target)
+        finally:
+            for generator, state in zip(generators, kept):
+                generator.set_state(state)
         directory = model.checkpoint_directory(self.id)
         with RunLock(directory):
             model._writer(self.id).save_files({file: (_save_bytes({"key": key, "result": result}), _fields("cache"))})
@@ -1213,7 +1249,7 @@ class Cache:
             if not count:
                 raise SetupError("the DataLoader to evaluate on yielded no batch")
             return {n: sums[n] / count for n in sums}
-        return self._cached(name, key, compute)
+        return self._cached(name, key, compute, (dataloader,))
 
     def find_lr(self, dataloader: Iterable, optimizer_cls=None, optimizer_args: Optional[dict] = None, loss_cls=None, *,
                 epochs: int = 1, min_rate: float = 1e-8, max_rate: float = 1.0, name: str = "find_lr") -> dict:
@@ -1278,7 +1314,7 @@ class Cache:
             slopes = [(losses[i + 1] - losses[i]) / math.log(lrs[i + 1] / lrs[i]) for i in range(len(losses) - 1)]
             suggested = lrs[min(range(len(slopes)), key=slopes.__getitem__)] if slopes else lrs[0]
             return {"lrs": lrs, "losses": losses, "suggested_lr": suggested}
-        return self._cached(name, key, compute)
+        return self._cached(name, key, compute, (dataloader,))
 
     def delete(self, name: Optional[str] = None) -> None:
         """Delete the cached result ``name``, or every cached result of the checkpoint."""

@@ -172,8 +172,12 @@ class _OptimizerImports:
     def __init__(self):
         self._thread = None
         if "torch._dynamo" not in sys.modules:
-            self._thread = storage.worker_thread(self._load, name="experiment_io-prefetch", daemon=True)
-            self._thread.start()
+            thread = storage.worker_thread(self._load, name="experiment_io-prefetch", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to spare (interpreter shutting down): the restore imports it itself
+                return
+            self._thread = thread
 
     @staticmethod
     def _load():

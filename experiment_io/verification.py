@@ -116,8 +116,12 @@ class _LibcMap:
             address = self._map(fd, size, mmap.MAP_POPULATE)
         else:
             self._libc.madvise(address, size, mmap.MADV_SEQUENTIAL)
+        try:
+            self.view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B").toreadonly()
+        except BaseException:
+            self._libc.munmap(address, size)
+            raise
         self._address, self._size = address, size
-        self.view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
 
     def __enter__(self):
         return self.view

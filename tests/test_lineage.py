@@ -480,7 +480,7 @@ def test_a_model_left_midway_or_deleted_is_not_a_parent(tmp_path):
     with model.checkpoint(3) as cp:
         cp.train(train_dl, test_dl, epochs=1)
     model.delete_checkpoint(3)
-    with pytest.raises(IncompatibleCheckpointError, match="deleted checkpoint 3 ended with.*load_checkpoint"):
+    with pytest.raises(IncompatibleCheckpointError, match="deleted checkpoint 3 left.*load_checkpoint"):
         with model.checkpoint(3) as cp:
             pass
     model.load_checkpoint(2)  # the suggested fix
@@ -622,3 +622,90 @@ def test_another_architecture_is_refused(tmp_path):
         first_block(other, train_dl, test_dl, epochs=1)
     with pytest.raises(IncompatibleCheckpointError, match="another model architecture"):
         other.load_checkpoint(1)
+
+
+def test_interrupted_then_deleted_or_rerun_with_other_arguments_in_one_session(tmp_path):
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first_block(model, train_dl, test_dl, epochs=1)
+
+    def interrupted(cp_id, epochs):
+        with pytest.raises(KeyboardInterrupt):
+            with model.checkpoint(cp_id) as cp:
+                cp.train(train_dl, test_dl, epochs=epochs, metrics=[interrupting(6)])
+
+    # deleting an interrupted checkpoint does not make its half-trained state a parent
+    interrupted(2, 2)
+    model.delete_checkpoint(2)
+    with pytest.raises(IncompatibleCheckpointError, match=r"deleted checkpoint 2 left.*load_checkpoint"):
+        with model.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=2)
+    # re-running the interrupted block with other arguments: the state its call started from is gone
+    model.load_checkpoint(1)
+    interrupted(2, 2)
+    with pytest.raises(IncompatibleCheckpointError, match=r"other arguments.*load_checkpoint\('1'\)"):
+        with model.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=3)
+    model.load_checkpoint(1)  # the suggested fix
+    with model.checkpoint(2) as cp:
+        three = cp.train(train_dl, test_dl, epochs=3)
+    reference = new_model(tmp_path / "reference")
+    first_block(reference, train_dl, test_dl, epochs=1)
+    with reference.checkpoint(2) as cp:
+        assert cp.train(train_dl, test_dl, epochs=3) == three
+
+
+def test_an_interrupted_extension_is_rerun_in_the_same_session(tmp_path):
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first_block(model, train_dl, test_dl, epochs=1)
+    with model.checkpoint(2) as cp:
+        one = cp.train(train_dl, test_dl, epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        with model.checkpoint(2) as cp:  # the same cell, given a second call, interrupted in it
+            assert cp.train(train_dl, test_dl, epochs=1) == one
+            cp.train(train_dl, test_dl, epochs=2, metrics=[interrupting(6)])
+    with model.checkpoint(2) as cp:  # and run again: the first call read back, the second continued
+        assert cp.train(train_dl, test_dl, epochs=1) == one
+        two = cp.train(train_dl, test_dl, epochs=2, metrics=[metric_accuracy])
+    reference = new_model(tmp_path / "reference")
+    first_block(reference, train_dl, test_dl, epochs=1)
+    with reference.checkpoint(2) as cp:
+        cp.train(train_dl, test_dl, epochs=1)
+        assert cp.train(train_dl, test_dl, epochs=2, metrics=[metric_accuracy]) == two
+    assert same(params(model), params(reference))
+
+
+def test_a_cell_error_after_a_cached_block_is_read_back(tmp_path):
+    """A block whose cached call loaded its end state, then raised: the model is not at its parent any more."""
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first_block(model, train_dl, test_dl, epochs=1)
+    with model.checkpoint(2) as cp:
+        cp.train(train_dl, test_dl, epochs=1)
+    again = new_model(tmp_path)
+    first_block(again, train_dl, test_dl, epochs=1)
+    with pytest.raises(RuntimeError):
+        with again.checkpoint(2) as cp:
+            cp.train(train_dl, test_dl, epochs=1)
+            raise RuntimeError("a plot that failed")
+    with pytest.raises(IncompatibleCheckpointError, match="checkpoint 2"):
+        with again.checkpoint(3) as cp:
+            pass
+    evaluation = again.cache(1).evaluate(test_dl)  # on checkpoint 1 as stored, not on the live model
+    fresh = new_model(tmp_path)
+    fresh.load_checkpoint(1)
+    x, y = test_dl.dataset.tensors
+    assert evaluation["loss"] == pytest.approx(torch.nn.functional.cross_entropy(fresh.model(x), y).item(), rel=1e-5)
+
+
+def test_cached_operations_leave_a_loader_generator_alone(tmp_path):
+    train_dl, test_dl = loaders()
+    model = new_model(tmp_path)
+    first_block(model, train_dl, test_dl, epochs=1)
+    x, y = train_dl.dataset.tensors
+    generator = torch.Generator().manual_seed(3)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=generator)
+    before = generator.get_state()
+    model.cache(1).find_lr(shuffled)
+    assert torch.equal(generator.get_state(), before)
