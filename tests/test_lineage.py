@@ -464,17 +464,26 @@ def test_the_same_cell_twice_in_one_session_and_a_block_extended_later(tmp_path)
         assert cp.train(train_dl, test_dl, epochs=1)["history"]["epoch"] == [4]
 
 
+def error_after_training(model, cp_id, train_dl, test_dl):
+    """A block whose cell raises after its train() call."""
+    with pytest.raises(RuntimeError):
+        with model.checkpoint(cp_id) as cp:
+            cp.train(train_dl, test_dl, epochs=1)
+            raise RuntimeError("a cell's error after training")
+
+
+def refused(model, cp_id, match):
+    with pytest.raises(IncompatibleCheckpointError, match=match):
+        with model.checkpoint(cp_id):
+            pass
+
+
 def test_a_model_left_midway_or_deleted_is_not_a_parent(tmp_path):
     train_dl, test_dl = loaders()
     model = new_model(tmp_path)
     first_block(model, train_dl, test_dl, epochs=1)
-    with pytest.raises(RuntimeError):
-        with model.checkpoint(2) as cp:
-            cp.train(train_dl, test_dl, epochs=1)
-            raise RuntimeError("a cell's error after training")
-    with pytest.raises(IncompatibleCheckpointError, match="checkpoint 2 left when it was interrupted"):
-        with model.checkpoint(3) as cp:
-            pass
+    error_after_training(model, 2, train_dl, test_dl)
+    refused(model, 3, "checkpoint 2 left when it was interrupted")
     with model.checkpoint(2) as cp:  # running the interrupted block again finishes it
         cp.train(train_dl, test_dl, epochs=1)
     with model.checkpoint(3) as cp:
@@ -685,13 +694,8 @@ def test_a_cell_error_after_a_cached_block_is_read_back(tmp_path):
         cp.train(train_dl, test_dl, epochs=1)
     again = new_model(tmp_path)
     first_block(again, train_dl, test_dl, epochs=1)
-    with pytest.raises(RuntimeError):
-        with again.checkpoint(2) as cp:
-            cp.train(train_dl, test_dl, epochs=1)
-            raise RuntimeError("a plot that failed")
-    with pytest.raises(IncompatibleCheckpointError, match="checkpoint 2"):
-        with again.checkpoint(3) as cp:
-            pass
+    error_after_training(again, 2, train_dl, test_dl)  # a plot that failed, say
+    refused(again, 3, "checkpoint 2 left when it was interrupted")
     evaluation = again.cache(1).evaluate(test_dl)  # on checkpoint 1 as stored, not on the live model
     fresh = new_model(tmp_path)
     fresh.load_checkpoint(1)
