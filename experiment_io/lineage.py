@@ -201,16 +201,6 @@ def _value(x):
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-@contextlib.contextmanager
-def _random_streams_kept():
-    """Run a block without changing the random streams that follow it (cached or not, an operation draws the same)."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
 def _save_bytes(obj):
     return lambda f: archive.save(obj, f)
 
@@ -728,9 +718,8 @@ class CheckpointBlock:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise SetupError(f"epochs must be a positive integer, not {epochs!r}")
-        for name, value in (("save_every", save_every),):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise SetupError(f"{name} must be a positive integer or None, not {value!r}")
+        if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+            raise SetupError(f"save_every must be a positive integer or None, not {save_every!r}")
         if save_every_seconds is not None and not save_every_seconds > 0:
             raise SetupError(f"save_every_seconds must be positive or None, not {save_every_seconds!r}")
         names = [_metric_name(fn) for fn in metrics]
@@ -963,6 +952,25 @@ def _set_random(state, *loaders):
                     "restored", len(generators), len(state["loaders"]))
 
 
+def _mean_pass(model, loader, names, metrics):
+    """``(sums, count)`` of the loss and ``metrics`` of ``model`` (a :class:`Model`) over one pass of ``loader``,
+    in evaluation mode."""
+    module, loss_fn, device = model.model, model.loss_fn, model._device()
+    sums = {"loss": 0.0, **{n: 0.0 for n in names}}
+    count = 0
+    module.eval()
+    with torch.no_grad():
+        for batch in loader:
+            inputs, targets = _to(_split_batch(batch), device)
+            outputs = _call(module, inputs)
+            n = _batch_size(targets)
+            sums["loss"] += _value(loss_fn(outputs, targets)) * n
+            for name, fn in zip(names, metrics):
+                sums[name] += _value(fn(outputs, targets))
+            count += n
+    return sums, count
+
+
 class _Training:
     """One ``train()`` call: epochs, progress saves, resume from a progress save."""
 
@@ -1004,23 +1012,6 @@ class _Training:
         model._writer(block.id).save_files({PROGRESS_NAME: (_save_bytes(progress), _fields(
             "progress", epochs_done=model.epoch, step=model.step))})
         self.saved_at = time.monotonic()
-
-    def _epoch_values(self, loader):
-        """``(sums, count)`` of the loss and metrics over one pass of ``loader``, in evaluation mode."""
-        module, loss_fn, device = self.model.model, self.model.loss_fn, self.model._device()
-        sums = {"loss": 0.0, **{n: 0.0 for n in self.names}}
-        count = 0
-        module.eval()
-        with torch.no_grad():
-            for batch in loader:
-                inputs, targets = _to(_split_batch(batch), device)
-                outputs = _call(module, inputs)
-                n = _batch_size(targets)
-                sums["loss"] += _value(loss_fn(outputs, targets)) * n
-                for name, fn in zip(self.names, self.metrics):
-                    sums[name] += _value(fn(outputs, targets))
-                count += n
-        return sums, count
 
     def _new_running(self):
         """The sums of an epoch so far, and the learning rate it started with."""
@@ -1109,7 +1100,7 @@ class _Training:
             raise SetupError(f"{self.block._where}: the training DataLoader yielded no batch")
         values = {f"train_{n}": running[n] / running["count"] for n in ["loss"] + self.names}
         if self.val_dl is not None:
-            sums, count = self._epoch_values(self.val_dl)
+            sums, count = _mean_pass(model, self.val_dl, self.names, self.metrics)
             if not count:
                 raise SetupError(f"{self.block._where}: the validation DataLoader yielded no batch")
             values.update({f"val_{n}": sums[n] / count for n in ["loss"] + self.names})
@@ -1208,24 +1199,21 @@ class Cache:
                             self._where, name, stored["key"], key, self.id, name)
             log.info("%s: %s read from the cache", self._where, name)
             return stored["result"]
-        generators = _generators(*loaders)
-        kept = [g.get_state() for g in generators]
+        kept = _random(*loaders)  # computing draws nothing from the streams that follow it
         try:
-            with _random_streams_kept(), self._end_state() as target:
+            with self._end_state(record) as target:
                 result = compute(target)
         finally:
-            for generator, state in zip(generators, kept):
-                generator.set_state(state)
+            _set_random(kept, *loaders)
         directory = model.checkpoint_directory(self.id)
         with RunLock(directory):
             model._writer(self.id).save_files({file: (_save_bytes({"key": key, "result": result}), _fields("cache"))})
         return result
 
     @contextlib.contextmanager
-    def _end_state(self):
+    def _end_state(self, record):
         """A :class:`Model` holding the checkpoint's end state: the model itself when it stands there, else a copy."""
         model = self.model
-        record = model._block(self.id)
         if model._holds == "checkpoint" and model.current == self.id and model._current_token == record["token"]:
             yield model
             return
@@ -1243,9 +1231,7 @@ class Cache:
         def compute(target):
             if target.loss_fn is None:
                 raise SetupError(f"{self._where} has no loss to evaluate")
-            runner = _Training.__new__(_Training)
-            runner.model, runner.names, runner.metrics = target, names, list(metrics)
-            sums, count = runner._epoch_values(dataloader)
+            sums, count = _mean_pass(target, dataloader, names, metrics)
             if not count:
                 raise SetupError("the DataLoader to evaluate on yielded no batch")
             return {n: sums[n] / count for n in sums}

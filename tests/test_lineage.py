@@ -53,6 +53,15 @@ def first_block(model, train_dl, test_dl, epochs=3, **train_args):
     return result
 
 
+def two_blocks(root, train_dl, test_dl, first_epochs):
+    """A model with checkpoint 1 (``first_block``) and checkpoint 2 (one epoch more) trained."""
+    model = new_model(root)
+    first_block(model, train_dl, test_dl, epochs=first_epochs)
+    with model.checkpoint(2) as cp:
+        cp.train(train_dl, test_dl, epochs=1)
+    return model
+
+
 def params(model):
     return {k: v.clone() for k, v in model.model.state_dict().items()}
 
@@ -230,10 +239,7 @@ def test_fork_tree_and_parent_check(tmp_path, capsys):
 
 def test_cache_computes_once_and_deletes(tmp_path):
     train_dl, test_dl = loaders()
-    model = new_model(tmp_path)
-    first_block(model, train_dl, test_dl, epochs=2)
-    with model.checkpoint(2) as cp:
-        cp.train(train_dl, test_dl, epochs=1)
+    model = two_blocks(tmp_path, train_dl, test_dl, first_epochs=2)
     at_two = params(model)
     CALLS["metric"] = 0
     evaluation = model.cache(1).evaluate(test_dl, metrics=[metric_accuracy])
@@ -688,10 +694,7 @@ def test_an_interrupted_extension_is_rerun_in_the_same_session(tmp_path):
 def test_a_cell_error_after_a_cached_block_is_read_back(tmp_path):
     """A block whose cached call loaded its end state, then raised: the model is not at its parent any more."""
     train_dl, test_dl = loaders()
-    model = new_model(tmp_path)
-    first_block(model, train_dl, test_dl, epochs=1)
-    with model.checkpoint(2) as cp:
-        cp.train(train_dl, test_dl, epochs=1)
+    two_blocks(tmp_path, train_dl, test_dl, first_epochs=1)
     again = new_model(tmp_path)
     first_block(again, train_dl, test_dl, epochs=1)
     error_after_training(again, 2, train_dl, test_dl)  # a plot that failed, say
