@@ -10,12 +10,10 @@ resume.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import random
 import re
-import sys
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -48,7 +46,6 @@ from .reading import (
 )
 from .rng import placed_on_cpu, set_rng_state
 from .skeleton import materialize
-from . import storage
 from .storage import read_manifest
 from .training_modules import TrainingModules
 
@@ -158,40 +155,6 @@ def _not_yet(error, directory):
         "do not start another run there.")
 
 
-class _OptimizerImports:
-    """Imports, on a worker thread, what the first ``Optimizer.load_state_dict`` of a process imports.
-
-    torch decorates ``load_state_dict`` so that its first call imports ``torch._dynamo``
-    (about 1.5 s of Python on two cores). Started once a run directory is found, while
-    its files are digested and read (which mostly wait for the disk, without the
-    GIL), that import is done by the time the optimizer's state is restored. The
-    thread never outlives the load: :meth:`join` waits for it (a daemon thread still
-    importing when the process exits can abort the process).
-    """
-
-    def __init__(self):
-        self._thread = None
-        if "torch._dynamo" not in sys.modules:
-            thread = storage.worker_thread(self._load, name="experiment_io-prefetch", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:  # no thread to spare (interpreter shutting down): the restore imports it itself
-                return
-            self._thread = thread
-
-    @staticmethod
-    def _load():
-        try:
-            importlib.import_module("torch._dynamo")
-        except Exception as e:  # noqa: BLE001 - the restore imports it again and reports any error itself
-            log.debug("prefetching torch._dynamo failed: %r", e)
-
-    def join(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-
 def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False, map_location: Any = None,
                     model_device: Any = None, *, database=None, allow: Sequence = (), trusted: bool = False,
                     restore_rng: bool = True, verify: bool = True) -> dict:
@@ -269,24 +232,17 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
         raise ValueError(f"which={which!r}; choose 'last' or 'best'")
     check_location_args(map_location, model_device)
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
-    imports = []
 
     def load():
         verifier = run_verifier(directory)
-        if not imports:  # a run is there: its optimizer will be restored
-            imports.append(_OptimizerImports())
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
             verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier))
         state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier,
                                         mmap=False)
         return structure, structure_path, state, header, state_path
 
-    try:
-        return _load_and_assemble(load, directory, missing_ok, map_location=map_location, model_device=model_device,
-                                  database=database, restart_db=restart_db, allow=allow, restore_rng=restore_rng)
-    finally:
-        for pending in imports:
-            pending.join()
+    return _load_and_assemble(load, directory, missing_ok, map_location=map_location, model_device=model_device,
+                              database=database, restart_db=restart_db, allow=allow, restore_rng=restore_rng)
 
 
 def _load_and_assemble(load, directory, missing_ok, **assemble):
