@@ -112,16 +112,21 @@ def verified_record(path, verify, verifier=None):
 
 
 
-def torch_load(path, map_location, *, mmap=False, read_from=None):
-    """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path)."""
+def torch_load(path, map_location, *, mmap=False, read_from=None, destination=None):
+    """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path).
+
+    :param destination: a :class:`~experiment_io.residence.Destination`: the file is mapped and its tensors copied
+        into the memory made ready there (``mmap`` is then implied).
+    """
     source = read_from or path
     check_archive(source)
     try:
-        return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+        payload = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap or destination is not None)
     except Exception as e:  # torch raises many types for a foreign or damaged file
-        if mmap:  # a file system without mmap: read it instead
+        if mmap or destination is not None:  # a file system without mmap: read it instead
             return torch_load(path, map_location, read_from=read_from)
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
+    return destination.adopt(payload) if destination is not None else payload
 
 
 @contextlib.contextmanager
@@ -151,14 +156,17 @@ def verified_source(path, verifier):
         raise Replaced(path)
 
 
-def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True):
+def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True, destination=None):
     """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
+
+    With a ``destination`` (:class:`~experiment_io.residence.Destination`), the tensors are copied from the map into
+    the memory it made ready.
 
     A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
     of its manifest record.
     """
     with verified_source(path, verifier) as source:
-        payload = torch_load(path, map_location, mmap=mmap, read_from=source)
+        payload = torch_load(path, map_location, mmap=mmap, read_from=source, destination=destination)
     plain_model = fmt.model_from_record(payload, path, record)
     if plain_model is not None:
         if "model" not in kinds:
@@ -241,12 +249,13 @@ class _Concurrently:
         return value
 
 
-def pick_structure_and_state(verifier, roles, strict, newest_first, load_structure):
+def pick_structure_and_state(verifier, roles, strict, newest_first, load_structure, meanwhile=None):
     """A structure generation, loaded, and a state generation written for it (newest first).
 
     While the structure file is loaded (``load_structure(path, record)``), the state
     file is looked for and verified in a second thread: the verification of the
-    state reads its file while the structure is unpickled.
+    state reads its file while the structure is unpickled, and then while
+    ``meanwhile()`` runs, if given (once, after the first structure loaded).
 
     :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
     """
@@ -267,6 +276,9 @@ def pick_structure_and_state(verifier, roles, strict, newest_first, load_structu
             except Exception:  # the load's error is the one to report
                 pass
             raise
+        if meanwhile is not None:
+            meanwhile, run = None, meanwhile
+            run()
         try:
             pick = state_pick.result()
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:

@@ -44,6 +44,7 @@ from .reading import (
     until_stable,
     verified_record,
 )
+from .residence import Destination
 from .rng import placed_on_cpu, set_rng_state
 from .skeleton import materialize
 from .storage import read_manifest
@@ -64,6 +65,12 @@ def _directory(directory):
 
 def _location(map_location):
     return map_location if map_location is not None else "cpu"
+
+
+def _on_cpu(map_location):
+    """Whether a load with ``map_location`` puts every tensor in the CPU's memory."""
+    location = _location(map_location)
+    return isinstance(location, (str, torch.device)) and torch.device(location).type == "cpu"
 
 
 def _load_model_state(model, state, path):
@@ -235,10 +242,13 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
     def load():
         verifier = run_verifier(directory)
+        # memory for the checkpoint's tensors is made ready while the file is verified (see experiment_io.residence)
+        destination = Destination.for_file(verifier.path(roles[0])) if _on_cpu(map_location) else None
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
-            verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier))
+            verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier),
+            meanwhile=destination and destination.fill)
         state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier,
-                                        mmap=False)
+                                        mmap=False, destination=destination)
         return structure, structure_path, state, header, state_path
 
     return _load_and_assemble(load, directory, missing_ok, map_location=map_location, model_device=model_device,

@@ -46,12 +46,16 @@ class FileRecord:
         return {"size": self.size, "digest": self.digest}
 
 
-def _populate_limit():
-    """The largest file mapped populated at once: a quarter of the memory (a larger one is read page by page)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 0
+def libc():
+    """The C library, its ``mmap``, ``munmap``, ``mincore`` and ``madvise`` typed for :mod:`ctypes` (calls made
+    through it let go of the GIL); ``None`` where they are missing (not Linux, not 64-bit)."""
+    return _LibcMap._libc if _LibcMap.available() else None
+
+
+#: The digest of a mapped file goes this many bytes at a time: each part is faulted in, hashed, and let go, so
+#: that the map never holds more than one part of the file.
+_DIGEST_PART = 64 * 1024 * 1024
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class _LibcMap:
@@ -59,11 +63,16 @@ class _LibcMap:
 
     The calls go through :mod:`ctypes`, which lets go of the GIL while they run
     (Python's :class:`mmap.mmap` holds it while ``MAP_POPULATE`` reads a file in, so a
-    cold 2 GiB file stopped every other thread for as long as the disk took). A file
-    that is mostly in the page cache is mapped populated, in one call (the hash then
-    takes no page faults); a file that is not is mapped for sequential reading, so
-    that the kernel reads ahead of the hash (populating a cold file reads it about
-    twice as slowly as faulting it in with read-ahead).
+    cold 2 GiB file stopped every other thread for as long as the disk took).
+    :meth:`parts` gives the file :data:`_DIGEST_PART` bytes at a time and lets each
+    part's pages go once it has been used, so that the process never holds the whole
+    file's pages: a load that makes memory ready for the file's tensors meanwhile
+    (:mod:`experiment_io.residence`) holds about the file's size, not twice that. A
+    file that is mostly in the page cache has each part faulted in by one call
+    (``MADV_POPULATE_READ``: no page faults while it is hashed); a file that is not
+    is mapped for sequential reading, so that the kernel reads ahead of the hash
+    (populating a cold file reads it about twice as slowly as faulting it in with
+    read-ahead).
     """
 
     _libc = None
@@ -82,7 +91,7 @@ class _LibcMap:
                 libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
                 libc.madvise.restype = ctypes.c_int
                 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-                usable = all(hasattr(mmap, n) for n in ("MAP_POPULATE", "MADV_SEQUENTIAL"))
+                usable = all(hasattr(mmap, n) for n in ("MADV_SEQUENTIAL", "MADV_DONTNEED"))
                 cls._libc = libc if usable and ctypes.sizeof(ctypes.c_void_p) == 8 else False
             except (OSError, AttributeError):  # pragma: no cover - not Linux
                 cls._libc = False
@@ -104,17 +113,15 @@ class _LibcMap:
         for start in sorted({pages * i // windows for i in range(windows)}):
             count = min(window_pages, pages - start)
             if self._libc.mincore(address + start * page, min(count * page, size - start * page), vector.ctypes.data):
-                return True  # unknown: map it populated
+                return True  # unknown: fault it in
             resident += int(np.count_nonzero(vector[:count] & 1))
             checked += count
         return resident * 2 >= checked
 
     def __init__(self, fd, size):
         address = self._map(fd, size, 0)
-        if self._mostly_cached(address, size):
-            self._libc.munmap(address, size)
-            address = self._map(fd, size, mmap.MAP_POPULATE)
-        else:
+        self._cached = self._mostly_cached(address, size)
+        if not self._cached:
             self._libc.madvise(address, size, mmap.MADV_SEQUENTIAL)
         try:
             self.view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B").toreadonly()
@@ -123,31 +130,62 @@ class _LibcMap:
             raise
         self._address, self._size = address, size
 
+    def parts(self):
+        """The file's bytes, :data:`_DIGEST_PART` at a time (read-only views); each part's pages are let go when
+        the next is asked for."""
+        page_aligned = _DIGEST_PART - _DIGEST_PART % mmap.PAGESIZE
+        for offset in range(0, self._size, page_aligned):
+            length = min(page_aligned, self._size - offset)
+            if self._cached:  # one call instead of a page fault for every few pages (Linux 5.14; else faults)
+                self._libc.madvise(self._address + offset, length, _MADV_POPULATE_READ)
+            part = self.view[offset:offset + length]
+            try:
+                yield part
+            finally:
+                part.release()
+                self._libc.madvise(self._address + offset, length, mmap.MADV_DONTNEED)
+
     def __enter__(self):
-        return self.view
+        return self
 
     def __exit__(self, *exc):
         self.view.release()
         self._libc.munmap(self._address, self._size)
 
 
+class _PythonMap:
+    """A file mapped by :class:`mmap.mmap` (where :class:`_LibcMap` is not available): one part, the whole file."""
+
+    def __init__(self, fd, size):
+        if hasattr(mmap, "MAP_SHARED"):  # POSIX
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        else:
+            self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+
+    def parts(self):
+        yield self._map
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._map.close()
+
+
 def _map_for_reading(fd, size):
-    """A read-only map of the file; on Linux populated in one call (MAP_POPULATE) made without the GIL, not one
-    page fault at a time."""
-    if size <= _populate_limit() and _LibcMap.available():
+    """A read-only map of the file that gives it part by part (:class:`_LibcMap` where it can)."""
+    if _LibcMap.available():
         return _LibcMap(fd, size)
-    if hasattr(mmap, "MAP_SHARED"):  # POSIX
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    return _PythonMap(fd, size)
 
 
 def _digest_fd(fd):
     """Digest the file open at ``fd`` (at offset 0) from its first byte to its end.
 
     Files of :data:`_MAP_AT_LEAST` bytes or more are hashed through a read-only
-    memory map, populated at once where the system can: the hash reads the page
-    cache directly, without copying it (about twice as fast as reading); smaller files, and files that cannot be mapped, are
-    read in blocks. A file must not be truncated by another process while it is
+    memory map, part by part (see :class:`_LibcMap`): the hash reads the page cache
+    directly, without copying it (about twice as fast as reading); smaller files,
+    and files that cannot be mapped, are read in blocks. A file must not be truncated by another process while it is
     digested (a mapped page beyond the end of a file cannot be read); this library
     never truncates a file, it replaces files by renaming new ones over them.
     """
@@ -158,8 +196,10 @@ def _digest_fd(fd):
         except (OSError, ValueError):  # a file system without mmap: read it
             pass
         else:
-            with mapped as data:
-                hasher = xxhash.xxh3_128(data)
+            hasher = xxhash.xxh3_128()
+            with mapped:
+                for part in mapped.parts():
+                    hasher.update(part)
             return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
     hasher = xxhash.xxh3_128()
     buffer = bytearray(_READ_CHUNK)

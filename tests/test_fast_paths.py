@@ -489,3 +489,108 @@ def test_an_error_of_the_structure_load_waits_for_the_verification_thread(run_co
 def test_missing_ok_still_returns_none_when_the_structure_has_no_checkpoint(tmp_path):
     build_run(str(tmp_path))  # a structure file, no checkpoint yet
     assert load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), missing_ok=True) is None
+
+
+# --- a resume's memory is made ready while the checkpoint is verified -------------------------
+
+
+def _mapped_payload(tmp_path):
+    """A saved payload of shared storages, views, a zero-size tensor and nesting, loaded with ``mmap=True``;
+    ``(path, mapped, plain)``."""
+    base = torch.arange(4096, dtype=torch.float64)
+    payload = {"base": base, "view": base[10:20], "strided": base[::7], "other": torch.randn(3, 1000),
+               "empty": torch.zeros(0), "nested": [{"again": base}, (torch.ones(2, dtype=torch.int8),)], "n": 3}
+    path = tmp_path / "payload.pt"
+    with open(path, "wb") as f:
+        save_payload(payload, f)
+    return path, torch.load(path, weights_only=True, mmap=True), torch.load(path, weights_only=True)
+
+
+def _storages_in(mapped, path):
+    return [p for p in mapped_files() if p == str(path)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("ready", ["sizes of the file", "other sizes", "none"])
+def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_path, ready):
+    from experiment_io.residence import Destination, storage_sizes
+
+    path, mapped, plain = _mapped_payload(tmp_path)
+    sizes = storage_sizes(path)
+    assert sorted(sizes) == sorted({t.untyped_storage().nbytes() for t in (plain["base"], plain["other"],
+                                                                            plain["nested"][1][0], plain["empty"])})
+    destination = Destination({"sizes of the file": sizes, "other sizes": [12345], "none": []}[ready])
+    destination.fill()
+    prepared = {s.data_ptr() for ready_list in destination._ready.values() for s in ready_list}
+    assert _storages_in(mapped, path)
+    adopted = destination.adopt(mapped)
+    assert adopted is mapped
+    for key in ("base", "view", "strided", "other", "empty"):
+        assert_bitwise_equal(adopted[key], plain[key])
+        assert adopted[key].stride() == plain[key].stride()
+    assert adopted["nested"][0]["again"] is adopted["base"]
+    assert_bitwise_equal(adopted["nested"][1][0], plain["nested"][1][0])
+    # the views still share the base's memory, which is no longer the file's
+    assert adopted["view"].untyped_storage().data_ptr() == adopted["base"].untyped_storage().data_ptr()
+    adopted["base"][15] = -1.0
+    assert adopted["view"][5] == -1.0 and adopted["strided"][0] == 0.0
+    if ready == "sizes of the file":  # the memory made ready is what the tensors now use
+        assert {adopted[k].untyped_storage().data_ptr() for k in ("base", "other")} <= prepared
+    del mapped, adopted
+    import gc
+    gc.collect()
+    assert not _storages_in(None, path)
+    assert destination._ready == {}
+
+
+def test_storage_sizes_of_what_is_not_an_archive_are_none(tmp_path):
+    from experiment_io.residence import storage_sizes
+
+    (tmp_path / "x.pt").write_bytes(b"not a zip archive" * 100)
+    assert storage_sizes(tmp_path / "x.pt") == []
+    assert storage_sizes(tmp_path / "missing.pt") == []
+
+
+def test_a_damaged_checkpoint_is_refused_before_its_memory_is_used(run_copy, monkeypatch):
+    """The memory for the checkpoint is made ready while it is verified; a damaged file is still never loaded,
+    and the previous generation is taken."""
+    directory, database = run_copy
+    flip_bit(directory / LAST_NAME, tensor_data_offset(directory / LAST_NAME, 0))
+    loads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(os.path.basename(os.path.realpath(str(f))))
+                        or real_load(f, *a, **k))
+    with pytest.raises(CorruptCheckpointError, match=LAST_NAME):
+        load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False, strict=True)
+    assert LAST_NAME not in loads
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    taken = loads[-1]  # the state file, loaded after the structure
+    assert taken != LAST_NAME
+    reference = real_load(directory / taken, weights_only=True)
+    for name, value in check["training_modules"].model.state_dict().items():
+        assert_bitwise_equal(value, reference["model"][name])
+
+
+def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monkeypatch):
+    from experiment_io import residence
+
+    directory, database = run_copy
+    calls, real_fill, real_digest = [], residence.Destination.fill, verification.Verifier.digest
+
+    def fill(self):
+        calls.append(("fill", threading.current_thread().name, sum(self._sizes)))
+        real_fill(self)
+
+    def digest(self, path):
+        calls.append(("digest", threading.current_thread().name, os.path.basename(path)))
+        return real_digest(self, path)
+
+    monkeypatch.setattr(residence.Destination, "fill", fill)
+    monkeypatch.setattr(verification.Verifier, "digest", digest)
+    load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    fills = [c for c in calls if c[0] == "fill"]
+    assert fills == [("fill", threading.main_thread().name, fills[0][2])] and fills[0][2] > 0
+    assert ("digest", "experiment_io-verify", LAST_NAME) in calls
+    calls.clear()  # a map_location function may put tensors anywhere: no CPU memory is made ready
+    load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False,
+                             map_location=lambda storage, location: storage)
+    assert not [c for c in calls if c[0] == "fill"]

@@ -420,8 +420,9 @@ def test_run_lock_of_another_process(tmp_path):
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, cached):
-    """A large file is digested through a map made without the GIL: populated when it is in the page cache,
-    read ahead sequentially when it is not; either gives the digest of reading the file in blocks."""
+    """A large file is digested through a map made without the GIL, part by part: each part faulted in at once
+    when the file is in the page cache, read ahead sequentially when it is not; either gives the digest of reading
+    the file in blocks."""
     from experiment_io import verification
 
     path = tmp_path / "big.bin"
@@ -436,6 +437,7 @@ def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, 
         chosen.append(original(self, address, size, **kwargs))
         return cached
     monkeypatch.setattr(verification._LibcMap, "_mostly_cached", decide)
+    monkeypatch.setattr(verification, "_DIGEST_PART", 1024 * 1024 + 100)  # 4 parts, the last one short
     mapped = verification.file_digest(path)
     assert chosen and isinstance(chosen[0], bool)
     monkeypatch.setattr(verification, "_MAP_AT_LEAST", 1 << 40)  # read in blocks instead

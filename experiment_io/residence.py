@@ -1,0 +1,151 @@
+"""Reading a verified checkpoint into memory of the process's own, while the file is verified.
+
+A resume needs the checkpoint's tensors in memory of its own: the model and the
+optimizer write into them. New memory costs a page fault for every page the first
+time it is written (the kernel zeroes it, and on a virtual machine the host may have
+to back it first): on the machines measured in ``benchmarks/``, as long as reading
+the file from the disk, or longer. A plain ``torch.load`` pays it while it reads;
+a load that verifies the file first would pay it after the verification.
+
+:class:`Destination` makes that memory resident *while* the state file is verified
+(the digest reads the file on the other core). The verified file is then mapped
+(``torch.load(mmap=True)``) and each storage copied into memory made ready for it
+(:meth:`Destination.adopt`); the map's pages are let go behind the copy, so that the
+load holds about the checkpoint's size, never the map and the copies of the whole
+file at once. Nothing is unpickled before the file is verified.
+"""
+import ctypes
+import logging
+import mmap
+import os
+import zipfile
+
+import torch
+
+from .verification import libc
+
+__all__ = ["Destination", "storage_sizes"]
+
+log = logging.getLogger(__name__)
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+#: ``MADV_POPULATE_WRITE`` (Linux 5.14): fault a range of memory in, writable, in one call.
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def storage_sizes(path):
+    """The sizes of the tensor records of the ``torch.save`` archive at ``path`` (its zip directory only is read).
+
+    The file is not verified yet: the sizes only decide how much memory to make ready. An archive that cannot be
+    read, or whose records claim more bytes than the file holds, gives ``[]``.
+    """
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            sizes = [record.file_size for record in archive.infolist()
+                     if "/data/" in record.filename and not record.filename.endswith("/")]
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError):
+        return []
+    return sizes if sum(sizes) <= size else []
+
+
+def _page_range(address, nbytes):
+    """The whole pages inside ``[address, address + nbytes)``: ``(start, length)``."""
+    page = mmap.PAGESIZE
+    start = -(-address // page) * page
+    end = (address + nbytes) // page * page
+    return start, max(end - start, 0)
+
+
+def _advise(address, nbytes, advice):
+    """``madvise`` on the whole pages of a range (without the GIL); whether it was done."""
+    c = libc()
+    start, length = _page_range(address, nbytes)
+    if not c or not length:
+        return False
+    return c.madvise(ctypes.c_void_p(start), length, advice) == 0
+
+
+class Destination:
+    """Memory of the process's own for the storages of one state file, made resident ahead of the load.
+
+    :param sizes: the byte sizes of the storages (:func:`storage_sizes`); a storage of another size gets new memory
+        when it is adopted.
+    """
+
+    def __init__(self, sizes):
+        self._sizes = list(sizes)
+        self._ready = {}
+
+    @classmethod
+    def for_file(cls, path):
+        """A destination for the storages of the archive at ``path`` (none when its directory cannot be read)."""
+        return cls(storage_sizes(path))
+
+    def fill(self):
+        """Allocate the memory and fault it in (``MADV_POPULATE_WRITE``, else by writing zeros). Runs on the
+        caller's thread; the GIL is let go while the kernel works."""
+        sizes, self._sizes = self._sizes, []
+        for nbytes in sorted(sizes, reverse=True):
+            if not nbytes:
+                continue
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            if not _advise(buffer.data_ptr(), nbytes, _MADV_POPULATE_WRITE):
+                buffer.zero_()
+            self._ready.setdefault(nbytes, []).append(buffer.untyped_storage())
+        if self._ready:
+            log.debug("made %d storages resident (%d bytes)", sum(map(len, self._ready.values())),
+                      sum(n * len(s) for n, s in self._ready.items()))
+
+    def _take(self, nbytes):
+        ready = self._ready.get(nbytes)
+        if ready:
+            return ready.pop()
+        return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+
+    def adopt(self, payload):
+        """Move every CPU tensor of ``payload`` (a ``torch.load(mmap=True)`` result: dicts, lists and tuples of
+        tensors) from the file's map into memory of its own, in place; tensors sharing a storage keep sharing one.
+        The map's pages of each storage are let go once it is copied. Memory made ready and not used is freed.
+
+        :return: ``payload``.
+        """
+        groups = {}
+        for tensor in _tensors(payload):
+            try:
+                source = tensor.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse, quantized...: left where the load put it
+                continue
+            if source.device.type != "cpu" or not source.nbytes():
+                continue
+            key = (source.data_ptr(), source.nbytes())
+            groups.setdefault(key, (source, []))[1].append(tensor)
+        with torch.no_grad():
+            for (address, nbytes), (source, tensors) in sorted(groups.items()):  # in file order
+                storage = self._take(nbytes)
+                storage.copy_(source)
+                for tensor in tensors:
+                    tensor.set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
+                _advise(address, nbytes, _MADV_DONTNEED)
+        self._ready.clear()
+        return payload
+
+
+def _tensors(obj):
+    """Every tensor in ``obj`` (dicts, lists, tuples), each once."""
+    seen = set()
+    stack = [obj]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                yield obj
+        elif isinstance(obj, dict):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                stack.extend(obj)
