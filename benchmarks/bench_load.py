@@ -14,6 +14,7 @@ import torch
 import harness
 from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
+from experiment_io.verification import file_digest
 from fixtures import build_run, tensors_of, tiny_database, touch
 
 NAME = "load"
@@ -22,11 +23,12 @@ MMAP_BEST = "torch.load(best_model.pt, mmap=True) + touch"
 MMAP_MODEL = "torch.load(mmap=True) + touch, structure and best_model"
 PLAIN_MODEL = "torch.load(structure) + torch.load(best_model) (plain)"
 RAW_MODEL = "raw read of structure + best_model"
+DIGEST_BEST = "digest of best_model.pt alone (what verifying reads)"
 OUR_CHECKPOINT = "load_checkpoint_from_cwd()"
 PLAIN_CHECKPOINT = "torch.load(structure) + torch.load(last) (plain)"
 MMAP_CHECKPOINT = "torch.load(mmap=True) + touch, structure and last"
 RAW_CHECKPOINT = "raw read of structure + last"
-MODEL_METHODS = [OUR_MODEL, MMAP_BEST, MMAP_MODEL, PLAIN_MODEL]
+MODEL_METHODS = [OUR_MODEL, MMAP_BEST, MMAP_MODEL, PLAIN_MODEL, DIGEST_BEST]
 CHECKPOINT_METHODS = [OUR_CHECKPOINT, PLAIN_CHECKPOINT, MMAP_CHECKPOINT]
 
 
@@ -62,6 +64,7 @@ def load_methods(run):
         MMAP_MODEL: lambda: mmap_touch(STRUCTURE_NAME, BEST_MODEL_NAME),
         PLAIN_MODEL: lambda: plain(STRUCTURE_NAME, BEST_MODEL_NAME),
         RAW_MODEL: lambda: raw_read(STRUCTURE_NAME, BEST_MODEL_NAME),
+        DIGEST_BEST: lambda: file_digest(files[BEST_MODEL_NAME]),
         OUR_CHECKPOINT: our_checkpoint,
         PLAIN_CHECKPOINT: lambda: plain(STRUCTURE_NAME, LAST_NAME),
         MMAP_CHECKPOINT: lambda: mmap_touch(STRUCTURE_NAME, LAST_NAME),
@@ -120,7 +123,7 @@ def loads(directory, size, reps, seed, *, fresh_processes=True):
     MiB = harness.MiB
     results = {"warm_model": timed(MODEL_METHODS, reps)}  # build_run left the files in the page cache
     harness.rows(f"3a. Load the best model, warm page cache, {where}; structure {sizes[STRUCTURE_NAME] / MiB:.0f} MiB, "
-                 f"best_model.pt {sizes[BEST_MODEL_NAME] / MiB:.0f} MiB (target: <= 1.1 x mmap + touch)",
+                 f"best_model.pt {sizes[BEST_MODEL_NAME] / MiB:.0f} MiB (target: <= 1.3 x mmap + touch)",
                  results["warm_model"], MMAP_BEST)
     results["warm_checkpoint"] = timed(CHECKPOINT_METHODS, reps)
     harness.rows(f"3b. Load the last checkpoint, warm page cache, {where}; last_checkpoint.pt "
@@ -134,21 +137,28 @@ def loads(directory, size, reps, seed, *, fresh_processes=True):
             how["method"] = harness.drop_page_cache([os.path.join(run, n) for n in names])
         return setup
 
-    cold_reps = 2
+    cold_reps = reps
     results["cold_model"] = timed(MODEL_METHODS[:2] + [RAW_MODEL], cold_reps, setup=cold([STRUCTURE_NAME, BEST_MODEL_NAME]))
-    harness.rows("3c. Load the best model, cold (the run's files dropped from the page cache before each)",
+    harness.rows("3c. Load the best model, cold (the run's files dropped from the page cache before each; target: "
+                 "<= 1.0 x a raw read)",
                  results["cold_model"], RAW_MODEL)
     results["cold_checkpoint"] = timed(CHECKPOINT_METHODS[:2] + [RAW_CHECKPOINT], cold_reps,
                                        setup=cold([STRUCTURE_NAME, LAST_NAME]))
-    harness.rows("3d. Load the last checkpoint, cold", results["cold_checkpoint"], RAW_CHECKPOINT)
+    harness.rows("3d. Load the last checkpoint, cold (target: <= 1.0 x the plain torch.loads)", results["cold_checkpoint"],
+                 PLAIN_CHECKPOINT)
     print(f"   page cache dropped with {how.get('method')}")
     shutil.rmtree(run, ignore_errors=True)
     wm, wc = results["warm_model"], results["warm_checkpoint"]
+    cm, cc = results["cold_model"], results["cold_checkpoint"]
     ratios = {
         "model_vs_mmap_touch_best_model": wm[OUR_MODEL]["median"] / wm[MMAP_BEST]["median"],
         "model_vs_mmap_touch_structure_and_best_model": wm[OUR_MODEL]["median"] / wm[MMAP_MODEL]["median"],
         "model_vs_plain_loads": wm[OUR_MODEL]["median"] / wm[PLAIN_MODEL]["median"],
+        # the least a verified load can take: one pass to digest the file, one to map and touch it
+        "digest_and_mmap_touch_vs_mmap_touch": (wm[DIGEST_BEST]["median"] + wm[MMAP_BEST]["median"]) / wm[MMAP_BEST]["median"],
         "checkpoint_vs_plain_loads": wc[OUR_CHECKPOINT]["median"] / wc[PLAIN_CHECKPOINT]["median"],
+        "cold_model_vs_raw_read": cm[OUR_MODEL]["median"] / cm[RAW_MODEL]["median"],
+        "cold_checkpoint_vs_plain_loads": cc[OUR_CHECKPOINT]["median"] / cc[PLAIN_CHECKPOINT]["median"],
     }
     return {"file_bytes": sizes, "fresh_processes": fresh_processes, "cold_method": how.get("method"),
             "results": results, "ratios": ratios}
@@ -164,8 +174,11 @@ def summarize(results):
         return
     r = results["load"]["ratios"]
     line = harness.target_line
-    line("load_model_from_cwd / mmap + touch of best_model.pt", r["model_vs_mmap_touch_best_model"], 1.1, "lower")
-    line("load_model_from_cwd / mmap + touch of structure + best_model.pt",
-         r["model_vs_mmap_touch_structure_and_best_model"], 1.1, "lower")
-    line("load_model_from_cwd / plain torch.load of structure + best_model.pt", r["model_vs_plain_loads"], 1.1, "lower")
-    line("load_checkpoint_from_cwd / plain torch.load of structure + last", r["checkpoint_vs_plain_loads"], 1.2, "lower")
+    line("warm load_model_from_cwd / mmap + touch of best_model.pt", r["model_vs_mmap_touch_best_model"], 1.3, "lower")
+    print(f"  {'   (digest alone + mmap + touch, the floor of a verified load)':68s} "
+          f"{r['digest_and_mmap_touch_vs_mmap_touch']:7.3f}")
+    line("cold load_model_from_cwd / raw read of structure + best_model.pt", r["cold_model_vs_raw_read"], 1.0, "lower")
+    line("warm load_checkpoint_from_cwd / plain torch.load of structure + last", r["checkpoint_vs_plain_loads"], 1.2,
+         "lower")
+    line("cold load_checkpoint_from_cwd / plain torch.load of structure + last", r["cold_checkpoint_vs_plain_loads"],
+         1.0, "lower")

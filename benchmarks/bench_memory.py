@@ -82,3 +82,6 @@ def summarize(results):
     harness.target_line("sync save: peak extra anonymous memory / state", f["sync"]["anonymous"], 0.1, "lower")
     harness.target_line("async save: peak extra anonymous memory / state (one staging copy)", f["async"]["anonymous"],
                         1.1, "lower")
+    # the checkpoint holds two states (the model's and the best model's)
+    harness.target_line("load_checkpoint_from_cwd: peak extra total RSS / checkpoint (2 states)",
+                        f["load_checkpoint"]["total"] / 2, 1.2, "lower")

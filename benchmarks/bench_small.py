@@ -4,6 +4,7 @@ Cost per epoch of experiment_io's save vs the same dicts saved with torch.save,
 and as a fraction of the epoch; then train_model itself with synchronous and
 asynchronous saves.
 """
+import logging
 import os
 import shutil
 import statistics
@@ -12,7 +13,7 @@ import time
 import torch
 
 import harness
-from experiment_io import Evaluator, SetupParams, TrainingModules, setup_training, train_model
+from experiment_io import Evaluator, SetupParams, TrainingModules, load_model_from_cwd, setup_training, train_model
 from experiment_io.asynchronous import BackgroundWriter
 from experiment_io.controllers import TrainingPosition
 from experiment_io.databases import Database
@@ -153,8 +154,54 @@ def train_model_runs(directory, epochs, reps, seed):
                    "epoch_time_s": statistics.median(epoch_times[mode])} for mode in walls}
 
 
+SMALL_OURS = "load_model_from_cwd() (verified, trust gate)"
+SMALL_TRUSTED = "load_model_from_cwd(trusted=True) (verified, no gate)"
+SMALL_IN_CODE = "SmallNet() + torch.load(best_model) + load_state_dict"
+SMALL_HIPPYNN = "torch.load(structure, unrestricted) + best_model + load"
+
+
+def small_loads(directory, reps, seed, calls=20):
+    """The small model loaded for prediction, ``calls`` times per repetition in this process (after a warm-up):
+    experiment_io, against the model built in code and against hippynn's way (the structure unpickled without
+    restriction, nothing verified). Seconds per load."""
+    database, tm, controller, tracker = small_experiment()
+    writer, files = _checkpoint_files(os.path.join(directory, "small-load"), database, tm, controller, tracker)
+    save_payloads(writer, files)
+    run = writer.directory
+    structure, best = os.path.join(run, STRUCTURE_NAME), os.path.join(run, BEST_MODEL_NAME)
+
+    def in_code():
+        model = SmallNet()
+        model.load_state_dict(torch.load(best, weights_only=True))
+
+    def hippynn_way():
+        model = torch.load(structure, weights_only=False)["training_modules"].model
+        model.load_state_dict(torch.load(best, weights_only=True), assign=True)
+
+    methods = {SMALL_OURS: lambda: load_model_from_cwd(directory=run),
+               SMALL_TRUSTED: lambda: load_model_from_cwd(directory=run, trusted=True),
+               SMALL_IN_CODE: in_code, SMALL_HIPPYNN: hippynn_way}
+
+    def repeated(fn):
+        def calls_of():
+            for _ in range(calls):
+                fn()
+        return calls_of
+
+    logger = logging.getLogger("experiment_io")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # trusted=True warns at every call
+    try:
+        times = harness.side_by_side({name: repeated(fn) for name, fn in methods.items()}, reps, seed=seed)
+    finally:
+        logger.setLevel(level)
+    shutil.rmtree(os.path.join(directory, "small-load"), ignore_errors=True)
+    return harness.summaries({name: [t / calls for t in samples] for name, samples in times.items()})
+
+
 def small_model(directory, epochs, reps, seed):
     results, n_params, n_tensors, database = checkpoint_cost(directory, reps, seed)
+    loads = small_loads(directory, reps, seed)
     epoch_runs = train_model_runs(directory, epochs, max(3, reps // 2), seed)
     epoch_time = epoch_runs["sync"]["epoch_time_s"]
     harness.rows(f"4. Small model ({n_params} parameters, {n_tensors} tensors per checkpoint): checkpoint cost per "
@@ -167,11 +214,15 @@ def small_model(directory, epochs, reps, seed):
         what = "the loop written by hand, hippynn-style saves (no fsync)" if mode == "hand" else f"train_model, {mode} saves"
         print(f"   {what}: {values['wall_per_epoch_s'] * 1e3:.1f} ms per epoch (wall, saves included), "
               f"{values['wall_per_epoch_s'] / hand:.2f}x the hand-written loop")
+    harness.rows(f"4b. The small model loaded for prediction, in one process (seconds per load; target: <= 1.5 x "
+                 "the model built in code)", loads, SMALL_IN_CODE)
     for path in ("small-warm", "small-run", "small-plain", "small-async", "small-train-sync", "small-train-async",
                  "small-train-hand"):
         shutil.rmtree(os.path.join(directory, path), ignore_errors=True)
     return {"parameters": n_params, "tensors_per_checkpoint": n_tensors, "epoch_time_s": epoch_time,
-            "results": results, "fraction_of_epoch": fractions, "train_model": epoch_runs}
+            "results": results, "fraction_of_epoch": fractions, "train_model": epoch_runs, "loads": loads,
+            "ratios": {"load_vs_in_code": loads[SMALL_OURS]["median"] / loads[SMALL_IN_CODE]["median"],
+                       "load_vs_hippynn": loads[SMALL_OURS]["median"] / loads[SMALL_HIPPYNN]["median"]}}
 
 
 def run(args, results):
@@ -180,4 +231,10 @@ def run(args, results):
 
 
 def summarize(results):
-    pass  # no target: the figures are read from the table
+    if "small" not in results:
+        return
+    r = results["small"]["ratios"]
+    harness.target_line("small model: load_model_from_cwd / built in code + torch.load + load_state_dict",
+                        r["load_vs_in_code"], 1.5, "lower")
+    harness.target_line("small model: load_model_from_cwd / hippynn's way (full pickle, unverified)",
+                        r["load_vs_hippynn"], 1.5, "lower")
