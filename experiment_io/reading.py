@@ -7,11 +7,12 @@ structure file is loaded, the state file is looked for and verified in a second
 thread. A model file for prediction is then memory-mapped
 (``torch.load(mmap=True)``): its bytes, in the page cache since the
 verification, are copied straight into the model's parameters. A checkpoint
-loaded to resume is read into memory of its own instead, and its tensors become
-the model's and the optimizer's without a second copy: a resume needs about the
-checkpoint's size in memory, not twice that. After reading a file, the reader checks that its path still
-names the file it verified; a writer that replaced it meanwhile makes the load
-start over (:func:`until_stable`).
+loaded to resume goes into memory of its own, made resident while the file is
+verified (:mod:`experiment_io.residence`), and its tensors become the model's and
+the optimizer's without a second copy: a resume needs about the checkpoint's size
+in memory, not twice that. After reading a file, the reader checks that its path
+still names the file it verified; a writer that replaced it meanwhile makes the
+load start over (:func:`until_stable`).
 """
 import contextlib
 import logging
