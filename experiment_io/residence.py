@@ -78,9 +78,14 @@ class Destination:
         self._ready = {}
 
     @classmethod
-    def for_file(cls, path):
-        """A destination for the storages of the archive at ``path`` (none when its directory cannot be read)."""
-        return cls(storage_sizes(path))
+    def for_file(cls, *paths):
+        """A destination for the storages of the first of ``paths`` whose archive directory can be read (the file
+        the load will most likely take; a destination of nothing when none can)."""
+        for path in paths:
+            sizes = storage_sizes(path)
+            if sizes:
+                return cls(sizes)
+        return cls([])
 
     def fill(self):
         """Allocate the memory and fault it in (``MADV_POPULATE_WRITE``, else by writing zeros). Runs on the
@@ -120,6 +125,11 @@ class Destination:
                 continue
             key = (source.data_ptr(), source.nbytes())
             groups.setdefault(key, (source, []))[1].append(tensor)
+        needed = {}
+        for _, nbytes in groups:
+            needed[nbytes] = needed.get(nbytes, 0) + 1
+        for nbytes, ready in self._ready.items():  # made for another file: let it go before anything is copied
+            del ready[needed.get(nbytes, 0):]
         with torch.no_grad():
             for (address, nbytes), (source, tensors) in sorted(groups.items()):  # in file order
                 storage = self._take(nbytes)

@@ -243,7 +243,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     def load():
         verifier = run_verifier(directory)
         # memory for the checkpoint's tensors is made ready while the file is verified (see experiment_io.residence)
-        destination = Destination.for_file(verifier.path(roles[0])) if _on_cpu(map_location) else None
+        destination = Destination.for_file(*map(verifier.path, roles)) if _on_cpu(map_location) else None
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
             verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier),
             meanwhile=destination and destination.fill)
