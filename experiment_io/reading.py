@@ -22,6 +22,11 @@ import time
 
 import torch
 
+try:
+    from mmap import MAP_PRIVATE
+except ImportError:  # pragma: no cover - Windows: torch maps files its own way
+    MAP_PRIVATE = None
+
 from . import format as fmt
 from . import storage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
@@ -121,13 +126,18 @@ def torch_load(path, map_location, *, mmap=False, read_from=None, destination=No
     """
     source = read_from or path
     check_archive(source)
+    mapped = mmap or destination is not None
     try:
-        payload = torch.load(source, map_location=map_location, weights_only=True, mmap=mmap or destination is not None)
+        # a map of our own (MAP_PRIVATE), whatever torch's default: writes to the tensors never reach the file
+        with torch.serialization.set_default_mmap_options(MAP_PRIVATE) if mapped and MAP_PRIVATE else contextlib.nullcontext():
+            payload = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
+        return destination.adopt(payload) if destination is not None else payload
     except Exception as e:  # torch raises many types for a foreign or damaged file
-        if mmap or destination is not None:  # a file system without mmap: read it instead
+        if mapped:  # a file system without mmap, a tensor that cannot leave the map: read the file instead
+            if destination is not None:
+                destination.release()
             return torch_load(path, map_location, read_from=read_from)
         raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
-    return destination.adopt(payload) if destination is not None else payload
 
 
 @contextlib.contextmanager
@@ -279,7 +289,12 @@ def pick_structure_and_state(verifier, roles, strict, newest_first, load_structu
             raise
         if meanwhile is not None:
             meanwhile, run = None, meanwhile
-            run()
+            try:
+                run()
+            except BaseException:  # the verification thread is joined before the error goes on
+                with contextlib.suppress(Exception):
+                    state_pick.result()
+                raise
         try:
             pick = state_pick.result()
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:

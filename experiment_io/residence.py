@@ -22,15 +22,19 @@ import zipfile
 
 import torch
 
-from .verification import libc
+from .verification import libc, open_regular
 
-__all__ = ["Destination", "storage_sizes"]
+__all__ = ["Destination", "CannotAdopt", "storage_sizes"]
 
 log = logging.getLogger(__name__)
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 #: ``MADV_POPULATE_WRITE`` (Linux 5.14): fault a range of memory in, writable, in one call.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+class CannotAdopt(Exception):
+    """A loaded payload holds a tensor whose storage cannot be moved out of the file's map."""
 
 
 def storage_sizes(path):
@@ -40,13 +44,16 @@ def storage_sizes(path):
     read, or whose records claim more bytes than the file holds, gives ``[]``.
     """
     try:
-        size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as archive:
+        fd, st = open_regular(path)  # not through a link, not blocking on a FIFO: the verifier refuses those
+    except OSError:
+        return []
+    try:
+        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
             sizes = [record.file_size for record in archive.infolist()
                      if "/data/" in record.filename and not record.filename.endswith("/")]
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError):
         return []
-    return sizes if sum(sizes) <= size else []
+    return sizes if sum(sizes) <= st.st_size else []
 
 
 def _page_range(address, nbytes):
@@ -64,6 +71,14 @@ def _advise(address, nbytes, advice):
     if not c or not length:
         return False
     return c.madvise(ctypes.c_void_p(start), length, advice) == 0
+
+
+def _resident(nbytes):
+    """A new storage of ``nbytes`` whose pages are all faulted in."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if not _advise(buffer.data_ptr(), nbytes, _MADV_POPULATE_WRITE):
+        buffer.zero_()
+    return buffer.untyped_storage()
 
 
 class Destination:
@@ -89,18 +104,25 @@ class Destination:
 
     def fill(self):
         """Allocate the memory and fault it in (``MADV_POPULATE_WRITE``, else by writing zeros). Runs on the
-        caller's thread; the GIL is let go while the kernel works."""
+        caller's thread; the GIL is let go while the kernel works. Memory that cannot be had now is not made
+        ready (the load allocates it as it copies, and says why if it cannot either)."""
         sizes, self._sizes = self._sizes, []
-        for nbytes in sorted(sizes, reverse=True):
-            if not nbytes:
-                continue
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-            if not _advise(buffer.data_ptr(), nbytes, _MADV_POPULATE_WRITE):
-                buffer.zero_()
-            self._ready.setdefault(nbytes, []).append(buffer.untyped_storage())
+        try:
+            for nbytes in sorted(sizes, reverse=True):
+                if not nbytes:
+                    continue
+                self._ready.setdefault(nbytes, []).append(_resident(nbytes))
+        except (RuntimeError, MemoryError) as e:  # out of memory: the load goes on without it
+            self.release()
+            log.debug("memory for the checkpoint was not made ready ahead: %s", e)
+            return
         if self._ready:
             log.debug("made %d storages resident (%d bytes)", sum(map(len, self._ready.values())),
                       sum(n * len(s) for n, s in self._ready.items()))
+
+    def release(self):
+        """Let go of the memory made ready (before a load that does not use it)."""
+        self._ready.clear()
 
     def _take(self, nbytes):
         ready = self._ready.get(nbytes)
@@ -114,13 +136,15 @@ class Destination:
         The map's pages of each storage are let go once it is copied. Memory made ready and not used is freed.
 
         :return: ``payload``.
+        :raises CannotAdopt: before anything is moved, when a tensor is not a plain strided one (sparse, nested,
+            quantized): its storage cannot be re-pointed, so the caller reads the file instead of mapping it.
         """
         groups = {}
         for tensor in _tensors(payload):
-            try:
-                source = tensor.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # sparse, quantized...: left where the load put it
-                continue
+            if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized:
+                raise CannotAdopt(f"a {tensor.layout} tensor (nested: {tensor.is_nested}, quantized: "
+                                  f"{tensor.is_quantized}) cannot be moved out of the file's map")
+            source = tensor.untyped_storage()
             if source.device.type != "cpu" or not source.nbytes():
                 continue
             key = (source.data_ptr(), source.nbytes())

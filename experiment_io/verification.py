@@ -10,6 +10,7 @@ import errno
 import mmap
 import os
 import stat
+import sys
 import zipfile
 from dataclasses import dataclass
 
@@ -92,7 +93,8 @@ class _LibcMap:
                 libc.madvise.restype = ctypes.c_int
                 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
                 usable = all(hasattr(mmap, n) for n in ("MADV_SEQUENTIAL", "MADV_DONTNEED"))
-                cls._libc = libc if usable and ctypes.sizeof(ctypes.c_void_p) == 8 else False
+                linux = sys.platform.startswith("linux")  # the madvise numbers used here are Linux's
+                cls._libc = libc if usable and linux and ctypes.sizeof(ctypes.c_void_p) == 8 else False
             except (OSError, AttributeError):  # pragma: no cover - not Linux
                 cls._libc = False
         return bool(cls._libc)

@@ -594,3 +594,110 @@ def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monke
     load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False,
                              map_location=lambda storage, location: storage)
     assert not [c for c in calls if c[0] == "fill"]
+
+
+def test_memory_is_made_ready_only_for_a_regular_file(tmp_path):
+    """The archive's directory is read before the file is verified: a FIFO or a link in its place is not opened
+    (a FIFO would block the load forever)."""
+    from experiment_io.residence import storage_sizes
+
+    path, _, _ = _mapped_payload(tmp_path)
+    assert storage_sizes(path)
+    os.symlink(path, tmp_path / "link.pt")
+    assert storage_sizes(tmp_path / "link.pt") == []
+    os.mkfifo(tmp_path / "fifo.pt")
+    done = []
+    reader = threading.Thread(target=lambda: done.append(storage_sizes(tmp_path / "fifo.pt")), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert done == [[]]
+
+
+def test_a_resume_with_a_fifo_for_its_last_checkpoint_takes_the_best_one(run_copy):
+    directory, database = run_copy
+    os.remove(directory / LAST_NAME)
+    os.mkfifo(directory / LAST_NAME)
+    outcome = []
+    loader = threading.Thread(target=lambda: outcome.append(load_checkpoint_from_cwd(
+        directory=str(directory), database=database, restore_rng=False)), daemon=True)
+    loader.start()
+    loader.join(60)
+    assert outcome and outcome[0]["controller"].loaded_from == str(directory)
+
+
+def test_a_map_that_fails_lets_the_ready_memory_go_and_reads_the_file(tmp_path, monkeypatch):
+    from experiment_io.residence import Destination, storage_sizes
+
+    path, _, plain = _mapped_payload(tmp_path)
+    destination = Destination(storage_sizes(path))
+    destination.fill()
+    real_load = torch.load
+
+    def failing(*args, mmap=None, **kwargs):
+        if mmap:
+            raise OSError(errno.ENODEV, "mmap not supported by this file system")
+        assert not destination._ready, "the memory made ready is let go before the file is read"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", failing)
+    loaded = reading.torch_load(str(path), "cpu", destination=destination)
+    assert_bitwise_equal(loaded["base"], plain["base"])
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+
+
+def test_a_tensor_that_cannot_leave_the_map_makes_the_load_read_the_file(tmp_path):
+    """A sparse tensor's storage cannot be re-pointed: nothing is moved, the file is read instead, and a dense
+    tensor sharing the sparse tensor's values still shares them."""
+    from experiment_io.residence import CannotAdopt, Destination, storage_sizes
+
+    values = torch.arange(5, dtype=torch.float32)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 4, 6, 8]]), values, (10,), check_invariants=True).coalesce()
+    payload = {"sparse": sparse, "values": sparse.values(), "dense": torch.ones(100)}
+    path = tmp_path / "sparse.pt"
+    with open(path, "wb") as f:
+        save_payload(payload, f)
+    mapped = torch.load(path, weights_only=True, mmap=True)
+    with pytest.raises(CannotAdopt):
+        Destination([]).adopt(mapped)
+    destination = Destination(storage_sizes(path))
+    destination.fill()
+    loaded = reading.torch_load(str(path), "cpu", destination=destination)
+    assert torch.equal(loaded["sparse"].to_dense(), sparse.to_dense()) and torch.equal(loaded["dense"], torch.ones(100))
+    assert loaded["values"].data_ptr() == loaded["sparse"].values().data_ptr()
+    del mapped, loaded
+    import gc
+    gc.collect()
+    assert not _storages_in(None, path)
+
+
+def test_a_resume_goes_on_when_its_memory_cannot_be_made_ready(run_copy, monkeypatch):
+    from experiment_io import residence
+
+    directory, database = run_copy
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(residence, "_resident", no_memory)
+    check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    monkeypatch.undo()
+    plain = torch.load(directory / LAST_NAME, weights_only=True)
+    for name, value in check["training_modules"].model.state_dict().items():
+        assert_bitwise_equal(value, plain["model"][name])
+    assert not any(t.name == "experiment_io-verify" for t in threading.enumerate())
+
+
+def test_a_mapped_model_never_writes_into_its_file(run_copy):
+    """Whatever torch's default for maps (MAP_SHARED can be set process-wide), a model loaded with mmap=True gets
+    a private map: changing its weights leaves the verified file as it was."""
+    import mmap as mmap_module
+
+    directory, _ = run_copy
+    before = verification.file_digest(directory / BEST_MODEL_NAME)
+    with torch.serialization.set_default_mmap_options(mmap_module.MAP_SHARED):
+        model = load_model_from_cwd(directory=str(directory), mmap=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    del model
+    assert verification.file_digest(directory / BEST_MODEL_NAME) == before
