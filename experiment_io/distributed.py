@@ -17,6 +17,7 @@ restarted rank never reads a peer's address left by a dead attempt.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -171,6 +172,17 @@ def current(device: Optional[torch.device] = None) -> Distribution:
     return Distribution(rank, local_rank, world_size, torch.device(device))
 
 
+def _leave():
+    """At exit, destroy the process group that :func:`join` initialized, if it is still there: its threads (gloo's
+    workers, the store's) are joined while the interpreter is whole, not torn down with the process, where a rank
+    that had finished could abort ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # exiting anyway: say it, do not mask the exit status
+            log.debug("could not destroy the process group at exit: %r", e)
+
+
 def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.timedelta] = None) -> Distribution:
     """This process's :class:`Distribution`, initializing the process group when a launcher started several ranks.
 
@@ -178,7 +190,9 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     already. Otherwise the group is initialized from the launcher's variables
     (``MASTER_ADDR`` and ``MASTER_PORT`` are needed, as for ``env://``), with the
     NCCL backend when ``device`` is a CUDA device and gloo otherwise, and a store
-    prefix of its own for each restart attempt of ``torchrun``.
+    prefix of its own for each restart attempt of ``torchrun``. A group initialized
+    here is destroyed when the process exits (a group the user initialized is the
+    user's to destroy).
 
     :param device: the device the model trains on.
     """
@@ -209,6 +223,7 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     store = dist.PrefixStore(f"experiment_io/attempt-{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             **({"timeout": timeout} if timeout else {}))
+    atexit.register(_leave)
     log.info("joined the process group: rank %d of %d (local rank %d), backend %s", rank, world_size, local_rank, backend)
     return current(device)
 
