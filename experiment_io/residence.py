@@ -73,6 +73,18 @@ def _advise(address, nbytes, advice):
     return c.madvise(ctypes.c_void_p(start), length, advice) == 0
 
 
+def _available_memory():
+    """The memory the kernel says can be had without swapping (``MemAvailable``), in bytes; ``None`` when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _resident(nbytes):
     """A new storage of ``nbytes`` whose pages are all faulted in."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -107,6 +119,13 @@ class Destination:
         caller's thread; the GIL is let go while the kernel works. Memory that cannot be had now is not made
         ready (the load allocates it as it copies, and says why if it cannot either)."""
         sizes, self._sizes = self._sizes, []
+        available = _available_memory()
+        if available is not None and sum(sizes) > available // 2:
+            # the file is not verified yet: a damaged or forged archive directory must not make the process
+            # claim the machine's memory; a real checkpoint this large is loaded without it
+            log.debug("memory for the checkpoint (%d bytes) not made ready ahead: %d bytes available", sum(sizes),
+                      available)
+            return
         try:
             for nbytes in sorted(sizes, reverse=True):
                 if not nbytes:

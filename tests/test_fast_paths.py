@@ -701,3 +701,19 @@ def test_a_mapped_model_never_writes_into_its_file(run_copy):
             parameter.add_(1.0)
     del model
     assert verification.file_digest(directory / BEST_MODEL_NAME) == before
+
+
+def test_no_memory_is_made_ready_beyond_half_of_what_is_available(tmp_path, monkeypatch):
+    """The archive's directory is read before the file is verified: a directory claiming more than half the
+    memory at hand makes nothing ready (the load goes on without it)."""
+    from experiment_io import residence
+
+    at_hand = residence._available_memory()
+    assert at_hand is None or 0 < at_hand <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(residence, "_available_memory", lambda: 10 * 1024 * 1024)
+    destination = residence.Destination([3 * 1024 * 1024, 3 * 1024 * 1024])
+    destination.fill()
+    assert destination._ready == {}
+    destination = residence.Destination([2 * 1024 * 1024, 3 * 1024 * 1024])
+    destination.fill()
+    assert sorted(destination._ready) == [2 * 1024 * 1024, 3 * 1024 * 1024]
