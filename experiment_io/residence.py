@@ -14,15 +14,15 @@ a load that verifies the file first would pay it after the verification.
 load holds about the checkpoint's size, never the map and the copies of the whole
 file at once. Nothing is unpickled before the file is verified.
 """
+import collections
 import ctypes
 import logging
 import mmap
-import os
-import zipfile
 
 import torch
 
-from .verification import libc, open_regular
+from .errors import NotACheckpointError
+from .verification import archive_directory, libc
 
 __all__ = ["Destination", "CannotAdopt", "storage_sizes"]
 
@@ -44,16 +44,11 @@ def storage_sizes(path):
     read, or whose records claim more bytes than the file holds, gives ``[]``.
     """
     try:
-        fd, st = open_regular(path)  # not through a link, not blocking on a FIFO: the verifier refuses those
-    except OSError:
+        records, size = archive_directory(path)  # not through a link, not waiting on a FIFO
+    except NotACheckpointError:
         return []
-    try:
-        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
-            sizes = [record.file_size for record in archive.infolist()
-                     if "/data/" in record.filename and not record.filename.endswith("/")]
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError):
-        return []
-    return sizes if sum(sizes) <= st.st_size else []
+    sizes = [record.file_size for record in records if "/data/" in record.filename and not record.filename.endswith("/")]
+    return sizes if sum(sizes) <= size else []
 
 
 def _page_range(address, nbytes):
@@ -168,9 +163,7 @@ class Destination:
                 continue
             key = (source.data_ptr(), source.nbytes())
             groups.setdefault(key, (source, []))[1].append(tensor)
-        needed = {}
-        for _, nbytes in groups:
-            needed[nbytes] = needed.get(nbytes, 0) + 1
+        needed = collections.Counter(nbytes for _, nbytes in groups)
         for nbytes, ready in self._ready.items():  # made for another file: let it go before anything is copied
             del ready[needed.get(nbytes, 0):]
         with torch.no_grad():
@@ -190,15 +183,10 @@ def _tensors(obj):
     stack = [obj]
     while stack:
         obj = stack.pop()
+        if id(obj) in seen or not isinstance(obj, (torch.Tensor, dict, list, tuple)):
+            continue
+        seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                yield obj
-        elif isinstance(obj, dict):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple)):
-            if id(obj) not in seen:
-                seen.add(id(obj))
-                stack.extend(obj)
+            yield obj
+        else:
+            stack.extend(obj.values() if isinstance(obj, dict) else obj)

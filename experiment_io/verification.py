@@ -20,7 +20,7 @@ import xxhash
 from .errors import NotACheckpointError
 
 __all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "open_regular", "NotARegularFile", "Verifier",
-           "check_archive", "descriptor_path"]
+           "archive_directory", "check_archive", "descriptor_path"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
@@ -367,29 +367,43 @@ def descriptor_path(fd):
     return path if os.path.exists(path) else None
 
 
+def archive_directory(path):
+    """The records of the zip directory of the ``torch.save`` archive at ``path``, and the file's size.
+
+    Only the directory, at the file's end, is read. A ``/proc/self/fd`` path (a
+    verified descriptor's file, a link by design) is opened as it is; any other path
+    only if it names a regular file (no link followed, no FIFO waited on).
+
+    :return: ``(records, size)``, the records as ``zipfile.ZipInfo``.
+    :raises NotACheckpointError: when it is not a readable zip archive.
+    """
+    path = os.fspath(path)
+    try:
+        if path.startswith("/proc/self/fd/"):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+        else:
+            fd, st = open_regular(path)
+        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
+            return archive.infolist(), st.st_size
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise NotACheckpointError(f"{path} is not a torch.save archive that experiment_io wrote ({e}).") from e
+
+
 def check_archive(path):
     """Refuse a ``torch.save`` archive that could cost more to open than its size.
 
     experiment_io writes every record of an archive uncompressed. A record that is
     compressed, or that claims more bytes than the whole file holds (a deflate bomb),
     is refused before anything is decompressed. Only the archive's directory, at
-    its end, is read.
+    its end, is read (:func:`archive_directory`).
 
     :raises NotACheckpointError: naming the file and the record.
     """
-    path = os.fspath(path)
-    try:
-        if path.startswith("/proc/self/fd/"):  # a verified descriptor's file (a link by design)
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            st = os.fstat(fd)
-        else:
-            fd, st = open_regular(path)
-        with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as archive:
-            records, size = archive.infolist(), st.st_size
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        raise NotACheckpointError(f"{path} is not a torch.save archive that experiment_io wrote ({e}).") from e
+    records, size = archive_directory(path)
     for record in records:
         if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
             raise NotACheckpointError(
-                f"{path}: the record {record.filename!r} is compressed or claims {record.file_size} bytes in a file of "
-                f"{size}: experiment_io never writes such records; the file is refused without being decompressed.")
+                f"{os.fspath(path)}: the record {record.filename!r} is compressed or claims {record.file_size} bytes "
+                f"in a file of {size}: experiment_io never writes such records; the file is refused without being "
+                "decompressed.")

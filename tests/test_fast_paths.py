@@ -506,8 +506,9 @@ def _mapped_payload(tmp_path):
     return path, torch.load(path, weights_only=True, mmap=True), torch.load(path, weights_only=True)
 
 
-def _storages_in(mapped, path):
-    return [p for p in mapped_files() if p == str(path)]
+def _mapped(path):
+    """Whether ``path`` is mapped into this process."""
+    return str(path) in mapped_files()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
@@ -522,7 +523,7 @@ def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_pat
     destination = Destination({"sizes of the file": sizes, "other sizes": [12345], "none": []}[ready])
     destination.fill()
     prepared = {s.data_ptr() for ready_list in destination._ready.values() for s in ready_list}
-    assert _storages_in(mapped, path)
+    assert _mapped(path)
     adopted = destination.adopt(mapped)
     assert adopted is mapped
     for key in ("base", "view", "strided", "other", "empty"):
@@ -539,7 +540,7 @@ def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_pat
     del mapped, adopted
     import gc
     gc.collect()
-    assert not _storages_in(None, path)
+    assert not _mapped(path)
     assert destination._ready == {}
 
 
@@ -623,6 +624,8 @@ def test_a_resume_with_a_fifo_for_its_last_checkpoint_takes_the_best_one(run_cop
     loader.start()
     loader.join(60)
     assert outcome and outcome[0]["controller"].loaded_from == str(directory)
+    best = storage.read_manifest(str(directory))[1][BEST_NAME]
+    assert outcome[0]["controller"].position.step == best["step"]
 
 
 def test_a_map_that_fails_lets_the_ready_memory_go_and_reads_the_file(tmp_path, monkeypatch):
@@ -667,7 +670,7 @@ def test_a_tensor_that_cannot_leave_the_map_makes_the_load_read_the_file(tmp_pat
     del mapped, loaded
     import gc
     gc.collect()
-    assert not _storages_in(None, path)
+    assert not _mapped(path)
 
 
 def test_a_resume_goes_on_when_its_memory_cannot_be_made_ready(run_copy, monkeypatch):
