@@ -15,10 +15,10 @@ import time
 import torch
 
 import harness
-from experiment_io import format as fmt
-from experiment_io.asynchronous import BackgroundWriter
-from experiment_io.generations import RunWriter, previous_name
-from experiment_io.payloads import LAST_NAME, save_payloads
+from experiment_io.format import codec as fmt
+from experiment_io.training.asynchronous import BackgroundWriter
+from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.run.payloads import LAST_NAME, save_payloads
 
 NAME = "async"
 SYNC = "synchronous save (save_payloads)"

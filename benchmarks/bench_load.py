@@ -13,8 +13,8 @@ import torch
 
 import harness
 from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
-from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
-from experiment_io.verification import file_digest
+from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
+from experiment_io.storage.verification import file_digest
 from fixtures import build_run, tensors_of, tiny_database, touch
 
 NAME = "load"

@@ -5,10 +5,10 @@ import shutil
 import torch
 
 import harness
-from experiment_io.asynchronous import with_own_memory
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import LAST_NAME, save_payloads
-from experiment_io.verification import Verifier
+from experiment_io.training.asynchronous import with_own_memory
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import LAST_NAME, save_payloads
+from experiment_io.storage.verification import Verifier
 from fixtures import state_payload
 
 NAME = "many"

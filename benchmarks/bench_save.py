@@ -16,9 +16,12 @@ import torch
 import xxhash
 
 import harness
-from experiment_io import archive, atomic_save, storage
-from experiment_io.generations import RunWriter, previous_name
-from experiment_io.payloads import LAST_NAME, save_payloads
+from experiment_io import atomic_save
+from experiment_io.platform import archive
+from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.run.payloads import LAST_NAME, save_payloads
+from experiment_io.platform.writeback import _SYNC_FILE_RANGE_WRITE, _sync_file_range
+from experiment_io.storage.manifest import MANIFEST_NAME
 from fixtures import make_state, state_nbytes, state_payload
 
 NAME = "save"
@@ -49,8 +52,8 @@ def _paced(fd, state, block=8 * harness.MiB):
         while view:
             n = os.write(fd, view[:block])
             view, written = view[n:], written + n
-            if written - flushed >= block and storage._sync_file_range is not None:
-                storage._sync_file_range(fd, flushed, written - flushed, storage._SYNC_FILE_RANGE_WRITE)
+            if written - flushed >= block and _sync_file_range is not None:
+                _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
                 flushed = written
 
 
@@ -200,7 +203,7 @@ def durable_save(directory, size, reps, seed):
     harness.rows(f"1. Durable save of {n_tensors} float32 tensors, {nbytes / harness.MiB:.0f} MiB "
                  "(throughput relative to the paced raw write, the disk's limit; >= 0.95 is the target)",
                  results, PACED, nbytes=nbytes, ratio="throughput")
-    harness.remove(*paths.values(), previous_name(paths["eio"]), os.path.join(directory, storage.MANIFEST_NAME))
+    harness.remove(*paths.values(), previous_name(paths["eio"]), os.path.join(directory, MANIFEST_NAME))
     _remove_peer_files(directory)
     shutil.rmtree(writer.directory, ignore_errors=True)
     limit = results[PACED]
@@ -223,7 +226,7 @@ def breakdown(directory, size, reps, seed):
     """Where the time of a save goes: serialization with/without CRC, hashing, copy to page cache, fsync.
 
     experiment_io writes the archive's zip container itself, with zlib-ng's CRC-32
-    (:mod:`experiment_io.archive`); torch.save is timed with its own CRC-32 and without
+    (:mod:`experiment_io.platform.archive`); torch.save is timed with its own CRC-32 and without
     it (the setting is changed for that call only, and restored).
     """
     state = make_state(64, size // 64)

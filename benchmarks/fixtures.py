@@ -3,13 +3,11 @@ import torch
 
 import harness  # noqa: F401  (puts the library on sys.path when it is not installed)
 from experiment_io import Evaluator, SetupParams, TrainingModules, setup_training
-from experiment_io import format as fmt
-from experiment_io.controllers import TrainingPosition
-from experiment_io.databases import Database
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import (
-    BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload,
-)
+from experiment_io.format import codec as fmt
+from experiment_io.experiment.controllers import TrainingPosition
+from experiment_io.experiment.databases import Database
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload
 
 from bench_models import BigModel  # importable, so that the trust gate admits it
 

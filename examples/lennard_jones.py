@@ -51,8 +51,8 @@ import torch
 
 from experiment_io import Evaluator, HDF5Database, SetupParams, TrainingModules, setup_training, train_model
 from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
-from experiment_io.lock import LOCK_NAME
-from experiment_io.storage import MANIFEST_NAME, read_manifest
+from experiment_io.storage.lock import LOCK_NAME
+from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
 
 EXAMPLES_DIR = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES_DIR not in sys.path:  # when this file is imported rather than run

@@ -5,21 +5,21 @@ Everything else lives in internal modules (documented on the architecture page)
 whose names may change; :mod:`experiment_io.errors` is public too.
 """
 
-from .version import __version__
-from .controllers import Controller, PatienceController, TrainingPosition
-from .databases import Database, HDF5Database, NPZDatabase, Restartable
-from .errors import ExperimentIOError
-from .lock import RunLock
-from .metric_tracker import MetricTracker
-from .own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save, verified_load
-from .preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE
-from .retention import Retention
-from .routines import SetupParams, setup_and_train, setup_training, test_model
-from .sampler import ResumableSampler
-from .serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
-from .training import train_model
-from .training_modules import Evaluator, TrainingModules
-from .trust import register_safe_classes
+from experiment_io.version import __version__
+from experiment_io.experiment.controllers import Controller, PatienceController, TrainingPosition
+from experiment_io.experiment.databases import Database, HDF5Database, NPZDatabase, Restartable
+from experiment_io.errors import ExperimentIOError
+from experiment_io.storage.lock import RunLock
+from experiment_io.experiment.metric_tracker import MetricTracker
+from experiment_io.frontends.own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save, verified_load
+from experiment_io.training.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE
+from experiment_io.training.retention import Retention
+from experiment_io.training.routines import SetupParams, setup_and_train, setup_training, test_model
+from experiment_io.experiment.sampler import ResumableSampler
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.training.loop import train_model
+from experiment_io.experiment.training_modules import Evaluator, TrainingModules
+from experiment_io.run.trust import register_safe_classes
 
 # No NullHandler: with no logging configured, Python prints WARNING and above to
 # stderr (logging.lastResort), so a fallback to an older checkpoint, a signal or a

@@ -1,6 +1,6 @@
-"""``python -m experiment_io``: the command line (see :mod:`experiment_io.cli`)."""
+"""``python -m experiment_io``: the command line (see :mod:`experiment_io.frontends.cli`)."""
 import sys
 
-from .cli import main
+from experiment_io.frontends.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from experiment_io import storage
+from experiment_io.storage import atomic as storage
 
 from helpers import build_run
 
@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 def background_saves_for_any_size(monkeypatch):
     """Tests of async_save run with tiny models: let every save go to the background writer, as a large one does
     (``checkpointing.ASYNC_MIN_BYTES`` keeps small saves synchronous otherwise; one test checks that rule)."""
-    from experiment_io import checkpointing
+    from experiment_io.training import checkpointing
     monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 0)
 
 
@@ -33,7 +33,7 @@ def background_saves_for_any_size(monkeypatch):
 def write_steps():
     """``write_steps(observer)`` calls ``observer(step, path)`` at each step of every save until the test ends.
 
-    The one hook of the write protocol (:func:`experiment_io.storage.observe_write_steps`):
+    The one hook of the write protocol (:func:`experiment_io.storage.atomic.observe_write_steps`):
     an observer that raises or sleeps at a step injects a fault or a delay there.
     """
     with contextlib.ExitStack() as stack:

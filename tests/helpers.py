@@ -21,12 +21,13 @@ from experiment_io import (
     setup_training,
     train_model,
 )
-from experiment_io import storage, verification
-from experiment_io.generations import Search
-from experiment_io.controllers import TrainingPosition
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload,
-                                    model_payload, save_payloads, structure_payload)
+from experiment_io.storage import atomic as storage
+from experiment_io.storage import verification
+from experiment_io.storage.generations import Search
+from experiment_io.experiment.controllers import TrainingPosition
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload
+from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 N_FEATURES = 3
 
@@ -105,9 +106,9 @@ def train_tiny_run(directory, *, database=None, max_epochs=2, device="cpu", batc
 def rewrite_manifest(directory, edit):
     """Forge the manifest of ``directory``: ``edit(files)`` changes its records, which are written back
     with a fresh header and the digest of the new content (as a writer would)."""
-    files = storage.read_manifest(str(directory))[1]
+    files = read_manifest(str(directory))[1]
     edit(files)
-    storage.write_manifest(str(directory), files)
+    write_manifest(str(directory), files)
 
 
 def find_generations(directory, name, files):
@@ -180,8 +181,8 @@ def kill_storm(directory, kills, *, async_save=False, seed=0, max_delay=0.3, on_
         def body(report):
             def report_commits(step, path):
                 # the save is committed once the manifest's rename is durable
-                if step == "directory_fsynced" and os.path.basename(path) == storage.MANIFEST_NAME:
-                    _, files = storage.read_manifest(os.path.dirname(path))
+                if step == "directory_fsynced" and os.path.basename(path) == MANIFEST_NAME:
+                    _, files = read_manifest(os.path.dirname(path))
                     if LAST_NAME in files:
                         report(files[LAST_NAME]["step"])
 

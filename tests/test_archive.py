@@ -1,4 +1,4 @@
-"""The zip container of experiment_io's files (experiment_io.archive) and the digest computed while writing."""
+"""The zip container of experiment_io's files (experiment_io.platform.archive) and the digest computed while writing."""
 import io
 import multiprocessing
 import os
@@ -11,8 +11,10 @@ import pytest
 import torch
 import xxhash
 
-from experiment_io import archive, storage
-from experiment_io.verification import DIGEST_NAME
+from experiment_io.platform import archive
+from experiment_io.storage import atomic as storage
+from experiment_io.storage.verification import DIGEST_NAME
+from experiment_io.platform.threads import SIDE_DIGEST_BYTES, worker_thread
 
 
 def tensors():
@@ -139,13 +141,36 @@ def test_the_archive_is_the_same_bytes_for_the_same_object():
 
 
 def test_without_torchs_serializer_the_file_is_written_by_torch_save(monkeypatch):
-    monkeypatch.setattr(archive, "_serializer", None)
+    """A torch whose private serializer takes other arguments: the archive is torch.save's own."""
+    real = torch.serialization._save
+
+    def another(obj, zip_file, pickle_module, pickle_protocol, _disable_byteorder_record, new_argument=None):
+        return real(obj, zip_file, pickle_module, pickle_protocol, _disable_byteorder_record)
+
+    monkeypatch.setattr(torch.serialization, "_save", another)
+    calls = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(1), real_save(*a, **k)))
     obj = tensors()
     loaded = torch.load(io.BytesIO(archive_bytes(obj)), weights_only=True)
     assert_same(loaded, obj)
+    assert calls == [1]
 
 
-@pytest.mark.parametrize("side_bytes", [1, storage.SIDE_DIGEST_BYTES, 1 << 40])
+def test_with_the_fast_paths_off_the_file_is_written_by_torch_save(monkeypatch):
+    monkeypatch.setenv("EXPERIMENT_IO_FAST_PATHS", "0")
+    calls = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(1), real_save(*a, **k)))
+    obj = tensors()
+    assert_same(torch.load(io.BytesIO(archive_bytes(obj)), weights_only=True), obj)
+    assert calls == [1]
+    monkeypatch.setenv("EXPERIMENT_IO_FAST_PATHS", "1")
+    archive_bytes(obj)
+    assert calls == [1]  # the archive writer again, whatever a mocked torch.save met before
+
+
+@pytest.mark.parametrize("side_bytes", [1, SIDE_DIGEST_BYTES, 1 << 40])
 def test_the_digest_covers_the_file_bytes_in_order_wherever_it_is_computed(tmp_path, monkeypatch, side_bytes):
     """Large writes are digested on the side thread, small ones inline; the digest is that of the file."""
     monkeypatch.setattr(storage, "SIDE_DIGEST_BYTES", side_bytes)
@@ -159,7 +184,7 @@ def test_the_digest_covers_the_file_bytes_in_order_wherever_it_is_computed(tmp_p
 def _write_in_child(path, queue):
     # no torch operation here: torch's own thread pool does not survive a fork
     try:
-        record = storage.atomic_write(path, lambda f: f.write(os.urandom(3 * storage.SIDE_DIGEST_BYTES)))
+        record = storage.atomic_write(path, lambda f: f.write(os.urandom(3 * SIDE_DIGEST_BYTES)))
         queue.put(record.digest)
     except BaseException as e:  # reported to the parent
         queue.put(repr(e))
@@ -187,7 +212,7 @@ def test_the_library_threads_leave_outside_signals_to_the_main_thread():
     def probe():
         seen["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
-    thread = storage.worker_thread(probe, name="probe", daemon=True)
+    thread = worker_thread(probe, name="probe", daemon=True)
     thread.start()
     thread.join(10)
     assert {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1} <= seen["blocked"]

@@ -22,23 +22,15 @@ import time
 import pytest
 import torch
 
-import experiment_io.storage as storage
-from experiment_io.asynchronous import BackgroundWriter, StagingArea, with_own_memory
-from experiment_io.controllers import TrainingPosition
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import (
-    BEST_MODEL_NAME,
-    BEST_NAME,
-    LAST_NAME,
-    STRUCTURE_NAME,
-    model_payload,
-    save_payload,
-    save_payloads,
-    structure_payload,
-)
+import experiment_io.storage.atomic as storage
+from experiment_io.storage import manifest as run_manifest
+from experiment_io.training.asynchronous import BackgroundWriter, StagingArea, with_own_memory
+from experiment_io.experiment.controllers import TrainingPosition
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, model_payload, save_payload, save_payloads, structure_payload
 from experiment_io.errors import CheckpointWriteError, StagedStateModifiedError
 from experiment_io import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model
-from experiment_io.serialization import load_checkpoint_from_cwd
+from experiment_io.loading.loaders import load_checkpoint_from_cwd
 
 from helpers import fork_child, make_database, make_training_modules, payload_at
 
@@ -60,7 +52,7 @@ def train(directory, database, *, async_save, max_epochs=3, batch_callbacks=None
 
 
 def manifest(directory):
-    with open(os.path.join(directory, storage.MANIFEST_NAME)) as f:
+    with open(os.path.join(directory, run_manifest.MANIFEST_NAME)) as f:
         return json.load(f)["files"]
 
 
@@ -345,7 +337,8 @@ def test_exception_in_the_loop_waits_for_the_save_in_flight(tmp_path, slow_backg
 PREEMPTED_SCRIPT = textwrap.dedent("""
     import os, signal, sys, threading, time
     sys.path.insert(0, {tests!r})
-    import experiment_io.storage as storage
+    import experiment_io.storage.atomic as storage
+    from experiment_io.storage import manifest as run_manifest
     from helpers import fork_child, make_database, make_training_modules, payload_at
     from experiment_io import SetupParams, setup_training, train_model
     def slow(at, path):
@@ -363,7 +356,7 @@ PREEMPTED_SCRIPT = textwrap.dedent("""
         train_model(tm, make_database(), controller, tracker, None, [preempt], quiet=True, directory={directory!r},
                     async_save=True, checkpoint_every_batches=4)
     except SystemExit:  # what is committed when train_model exits
-        files = storage.read_manifest({directory!r})[1]
+        files = run_manifest.read_manifest({directory!r})[1]
         print("COMMITTED", files["last_checkpoint.pt"]["step"], flush=True)
         raise
     print("RETURNED")
@@ -642,7 +635,7 @@ def test_crash_of_the_background_thread_at_each_step(tmp_path, stage):
 def test_a_small_checkpoint_is_written_synchronously_with_async_save(tmp_path, monkeypatch):
     """The rule async_save follows: below ASYNC_MIN_BYTES of tensors, handing a save to the background thread costs
     training more than writing it, so it is written at once (and the files are those of a synchronous run)."""
-    from experiment_io import checkpointing
+    from experiment_io.training import checkpointing
     monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 8 * 1024 * 1024)
     submitted = []
     real_submit = checkpointing.BackgroundWriter.submit
@@ -653,7 +646,7 @@ def test_a_small_checkpoint_is_written_synchronously_with_async_save(tmp_path, m
     train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory=str(tmp_path),
                 async_save=True, checkpoint_every_batches=3)
     assert submitted == []
-    assert storage.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]["epochs_done"] == 2
+    assert run_manifest.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]["epochs_done"] == 2
     monkeypatch.setattr(checkpointing, "ASYNC_MIN_BYTES", 0)  # and a larger one goes to the background
     train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory=str(tmp_path),
                 async_save=True, max_epochs=3)

@@ -5,8 +5,8 @@ import sys
 import h5py
 import pytest
 
-from experiment_io.payloads import LAST_NAME, STRUCTURE_NAME
-from experiment_io.cli import main
+from experiment_io.run.payloads import LAST_NAME, STRUCTURE_NAME
+from experiment_io.frontends.cli import main
 
 from helpers import flip_bit, record_torch_loads, train_tiny_run
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experiment_io import Retention, load_model_from_cwd
-from experiment_io.payloads import LAST_NAME
+from experiment_io.run.payloads import LAST_NAME
 
 from helpers import TinyNet, train_tiny_run
 

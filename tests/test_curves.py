@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from experiment_io import MetricTracker, load_checkpoint_from_cwd, storage
-from experiment_io.cli import main as cli_main
+from experiment_io import MetricTracker, load_checkpoint_from_cwd
+from experiment_io.frontends.cli import main as cli_main
+from experiment_io.storage.manifest import read_manifest
 
 from helpers import make_database, train_tiny_run
 
@@ -31,7 +32,7 @@ def test_the_history_records_each_epochs_learning_rate(curved_run):
 
 def test_metrics_csv_has_a_row_per_epoch(curved_run):
     directory, tracker = curved_run
-    record = storage.read_manifest(str(directory))[1]["metrics.csv"]
+    record = read_manifest(str(directory))[1]["metrics.csv"]
     assert record["kind"] == "metrics"
     rows = list(csv.DictReader(io.StringIO((directory / "metrics.csv").read_text())))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
@@ -68,7 +69,7 @@ def test_experiment_io_plot_writes_them_on_demand(curved_run, tmp_path, capsys, 
     assert cli_main(["plot", str(directory), "--out", str(tmp_path / "out")]) == 0
     assert sorted(os.listdir(tmp_path / "out")) == ["loss.png", "mae.png", "mse.png"]
     assert "3 plot(s) of 3 epochs" in capsys.readouterr().out
-    import experiment_io.plots
-    monkeypatch.setattr(experiment_io.plots, "plotting_available", lambda: False)
+    import experiment_io.training.plots
+    monkeypatch.setattr(experiment_io.training.plots, "plotting_available", lambda: False)
     assert cli_main(["plot", str(directory)]) == 1
     assert "pip install 'experiment_io[plots]'" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Databases: seeded splits, seeded epoch orders, resumable batches, restartable descriptors."""
 import os
 import sys
-import textwrap
 
 import h5py
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from experiment_io import Database, HDF5Database, NPZDatabase, Restartable
-from experiment_io.databases import SPLITS, restore_database
+from experiment_io.experiment.databases import SPLITS, restore_database
 from experiment_io.errors import DatabaseRestartError, ExperimentIOError, IncompatibleCheckpointError
 
 from helpers import make_arrays
@@ -276,7 +275,7 @@ def test_descriptor_and_restore(kind, npz_file, h5_file, monkeypatch, tmp_path):
     db = cls(os.path.basename(path), ["x"], ["y"], 4, 30, 0.1, float_dtype="float64")  # a relative path; test_size first
     descriptor = db.descriptor()
     assert descriptor == {
-        "class": f"experiment_io.databases.{cls.__name__}",
+        "class": f"experiment_io.experiment.databases.{cls.__name__}",
         "kwargs": {"path": str(path), "inputs": ["x"], "targets": ["y"], "seed": 4, "valid_size": 0.1,
                    "test_size": 30, "float_dtype": "float64"},
     }
@@ -292,7 +291,7 @@ def test_restore_from_moved_file(npz_file, tmp_path):
     with pytest.raises(DatabaseRestartError) as info:
         restore_database(descriptor)
     message = str(info.value)
-    assert "experiment_io.databases.NPZDatabase" in message and str(npz_file) in message
+    assert "experiment_io.experiment.databases.NPZDatabase" in message and str(npz_file) in message
     assert "database=" in message
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ExperimentIOError)
 
@@ -339,10 +338,10 @@ def test_restore_made_up_module():
 
 
 @pytest.mark.parametrize("class_path", [
-    "experiment_io.databases.Database",  # not restartable
+    "experiment_io.experiment.databases.Database",  # not restartable
     "builtins.dict",  # not a database
     "os.system",  # not a class
-    "experiment_io.databases.NoSuchDatabase",
+    "experiment_io.experiment.databases.NoSuchDatabase",
 ])
 def test_restore_refuses_other_classes(class_path, npz_file):
     descriptor = {"class": class_path, "kwargs": {"path": str(npz_file), "inputs": ["x"], "targets": ["y"], "seed": 0}}
@@ -351,8 +350,8 @@ def test_restore_refuses_other_classes(class_path, npz_file):
     assert class_path in str(info.value)
 
 
-@pytest.mark.parametrize("descriptor", [None, "experiment_io.databases.NPZDatabase", {"class": 3, "kwargs": {}},
-                                        {"class": "experiment_io.databases.NPZDatabase", "kwargs": None}, {}])
+@pytest.mark.parametrize("descriptor", [None, "experiment_io.experiment.databases.NPZDatabase", {"class": 3, "kwargs": {}},
+                                        {"class": "experiment_io.experiment.databases.NPZDatabase", "kwargs": None}, {}])
 def test_restore_malformed_descriptor(descriptor):
     with pytest.raises(DatabaseRestartError, match="malformed"):
         restore_database(descriptor)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from experiment_io import payloads as ckpt
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import save_payloads
-from experiment_io.devices import check_location_args, module_device, resolve_device
+from experiment_io.run import payloads as ckpt
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import save_payloads
+from experiment_io.experiment.devices import check_location_args, module_device, resolve_device
 from experiment_io.errors import DeviceError, ExperimentIOError
-from experiment_io.rng import get_rng_state, placed_on_cpu, set_rng_state
-from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.experiment.rng import get_rng_state, placed_on_cpu, set_rng_state
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
 from helpers import ScaledMSE, TinyNet, record_torch_loads, snapshot_directory, train_tiny_run
 
@@ -197,7 +197,7 @@ def test_set_rng_state_with_more_cuda_states_than_devices(no_cuda, caplog):
     state["cuda"] = [state["torch"].clone(), state["torch"].clone()]
     expected = draw()
     scramble()
-    with caplog.at_level("WARNING", logger="experiment_io.rng"):
+    with caplog.at_level("WARNING", logger="experiment_io.experiment.rng"):
         set_rng_state(state)
     assert draw() == expected
     assert "2 CUDA device(s)" in caplog.text

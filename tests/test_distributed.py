@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from experiment_io import PREEMPTED_EXIT_CODE, load_model_from_cwd
-from experiment_io.storage import read_manifest
+from experiment_io.storage.manifest import read_manifest
 
 from helpers import assert_bitwise_equal
 

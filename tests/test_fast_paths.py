@@ -10,7 +10,6 @@ while they are read (the load starts over), and digests that catch a damaged byt
 that ``torch.load`` alone would load silently.
 """
 import errno
-import io
 import itertools
 import os
 import random
@@ -22,14 +21,16 @@ import torch
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from experiment_io import verification
-from experiment_io.generations import previous_name
-from experiment_io.generations import Generation, Role, Search
-import experiment_io.reading as reading
-import experiment_io.storage as storage
-from experiment_io.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
+from experiment_io.storage import verification
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.generations import Generation, Role, Search
+import experiment_io.run.reading as reading
+import experiment_io.storage.atomic as storage
+from experiment_io.storage import manifest as run_manifest
+from experiment_io.platform import maps, writeback
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError
-from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
 from helpers import assert_bitwise_equal, build_run, flip_bit, make_database, make_training_modules, saver, train_tiny_run
 
@@ -126,7 +127,7 @@ def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
 
 
 def test_writes_without_early_writeback(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "_sync_file_range", None)
+    monkeypatch.setattr(writeback, "_sync_file_range", None)
     data = os.urandom(3 * storage._WRITEBACK_EVERY)
     assert storage.atomic_write_bytes(tmp_path / "x", data) == verification.file_digest(tmp_path / "x")
     assert (tmp_path / "x").read_bytes() == data
@@ -139,22 +140,22 @@ def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
         calls.append((offset, nbytes))
         return -1
 
-    monkeypatch.setattr(storage, "_sync_file_range", failing)
+    monkeypatch.setattr(writeback, "_sync_file_range", failing)
     data = os.urandom(3 * storage._WRITEBACK_EVERY)
     storage.atomic_write(tmp_path / "x", lambda f: [f.write(data[i:i + 2**20]) for i in range(0, len(data), 2**20)])
     assert (tmp_path / "x").read_bytes() == data
-    assert len(calls) == 1 and storage._sync_file_range is None  # tried once, then given up
+    assert len(calls) == 1 and writeback._sync_file_range is None  # tried once, then given up
 
 
-@pytest.mark.skipif(storage._sync_file_range is None, reason="no sync_file_range here")
+@pytest.mark.skipif(writeback._sync_file_range is None, reason="no sync_file_range here")
 def test_early_writeback_covers_the_file_in_order(tmp_path, monkeypatch):
-    calls, real = [], storage._sync_file_range
+    calls, real = [], writeback._sync_file_range
 
     def recording(fd, offset, nbytes, flags):
         calls.append((offset, nbytes))
         return real(fd, offset, nbytes, flags)
 
-    monkeypatch.setattr(storage, "_sync_file_range", recording)
+    monkeypatch.setattr(writeback, "_sync_file_range", recording)
     tensors = {str(i): torch.randn(2**20) for i in range(6)}  # 24 MiB
     storage.atomic_write(tmp_path / "t.pt", lambda f: save_payload(tensors, f))
     assert calls and calls[0][0] == 0
@@ -272,7 +273,7 @@ def test_lazy_pick_equals_verifying_everything(run_copy, crash, damaged):
     for name in damaged:
         if (directory / name).exists():
             DAMAGE[rng.choice(sorted(DAMAGE))](directory / name)
-    files = storage.read_manifest(str(directory))[1]
+    files = run_manifest.read_manifest(str(directory))[1]
     for roles, newest_first in (([LAST_NAME, BEST_NAME], True), ([BEST_NAME], True),
                                 ([BEST_MODEL_NAME + ":current", LAST_NAME, BEST_NAME, BEST_MODEL_NAME + ":older"], False)):
         expected = reference_pick(directory, files, roles, newest_first)
@@ -450,7 +451,7 @@ def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
     def no_mmap(*args, **kwargs):
         raise OSError(errno.ENODEV, "no mmap here")
 
-    monkeypatch.setattr(verification.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(maps.mmap, "mmap", no_mmap)
     assert verification.file_digest(tmp_path / "m.bin") == record  # read in blocks
 
 
@@ -514,7 +515,7 @@ def _mapped(path):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
 @pytest.mark.parametrize("ready", ["sizes of the file", "other sizes", "none"])
 def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_path, ready):
-    from experiment_io.residence import Destination, storage_sizes
+    from experiment_io.platform.residence import Destination, storage_sizes
 
     path, mapped, plain = _mapped_payload(tmp_path)
     sizes = storage_sizes(path)
@@ -545,7 +546,7 @@ def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_pat
 
 
 def test_storage_sizes_of_what_is_not_an_archive_are_none(tmp_path):
-    from experiment_io.residence import storage_sizes
+    from experiment_io.platform.residence import storage_sizes
 
     (tmp_path / "x.pt").write_bytes(b"not a zip archive" * 100)
     assert storage_sizes(tmp_path / "x.pt") == []
@@ -572,7 +573,7 @@ def test_a_damaged_checkpoint_is_refused_before_its_memory_is_used(run_copy, mon
 
 
 def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monkeypatch):
-    from experiment_io import residence
+    from experiment_io.platform import residence
 
     directory, database = run_copy
     calls, real_fill, real_digest = [], residence.Destination.fill, verification.Verifier.digest
@@ -600,7 +601,7 @@ def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monke
 def test_memory_is_made_ready_only_for_a_regular_file(tmp_path):
     """The archive's directory is read before the file is verified: a FIFO or a link in its place is not opened
     (a FIFO would block the load forever)."""
-    from experiment_io.residence import storage_sizes
+    from experiment_io.platform.residence import storage_sizes
 
     path, _, _ = _mapped_payload(tmp_path)
     assert storage_sizes(path)
@@ -624,12 +625,12 @@ def test_a_resume_with_a_fifo_for_its_last_checkpoint_takes_the_best_one(run_cop
     loader.start()
     loader.join(60)
     assert outcome and outcome[0]["controller"].loaded_from == str(directory)
-    best = storage.read_manifest(str(directory))[1][BEST_NAME]
+    best = run_manifest.read_manifest(str(directory))[1][BEST_NAME]
     assert outcome[0]["controller"].position.step == best["step"]
 
 
 def test_a_map_that_fails_lets_the_ready_memory_go_and_reads_the_file(tmp_path, monkeypatch):
-    from experiment_io.residence import Destination, storage_sizes
+    from experiment_io.platform.residence import Destination, storage_sizes
 
     path, _, plain = _mapped_payload(tmp_path)
     destination = Destination(storage_sizes(path))
@@ -651,7 +652,7 @@ def test_a_map_that_fails_lets_the_ready_memory_go_and_reads_the_file(tmp_path, 
 def test_a_tensor_that_cannot_leave_the_map_makes_the_load_read_the_file(tmp_path):
     """A sparse tensor's storage cannot be re-pointed: nothing is moved, the file is read instead, and a dense
     tensor sharing the sparse tensor's values still shares them."""
-    from experiment_io.residence import CannotAdopt, Destination, storage_sizes
+    from experiment_io.platform.residence import CannotAdopt, Destination, storage_sizes
 
     values = torch.arange(5, dtype=torch.float32)
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 4, 6, 8]]), values, (10,), check_invariants=True).coalesce()
@@ -674,7 +675,7 @@ def test_a_tensor_that_cannot_leave_the_map_makes_the_load_read_the_file(tmp_pat
 
 
 def test_a_resume_goes_on_when_its_memory_cannot_be_made_ready(run_copy, monkeypatch):
-    from experiment_io import residence
+    from experiment_io.platform import residence
 
     directory, database = run_copy
 
@@ -709,7 +710,7 @@ def test_a_mapped_model_never_writes_into_its_file(run_copy):
 def test_no_memory_is_made_ready_beyond_half_of_what_is_available(tmp_path, monkeypatch):
     """The archive's directory is read before the file is verified: a directory claiming more than half the
     memory at hand makes nothing ready (the load goes on without it)."""
-    from experiment_io import residence
+    from experiment_io.platform import residence
 
     at_hand = residence._available_memory()
     assert at_hand is None or 0 < at_hand <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -5,7 +5,6 @@ The user's project is a directory with its own modules (``mymodel.py``: the netw
 optimizer and a function metric) and an HDF5 file; scripts run in fresh processes in that directory, as a user
 runs them, so that nothing is imported unless the script imports it.
 """
-import logging
 import os
 import re
 import shutil
@@ -18,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from experiment_io import (HDF5Database, SetupParams, TrainingModules, Evaluator, atomic_save, load_checkpoint_from_cwd,
+from experiment_io import (HDF5Database, SetupParams, TrainingModules, Evaluator, load_checkpoint_from_cwd,
                            load_model_from_cwd, setup_training, train_model)
 from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, DeviceError, ExperimentIOError,
-                                  IncompatibleCheckpointError, RunExistsError, SetupError)
-from experiment_io.lock import RunLock
-from experiment_io.cli import main as cli_main
+                                  RunExistsError, SetupError)
+from experiment_io.frontends.cli import main as cli_main
 
 from helpers import make_database, make_training_modules, train_tiny_run
 
@@ -180,7 +178,7 @@ def test_quiet_and_logging_configuration_decide_what_is_shown(project):
                         "exec(open('train.py').read())", project)
     assert configured.returncode == 0, configured.stderr
     lines = [line for line in configured.stderr.splitlines() if "epoch 0 (1 of 2 done)" in line]
-    assert len(lines) == 1 and lines[0].startswith("LOG experiment_io.training "), lines  # once, through the log
+    assert len(lines) == 1 and lines[0].startswith("LOG experiment_io.training.loop "), lines  # once, through the log
 
 
 def test_warnings_reach_stderr_without_configuration(project):
@@ -225,7 +223,7 @@ def test_the_one_liner_after_a_kill_before_the_first_save(tmp_path):
     """A run killed before its first checkpoint committed has nothing to protect: the one-liner starts it again."""
     database = make_database()
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=1))
-    from experiment_io.checkpointing import RunCheckpointer
+    from experiment_io.training.checkpointing import RunCheckpointer
     RunCheckpointer(str(tmp_path), tm, controller, tracker, database, resuming=False)  # the structure file only
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True)
     assert check is None
@@ -347,7 +345,7 @@ def test_a_lambda_in_the_losses_is_named_when_training_starts(tmp_path):
 
 def test_loading_while_a_live_process_writes_the_first_checkpoint_names_it(tmp_path):
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32, max_epochs=1))
-    from experiment_io.checkpointing import RunCheckpointer
+    from experiment_io.training.checkpointing import RunCheckpointer
     RunCheckpointer(str(tmp_path), tm, controller, tracker, make_database(), resuming=False)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom experiment_io import RunLock\n"
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiment_io import __version__
-from experiment_io import format as fmt
+from experiment_io.format import codec as fmt
 from experiment_io.errors import CorruptCheckpointError, ExperimentIOError, FormatVersionError, NotACheckpointError
 
 NAME = "/runs/a/last_checkpoint.pt"

@@ -4,7 +4,6 @@ Each call must return a verified object or raise an error of the library's own
 hierarchy: no other exception type, no hang. The manifest is rewritten to vouch for
 the fuzzed bytes, so that the unpickling paths (not only the digest check) are fuzzed.
 """
-import json
 import os
 import shutil
 
@@ -12,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiment_io import verification
-import experiment_io.trust as trust
-from experiment_io import storage
-from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
+from experiment_io.storage import verification
+import experiment_io.run.trust as trust
+from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.errors import ExperimentIOError
-from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 from helpers import rewrite_manifest, make_database, train_tiny_run
 
@@ -99,6 +98,6 @@ def test_mutated_files(template, tmp_path_factory, name, edits, cut):
 @given(data=st.binary(max_size=2048))
 def test_random_manifest(template, tmp_path_factory, data):
     directory = fresh_copy(template, tmp_path_factory)
-    (directory / storage.MANIFEST_NAME).write_bytes(data)
+    (directory / MANIFEST_NAME).write_bytes(data)
     for outcome in call_every_loader(directory)[:2]:
         assert isinstance(outcome, ExperimentIOError)

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("hippynn")
 
 from experiment_io import Database, load_checkpoint_from_cwd, load_model_from_cwd, train_model  # noqa: E402
-from experiment_io.cli import main as cli_main  # noqa: E402
+from experiment_io.frontends.cli import main as cli_main
 
 DRIVER = os.path.join(os.path.dirname(__file__), "scripts", "hippynn_driver.py")
 os.environ.setdefault("HIPPYNN_USE_CUSTOM_KERNELS", "_pytorch_raw")  # no torch.compile: fast tests

@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 
-from experiment_io import (SetupParams, load_checkpoint_from_cwd, load_model_from_cwd, setup_training, storage, train_model,
-                           verified_load)
-from experiment_io.cli import main
+from experiment_io import SetupParams, load_checkpoint_from_cwd, load_model_from_cwd, setup_training, train_model, verified_load
+from experiment_io.storage import atomic as storage
+from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
+from experiment_io.frontends.cli import main
 from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, ExperimentIOError
-from experiment_io.lock import LOCK_NAME
-from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
+from experiment_io.storage.lock import LOCK_NAME
+from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME
 
 from helpers import make_database, make_training_modules, race, rewrite_manifest, train_tiny_run
 
@@ -68,22 +69,22 @@ def test_a_planted_lock_link_destroys_nothing(tmp_path):
     assert victim.read_text() == "precious"
     os.remove(run / LOCK_NAME)  # the fix the message gives
     train_tiny_run(run)
-    assert victim.read_text() == "precious" and storage.read_manifest(str(run))[1].get(LAST_NAME) is not None
+    assert victim.read_text() == "precious" and read_manifest(str(run))[1].get(LAST_NAME) is not None
 
 
 def test_a_planted_lock_hard_link_destroys_nothing(tmp_path):
     run = tmp_path / "run"
     train_tiny_run(run)
-    manifest = (run / storage.MANIFEST_NAME).read_bytes()
+    manifest = (run / MANIFEST_NAME).read_bytes()
     os.remove(run / LOCK_NAME)
-    os.link(run / storage.MANIFEST_NAME, run / LOCK_NAME)
+    os.link(run / MANIFEST_NAME, run / LOCK_NAME)
     with pytest.raises(CheckpointWriteError, match="hard link.*remove it"):
         train_tiny_run(run)
-    assert (run / storage.MANIFEST_NAME).read_bytes() == manifest
+    assert (run / MANIFEST_NAME).read_bytes() == manifest
     os.remove(run / LOCK_NAME)  # the fix the message gives; the run is then resumed
     check = load_checkpoint_from_cwd(directory=str(run), database=make_database())
     train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, max_epochs=3)
-    assert storage.read_manifest(str(run))[1][LAST_NAME]["epochs_done"] == 3
+    assert read_manifest(str(run))[1][LAST_NAME]["epochs_done"] == 3
 
 
 def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
@@ -119,7 +120,7 @@ def test_a_write_into_a_removed_directory_says_so(tmp_path):
 
 def test_a_flipped_bit_in_the_manifest_is_detected(run):
     directory, database = run
-    path = directory / storage.MANIFEST_NAME
+    path = directory / MANIFEST_NAME
     text = path.read_text()
     at = text.index('"step": ') + len('"step": ')
     path.write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1:])  # a step value changed by one digit
@@ -132,10 +133,10 @@ def test_a_flipped_bit_in_the_manifest_is_detected(run):
                                           ("written_at", float("inf")), ("kind", {"a": 1})])
 def test_a_forged_manifest_value_is_a_corrupt_checkpoint_naming_the_field(run, field, value):
     directory, database = run
-    doc = json.loads((directory / storage.MANIFEST_NAME).read_text())
+    doc = json.loads((directory / MANIFEST_NAME).read_text())
     doc["files"][LAST_NAME][field] = value
     del doc["header"]["digest"]  # a forger who knows to drop the digest
-    (directory / storage.MANIFEST_NAME).write_text(json.dumps(doc))
+    (directory / MANIFEST_NAME).write_text(json.dumps(doc))
     with pytest.raises(CorruptCheckpointError, match=repr(field)):
         load_checkpoint_from_cwd(directory=str(directory), database=database)
 
@@ -143,7 +144,7 @@ def test_a_forged_manifest_value_is_a_corrupt_checkpoint_naming_the_field(run, f
 @pytest.mark.parametrize("content", [b"[" * 100000, b'{"header": ' * 50000])
 def test_deeply_nested_manifest_json(run, content):
     directory, database = run
-    (directory / storage.MANIFEST_NAME).write_bytes(content)
+    (directory / MANIFEST_NAME).write_bytes(content)
     with pytest.raises(CorruptCheckpointError):
         load_checkpoint_from_cwd(directory=str(directory), database=database)
 
@@ -171,7 +172,7 @@ def special_file(kind, path):
 
 
 @pytest.mark.parametrize("kind", ["symlink to /dev/zero", "fifo", "directory", "symlink loop"])
-@pytest.mark.parametrize("name", [LAST_NAME, BEST_MODEL_NAME, storage.MANIFEST_NAME])
+@pytest.mark.parametrize("name", [LAST_NAME, BEST_MODEL_NAME, MANIFEST_NAME])
 def test_special_files_are_never_read_and_nothing_hangs(run, kind, name):
     directory, database = run
     os.remove(directory / name)
@@ -199,8 +200,8 @@ def test_verified_load_of_a_special_file(tmp_path):
 
 def test_a_manifest_that_is_a_directory(run):
     directory, database = run
-    os.remove(directory / storage.MANIFEST_NAME)
-    os.mkdir(directory / storage.MANIFEST_NAME)
+    os.remove(directory / MANIFEST_NAME)
+    os.mkdir(directory / MANIFEST_NAME)
     with pytest.raises(CorruptCheckpointError):
         load_checkpoint_from_cwd(directory=str(directory), database=database)
 
@@ -209,7 +210,7 @@ def test_cli_metrics_on_a_file_the_manifest_vouches_for_prints_an_error(run, cap
     directory, _ = run
     path = directory / LAST_NAME
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    from experiment_io import verification
+    from experiment_io.storage import verification
     rewrite_manifest(directory, lambda files: files[LAST_NAME].update(verification.file_digest(path).as_dict()))
     assert main(["metrics", str(directory)]) == 1
     captured = capsys.readouterr()
@@ -244,7 +245,7 @@ def rollback_by_copy(directory):
 
 def test_a_silent_rollback_is_loud(run, capsys):
     directory, database = run
-    committed = storage.read_manifest(str(directory))[1][LAST_NAME]["step"]
+    committed = read_manifest(str(directory))[1][LAST_NAME]["step"]
     rollback_by_copy(directory)
     script = ("import sys; sys.path.insert(0, %r); import helpers\n"
               "from experiment_io import load_checkpoint_from_cwd\n"
@@ -264,9 +265,8 @@ def test_a_silent_rollback_is_loud(run, capsys):
 
 
 def test_a_lock_removed_while_held_stops_the_holder_before_it_writes(tmp_path):
-    from experiment_io import SetupParams, setup_training, train_model
+    from experiment_io import train_model
     from experiment_io.errors import RunLockedError
-    from helpers import make_training_modules
 
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=16,
                                                                                   max_epochs=2))
@@ -280,7 +280,7 @@ def test_a_lock_removed_while_held_stops_the_holder_before_it_writes(tmp_path):
     with pytest.raises(RunLockedError, match="removed or replaced"):
         train_model(tm, make_database(), controller, tracker, None, [clean_up_stale_lock], quiet=True,
                     directory=str(tmp_path), checkpoint_every_batches=4)
-    assert storage.read_manifest(str(tmp_path))[1].get(LAST_NAME) is None  # nothing written after the loss
+    assert read_manifest(str(tmp_path))[1].get(LAST_NAME) is None  # nothing written after the loss
     # the fix the message gives: with one job training there, resume from the last checkpoint (none yet: start)
     check = load_checkpoint_from_cwd(directory=str(tmp_path), database=make_database(), missing_ok=True)
     if check is None:
@@ -288,7 +288,7 @@ def test_a_lock_removed_while_held_stops_the_holder_before_it_writes(tmp_path):
                                                                                       max_epochs=2))
         check = {"training_modules": tm, "controller": controller, "metric_tracker": tracker, "database": make_database()}
     train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, directory=str(tmp_path))
-    assert storage.read_manifest(str(tmp_path))[1][LAST_NAME]["epochs_done"] == 2
+    assert read_manifest(str(tmp_path))[1][LAST_NAME]["epochs_done"] == 2
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_a_forked_child_neither_keeps_the_lock_nor_the_stop_handler(tmp_path):
     script = (
         "import os, signal, sys, time\n"
         "from experiment_io import RunLock\n"
-        "from experiment_io.preemption import Preemption\n"
+        "from experiment_io.training.preemption import Preemption\n"
         f"lock = RunLock({str(tmp_path)!r}).acquire()\n"
         "with Preemption():\n"
         "    child = os.fork()\n"
@@ -334,7 +334,7 @@ def test_a_deflate_bomb_is_refused_before_it_is_decompressed(run):
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data.pkl", b"\0" * (64 * 1024 * 1024))  # 64 MiB of zeros in a few KB
     assert path.stat().st_size < 1024 * 1024
-    from experiment_io import verification
+    from experiment_io.storage import verification
     rewrite_manifest(directory, lambda files: files[LAST_NAME].update(verification.file_digest(path).as_dict()))
     started = time.monotonic()
     for command, outcome in every_reader(directory, database):
@@ -350,8 +350,8 @@ def test_a_refused_structure_file_imports_nothing(run):
     import pickle
     import subprocess
     import sys
-    from experiment_io import verification
-    from experiment_io.payloads import STRUCTURE_NAME
+    from experiment_io.storage import verification
+    from experiment_io.run.payloads import STRUCTURE_NAME
 
     directory, _ = run
 
@@ -385,7 +385,7 @@ def test_a_refused_structure_file_imports_nothing(run):
     path.write_bytes(buffer.getvalue())
     rewrite_manifest(directory, lambda files: files[STRUCTURE_NAME].update(verification.file_digest(path).as_dict()))
     script = ("import sys\n"
-              "from experiment_io.trust import load_structure\n"
+              "from experiment_io.run.trust import load_structure\n"
               "from experiment_io.errors import UnsafeCheckpointError\n"
               "try:\n    load_structure(%r)\n"
               "except UnsafeCheckpointError as e:\n    print('REFUSED', e)\n"
@@ -399,8 +399,7 @@ def test_a_refused_structure_file_imports_nothing(run):
 @pytest.mark.slow
 def test_loads_while_train_model_writes_succeed(tmp_path):
     """A reader racing a live writer gets a committed checkpoint, never a 'not a checkpoint' error."""
-    from experiment_io import SetupParams, setup_training, train_model
-    from helpers import make_training_modules
+    from experiment_io import train_model
 
     database = make_database(n=400)
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=8,
@@ -424,9 +423,10 @@ def test_loads_while_train_model_writes_succeed(tmp_path):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from experiment_io.payloads import BEST_NAME, STRUCTURE_NAME  # noqa: E402
+from experiment_io.run.payloads import BEST_NAME, STRUCTURE_NAME
+from experiment_io.storage.manifest import MANIFEST_NAME
 
-TARGETS = [LAST_NAME, "last_checkpoint.prev.pt", BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME, storage.MANIFEST_NAME]
+TARGETS = [LAST_NAME, "last_checkpoint.prev.pt", BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME, MANIFEST_NAME]
 ACTIONS = ["keep", "delete", "link outside", "link to /dev/zero", "fifo", "directory", "truncate", "garbage",
            "link loop"]
 ABSURD = [None, "24", [1], {"a": 1}, -5, 10**30, 1e300, float("nan"), "../x", "/dev/zero", True]
@@ -490,15 +490,15 @@ def test_hostile_directories_fuzzed(saved_run, tmp_path_factory, plan, forge):
     shutil.copytree(source, directory)
     outside.mkdir()
     shutil.copy(source / LAST_NAME, outside / "secret.pt")
-    if forge and not any(name == storage.MANIFEST_NAME and action != "keep" for name, action in plan):
-        doc = json.loads((directory / storage.MANIFEST_NAME).read_text())
+    if forge and not any(name == MANIFEST_NAME and action != "keep" for name, action in plan):
+        doc = json.loads((directory / MANIFEST_NAME).read_text())
         for field, value in forge:
             if field == "@name":
                 doc["files"][str(value)] = doc["files"][LAST_NAME]
             else:
                 doc["files"][LAST_NAME][field] = value
         doc["header"].pop("digest", None)
-        (directory / storage.MANIFEST_NAME).write_text(json.dumps(doc))
+        (directory / MANIFEST_NAME).write_text(json.dumps(doc))
     for name, action in plan:
         plant(directory, outside, name, action)
     before = {n: (directory / n).read_bytes() for n in os.listdir(directory)

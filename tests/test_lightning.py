@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("lightning.pytorch")
 
-from experiment_io import PREEMPTED_EXIT_CODE, storage  # noqa: E402
+from experiment_io import PREEMPTED_EXIT_CODE
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "lightning_fit.py")
 
@@ -32,7 +33,7 @@ def assert_same_weights(a, b):
 
 
 def manifest(directory):
-    return json.loads((directory / storage.MANIFEST_NAME).read_text())["files"]
+    return json.loads((directory / MANIFEST_NAME).read_text())["files"]
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,11 @@ def test_model_checkpoint_top_k_saves_and_removes_through_the_manifest(tmp_path)
     files = sorted(n for n in os.listdir(top) if n.endswith(".ckpt"))
     records = manifest(top)
     assert len(files) == 2 and sorted(n for n in records if not records[n].get("retired")) == files
-    assert set(os.listdir(top)) == set(files) | {storage.MANIFEST_NAME}
+    assert set(os.listdir(top)) == set(files) | {MANIFEST_NAME}
 
 
 def test_atomic_checkpoint_io_loads_verified_and_falls_back_to_the_previous_generation(tmp_path):
-    from experiment_io.lightning import AtomicCheckpointIO
+    from experiment_io.frontends.lightning import AtomicCheckpointIO
     io = AtomicCheckpointIO()
     path = tmp_path / "c.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
@@ -108,6 +109,6 @@ def test_exact_resume_refuses_a_sampler_it_cannot_continue():
     from torch.utils.data import RandomSampler
 
     from experiment_io.errors import SetupError
-    from experiment_io.lightning import ExactResume
+    from experiment_io.frontends.lightning import ExactResume
     with pytest.raises(SetupError, match="ResumableSampler"):
         ExactResume("last.ckpt", sampler=RandomSampler(range(4)))

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiment_io import load_model_from_cwd, storage
-from experiment_io.cli import main as cli_main
+from experiment_io import load_model_from_cwd
+from experiment_io.frontends.cli import main as cli_main
 from experiment_io.errors import CheckpointNotFoundError, IncompatibleCheckpointError, SetupError
-from experiment_io.lineage import BACKUP_NAME, PROGRESS_NAME, Model, metric
+from experiment_io.frontends.lineage import BACKUP_NAME, PROGRESS_NAME, Model, metric
+from experiment_io.storage.manifest import manifest_path, read_manifest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "lineage_notebook.py")
 CALLS = {"metric": 0}
@@ -194,7 +195,7 @@ def test_load_best_keeps_the_scheduler_and_backup_rollback(tmp_path):
     assert second["history"]["lr"] == [0.1 * 0.5 ** 3, 0.1 * 0.5 ** 4, 0.1 * 0.5 ** 5]
     assert second["best_epoch"] == 4
     directory = model.checkpoint_directory(1)
-    assert BACKUP_NAME in storage.read_manifest(directory)[1]
+    assert BACKUP_NAME in read_manifest(directory)[1]
     end = params(model)
     best = load_model_from_cwd(directory=directory).state_dict()  # the prediction model is the best epoch's
     assert not same(end, best)
@@ -319,7 +320,7 @@ def test_progress_saves_resume_exactly_in_process(tmp_path):
                      epoch_scheduler_cls=torch.optim.lr_scheduler.StepLR,
                      epoch_scheduler_args=dict(step_size=1, gamma=0.5))
             cp.train(train_dl, test_dl, watch="accuracy", epochs=3, metrics=[stopping_accuracy], save_every=3)
-    progress = storage.read_manifest(model.checkpoint_directory(1))[1][PROGRESS_NAME]
+    progress = read_manifest(model.checkpoint_directory(1))[1][PROGRESS_NAME]
     assert progress["epochs_done"] == 1
     torch.manual_seed(123)  # whatever the streams are now, the resumed call restores them
     again = new_model(tmp_path / "run", seed=5)
@@ -327,7 +328,7 @@ def test_progress_saves_resume_exactly_in_process(tmp_path):
     assert result == expected
     assert same(params(again), params(reference))
     assert torch.equal(torch.rand(2), expected_random)
-    assert PROGRESS_NAME not in storage.read_manifest(model.checkpoint_directory(1))[1]
+    assert PROGRESS_NAME not in read_manifest(model.checkpoint_directory(1))[1]
 
 
 def _manifests(root):
@@ -335,7 +336,7 @@ def _manifests(root):
     found = {}
     for cp in ("1", "2", "3"):
         try:
-            found[cp] = os.stat(storage.manifest_path(os.path.join(root, "net", cp))).st_mtime_ns
+            found[cp] = os.stat(manifest_path(os.path.join(root, "net", cp))).st_mtime_ns
         except FileNotFoundError:
             pass
     return found

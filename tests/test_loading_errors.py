@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import helpers
-from experiment_io import NPZDatabase, storage, train_model
-from experiment_io.generations import RunWriter, previous_name
-from experiment_io.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads, structure_payload
+from experiment_io import NPZDatabase, train_model
+from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads, structure_payload
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -22,7 +22,8 @@ from experiment_io.errors import (
     NotACheckpointError,
     StructureClassError,
 )
-from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 from helpers import flip_bit, make_database, snapshot_directory, train_tiny_run
 
@@ -133,7 +134,7 @@ def test_foreign_state_file_verified_has_no_manifest_record(run, tmp_path):
         with pytest.raises(CorruptCheckpointError) as info:
             load_checkpoint(run / STRUCTURE_NAME, path, database=make_database())
         message = str(info.value)
-        assert str(path) in message and storage.MANIFEST_NAME in message and "verify=False" in message
+        assert str(path) in message and MANIFEST_NAME in message and "verify=False" in message
 
 
 def test_foreign_structure_file(run):
@@ -242,17 +243,17 @@ def test_best_model_without_best_model_file(run, trained):
 
 
 def test_damaged_manifest(run):
-    (run / storage.MANIFEST_NAME).write_bytes(b"{ not json")
+    (run / MANIFEST_NAME).write_bytes(b"{ not json")
     with pytest.raises(CorruptCheckpointError) as info:
         load_last(run)
-    assert storage.MANIFEST_NAME in str(info.value)
+    assert MANIFEST_NAME in str(info.value)
 
 
 def test_missing_manifest(run):
-    os.remove(run / storage.MANIFEST_NAME)
+    os.remove(run / MANIFEST_NAME)
     with pytest.raises(CorruptCheckpointError) as info:
         load_last(run)
-    assert storage.MANIFEST_NAME in str(info.value)
+    assert MANIFEST_NAME in str(info.value)
     # the files can still be loaded by path, unverified
     loaded = load_checkpoint(run / STRUCTURE_NAME, run / LAST_NAME, database=make_database(), verify=False)
     assert loaded["controller"].current_epoch == 2
@@ -367,7 +368,7 @@ def damage_last(run):
 
 
 def damage_manifest(run):
-    (run / storage.MANIFEST_NAME).write_bytes(b"garbage")
+    (run / MANIFEST_NAME).write_bytes(b"garbage")
 
 
 def version_99(run):

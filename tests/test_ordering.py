@@ -1,10 +1,10 @@
-"""How an epoch's order is shared out among ranks (experiment_io.ordering)."""
+"""How an epoch's order is shared out among ranks (experiment_io.experiment.ordering)."""
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiment_io import Database
-from experiment_io.ordering import epoch_permutation, global_steps
+from experiment_io.experiment.ordering import epoch_permutation, global_steps
 
 from helpers import make_arrays
 

@@ -12,9 +12,11 @@ import shutil
 
 import pytest
 
-from experiment_io import load_checkpoint_from_cwd, storage
+from experiment_io import load_checkpoint_from_cwd
+from experiment_io.storage import atomic as storage
 from experiment_io.errors import CheckpointNotFoundError
-from experiment_io.generations import base_name
+from experiment_io.storage.generations import base_name
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 from helpers import build_run, saver
 
@@ -99,7 +101,7 @@ def test_every_state_a_power_loss_leaves_loads_a_committed_checkpoint(tmp_path):
         except CheckpointNotFoundError as e:  # pragma: no cover - would be a lost run
             pytest.fail(f"crash state {index} ({sorted(state)}) lost the run: {e}")
         step = check["controller"].position.step
-        manifest = state.get(storage.MANIFEST_NAME, b"")
+        manifest = state.get(MANIFEST_NAME, b"")
         new_manifest_durable = b'"step": 6' in manifest
         assert step == (6 if new_manifest_durable else committed_before), f"crash state {index} loaded step {step}"
         loaded_steps.add(step)

@@ -9,8 +9,10 @@ import textwrap
 
 import pytest
 
-from experiment_io import load_checkpoint_from_cwd, provenance, storage, train_model
-from experiment_io.payloads import BEST_MODEL_NAME, LAST_NAME
+from experiment_io import load_checkpoint_from_cwd, train_model
+from experiment_io.training import provenance
+from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 from helpers import make_database, train_tiny_run
 
@@ -25,7 +27,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def records(directory):
-    return json.loads((directory / storage.MANIFEST_NAME).read_text())["files"]
+    return json.loads((directory / MANIFEST_NAME).read_text())["files"]
 
 
 def run_script(script, run, env=None):

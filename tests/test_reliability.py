@@ -16,21 +16,13 @@ import sys
 import pytest
 import torch
 
-from experiment_io.generations import previous_name
-from experiment_io.lock import RunLock
-import experiment_io.storage as storage
-from experiment_io import archive
-from experiment_io.controllers import TrainingPosition
-from experiment_io.generations import RunWriter
-from experiment_io.payloads import (
-    BEST_MODEL_NAME,
-    BEST_NAME,
-    LAST_NAME,
-    STRUCTURE_NAME,
-    model_payload,
-    save_payloads,
-    structure_payload,
-)
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.lock import RunLock
+import experiment_io.storage.atomic as storage
+from experiment_io.storage import manifest as run_manifest
+from experiment_io.platform import archive
+from experiment_io.storage.generations import RunWriter
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
@@ -38,7 +30,7 @@ from experiment_io.errors import (
     ExperimentIOError,
     RunLockedError,
 )
-from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.loading.loaders import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io import setup_training, train_model, SetupParams
 
 from helpers import (
@@ -301,7 +293,7 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
     code = (
-        "import sys, time; from experiment_io.lock import RunLock\n"
+        "import sys, time; from experiment_io.storage.lock import RunLock\n"
         "RunLock(%r).acquire(); print('HELD', flush=True); time.sleep(60)\n"
     ) % str(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -320,7 +312,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
 
 def test_every_error_is_a_library_error(run_copy):
     directory, database = run_copy
-    os.remove(directory / storage.MANIFEST_NAME)
+    os.remove(directory / run_manifest.MANIFEST_NAME)
     with pytest.raises(ExperimentIOError, match="no experiment_manifest.json"):
         load_checkpoint_from_cwd(directory=str(directory), database=database)
 
@@ -328,7 +320,7 @@ def test_every_error_is_a_library_error(run_copy):
 def test_run_killed_before_its_first_commit_starts_fresh(tmp_path):
     """Only the structure file was renamed into place; no manifest was ever written."""
     _, database = build_run(str(tmp_path))
-    os.remove(tmp_path / storage.MANIFEST_NAME)
+    os.remove(tmp_path / run_manifest.MANIFEST_NAME)
     with pytest.raises(CheckpointNotFoundError, match="before its first save"):
         load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
     assert load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True) is None
@@ -353,11 +345,11 @@ def test_a_run_killed_during_its_first_save_starts_again(tmp_path, async_save, s
     with storage.observe_write_steps(kill_first_checkpoint), pytest.raises(KilledBeforeCommit):
         train_model(tm, database, controller, tracker, None, None, quiet=True, directory=str(tmp_path),
                     async_save=async_save)
-    assert (tmp_path / LAST_NAME).exists() and LAST_NAME not in storage.read_manifest(str(tmp_path))[1]
+    assert (tmp_path / LAST_NAME).exists() and LAST_NAME not in run_manifest.read_manifest(str(tmp_path))[1]
     assert load_checkpoint_from_cwd(directory=str(tmp_path), database=database, missing_ok=True) is None
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint has been written"):
         load_checkpoint_from_cwd(directory=str(tmp_path), database=database)
-    from experiment_io.cli import main
+    from experiment_io.frontends.cli import main
     assert main(["verify", str(tmp_path)]) == 0
     assert f"ignored  {LAST_NAME}" in capsys.readouterr().out
     tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,

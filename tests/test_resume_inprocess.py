@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from experiment_io import Database, Evaluator, SetupParams, TrainingModules, setup_training, train_model
-from experiment_io.serialization import load_checkpoint_from_cwd
+from experiment_io.loading.loaders import load_checkpoint_from_cwd
+from experiment_io.storage.manifest import read_manifest
 
 from helpers import make_arrays
 
@@ -67,7 +68,7 @@ def test_epoch_order_differs_between_epochs_and_is_reproducible():
 
 def test_signal_during_setup_still_ends_in_a_checkpoint(tmp_path, monkeypatch):
     """A scheduler signal that arrives before the first batch (while the run is set up)."""
-    from experiment_io import checkpointing, storage
+    from experiment_io.training import checkpointing
 
     real_init = checkpointing.RunCheckpointer.__init__
 
@@ -85,7 +86,7 @@ def test_signal_during_setup_still_ends_in_a_checkpoint(tmp_path, monkeypatch):
                           directory=str(tmp_path), exit_on_preemption=False)
     assert tracker.stop_reason == "interrupted by SIGUSR1"
     assert trained == []  # stopped before the first batch
-    record = storage.read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
+    record = read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
     assert record["interrupted"] == "SIGUSR1" and record["step"] == 0
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the previous handler is back
 

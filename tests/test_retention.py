@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-from experiment_io import Retention, SetupParams, load_checkpoint_from_cwd, setup_training, storage, train_model
+from experiment_io import Retention, SetupParams, load_checkpoint_from_cwd, setup_training, train_model
+from experiment_io.storage import atomic as storage
 from experiment_io.errors import SetupError
-from experiment_io.retention import epoch_of
+from experiment_io.training.retention import epoch_of
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 from helpers import fork_child, make_database, make_training_modules
 
@@ -65,7 +67,7 @@ def train(directory, epochs, retention, **kwargs):
 
 
 def manifest(directory):
-    return json.loads((directory / storage.MANIFEST_NAME).read_text())["files"]
+    return json.loads((directory / MANIFEST_NAME).read_text())["files"]
 
 
 def epoch_files_on_disk(directory):
@@ -74,7 +76,7 @@ def epoch_files_on_disk(directory):
 
 def assert_every_file_recorded_and_every_live_record_present(directory):
     records = manifest(directory)
-    on_disk = {n for n in os.listdir(directory) if not n.startswith(".")} - {storage.MANIFEST_NAME, "experiment_io.lock"}
+    on_disk = {n for n in os.listdir(directory) if not n.startswith(".")} - {MANIFEST_NAME, "experiment_io.storage.lock"}
     assert on_disk <= set(records), f"files the manifest does not know: {on_disk - set(records)}"
     live = {n for n, r in records.items() if not r.get("retired")}
     assert live <= on_disk, f"records without their file: {live - on_disk}"
@@ -140,7 +142,7 @@ def test_a_crash_at_any_step_of_a_save_that_removes_files_loses_nothing(tmp_path
     def body(report):
         def die(at, path):
             name = os.path.basename(path)
-            of_manifest = name == storage.MANIFEST_NAME or name.startswith(f".{storage.MANIFEST_NAME}.")
+            of_manifest = name == MANIFEST_NAME or name.startswith(f".{MANIFEST_NAME}.")
             saving_epoch_2 = any(n.startswith((".model_epoch_2.pt.", "model_epoch_2.pt")) for n in os.listdir(tmp_path))
             if at == step and of_manifest and saving_epoch_2:
                 os._exit(9)

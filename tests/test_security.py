@@ -7,7 +7,6 @@ that only the trust gate stands between the file and the payload.
 import builtins
 import importlib
 import io
-import json
 import operator
 import os
 import subprocess
@@ -17,12 +16,12 @@ import textwrap
 import pytest
 import torch
 
-import experiment_io.trust as trust
-from experiment_io import storage
-from experiment_io.payloads import STRUCTURE_NAME
+import experiment_io.run.trust as trust
+from experiment_io.storage import atomic as storage
+from experiment_io.run.payloads import STRUCTURE_NAME
 from experiment_io.errors import StructureClassError, UnsafeCheckpointError
-from experiment_io.format import HEADER_KEY, make_header
-from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.format.codec import HEADER_KEY, make_header
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
 from helpers import rewrite_manifest, make_database, record_torch_loads, train_tiny_run
 
@@ -152,7 +151,7 @@ def test_class_from_a_module_not_allowed_is_refused_without_importing_it(tmp_pat
     code_load = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(module_dir)!r})
-        from experiment_io.trust import load_structure
+        from experiment_io.run.trust import load_structure
         from experiment_io.errors import UnsafeCheckpointError
         try:
             load_structure({structure!r})

@@ -4,12 +4,12 @@ import os
 import pytest
 import torch
 
-from experiment_io import verification
+from experiment_io.storage import verification
 from experiment_io import Evaluator, SetupParams, TrainingModules, setup_training, train_model
-from experiment_io import skeleton, storage
-from experiment_io.payloads import BEST_MODEL_NAME, STRUCTURE_NAME
+from experiment_io.run import skeleton
+from experiment_io.run.payloads import BEST_MODEL_NAME, STRUCTURE_NAME
 from experiment_io.errors import IncompatibleCheckpointError
-from experiment_io.serialization import load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.loading.loaders import load_checkpoint_from_cwd, load_model_from_cwd
 
 from helpers import make_database
 

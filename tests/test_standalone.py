@@ -1,6 +1,5 @@
 """atomic_save and verified_load: round trips, generations, damage, crashes, kills and weights_only."""
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -15,11 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiment_io import verification
-from experiment_io.generations import previous_name
-from experiment_io.lock import LOCK_NAME, RunLock
-import experiment_io.storage as storage
-from experiment_io import archive
+from experiment_io.storage import verification
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.lock import LOCK_NAME, RunLock
+import experiment_io.storage.atomic as storage
+from experiment_io.storage import manifest as run_manifest
+from experiment_io.platform import archive
 from experiment_io import ResumableSampler, atomic_save, verified_load
 from experiment_io.errors import (
     CheckpointNotFoundError,
@@ -30,8 +30,8 @@ from experiment_io.errors import (
     SetupError,
     UnsafeCheckpointError,
 )
-from experiment_io.generations import RunWriter
-from experiment_io.rng import get_rng_state, set_rng_state
+from experiment_io.storage.generations import RunWriter
+from experiment_io.experiment.rng import get_rng_state, set_rng_state
 
 from helpers import (assert_bitwise_equal, flip_bit, fork_child, race, record_torch_loads, rewrite_manifest,
                      sigkill_after, snapshot_directory)
@@ -57,7 +57,7 @@ def state(step, n=64):
 
 
 def manifest_files(directory):
-    return storage.read_manifest(str(directory))[1]
+    return run_manifest.read_manifest(str(directory))[1]
 
 
 def truncate(path):
@@ -156,7 +156,7 @@ def test_crash_at_every_step_leaves_the_committed_generation(tmp_path, stage, ta
     path = tmp_path / "ckpt.pt"
     atomic_save(state(1), path)
     atomic_save(state(2), path)
-    watched = "ckpt.pt" if target == "file" else storage.MANIFEST_NAME
+    watched = "ckpt.pt" if target == "file" else run_manifest.MANIFEST_NAME
 
     def crash(stage_now, where):
         name = os.path.basename(where)  # the temporary ".<name>.<pid>.<token>.tmp" before the rename
@@ -302,7 +302,7 @@ def test_failed_write_leaves_everything_as_it_was(tmp_path, monkeypatch):
     assert verified_load(path, strict=True)["step"] == 2
 
 
-@pytest.mark.parametrize("name", [storage.MANIFEST_NAME, LOCK_NAME, "ckpt.prev.pt"])
+@pytest.mark.parametrize("name", [run_manifest.MANIFEST_NAME, LOCK_NAME, "ckpt.prev.pt"])
 def test_names_of_the_library_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match="another name|without '.prev'"):
         atomic_save(state(1), tmp_path / name)
@@ -310,7 +310,7 @@ def test_names_of_the_library_are_refused(tmp_path, name):
 
 
 def test_an_unreadable_manifest_is_replaced_on_save(tmp_path, caplog):
-    (tmp_path / storage.MANIFEST_NAME).write_text("not json")
+    (tmp_path / run_manifest.MANIFEST_NAME).write_text("not json")
     with caplog.at_level(logging.WARNING, logger="experiment_io.standalone"):
         atomic_save(state(1), tmp_path / "ckpt.pt")
     assert "unreadable manifest" in caplog.text
@@ -510,7 +510,8 @@ def test_loads_while_another_writer_saves_see_whole_committed_states(tmp_path):
 def test_an_async_error_nobody_waited_for_is_shown_at_exit(tmp_path):
     script = (
         "import os\n"
-        "from experiment_io import atomic_save, storage\n"
+        "from experiment_io import atomic_save\n"
+        "from experiment_io.storage import atomic as storage\n"
         "def full(step, path):\n"
         "    if step == 'written':\n"
         "        raise OSError(28, 'No space left on device')\n"

@@ -6,17 +6,20 @@ import sys
 
 import pytest
 
-from experiment_io import verification
-from experiment_io.generations import previous_name
+from experiment_io.storage import verification
+from experiment_io.storage.generations import previous_name
 from helpers import find_generations
-from experiment_io import format as fmt
-from experiment_io import RunLock, storage
+from experiment_io.format import codec as fmt
+from experiment_io import RunLock
+from experiment_io.storage import atomic as storage
+from experiment_io.platform import maps
+from experiment_io.platform.maps import _LibcMap
+from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from experiment_io.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
     ExperimentIOError,
-    NotACheckpointError,
     RunLockedError,
 )
 
@@ -290,34 +293,34 @@ def test_temporary_names_match_the_stale_pattern(tmp_path, monkeypatch, write_st
 
 
 def test_read_manifest_without_manifest(tmp_path):
-    assert storage.read_manifest(tmp_path) is None
+    assert read_manifest(tmp_path) is None
 
 
 def test_write_and_read_manifest(tmp_path):
     record = storage.atomic_write_bytes(tmp_path / "a.pt", b"abc")
     files = {"a.pt": {**record.as_dict(), "epochs_done": 1}}
-    manifest_record = storage.write_manifest(tmp_path, files, note="n")
-    path = tmp_path / storage.MANIFEST_NAME
+    manifest_record = write_manifest(tmp_path, files, note="n")
+    path = tmp_path / MANIFEST_NAME
     assert manifest_record == verification.file_digest(path)
-    header, read = storage.read_manifest(tmp_path)
+    header, read = read_manifest(tmp_path)
     assert read == files
     assert header["note"] == "n" and header["kind"] == "manifest"
     assert temporaries(tmp_path) == []
 
 
 def test_read_damaged_manifest(tmp_path):
-    (tmp_path / storage.MANIFEST_NAME).write_bytes(b"\x00\x01 not a manifest")
+    (tmp_path / MANIFEST_NAME).write_bytes(b"\x00\x01 not a manifest")
     with pytest.raises(CorruptCheckpointError) as info:
-        storage.read_manifest(tmp_path)
-    assert storage.MANIFEST_NAME in str(info.value)
+        read_manifest(tmp_path)
+    assert MANIFEST_NAME in str(info.value)
 
 
 def test_read_manifest_newer_version(tmp_path):
     data = fmt.manifest_to_bytes({}).replace(
         f'"format_version": {fmt.FORMAT_VERSION}'.encode(), f'"format_version": {fmt.FORMAT_VERSION + 1}'.encode())
-    (tmp_path / storage.MANIFEST_NAME).write_bytes(data)
+    (tmp_path / MANIFEST_NAME).write_bytes(data)
     with pytest.raises(fmt.FormatVersionError):
-        storage.read_manifest(tmp_path)
+        read_manifest(tmp_path)
 
 
 # --- generations ------------------------------------------------------------------
@@ -402,7 +405,7 @@ def test_run_lock_admits_one_writer(tmp_path):
 
 @pytest.mark.slow
 def test_run_lock_of_another_process(tmp_path):
-    code = ("import sys, time; from experiment_io.lock import RunLock; "
+    code = ("import sys, time; from experiment_io.storage.lock import RunLock; "
             "lock = RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -423,21 +426,21 @@ def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, 
     """A large file is digested through a map made without the GIL, part by part: each part faulted in at once
     when the file is in the page cache, read ahead sequentially when it is not; either gives the digest of reading
     the file in blocks."""
-    from experiment_io import verification
+    from experiment_io.storage import verification
 
     path = tmp_path / "big.bin"
     data = os.urandom(3 * 1024 * 1024 + 12345)  # not a whole number of pages
     path.write_bytes(data)
-    if not verification._LibcMap.available():
+    if not _LibcMap.available():
         pytest.skip("no direct mmap(2) on this system")
     chosen = []
-    original = verification._LibcMap._mostly_cached
+    original = _LibcMap._mostly_cached
 
     def decide(self, address, size, **kwargs):
         chosen.append(original(self, address, size, **kwargs))
         return cached
-    monkeypatch.setattr(verification._LibcMap, "_mostly_cached", decide)
-    monkeypatch.setattr(verification, "_DIGEST_PART", 1024 * 1024 + 100)  # 4 parts, the last one short
+    monkeypatch.setattr(_LibcMap, "_mostly_cached", decide)
+    monkeypatch.setattr(maps, "_DIGEST_PART", 1024 * 1024 + 100)  # 4 parts, the last one short
     mapped = verification.file_digest(path)
     assert chosen and isinstance(chosen[0], bool)
     monkeypatch.setattr(verification, "_MAP_AT_LEAST", 1 << 40)  # read in blocks instead

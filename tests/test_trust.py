@@ -12,11 +12,12 @@ import torch
 from torch.optim import lr_scheduler
 
 import helpers
-from experiment_io import verification
+from experiment_io.storage import verification
 from experiment_io import PatienceController, TrainingModules, register_safe_classes
-from experiment_io import trust
+from experiment_io.run import trust
 from experiment_io.errors import ExperimentIOError, NotACheckpointError, StructureClassError, UnsafeCheckpointError
-from experiment_io.trust import admitted_globals, load_structure
+from experiment_io.run.trust import admitted_globals, load_structure
+from experiment_io.storage.manifest import read_manifest, write_manifest
 
 from helpers import TinyNet, make_training_modules
 
@@ -116,7 +117,7 @@ def test_loading_leaves_the_users_safe_globals_as_they_were(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["posix.system", "os.system", "builtins.eval", "builtins.exec", "torch.load",
-                                  "subprocess.call", "experiment_io.storage.atomic_write_bytes"])
+                                  "subprocess.call", "experiment_io.storage.atomic.atomic_write_bytes"])
 def test_functions_are_refused(name):
     with pytest.raises(UnsafeCheckpointError) as info:
         admitted_globals([name])
@@ -252,15 +253,14 @@ def test_malicious_structure_never_runs(tmp_path, monkeypatch, force_env, attack
 
 def test_malicious_file_is_refused_by_the_public_loader(tmp_path, monkeypatch):
     """A planted structure file with a manifest that vouches for it still does not run."""
-    from experiment_io import storage
-    from experiment_io.payloads import STRUCTURE_NAME
-    from experiment_io.serialization import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
+    from experiment_io.run.payloads import STRUCTURE_NAME
+    from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     canary = tmp_path / "CANARY"
     run = tmp_path / "run"
     helpers.train_tiny_run(run, max_epochs=1)
-    manifest = storage.read_manifest(run)[1]
+    manifest = read_manifest(run)[1]
     torch.save({"experiment_io": {"kind": "structure", "format_version": 1}, "training_modules": RunsShell(canary),
                 "controller": None, "database": None}, run / STRUCTURE_NAME)
     planted = verification.file_digest(run / STRUCTURE_NAME).as_dict()
@@ -268,7 +268,7 @@ def test_malicious_file_is_refused_by_the_public_loader(tmp_path, monkeypatch):
     for record in manifest.values():  # make every state file claim to belong to it
         if "structure_digest" in record:
             record["structure_digest"] = planted["digest"]
-    storage.write_manifest(run, manifest)
+    write_manifest(run, manifest)
     for load in (lambda: load_checkpoint_from_cwd(directory=run, database=helpers.make_database()),
                  lambda: load_model_from_cwd(directory=run),
                  lambda: load_checkpoint(run / STRUCTURE_NAME, run / "last_checkpoint.pt"),

@@ -47,7 +47,7 @@ if SLURM_DIR not in sys.path:
 import train  # noqa: E402  (also puts examples/ on sys.path)
 import lennard_jones  # noqa: E402
 from experiment_io import PREEMPTED_EXIT_CODE  # noqa: E402
-from experiment_io.storage import MANIFEST_NAME  # noqa: E402
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 TRAIN_PY = os.path.join(SLURM_DIR, "train.py")
 JOB_SCRIPT = os.path.join(SLURM_DIR, "job.sbatch")

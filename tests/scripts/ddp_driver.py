@@ -38,9 +38,9 @@ from experiment_io import (  # noqa: E402
 
 DATA = "data.h5"
 
-import experiment_io.checkpointing  # noqa: E402
+import experiment_io.training.checkpointing
 
-experiment_io.checkpointing.ASYNC_MIN_BYTES = 0  # the tiny model's saves go to the background writer, as a large one's
+experiment_io.training.checkpointing.ASYNC_MIN_BYTES = 0  # the tiny model's saves go to the background writer, as a large one's
 
 
 def make_data(path, n=150, seed=0):
@@ -105,7 +105,7 @@ def main():
             os.kill(os.getpid(), signal.Signals[args.raise_signal])
 
     if args.fail_save and rank == 0:
-        from experiment_io import storage
+        from experiment_io.storage import atomic as storage
         writes = []
 
         def disk_full(step, path):

@@ -19,9 +19,9 @@ import torch  # noqa: E402
 
 from helpers import kill_storm  # noqa: E402
 
-import experiment_io.checkpointing  # noqa: E402
+import experiment_io.training.checkpointing
 
-experiment_io.checkpointing.ASYNC_MIN_BYTES = 0  # the tiny model's saves go to the background writer, as a large one's
+experiment_io.training.checkpointing.ASYNC_MIN_BYTES = 0  # the tiny model's saves go to the background writer, as a large one's
 
 
 def main():

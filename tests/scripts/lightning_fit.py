@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from experiment_io import ResumableSampler
-from experiment_io.lightning import AtomicCheckpointIO, ExactResume
+from experiment_io.frontends.lightning import AtomicCheckpointIO, ExactResume
 
 ARGS = None
 

@@ -11,7 +11,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiment_io.lineage import Model, metric
+from experiment_io.frontends.lineage import Model, metric
 
 parser = argparse.ArgumentParser()
 parser.add_argument("root")

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from driver_model import DropoutNet, save_result  # noqa: E402  (importable, so the structure file can name it)
 
 from experiment_io import Evaluator, HDF5Database, SetupParams, TrainingModules, setup_training, train_model  # noqa: E402
-from experiment_io.serialization import load_checkpoint_from_cwd  # noqa: E402
+from experiment_io.loading.loaders import load_checkpoint_from_cwd
 
 DATA = "data.h5"
 

@@ -1,0 +1,214 @@
+"""The metric tracker: what every epoch measured, and which epoch was best.
+
+Its state is plain data (numbers, strings, lists, dicts and tensors), never a
+pickled object, so it loads with ``torch.load(weights_only=True)``.
+"""
+import csv
+import io
+import logging
+import math
+import os
+from typing import Optional, Union
+
+import h5py
+import numpy as np
+import torch
+
+from experiment_io.storage.atomic import atomic_write
+
+__all__ = ["MetricTracker"]
+
+log = logging.getLogger(__name__)
+
+
+def _number(value):
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(float(value))
+
+
+class MetricTracker:
+    """Per-epoch metric history, best values, best epoch, best model state and epoch times.
+
+    :param stopping_key: the metric that decides which model is best.
+    :param stopping_split: the split the stopping metric is read from.
+    :param larger_is_better: whether a larger stopping metric is better.
+    """
+
+    def __init__(self, stopping_key: str, *, stopping_split: str = "valid", larger_is_better: bool = False):
+        self.stopping_key = stopping_key
+        self.stopping_split = stopping_split
+        self.larger_is_better = larger_is_better
+        self.epochs = []
+        self.history = {}
+        self.epoch_times = []
+        #: the learning rate of every parameter group during each epoch
+        self.learning_rates = []
+        self.best_epoch = None
+        self.best_metric_values = None
+        self.best_model_state = None
+        self.stop_reason = None
+        #: results of :func:`~experiment_io.test_model`, ``{when: {split: {name: value}}}``
+        self.evaluations = {}
+
+    @property
+    def best_value(self) -> Optional[float]:
+        """The best value of the stopping metric so far (``None`` before the first epoch)."""
+        if self.best_metric_values is None:
+            return None
+        return self.best_metric_values[self.stopping_split][self.stopping_key]
+
+    def stopping_values(self) -> dict:
+        """The stopping metric of every recorded epoch: ``{epoch: value}``."""
+        series = self.history.get(self.stopping_split, {}).get(self.stopping_key, [])
+        return dict(zip(self.epochs, series))
+
+    def stopping_value(self, metric_info: dict) -> float:
+        """Read the stopping metric from ``{split: {name: value}}``.
+
+        :raises KeyError: naming the split and metrics available.
+        """
+        try:
+            return float(metric_info[self.stopping_split][self.stopping_key])
+        except KeyError as e:
+            available = {split: sorted(values) for split, values in metric_info.items()}
+            raise KeyError(
+                f"stopping metric {self.stopping_key!r} of split {self.stopping_split!r} was not measured; "
+                f"measured: {available}"
+            ) from e
+
+    def is_better(self, value: float) -> bool:
+        """Whether ``value`` of the stopping metric beats the best so far (NaN never does)."""
+        if math.isnan(value):
+            return False
+        best = self.best_value
+        if best is None:
+            return True
+        return value > best if self.larger_is_better else value < best
+
+    def register_metrics(self, metric_info: dict, when: int, *, epoch_time: Optional[float] = None,
+                         learning_rates=None) -> bool:
+        """Record the metrics of epoch ``when``.
+
+        :param metric_info: ``{split: {name: value}}``.
+        :param when: the epoch number.
+        :param epoch_time: seconds the epoch took.
+        :param learning_rates: the learning rate of each parameter group during the epoch.
+        :return: whether this epoch is the best so far.
+        """
+        value = self.stopping_value(metric_info)
+        n_before = len(self.epochs)
+        for split, values in metric_info.items():
+            for name, v in values.items():
+                series = self.history.setdefault(split, {}).setdefault(name, [math.nan] * n_before)
+                series.append(float(v))
+        for split in self.history.values():
+            for series in split.values():
+                if len(series) == n_before:
+                    series.append(math.nan)
+        self.epochs.append(int(when))
+        self.epoch_times.append(float(epoch_time) if epoch_time is not None else math.nan)
+        self.learning_rates.append([float(lr) for lr in learning_rates] if learning_rates is not None else [])
+        better = self.is_better(value)
+        if better:
+            self.best_epoch = int(when)
+            self.best_metric_values = {s: {k: float(v) for k, v in vals.items()} for s, vals in metric_info.items()}
+        return better
+
+    def record_best_model(self, model: torch.nn.Module) -> None:
+        """Keep a CPU copy of ``model``'s state as the best model state."""
+        self.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """Plain-data state of the tracker."""
+        return {
+            "stopping_key": self.stopping_key,
+            "stopping_split": self.stopping_split,
+            "larger_is_better": self.larger_is_better,
+            "epochs": list(self.epochs),
+            "history": {s: {k: list(v) for k, v in vals.items()} for s, vals in self.history.items()},
+            "epoch_times": list(self.epoch_times),
+            "learning_rates": [list(lrs) for lrs in self.learning_rates],
+            "best_epoch": self.best_epoch,
+            "best_metric_values": self.best_metric_values,
+            "best_model_state": self.best_model_state,
+            "stop_reason": self.stop_reason,
+            "evaluations": self.evaluations,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.stopping_key = state["stopping_key"]
+        self.stopping_split = state["stopping_split"]
+        self.larger_is_better = state["larger_is_better"]
+        self.epochs = list(state["epochs"])
+        self.history = {s: {k: list(v) for k, v in vals.items()} for s, vals in state["history"].items()}
+        self.epoch_times = list(state["epoch_times"])
+        # written before learning rates were recorded: none known for those epochs
+        self.learning_rates = [list(lrs) for lrs in state.get("learning_rates", [[] for _ in self.epochs])]
+        self.best_epoch = state["best_epoch"]
+        self.best_metric_values = state["best_metric_values"]
+        self.best_model_state = state["best_model_state"]
+        self.stop_reason = state["stop_reason"]
+        self.evaluations = state.get("evaluations", {})
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "MetricTracker":
+        """Build a tracker from :meth:`state_dict`'s output."""
+        tracker = cls(state["stopping_key"])
+        tracker.load_state_dict(state)
+        return tracker
+
+    def to_hdf5(self, path: Union[str, os.PathLike]) -> None:
+        """Export the history to an HDF5 file, written atomically.
+
+        Layout: ``/epochs``, ``/epoch_times`` and ``/<split>/<metric>`` datasets (one
+        value per epoch); the best epoch and stopping metric as root attributes.
+        """
+
+        def write(f):
+            with h5py.File(f, "w") as h5:
+                h5.create_dataset("epochs", data=np.asarray(self.epochs, dtype=np.int64))
+                h5.create_dataset("epoch_times", data=np.asarray(self.epoch_times, dtype=np.float64))
+                for split, values in self.history.items():
+                    group = h5.create_group(split)
+                    for name, series in values.items():
+                        group.create_dataset(name, data=np.asarray(series, dtype=np.float64))
+                h5.attrs["stopping_key"] = self.stopping_key
+                h5.attrs["stopping_split"] = self.stopping_split
+                h5.attrs["best_epoch"] = -1 if self.best_epoch is None else self.best_epoch
+
+        atomic_write(path, write, hashed=False)
+        log.info("metric history of %d epochs written to %s", len(self.epochs), path)
+
+    def columns(self) -> list:
+        """The ``(split, metric)`` pairs of the history, in the order they were first measured."""
+        return [(split, name) for split, values in self.history.items() for name in values]
+
+    def to_csv(self) -> str:
+        """The history as CSV text: one row per epoch.
+
+        Columns: ``epoch``, ``time_s``, ``lr`` (``lr_0``, ``lr_1``... with several
+        parameter groups), one ``<split>_<metric>`` column per metric, and ``best``
+        (1 on the best epoch).
+        """
+        groups = max((len(lrs) for lrs in self.learning_rates), default=0)
+        lr_names = ["lr"] if groups == 1 else [f"lr_{i}" for i in range(groups)]
+        header = ["epoch", "time_s", *lr_names, *(f"{s}_{n}" for s, n in self.columns()), "best"]
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")  # quotes a metric name that holds a comma
+        writer.writerow(header)
+        for row, epoch in enumerate(self.epochs):
+            lrs = self.learning_rates[row] if row < len(self.learning_rates) else []
+            writer.writerow([str(epoch), _number(self.epoch_times[row]),
+                             *(_number(lrs[i]) if i < len(lrs) else "" for i in range(groups)),
+                             *(_number(self.history[s][n][row]) for s, n in self.columns()),
+                             "1" if epoch == self.best_epoch else "0"])
+        return out.getvalue()
+
+    def summary(self) -> str:
+        """A short text: best epoch and its metrics."""
+        if self.best_epoch is None:
+            return "no epoch recorded"
+        parts = [f"{s}/{k}={v:.6g}" for s, vals in self.best_metric_values.items() for k, v in vals.items()]
+        return f"best epoch {self.best_epoch}: " + ", ".join(parts)
+
+

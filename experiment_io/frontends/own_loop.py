@@ -1,0 +1,426 @@
+"""Checkpoints for your own training loop: :func:`~experiment_io.atomic_save` and :func:`~experiment_io.verified_load`.
+
+They give one object the guarantees of the library's own writes, for users who do
+not train with :func:`~experiment_io.train_model`:
+
+- :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes through :func:`~experiment_io.storage.atomic.atomic_write`
+  (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
+  fsync; the digest is computed while writing), keeps the previous generation of the
+  file as ``<name>.prev<ext>``, and then records the new file's digest and size in
+  the directory's manifest (:data:`~experiment_io.storage.manifest.MANIFEST_NAME`), written
+  atomically after the file. A process killed at any instant leaves a generation
+  that verifies: the newest committed one, or the one before it.
+- :func:`~experiment_io.verified_load` verifies the file against the manifest before unpickling
+  anything, falls back to the previous generation when the current one does not
+  verify (or raises, with ``strict=True``), and loads with
+  ``torch.load(..., weights_only=True)``, always passed explicitly.
+
+The file itself is exactly what ``torch.save(obj, path)`` writes, so plain
+``torch.load`` reads it too (without the verification).
+
+**One writer per directory.** The manifest is shared by every file of a directory
+and each save rewrites it, so two processes saving into one directory at the same
+time can drop each other's records. In a data-parallel loop, save from global rank
+0 only: :func:`~experiment_io.rank_zero_save` does it and makes every rank wait
+for the commit, so that any rank may load the file next. A dropped record is not a silent error: the
+file it described no longer verifies and :func:`~experiment_io.verified_load` refuses it. Save
+from one process (rank 0 in data-parallel training) or give each process its own
+directory, and keep :func:`~experiment_io.atomic_save` out of a directory that
+:func:`~experiment_io.train_model` is writing. :func:`~experiment_io.atomic_save` takes
+no lock itself: a lock held for one save would only catch two writers whose saves
+happen to overlap, and would collide with the lock that a job holds for its whole
+run. To have a second job refused at its start (a requeued job starting while the
+old one is still dying), hold :class:`~experiment_io.RunLock` around your
+training loop, as ``train_model`` does::
+
+    with RunLock(directory):
+        for step in ...:
+            ...
+            atomic_save(state, os.path.join(directory, "checkpoint.pt"))
+
+Each directory's manifest is kept by one
+:class:`~experiment_io.storage.generations.RunWriter` per :class:`~experiment_io.AtomicSaver` (and
+:func:`~experiment_io.atomic_save` uses one process-wide :class:`~experiment_io.AtomicSaver`), so a save does not
+read the previous file again to rotate it.
+
+Readers take no lock; a load that runs while another process saves the same file
+may fall back to the previous generation or, rarely, fail; load again.
+"""
+import atexit
+import logging
+import os
+import sys
+import pickle
+import threading
+from typing import Union
+
+import torch
+
+from experiment_io.platform import archive
+from experiment_io.training.asynchronous import BackgroundWriter, surfaced
+from experiment_io.training.distributed import current
+from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError, UnsafeCheckpointError
+from experiment_io.storage.generations import RunWriter, Search, is_previous_name, previous_name
+from experiment_io.storage.lock import LOCK_NAME
+from experiment_io.format.names import qualified_name
+from experiment_io.run.reading import until_stable, verified_source
+from experiment_io.storage.verification import FileRecord, Verifier, check_archive
+from experiment_io.version import __version__
+from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
+
+__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "rank_zero_save", "verified_load"]
+
+log = logging.getLogger(__name__)
+
+#: The ``kind`` of the manifest records that :func:`atomic_save` writes.
+USER_KIND = "user"
+
+
+def _split(path):
+    path = os.path.abspath(os.fspath(path))
+    return (path, *os.path.split(path))
+
+
+#: The longest file name atomic_save takes, in bytes: its previous generation adds ``.prev``.
+MAX_NAME_BYTES = 250
+
+
+def _check_name(path, name):
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise ValueError(f"{path}: the file name has {len(os.fsencode(name))} bytes; at most {MAX_NAME_BYTES} are taken, "
+                         "so that the name of its previous generation (with '.prev') fits the file system's limit.")
+    if name in (MANIFEST_NAME, LOCK_NAME):
+        raise ValueError(f"{path}: {name} is a file of experiment_io itself; save under another name.")
+    if is_previous_name(name):
+        raise ValueError(
+            f"{path}: names of the form <name>.prev<ext> hold the previous generation of <name><ext>; "
+            "save under a name without '.prev'."
+        )
+
+
+class PendingSave:
+    """A save of :class:`AtomicSaver` with ``async_save=True`` that may still be in flight."""
+
+    def __init__(self, path, saver):
+        self.path = path
+        self._saver = saver
+        self._serial = None  # the background writer's number of this save
+        self._committed = threading.Event()
+        self._record = self._error = None
+
+    def _run(self, write, staged):
+        """Run ``write(staged)`` (in the writer's thread) and keep its outcome."""
+        try:
+            self._record = write(staged)
+            return self._record
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            self._committed.set()
+
+    def done(self) -> bool:
+        """Whether the save has ended (committed or failed)."""
+        return self._committed.is_set()
+
+    def wait(self) -> FileRecord:
+        """Wait until the save has committed.
+
+        :return: the :class:`~experiment_io.storage.verification.FileRecord` of the file.
+        :raises CheckpointWriteError: when the save failed (the previous generation
+            is intact).
+        """
+        self._saver._wait_for(self)
+        if self._error is not None:
+            raise surfaced(self._error, self.path)
+        return self._record
+
+
+def _save_loadable(obj, f, path):
+    """``torch.save(obj, f)``, refused before it is committed when :func:`verified_load` would refuse the file."""
+    archive.save(obj, f)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(f.written())
+    registered = {entry[1] if isinstance(entry, tuple) else qualified_name(entry)
+                  for entry in torch.serialization.get_safe_globals()}
+    refused = sorted(set(names) - registered)
+    if refused:
+        raise SetupError(
+            f"{path} was not written: the object holds {', '.join(refused)}, which verified_load (like "
+            "torch.load(weights_only=True)) refuses, so the file could not be loaded back. Save state_dicts and "
+            "plain data (tensors, numbers, strings, lists, dicts) instead, or, for classes you trust, register "
+            "them before saving and loading: torch.serialization.add_safe_globals([...]).")
+
+
+class AtomicSaver:
+    """Saves objects as ``torch.save`` would, atomically, durably and recorded in the manifest.
+
+    The object that owns the writes of your own training loop: it keeps one
+    :class:`~experiment_io.storage.generations.RunWriter` per directory it saves into, and,
+    with ``async_save=True``, the background thread that writes. Use it as a
+    context manager, or call :meth:`wait` before the end, so that the last save has
+    committed and its error (if any) is raised::
+
+        with AtomicSaver(async_save=True) as saver:
+            for step in ...:
+                ...
+                saver.save(model.state_dict(), "run/model.pt")
+
+    :param async_save: :meth:`save` copies the object and returns a
+        :class:`PendingSave`; a background thread writes the copy.
+    """
+
+    def __init__(self, *, async_save: bool = False):
+        self.async_save = async_save
+        self._writers = {}
+        self._background = None
+        self._lock = threading.Lock()
+
+    def _writer(self, directory):
+        writer = self._writers.get(directory)
+        if writer is None:
+            writer = self._writers[directory] = RunWriter(directory)
+        return writer
+
+    def save(self, obj, path: Union[str, os.PathLike]) -> Union[FileRecord, PendingSave]:
+        """Save ``obj`` to ``path``; see :func:`atomic_save`.
+
+        :return: the file's :class:`~experiment_io.storage.verification.FileRecord`, or a
+            :class:`PendingSave` with ``async_save=True``.
+        """
+        path, directory, name = _split(path)
+        _check_name(path, name)
+        fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
+
+        with self._lock:
+            writer = self._writer(directory)
+
+        def write(staged):
+            record = writer.save_files({name: (lambda f: _save_loadable(staged, f, path), fields)})[name]
+            log.debug("saved %s (%s)", path, record.digest)
+            return record
+
+        if not self.async_save:
+            return write(obj)
+        with self._lock:
+            if self._background is None:
+                self._background = BackgroundWriter()
+            pending = PendingSave(path, self)
+            pending._serial = self._background.submit(obj, lambda staged: pending._run(write, staged), path)
+        return pending
+
+    def _wait_for(self, pending):
+        with self._lock:
+            background = self._background
+            if background is not None and background.in_flight and background.serial == pending._serial:
+                try:  # waited for here, so that the next save does not raise this one's error again
+                    background.wait()
+                except BaseException:
+                    if pending._error is None:  # not the save's error: a Ctrl-C while waiting
+                        raise
+
+    def wait(self) -> None:
+        """Wait until the save in flight (if any) has committed; raise its error."""
+        with self._lock:
+            if self._background is not None:
+                self._background.wait()
+
+    def remove(self, path: Union[str, os.PathLike]) -> None:
+        """Remove a file this saver wrote, and its previous generation, with their manifest records.
+
+        The removal is committed like a save: the records are marked retired in the
+        manifest, the files unlinked, then the records dropped; a crash leaves no file
+        the manifest does not know. A path without a record is left alone.
+        """
+        self.wait()  # a save of the same file may be in flight
+        path, directory, name = _split(path)
+        _check_name(path, name)
+        with self._lock:
+            writer = self._writer(directory)
+        if writer.record(name) is None and writer.record(previous_name(name)) is None:
+            log.debug("nothing to remove at %s: no save of it is recorded", path)
+            return
+        writer.save_files({}, retire=[name])
+
+    def __enter__(self) -> "AtomicSaver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
+
+
+_default = AtomicSaver()  # atomic_save's, for each mode
+_default_async = AtomicSaver(async_save=True)
+
+
+def _new_defaults_in_child():
+    """A forked child starts with savers of its own (it has not the parent's thread)."""
+    global _default, _default_async
+    _default, _default_async = AtomicSaver(), AtomicSaver(async_save=True)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_defaults_in_child)
+
+
+def _report_unwaited_failure():
+    """At exit: an asynchronous save that failed and that nobody waited for is shown on stderr."""
+    background = _default_async._background
+    error = getattr(background, "_error", None) if background is not None else None
+    if error is not None:
+        sys.stderr.write(f"experiment_io: the asynchronous save of {background._description} failed and nothing "
+                         f"waited for it (PendingSave.wait() or a later atomic_save): {error!r}. The previous "
+                         "generation of the file is intact.\n")
+
+
+atexit.register(_report_unwaited_failure)
+
+
+def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
+    """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
+
+    The previous file at ``path``, if it is the committed generation, is kept as
+    ``<name>.prev<ext>`` until the next save, so that a crash at any instant leaves a
+    generation that :func:`verified_load` accepts.
+
+    Save what ``torch.load(weights_only=True)`` reads back: tensors, ``state_dict``\\ s,
+    plain containers, numbers and strings. Objects of your own classes are written,
+    but :func:`verified_load` refuses them unless you register them with
+    :func:`torch.serialization.add_safe_globals`.
+
+    One process should write a directory at a time (see the module's description).
+    ``atomic_save`` saves through a process-wide :class:`AtomicSaver`; hold an
+    :class:`AtomicSaver` of your own to own the background writes yourself.
+
+    With ``async_save=True`` the call copies the tensors of ``obj`` into staging
+    buffers (kept for the next save; pinned memory for GPU tensors) and returns; a
+    background thread writes the copy with the same guarantees. One save of the
+    process is in flight at most: the next ``atomic_save(..., async_save=True)``
+    first waits for it to commit, and raises its error if it failed (unless
+    :meth:`PendingSave.wait` raised it already). The process
+    does not exit before the save in flight has committed (the thread is not a
+    daemon); an error of a save nobody waited for is logged when it happens and
+    written to stderr again when the process exits.
+
+    :param obj: the object to save.
+    :param path: the file to write; its directory is created if missing. The
+        directory's manifest (:data:`~experiment_io.storage.manifest.MANIFEST_NAME`) records
+        the file's digest and size with ``"kind": "user"``.
+    :param async_save: return once ``obj`` is copied, and write it in the background.
+    :return: the :class:`~experiment_io.storage.verification.FileRecord` (size and digest) of the
+        file; with ``async_save=True`` a :class:`PendingSave`, whose ``wait()``
+        returns it.
+    :raises CheckpointWriteError: when writing fails (disk full, permissions); the
+        previous generation and the manifest are untouched.
+    :raises ValueError: for a name that experiment_io uses itself (the manifest, the
+        lock file, or a ``.prev`` name).
+    """
+    return (_default_async if async_save else _default).save(obj, path)
+
+
+def rank_zero_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave, None]:
+    """:func:`atomic_save` for data-parallel loops: global rank 0 writes, every rank knows when it has committed.
+
+    Call it on every rank at the same point. Rank 0 saves ``obj`` (the other ranks'
+    ``obj`` is not used: save what is the same on every rank, such as the model of
+    a DDP run); then every rank waits until the save has committed, so that any rank
+    may :func:`verified_load` the file next. With ``async_save=True`` no rank waits:
+    rank 0 gets the :class:`PendingSave`, and a rank that wants to read the file
+    must wait for a later barrier of yours after ``PendingSave.wait()``. Without a
+    process group it is :func:`atomic_save`.
+
+    :return: on rank 0 what :func:`atomic_save` returns; ``None`` on the other ranks.
+    :raises RankFailedError: on the other ranks when rank 0's save failed (rank 0
+        raises the error itself).
+    """
+    distribution = current()
+    if async_save:
+        return atomic_save(obj, path, async_save=True) if distribution.writer else None
+    return distribution.on_writer(lambda: atomic_save(obj, path))
+
+
+def _pick(path, verifier, name, strict):
+    """The file holding the generation to load (only the files ranked before it are read)."""
+    directory, files = verifier.directory, verifier.files
+    search = Search(verifier, [name], strict)
+    found = next(iter(search), None)
+    problems = search.problems
+    if found:
+        chosen, record = found
+        if record is not files.get(name):
+            log.warning("%s does not verify; loading its previous generation %s instead (%s)",
+                        path, chosen, "; ".join(problems))
+        elif chosen != path:
+            log.info("loading %s from %s, where an interrupted save left it", path, chosen)
+        return chosen
+    if not any(os.path.exists(os.path.join(directory, n)) for n in (name, previous_name(name))):
+        raise CheckpointNotFoundError(f"{path} does not exist (nor its previous generation), although "
+                                      f"{MANIFEST_NAME} lists it: it was deleted after it was saved.")
+    listed = "\n  - ".join(problems or [f"{MANIFEST_NAME} records only the previous generation"])
+    if strict:
+        raise CorruptCheckpointError(
+            f"the committed generation of {path} does not verify (strict=True: no fallback to the previous "
+            f"generation):\n  - {listed}")
+    raise CorruptCheckpointError(f"no intact generation of {path} in {directory}:\n  - {listed}")
+
+
+def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: bool = False):
+    """Load a file written by :func:`atomic_save`, after proving it intact.
+
+    The file is checked against the digest and size that its directory's manifest
+    records. When it does not verify (truncated, bit-flipped, missing), the previous
+    generation ``<name>.prev<ext>`` is loaded instead if it verifies, and a warning
+    names both; after a save that a crash interrupted, the last committed
+    generation is loaded, wherever the crash left it.
+
+    Nothing is unpickled before it verifies, and then only with
+    ``torch.load(..., weights_only=True)``, passed explicitly (so the
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable does not weaken it). There is no
+    retry with ``weights_only=False``.
+
+    :param path: the file that :func:`atomic_save` wrote.
+    :param map_location: as for :func:`torch.load`.
+    :param strict: load only the committed generation: raise instead of falling back
+        to the previous one.
+    :return: the saved object.
+    :raises CheckpointNotFoundError: when the file does not exist.
+    :raises CorruptCheckpointError: when no acceptable generation verifies, or when
+        the file cannot be verified at all: no manifest beside it, or no record of it
+        in the manifest (a file written by plain ``torch.save``).
+    :raises UnsafeCheckpointError: when the file holds objects that
+        ``weights_only=True`` does not admit.
+    :raises NotACheckpointError: when ``torch.load`` fails otherwise (for instance,
+        ``map_location`` names a device that this machine lacks).
+    """
+    path, directory, name = _split(path)
+    return until_stable(lambda: _load_once(path, directory, name, map_location, strict), directory)
+
+
+def _load_once(path, directory, name, map_location, strict):
+    """Verify, then load; :class:`~experiment_io.run.reading.Replaced` when a writer replaced the file meanwhile."""
+    manifest = read_manifest(directory) if os.path.isdir(directory) else None
+    files = manifest[1] if manifest else {}
+    if name not in files and previous_name(name) not in files:
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"{path} does not exist.")
+        where = "there is no manifest beside it" if manifest is None else f"{MANIFEST_NAME} has no record of it"
+        raise CorruptCheckpointError(
+            f"{path} cannot be verified: {where}. verified_load reads only files written by atomic_save, "
+            f"with {MANIFEST_NAME} kept beside them (copy the directory whole). "
+            "A file you trust that was written otherwise loads with torch.load(path, weights_only=True)."
+        )
+    verifier = Verifier(directory, files)
+    chosen = _pick(path, verifier, name, strict)
+    with verified_source(chosen, verifier) as source:  # the very file that was verified
+        check_archive(source or chosen)
+        try:
+            return torch.load(source or chosen, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
+                "Save state_dicts and plain data instead, or, for classes you trust, register them with "
+                "torch.serialization.add_safe_globals([...]) before loading. verified_load never loads "
+                "with weights_only=False."
+            ) from e
+        except Exception as e:  # torch raises many types for bytes it cannot read
+            raise NotACheckpointError(
+                f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e

@@ -1,0 +1,107 @@
+"""The library's worker threads: they never take the signals the main thread handles.
+
+:func:`worker_thread` makes a thread that blocks the signals a job receives from
+outside, so that they reach the main thread, where Python runs their handlers.
+:func:`side_thread` is the one worker that digests (and checksums) large writes
+while the writing thread writes them.
+"""
+import os
+import queue
+import signal
+import threading
+
+__all__ = ["worker_thread", "side_thread", "SIDE_DIGEST_BYTES"]
+
+#: Writes at least this large are digested on :func:`side_thread` while they are written.
+SIDE_DIGEST_BYTES = 1024 * 1024
+
+
+#: The signals a job receives from outside (a scheduler, a terminal): delivered to the main thread only, where
+#: Python runs their handlers. Were one delivered to a worker thread, a main thread blocked in a system call
+#: (``signal.pause()``, a ``wait``) would not wake up to handle it.
+_OUTSIDE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP",
+                                                            "SIGQUIT", "SIGALRM") if hasattr(signal, name))
+
+
+def worker_thread(target, *args, name, daemon):
+    """A thread of this library: it never receives the signals that the main thread handles."""
+
+    def run():
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _OUTSIDE_SIGNALS)
+        target(*args)
+
+    return threading.Thread(target=run, name=name, daemon=daemon)
+
+
+class _Task:
+    """A call made on the side thread; :meth:`result` waits for it and returns (or raises) what it did."""
+
+    def __init__(self, function, args):
+        self._function, self._args = function, args
+        self._done = threading.Event()
+        self._value = self._error = None
+
+    def run(self):
+        try:
+            self._value = self._function(*self._args)
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _SideThread:
+    """One daemon thread that runs calls in the order they were submitted.
+
+    Not a ``ThreadPoolExecutor``: that refuses new work once the interpreter starts
+    to shut down, while a background save may still be writing.
+    """
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        worker_thread(self._serve, name="experiment_io-digest", daemon=True).start()
+
+    def _serve(self):
+        while True:
+            self._queue.get().run()
+
+    def submit(self, function, *args):
+        task = _Task(function, args)
+        self._queue.put(task)
+        return task
+
+
+_side = None
+
+
+_side_lock = threading.Lock()
+
+
+def side_thread():
+    """The one worker thread that digests (and checksums) large writes while the writing thread writes them.
+
+    xxh3 and CRC-32 release the GIL on large buffers, so on a second core they cost
+    a save no time: the write to the page cache is the slower of the two.
+    """
+    global _side
+    with _side_lock:
+        if _side is None:
+            _side = _SideThread()
+        return _side
+
+
+def _forget_side_thread():
+    global _side, _side_lock
+    _side, _side_lock = None, threading.Lock()  # a forked child has no such thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_side_thread)
+

@@ -1,0 +1,314 @@
+"""Reading the files of a run: verified first, and proven unchanged while they were read.
+
+The loaders of :mod:`experiment_io.loading.loaders` read through these functions.
+Files are chosen by :class:`~experiment_io.storage.generations.Search`; every file is
+verified against the manifest before anything in it is unpickled. While the
+structure file is loaded, the state file is looked for and verified in a second
+thread. A model file for prediction is then memory-mapped
+(``torch.load(mmap=True)``): its bytes, in the page cache since the
+verification, are copied straight into the model's parameters. A checkpoint
+loaded to resume goes into memory of its own, made resident while the file is
+verified (:mod:`experiment_io.platform.residence`), and its tensors become the model's and
+the optimizer's without a second copy: a resume needs about the checkpoint's size
+in memory, not twice that. After reading a file, the reader checks that its path
+still names the file it verified; a writer that replaced it meanwhile makes the
+load start over (:func:`until_stable`).
+"""
+import contextlib
+import logging
+import os
+import time
+
+import torch
+
+try:
+    from mmap import MAP_PRIVATE
+except ImportError:  # pragma: no cover - Windows: torch maps files its own way
+    MAP_PRIVATE = None
+
+from experiment_io.format import codec as fmt
+from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
+from experiment_io.storage.generations import Search, base_name, previous_name
+from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
+from experiment_io.run.trust import load_structure
+from experiment_io.platform.files import NotARegularFile, descriptor_path
+from experiment_io.storage.verification import Verifier, check_archive
+from experiment_io.platform.threads import worker_thread
+from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest
+
+__all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
+           "check_pairing", "pick_structure_and_state", "until_stable", "verified_source", "Replaced"]
+
+log = logging.getLogger(__name__)
+
+
+def require_file(path, what):
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{what} {path} does not exist" + (
+            " (it is a directory; give the file inside it)" if os.path.isdir(path) else "") + ".")
+
+
+
+class Replaced(Exception):
+    """A file was replaced (by a writer) between its verification and its load."""
+
+
+#: How many times a load starts over when files it read were replaced meanwhile
+#: (waiting a little longer each time, to let a writer's save end).
+_ATTEMPTS = 10
+
+
+def until_stable(load, directory=None):
+    """Run ``load()`` until no file it read was replaced while it ran.
+
+    :param directory: the run directory; a load that fails (no intact generation,
+        an unreadable file) while a writer replaced the directory's manifest is run
+        again too: the files it found were those of a newer save than the manifest
+        it had read.
+    """
+    replaced = None
+    for attempt in range(_ATTEMPTS):
+        before = manifest_identity(directory) if directory is not None else None
+        try:
+            return load()
+        except Replaced as e:
+            replaced = e.args[0]
+        except (CorruptCheckpointError, CheckpointNotFoundError, NotACheckpointError):
+            if directory is None or manifest_identity(directory) == before:
+                raise
+            replaced = os.path.join(directory, MANIFEST_NAME)
+        log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
+        time.sleep(0.005 * attempt)
+    raise CorruptCheckpointError(
+        f"{replaced} was replaced by a new file each of the {_ATTEMPTS} times it was loaded: a live process keeps "
+        "writing into the run directory (the files are not damaged). Load again when it pauses, or load the files "
+        "of a copy of the directory."
+    )
+
+
+def verified_record(path, verify, verifier=None):
+    """Verify a file named by the user against the manifest of its directory.
+
+    The file may match the record of its own name or of the other generation of its
+    name (a crash between a rename and the manifest's commit leaves it so).
+
+    :return: ``(record, verifier)``; without ``verify`` the record of the file's name
+        (or ``None``) and no verifier.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    manifest = read_manifest(directory)
+    files = manifest[1] if manifest else None
+    if not verify:
+        log.warning("loading %s without verification (verify=False)", path)
+        return (files.get(name) if files else None), None
+    base = base_name(name)
+    if files is None or not ({base, previous_name(base)} & set(files)):
+        where = "there is no manifest beside it" if files is None else f"{MANIFEST_NAME} has no record of it"
+        raise CorruptCheckpointError(
+            f"{path} cannot be verified: {where}. Keep {MANIFEST_NAME} with the checkpoint files "
+            "(copy the run directory whole), or pass verify=False to load it unverified."
+        )
+    if verifier is None or verifier.directory != directory:
+        verifier = Verifier(directory, files)
+    records = [files[n] for n in (base, previous_name(base)) if n in files]
+    for record in records:
+        if verifier.matches(path, record):
+            return record, verifier
+    problem = verifier.describe(os.path.abspath(path), files.get(name))
+    raise CorruptCheckpointError(f"{problem}. The file was truncated or modified after it was written.")
+
+
+
+def torch_load(path, map_location, *, mmap=False, read_from=None, destination=None):
+    """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path).
+
+    :param destination: a :class:`~experiment_io.platform.residence.Destination`: the file is mapped and its tensors copied
+        into the memory made ready there (``mmap`` is then implied).
+    """
+    source = read_from or path
+    check_archive(source)
+    mapped = mmap or destination is not None
+    try:
+        # a map of our own (MAP_PRIVATE), whatever torch's default: writes to the tensors never reach the file
+        with torch.serialization.set_default_mmap_options(MAP_PRIVATE) if mapped and MAP_PRIVATE else contextlib.nullcontext():
+            payload = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
+        return destination.adopt(payload) if destination is not None else payload
+    except Exception as e:  # torch raises many types for a foreign or damaged file
+        if mapped:  # a file system without mmap, a tensor that cannot leave the map: read the file instead
+            if destination is not None:
+                destination.release()
+            return torch_load(path, map_location, read_from=read_from)
+        raise NotACheckpointError(f"{path} is not a readable experiment_io state file: {e}") from e
+
+
+@contextlib.contextmanager
+def verified_source(path, verifier):
+    """A read of a verified file. Yields the path to read: that of a descriptor opened on the very file that was
+    verified, so that what a writer (or anyone) renames over ``path`` meanwhile is never read; :class:`Replaced`
+    when ``path`` names another file by then."""
+    if verifier is None:
+        yield None
+        return
+    try:
+        fd = verifier.open_verified(path)
+    except (FileNotFoundError, NotARegularFile):
+        fd = None
+    if fd is None:
+        raise Replaced(path)
+    source = descriptor_path(fd)
+    try:
+        yield source
+    except NotACheckpointError:
+        if not verifier.unchanged(path):
+            raise Replaced(path) from None
+        raise
+    finally:
+        os.close(fd)
+    if source is None and not verifier.unchanged(path):  # read by path (no /proc): was it the verified file?
+        raise Replaced(path)
+
+
+def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True, destination=None):
+    """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
+
+    With a ``destination`` (:class:`~experiment_io.platform.residence.Destination`), the tensors are copied from the map into
+    the memory it made ready.
+
+    A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
+    of its manifest record.
+    """
+    with verified_source(path, verifier) as source:
+        payload = torch_load(path, map_location, mmap=mmap, read_from=source, destination=destination)
+    plain_model = fmt.model_from_record(payload, path, record)
+    if plain_model is not None:
+        if "model" not in kinds:
+            raise NotACheckpointError(f"{path} is an experiment_io 'model' file, but a "
+                                      f"{' or '.join(repr(k) for k in kinds)} file was expected here.")
+        return plain_model
+    return payload, fmt.check_payload(payload, path, kinds)
+
+
+def load_structure_file(path, allow, trusted, record, verifier=None, model_only=False):
+    with verified_source(path, verifier) as source:
+        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source,
+                                 model_only=model_only)
+    fmt.check_payload(payload, path, ("structure",))
+    return payload
+
+
+def check_pairing(state_path, header, structure_path, structure_record):
+    expected = header.get("structure_digest")
+    if structure_record is not None and expected is not None and expected != structure_record["digest"]:
+        raise IncompatibleCheckpointError(
+            f"{state_path} was written for another structure file than {structure_path} "
+            f"(it expects digest {expected}, the structure file has {structure_record['digest']}). "
+            "Load files of one run directory together."
+        )
+
+
+
+def run_verifier(directory):
+    """The :class:`~experiment_io.storage.verification.Verifier` of a run directory (default: the current one).
+
+    :raises CheckpointNotFoundError: for a missing directory, or one that holds no run.
+    :raises CorruptCheckpointError: for state files without a manifest.
+    """
+    directory = os.path.abspath(directory if directory is not None else os.getcwd())
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"run directory {directory} does not exist.")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        names = [LAST_NAME, BEST_NAME, BEST_MODEL_NAME]
+        names += [previous_name(name) for name in names]
+        state_files = [name for name in names if os.path.isfile(os.path.join(directory, name))]
+        if not state_files and os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+            raise CheckpointNotFoundError(
+                f"{directory} holds only the {STRUCTURE_NAME} of a run that was killed before its first save "
+                "committed: there is no checkpoint to resume from. Start the run from the beginning."
+            )
+        if state_files:
+            raise CorruptCheckpointError(
+                f"{directory} holds {', '.join(state_files)} but no {MANIFEST_NAME}, so nothing in it can be verified. "
+                "Restore the manifest, or load the files by path with load_checkpoint(..., verify=False)."
+            )
+        raise CheckpointNotFoundError(
+            f"{directory} holds no experiment_io run (no {MANIFEST_NAME} or {STRUCTURE_NAME}). "
+            "Change to the directory train_model ran in, or start a new run."
+        )
+    return Verifier(directory, manifest[1])
+
+
+
+class _Concurrently:
+    """Runs ``fn()`` in a thread; :meth:`result` waits for it and returns or raises what it did."""
+
+    def __init__(self, fn):
+        self._outcome = None
+        self._thread = worker_thread(self._run, fn, name="experiment_io-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._outcome = (True, fn())
+        except BaseException as e:  # handed to the caller by result()
+            self._outcome = (False, e)
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def pick_structure_and_state(verifier, roles, strict, newest_first, load_structure, meanwhile=None):
+    """A structure generation, loaded, and a state generation written for it (newest first).
+
+    While the structure file is loaded (``load_structure(path, record)``), the state
+    file is looked for and verified in a second thread: the verification of the
+    state reads its file while the structure is unpickled, and then while
+    ``meanwhile()`` runs, if given (once, after the first structure loaded).
+
+    :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
+    """
+    structures = Search(verifier, [STRUCTURE_NAME], strict)
+    error = None
+    for structure_path, structure_record in structures:
+        digest = structure_record["digest"]
+        state_pick = _Concurrently(lambda: Search(verifier, roles, strict, newest_first=newest_first).first(digest))
+        try:
+            structure = load_structure(structure_path, structure_record)
+        except BaseException as load_error:
+            try:
+                state_pick.result()
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if isinstance(load_error, Exception):  # no state for this structure: it would not be loaded
+                    error = error or e
+                    continue
+            except Exception:  # the load's error is the one to report
+                pass
+            raise
+        if meanwhile is not None:
+            meanwhile, run = None, meanwhile
+            try:
+                run()
+            except BaseException:  # the verification thread is joined before the error goes on
+                with contextlib.suppress(Exception):
+                    state_pick.result()
+                raise
+        try:
+            pick = state_pick.result()
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            error = error or e
+            continue
+        if structures.problems:
+            log.warning("using %s; skipped: %s", structure_path, "; ".join(structures.problems))
+        return structure_path, structure_record, structure, pick.path, pick.record
+    if error is not None:
+        raise error
+    if not structures.problems:
+        raise CheckpointNotFoundError(f"{verifier.directory} holds no {STRUCTURE_NAME}: nothing there can be loaded as a "
+                                      "model (its manifest records no structure file)")
+    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - " + "\n  - ".join(structures.problems))
+
+

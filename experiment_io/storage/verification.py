@@ -1,0 +1,214 @@
+"""Verification: how a file is proven to be the one a manifest record describes.
+
+A record holds a file's size and its xxh3-128 digest (:data:`DIGEST_NAME`).
+:class:`Verifier` digests the files of a run directory on demand, each at most
+once, and remembers which file (device and inode) it digested, so that a loader
+can prove that the file it then reads is the one it verified.
+"""
+import os
+import zipfile
+from dataclasses import dataclass
+
+import xxhash
+
+from experiment_io.errors import NotACheckpointError
+from experiment_io.platform.archive import archive_directory
+from experiment_io.platform.files import NotARegularFile, open_regular
+from experiment_io.platform.maps import map_for_reading
+
+__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "Verifier", "check_archive"]
+
+#: The digest algorithm; its name is stored with every digest.
+DIGEST_NAME = "xxh3_128"
+
+#: Files at least this large are digested through a memory map; smaller ones are
+#: read in blocks of :data:`_READ_CHUNK` bytes.
+_MAP_AT_LEAST = 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What is known of a written file: its size in bytes and its digest.
+
+    :ivar size: number of bytes.
+    :ivar digest: ``"<algorithm>:<hex>"``.
+    """
+
+    size: int
+    digest: str
+
+    def as_dict(self):
+        """``{"size": ..., "digest": ...}``."""
+        return {"size": self.size, "digest": self.digest}
+
+
+def _digest_fd(fd):
+    """Digest the file open at ``fd`` (at offset 0) from its first byte to its end.
+
+    Files of :data:`_MAP_AT_LEAST` bytes or more are hashed through a read-only
+    memory map, part by part (see :class:`_LibcMap`): the hash reads the page cache
+    directly, without copying it (about twice as fast as reading); smaller files,
+    and files that cannot be mapped, are read in blocks. A file must not be truncated by another process while it is
+    digested (a mapped page beyond the end of a file cannot be read); this library
+    never truncates a file, it replaces files by renaming new ones over them.
+    """
+    size = os.fstat(fd).st_size
+    if size >= _MAP_AT_LEAST:
+        try:
+            mapped = map_for_reading(fd, size)
+        except (OSError, ValueError):  # a file system without mmap: read it
+            pass
+        else:
+            hasher = xxhash.xxh3_128()
+            with mapped:
+                for part in mapped.parts():
+                    hasher.update(part)
+            return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    size = 0
+    while True:
+        n = os.readv(fd, [buffer])
+        if not n:
+            break
+        hasher.update(view[:n])
+        size += n
+    return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
+
+
+def file_digest(path):
+    """Digest a regular file on disk (a symbolic link or a special file is refused).
+
+    :return: its :class:`FileRecord`.
+    """
+    fd, _ = open_regular(path)
+    try:
+        return _digest_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def file_matches(path, record):
+    """Whether the file at ``path`` has the size and digest of the manifest ``record``.
+
+    The size is compared first, so a file of another size is not read. A missing
+    file or a ``None`` record does not match.
+    """
+    return record is not None and Verifier(os.path.dirname(os.path.abspath(path)), {}).matches(path, record)
+
+
+def _identity(stat_result):
+    return stat_result.st_dev, stat_result.st_ino
+
+
+def is_retired(record):
+    """Whether a manifest record is of a file being removed (see :mod:`experiment_io.training.retention`)."""
+    return isinstance(record, dict) and record.get("retired") is True
+
+
+class Verifier:
+    """Digests the files of one run directory on demand, each at most once.
+
+    A loader asks for the digest of a file only when it needs that file, so a load
+    reads the files it uses (and those it skips because they are damaged), not every
+    generation of every file. The verifier also remembers which file it digested
+    (device and inode): :meth:`unchanged` tells whether the path still names that
+    file, so that a loader can prove, after reading a file by its path, that it read
+    the bytes it verified even while a writer renames new files into the directory
+    (a writer of this library never puts an older file back at a path, so the same
+    inode before and after a read means the same file throughout).
+
+    :param directory: the run directory.
+    :param files: the manifest's records; those marked ``"retired"`` (files being
+        removed by a retention) are kept apart in ``retired`` and never used.
+    """
+
+    def __init__(self, directory, files):
+        self.directory = directory
+        self.files = {name: record for name, record in files.items() if not is_retired(record)}
+        self.retired = {name: record for name, record in files.items() if is_retired(record)}
+        self._digests = {}
+
+    def path(self, name):
+        """The path of ``name`` in the directory."""
+        return os.path.join(self.directory, name)
+
+    def digest(self, path):
+        """The :class:`FileRecord` of the file at ``path`` (computed once).
+
+        :raises FileNotFoundError: when the file does not exist.
+        """
+        path = os.path.abspath(path)
+        if path not in self._digests:
+            fd, st = open_regular(path)
+            try:
+                self._digests[path] = (_digest_fd(fd), _identity(st))
+            finally:
+                os.close(fd)
+        return self._digests[path][0]
+
+    def matches(self, path, record):
+        """Whether the file at ``path`` has the size and digest of ``record`` (the size is compared first)."""
+        try:
+            if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
+                return False
+            actual = self.digest(path)
+        except (FileNotFoundError, NotARegularFile):
+            return False
+        return actual.size == record["size"] and actual.digest == record["digest"]
+
+    def open_verified(self, path):
+        """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another
+        file now); read it through :func:`descriptor_path` to read the verified bytes, whatever is renamed
+        over ``path`` afterwards."""
+        path = os.path.abspath(path)
+        fd, st = open_regular(path)
+        if path not in self._digests or _identity(st) != self._digests[path][1]:
+            os.close(fd)
+            return None
+        return fd
+
+    def unchanged(self, path):
+        """Whether ``path`` still names the file that was digested."""
+        path = os.path.abspath(path)
+        try:
+            return path in self._digests and _identity(os.lstat(path)) == self._digests[path][1]
+        except FileNotFoundError:
+            return False
+
+    def describe(self, path, record, *, size=None):
+        """Why the file at ``path`` is not the generation that ``record`` describes."""
+        if size is None:
+            try:
+                actual = self.digest(path)
+            except NotARegularFile as e:
+                return str(e)
+            except FileNotFoundError:
+                return f"{path}: missing (removed or renamed while it was read)"
+            found = f"found {actual.size} bytes with digest {actual.digest}"
+        else:
+            found = f"found {size} bytes"
+        if record is None:
+            return f"{path}: {found}, which no manifest record describes"
+        return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
+
+
+def check_archive(path):
+    """Refuse a ``torch.save`` archive that could cost more to open than its size.
+
+    experiment_io writes every record of an archive uncompressed. A record that is
+    compressed, or that claims more bytes than the whole file holds (a deflate bomb),
+    is refused before anything is decompressed. Only the archive's directory, at
+    its end, is read (:func:`archive_directory`).
+
+    :raises NotACheckpointError: naming the file and the record.
+    """
+    records, size = archive_directory(path)
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            raise NotACheckpointError(
+                f"{os.fspath(path)}: the record {record.filename!r} is compressed or claims {record.file_size} bytes "
+                f"in a file of {size}: experiment_io never writes such records; the file is refused without being "
+                "decompressed.")
