@@ -32,6 +32,7 @@ from experiment_io.run.reading import check_pairing, load_state_file, load_struc
 from experiment_io.platform.residence import Destination
 from experiment_io.experiment.rng import placed_on_cpu, set_rng_state
 from experiment_io.run.skeleton import materialize
+from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import read_manifest
 from experiment_io.experiment.training_modules import TrainingModules
 
@@ -45,7 +46,14 @@ _KEPT = re.compile(r"(?:model|checkpoint)_epoch_(\d+)\.pt")
 
 
 def _directory(directory):
+    """The run's directory, in words (a :class:`~experiment_io.storage.interface.RunStorage` says where it is)."""
+    if isinstance(directory, RunStorage):
+        return directory.location
     return os.path.abspath(directory if directory is not None else os.getcwd())
+
+
+def _exists(directory):
+    return as_storage(directory).exists()
 
 
 def _location(map_location):
@@ -139,7 +147,7 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
 def _not_yet(error, directory):
     """``error`` (no checkpoint found), telling that a live process is writing the run's first checkpoint."""
     writer = writer_now(_directory(directory))
-    if not writer or not os.path.isdir(_directory(directory)):
+    if not writer or not _exists(directory):
         return error
     return CheckpointNotFoundError(
         f"{_directory(directory)} holds no checkpoint yet, and {writer}: its first checkpoint is being written. "
@@ -242,11 +250,11 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
 def _load_and_assemble(load, directory, missing_ok, **assemble):
     try:
-        structure, structure_path, state, header, state_path = until_stable(load, _directory(directory))
+        structure, structure_path, state, header, state_path = until_stable(load, as_storage(directory))
     except CheckpointNotFoundError as e:
         if not missing_ok:
             raise _not_yet(e, directory) from None
-        if not os.path.isdir(_directory(directory)):  # a mistyped path must not start a new run somewhere else
+        if not _exists(directory):  # a mistyped path must not start a new run somewhere else
             raise CheckpointNotFoundError(
                 f"run directory {_directory(directory)} does not exist. missing_ok=True returns None for a directory "
                 "that holds no checkpoint yet, not for a missing one (a mistyped path?). If this is the first start, "
@@ -319,7 +327,7 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
 
     try:
-        loaded = until_stable(load, _directory(directory))
+        loaded = until_stable(load, as_storage(directory))
     except CheckpointNotFoundError as e:
         if epoch is None:
             raise _not_yet(e, directory) from None

@@ -34,7 +34,8 @@ from experiment_io.run.trust import load_structure
 from experiment_io.platform.files import NotARegularFile, descriptor_path
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.platform.threads import worker_thread
-from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest
+from experiment_io.storage.interface import as_storage
+from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, manifest_path, read_manifest
 
 __all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
            "check_pairing", "pick_structure_and_state", "until_stable", "verified_source", "Replaced"]
@@ -61,7 +62,7 @@ _ATTEMPTS = 10
 def until_stable(load, directory=None):
     """Run ``load()`` until no file it read was replaced while it ran.
 
-    :param directory: the run directory; a load that fails (no intact generation,
+    :param directory: the run's storage or directory; a load that fails (no intact generation,
         an unreadable file) while a writer replaced the directory's manifest is run
         again too: the files it found were those of a newer save than the manifest
         it had read.
@@ -76,7 +77,7 @@ def until_stable(load, directory=None):
         except (CorruptCheckpointError, CheckpointNotFoundError, NotACheckpointError):
             if directory is None or manifest_identity(directory) == before:
                 raise
-            replaced = os.path.join(directory, MANIFEST_NAME)
+            replaced = manifest_path(directory)
         log.info("%s was replaced while it was loaded (a process is writing the run); loading again", replaced)
         time.sleep(0.005 * attempt)
     raise CorruptCheckpointError(
@@ -213,15 +214,16 @@ def run_verifier(directory):
     :raises CheckpointNotFoundError: for a missing directory, or one that holds no run.
     :raises CorruptCheckpointError: for state files without a manifest.
     """
-    directory = os.path.abspath(directory if directory is not None else os.getcwd())
-    if not os.path.isdir(directory):
+    storage = as_storage(directory)
+    directory = storage.location
+    if not storage.exists():
         raise CheckpointNotFoundError(f"run directory {directory} does not exist.")
-    manifest = read_manifest(directory)
+    manifest = read_manifest(storage)
     if manifest is None:
         names = [LAST_NAME, BEST_NAME, BEST_MODEL_NAME]
         names += [previous_name(name) for name in names]
-        state_files = [name for name in names if os.path.isfile(os.path.join(directory, name))]
-        if not state_files and os.path.isfile(os.path.join(directory, STRUCTURE_NAME)):
+        state_files = [name for name in names if _is_file(storage, name)]
+        if not state_files and _is_file(storage, STRUCTURE_NAME):
             raise CheckpointNotFoundError(
                 f"{directory} holds only the {STRUCTURE_NAME} of a run that was killed before its first save "
                 "committed: there is no checkpoint to resume from. Start the run from the beginning."
@@ -235,7 +237,12 @@ def run_verifier(directory):
             f"{directory} holds no experiment_io run (no {MANIFEST_NAME} or {STRUCTURE_NAME}). "
             "Change to the directory train_model ran in, or start a new run."
         )
-    return Verifier(directory, manifest[1])
+    return Verifier(storage, manifest[1])
+
+
+def _is_file(storage, name):
+    found = storage.stat(name)
+    return found is not None and found.regular
 
 
 

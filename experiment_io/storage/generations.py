@@ -20,16 +20,17 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
+from experiment_io.errors import (CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError,
+                                  IncompatibleCheckpointError, NotACheckpointError)
 from experiment_io.format import codec as fmt
 from experiment_io.storage import atomic as storage
 from experiment_io.storage import verification
-from experiment_io.errors import CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
-from experiment_io.storage.manifest import manifest_identity, manifest_path, read_manifest, write_manifest
+from experiment_io.storage.interface import RunStorage, as_storage
+from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest, write_manifest
 
 __all__ = ["previous_name", "base_name", "Generation", "Role", "RunWriter", "Search", "Pick"]
 
@@ -151,16 +152,15 @@ class Search:
         committed = name in self.verifier.files or previous_name(name) in self.verifier.files
         for candidate in (name, previous_name(name)):
             path = self.verifier.path(candidate)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
+            st = self.verifier.storage.stat(candidate)
+            if st is None:
                 if candidate in self.verifier.files:
                     problems.append(f"{path}: missing, although the manifest lists it")
                 continue
-            if not stat.S_ISREG(st.st_mode):  # a symbolic link, a FIFO, a device: never read
+            if not st.regular:  # a symbolic link, a FIFO, a device: never read
                 problems.append(f"{path}: not a regular file (a link or a special file); it is not read")
                 continue
-            size = st.st_size
+            size = st.size
             if not committed:  # a save renamed it into place and was killed before its commit
                 log.warning("ignoring %s: the manifest records no save of it (a save was interrupted before its "
                             "commit, or the manifest was replaced); the next save moves it aside, it is not lost", path)
@@ -257,29 +257,31 @@ class RunWriter:
     files it committed itself, so a save rotates them without reading them again.
     A manifest changed by someone else meanwhile is noticed and read again.
 
-    :param directory: the run directory (created if missing).
+    :param directory: the run's :class:`~experiment_io.storage.interface.RunStorage`, or its directory (created
+        if missing).
     """
 
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = os.path.abspath(os.fspath(directory))
-        storage.make_directory(self.directory)
+    def __init__(self, directory: str | os.PathLike | RunStorage):
+        self.storage = as_storage(directory)
+        self.directory = self.storage.location
+        self.storage.create()
         self._manifest_identity = None
         self._reload()
 
     def _reload(self):
-        storage.remove_stale_temporaries(self.directory)
+        self.storage.remove_stale_temporaries()
         try:
-            existing = read_manifest(self.directory)
+            existing = read_manifest(self.storage)
         except (NotACheckpointError, CorruptCheckpointError) as e:
             log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", self.directory, e)
             existing = None
         self.files = dict(existing[1]) if existing else {}
         self._known_good = {}  # name -> identity of the file this writer committed under that name
-        self._manifest_identity = manifest_identity(self.directory)
+        self._manifest_identity = manifest_identity(self.storage)
 
     def path(self, name: str) -> str:
         """The path of ``name`` in the run directory."""
-        return os.path.join(self.directory, name)
+        return self.storage.path(name)
 
     def record(self, name: str) -> dict | None:
         """The manifest record of ``name`` (``None`` when it has none)."""
@@ -303,7 +305,7 @@ class RunWriter:
         :param kept: ``{file name: why a retention keeps it}``, recorded as the ``"kept"`` field.
         :return: ``{file name: FileRecord}``.
         """
-        if manifest_identity(self.directory) != self._manifest_identity:
+        if manifest_identity(self.storage) != self._manifest_identity:
             log.info("the manifest of %s was changed by another writer; reading it again", self.directory)
             self._reload()
         self._unlink_retired()  # left by a save that did not finish its removals
@@ -315,48 +317,47 @@ class RunWriter:
                     self.files[candidate] = {**self.files[candidate], "retired": True}
                     self._known_good.pop(candidate, None)
         try:
-            with storage.FileBatch() as batch:
+            with self.storage.batch() as batch:
                 keep_previous, records = {}, {}
                 for name, (write, fields) in writes.items():
                     keep_previous[name] = self._rotation(name)
-                    records[name] = batch.write(self.path(name), write)
+                    records[name] = batch.write(name, write)
                     self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
                 for name, why in (kept or {}).items():
                     if name in self.files and not verification.is_retired(self.files[name]):
                         self.files[name] = {**self.files[name], "kept": why}
-                manifest = manifest_path(self.directory)
-                batch.write(manifest, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
+                batch.write(MANIFEST_NAME, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
                 # the files and the manifest are fsynced together (one wait); the manifest is renamed
                 # into place only once every file's rename is durable
                 batch.make_durable()
                 for name in writes:
-                    batch.publish(self.path(name), keep_previous[name])
+                    batch.publish(name, keep_previous[name])
                     self._written[name] = self._identity(name)
-                batch.sync_directory(self.directory)
+                batch.sync()
                 for name in writes:
                     storage.write_step("directory_fsynced", self.path(name))
                 for name in writes:
                     storage.write_step("file_saved", self.path(name))
                 storage.write_step("manifest", self.directory)
-                batch.publish(manifest)
-                batch.sync_directory(self.directory)
-                storage.write_step("directory_fsynced", manifest)
+                batch.publish(MANIFEST_NAME)
+                batch.sync()
+                storage.write_step("directory_fsynced", self.path(MANIFEST_NAME))
         except BaseException:
             self.files = snapshot  # nothing of this save was committed
             self._known_good.clear()
             self._manifest_identity = None  # read the manifest again before the next save
             raise
-        self._manifest_identity = manifest_identity(self.directory)
+        self._manifest_identity = manifest_identity(self.storage)
         self._known_good.update(self._written)
         if self._unlink_retired():
             try:  # the save is committed: a failure here only leaves retired records for the next save to drop
-                write_manifest(self.directory, self.files)
+                write_manifest(self.storage, self.files)
             except CheckpointWriteError as e:
                 log.warning("the files the retention removed are still listed as retired in the manifest of %s: %s",
                             self.directory, e)
                 self._manifest_identity = None  # read it again before the next save
             else:
-                self._manifest_identity = manifest_identity(self.directory)
+                self._manifest_identity = manifest_identity(self.storage)
         return records
 
     def _unlink_retired(self):
@@ -364,9 +365,7 @@ class RunWriter:
         retired = [name for name, record in self.files.items() if verification.is_retired(record)]
         for name in retired:
             try:
-                os.unlink(self.path(name))
-            except FileNotFoundError:
-                pass
+                self.storage.remove(name)
             except OSError as e:  # kept recorded as retired: tried again at the next save
                 log.warning("could not remove %s, which the retention no longer keeps: %s", self.path(name), e)
                 continue
@@ -377,19 +376,15 @@ class RunWriter:
     def _set_aside(self, name):
         """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name."""
         for candidate in (name, previous_name(name)):
-            path = self.path(candidate)
-            if os.path.lexists(path):
-                aside = f"{path}.orphan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-                os.replace(path, aside)
+            if self.storage.stat(candidate) is not None:
+                aside = f"{candidate}.orphan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                self.storage.move_aside(candidate, aside)
                 log.warning("%s has no manifest record: moved aside to %s before a new save takes its name",
-                            path, os.path.basename(aside))
+                            self.path(candidate), aside)
 
     def _identity(self, name):
-        try:
-            st = os.stat(self.path(name))
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+        found = self.storage.stat(name)
+        return None if found is None else found.identity
 
     def _still_committed(self, name):
         """Whether the file at ``name`` is, untouched, the one this writer committed (one ``stat``, no read)."""
@@ -403,7 +398,7 @@ class RunWriter:
         committed = self.files.get(name)
         if self._still_committed(name) or verification.file_matches(self.path(name), committed):
             # the committed file becomes the previous generation
-            keep_previous = self.path(previous)
+            keep_previous = previous
             self.files[previous] = committed
         else:
             # the file at ``name`` is absent, damaged, or an uncommitted leftover of a

@@ -8,8 +8,9 @@ import os
 
 from experiment_io.errors import CorruptCheckpointError
 from experiment_io.format import codec as fmt
-from experiment_io.platform.files import NotARegularFile, open_regular
-from experiment_io.storage.atomic import atomic_write_bytes
+from experiment_io.platform.files import NotARegularFile
+from experiment_io.storage.atomic import write_step
+from experiment_io.storage.interface import as_storage
 
 __all__ = ["MANIFEST_NAME", "read_manifest", "write_manifest", "manifest_path", "manifest_identity"]
 
@@ -21,17 +22,19 @@ MANIFEST_NAME = "experiment_manifest.json"
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
 
-def read_manifest(directory):
-    """Read the manifest of a run directory.
+def read_manifest(where):
+    """Read the manifest of a run.
 
-    :return: ``(header, files)``, or ``None`` when the directory has no manifest.
+    :param where: a :class:`~experiment_io.storage.interface.RunStorage`, or a run directory.
+    :return: ``(header, files)``, or ``None`` when the run has no manifest.
     """
-    path = manifest_path(directory)
+    storage = as_storage(where)
+    path = storage.path(MANIFEST_NAME)
     try:
-        fd, st = open_regular(path)
+        fd, st = storage.open(MANIFEST_NAME)
     except NotARegularFile as e:
         raise CorruptCheckpointError(f"{e}: a manifest is a regular file; the run directory was tampered with.") from e
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         if st.st_size > MANIFEST_MAX_BYTES:
@@ -44,25 +47,33 @@ def read_manifest(directory):
     return fmt.manifest_from_bytes(data, path)
 
 
-def write_manifest(directory, files, **fields):
-    """Write the manifest of a run directory atomically (always the last write of a save)."""
-    return atomic_write_bytes(manifest_path(directory), fmt.manifest_to_bytes(files, **fields))
+def write_manifest(where, files, **fields):
+    """Write the manifest of a run atomically and durably (always the last write of a save).
+
+    :param where: a :class:`~experiment_io.storage.interface.RunStorage`, or a run directory.
+    :return: the manifest's :class:`~experiment_io.storage.verification.FileRecord`.
+    """
+    storage = as_storage(where)
+    data = fmt.manifest_to_bytes(files, **fields)
+    with storage.batch() as batch:
+        record = batch.write(MANIFEST_NAME, lambda f: f.write(data))
+        batch.make_durable()
+        batch.publish(MANIFEST_NAME)
+        batch.sync()
+        write_step("directory_fsynced", storage.path(MANIFEST_NAME))
+    return record
 
 
-def manifest_path(directory):
-    """The path of the manifest of ``directory``."""
-    return os.path.join(directory, MANIFEST_NAME)
+def manifest_path(where):
+    """The path of the manifest of a run (a storage or a directory)."""
+    return as_storage(where).path(MANIFEST_NAME)
 
 
-def manifest_identity(directory):
-    """What identifies the manifest file of ``directory`` now (``None`` when it has none).
+def manifest_identity(where):
+    """What identifies the manifest file of a run now (``None`` when it has none).
 
     Two calls return the same value only if no one replaced the manifest between
     them (every write of it is a rename of a new file).
     """
-    try:
-        st = os.stat(manifest_path(directory))
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
+    found = as_storage(where).stat(MANIFEST_NAME)
+    return None if found is None else found.identity

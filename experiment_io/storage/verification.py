@@ -15,6 +15,7 @@ from experiment_io.errors import NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.files import NotARegularFile, open_regular
 from experiment_io.platform.maps import map_for_reading
+from experiment_io.storage.interface import as_storage
 
 __all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "Verifier", "check_archive"]
 
@@ -120,20 +121,21 @@ class Verifier:
     (a writer of this library never puts an older file back at a path, so the same
     inode before and after a read means the same file throughout).
 
-    :param directory: the run directory.
+    :param directory: the run's :class:`~experiment_io.storage.interface.RunStorage`, or its directory.
     :param files: the manifest's records; those marked ``"retired"`` (files being
         removed by a retention) are kept apart in ``retired`` and never used.
     """
 
     def __init__(self, directory, files):
-        self.directory = directory
+        self.storage = as_storage(directory)
+        self.directory = self.storage.location
         self.files = {name: record for name, record in files.items() if not is_retired(record)}
         self.retired = {name: record for name, record in files.items() if is_retired(record)}
         self._digests = {}
 
     def path(self, name):
-        """The path of ``name`` in the directory."""
-        return os.path.join(self.directory, name)
+        """The path of ``name`` in the run."""
+        return self.storage.path(name)
 
     def digest(self, path):
         """The :class:`FileRecord` of the file at ``path`` (computed once).
