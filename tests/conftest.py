@@ -94,3 +94,10 @@ def run_copy(saved_run, tmp_path):
     target = tmp_path / "run"
     shutil.copytree(directory, target)
     return target, database
+
+
+@pytest.fixture
+def fast_paths_on(monkeypatch):
+    """A test of a fast path itself: the fast paths on, whatever ``EXPERIMENT_IO_FAST_PATHS`` the run was given
+    (CI runs the storage, reliability and resume tests a second time with them off)."""
+    monkeypatch.setenv("EXPERIMENT_IO_FAST_PATHS", "1")

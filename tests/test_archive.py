@@ -102,6 +102,7 @@ def test_a_damaged_record_fails_the_zip_check():
         assert z.testzip() == "archive/data/0"
 
 
+@pytest.mark.usefixtures("fast_paths_on")
 def test_zip64_records_are_read_by_torch_and_zipfile(monkeypatch, tmp_path):
     """Every record written with zip64 fields (as a record or an offset past 4 GiB is), tested at a small size."""
     monkeypatch.setattr(archive, "ZIP64_LIMIT", 0)

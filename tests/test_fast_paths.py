@@ -133,6 +133,7 @@ def test_writes_without_early_writeback(tmp_path, monkeypatch):
     assert (tmp_path / "x").read_bytes() == data
 
 
+@pytest.mark.usefixtures("fast_paths_on")
 def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
     calls = []
 
@@ -147,6 +148,7 @@ def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
     assert len(calls) == 1 and writeback._sync_file_range is None  # tried once, then given up
 
 
+@pytest.mark.usefixtures("fast_paths_on")
 @pytest.mark.skipif(writeback._sync_file_range is None, reason="no sync_file_range here")
 def test_early_writeback_covers_the_file_in_order(tmp_path, monkeypatch):
     calls, real = [], writeback._sync_file_range
@@ -572,6 +574,7 @@ def test_a_damaged_checkpoint_is_refused_before_its_memory_is_used(run_copy, mon
         assert_bitwise_equal(value, reference["model"][name])
 
 
+@pytest.mark.usefixtures("fast_paths_on")
 def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monkeypatch):
     from experiment_io.platform import residence
 
@@ -721,3 +724,25 @@ def test_no_memory_is_made_ready_beyond_half_of_what_is_available(tmp_path, monk
     destination = residence.Destination([2 * 1024 * 1024, 3 * 1024 * 1024])
     destination.fill()
     assert sorted(destination._ready) == [2 * 1024 * 1024, 3 * 1024 * 1024]
+
+
+def test_with_the_fast_paths_off_a_resume_makes_no_memory_ready_and_maps_through_python(run_copy, monkeypatch):
+    from experiment_io.platform import residence
+
+    directory, database = run_copy
+    filled = []
+    monkeypatch.setattr(residence.Destination, "fill", lambda self: filled.append(1))
+    monkeypatch.setenv("EXPERIMENT_IO_FAST_PATHS", "0")
+    assert maps.libc() is None
+    fd = os.open(directory / LAST_NAME, os.O_RDONLY)
+    try:
+        assert type(maps.map_for_reading(fd, os.fstat(fd).st_size)).__name__ == "_PythonMap"
+    finally:
+        os.close(fd)
+    off = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert filled == []
+    monkeypatch.setenv("EXPERIMENT_IO_FAST_PATHS", "1")
+    on = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    assert_bitwise_equal(off["training_modules"].model.state_dict(), on["training_modules"].model.state_dict())
+    if maps.libc() is not None:
+        assert filled == [1]

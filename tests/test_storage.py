@@ -421,6 +421,7 @@ def test_run_lock_of_another_process(tmp_path):
         pass
 
 
+@pytest.mark.usefixtures("fast_paths_on")
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, cached):
     """A large file is digested through a map made without the GIL, part by part: each part faulted in at once

@@ -29,6 +29,7 @@ from experiment_io.storage.lock import writer_now
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
 from experiment_io.run.reading import check_pairing, load_state_file, load_structure_file, pick_structure_and_state, require_file, run_verifier, until_stable, verified_record
+from experiment_io.platform import switch
 from experiment_io.platform.residence import Destination
 from experiment_io.experiment.rng import placed_on_cpu, set_rng_state
 from experiment_io.run.skeleton import materialize
@@ -236,7 +237,8 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     def load():
         verifier = run_verifier(directory)
         # memory for the checkpoint's tensors is made ready while the file is verified (see experiment_io.platform.residence)
-        destination = Destination.for_file(*map(verifier.path, roles)) if _on_cpu(map_location) else None
+        destination = (Destination.for_file(*map(verifier.path, roles))
+                       if _on_cpu(map_location) and switch.enabled() else None)
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
             verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier),
             meanwhile=destination and destination.fill)

@@ -24,9 +24,12 @@ class _Batch(WriteBatch):
     def __init__(self, storage: "PosixStorage"):
         self._storage = storage
         self._files = atomic.FileBatch()
+        self._directories: set = set()  # of the files written: their renames are made durable by sync()
 
     def write(self, name, write, *, hashed=True):
-        return self._files.write(self._storage.path(name), write, hashed=hashed)
+        path = self._storage.path(name)
+        self._directories.add(os.path.dirname(path))
+        return self._files.write(path, write, hashed=hashed)
 
     def make_durable(self):
         self._files.make_durable()
@@ -36,7 +39,8 @@ class _Batch(WriteBatch):
                             None if keep_previous is None else self._storage.path(keep_previous))
 
     def sync(self):
-        self._files.sync_directory(self._storage.location)
+        for directory in sorted(self._directories) or [self._storage.location]:
+            self._files.sync_directory(directory)
 
     def __exit__(self, *exc):
         return self._files.__exit__(*exc)
