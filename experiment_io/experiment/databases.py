@@ -76,10 +76,10 @@ class Database:
 
     restartable = False
 
-    def __init__(self, arr_dict: Optional[Mapping[str, np.ndarray]] = None, inputs: Sequence[str] = None,
-                 targets: Sequence[str] = None, seed: int = None, test_size: Union[int, float, None] = None,
-                 valid_size: Union[int, float, None] = None, *, float_dtype=None, splits=None, auto_split=False,
-                 quiet=False, arrays=None):
+    def __init__(self, arr_dict: Optional[Mapping[str, np.ndarray]] = None, inputs: Optional[Sequence[str]] = None,
+                 targets: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+                 test_size: Union[int, float, None] = None, valid_size: Union[int, float, None] = None, *,
+                 float_dtype=None, splits=None, auto_split=False, quiet=False, arrays=None):
         if (arr_dict is None) == (arrays is None):
             raise SetupError("pass the arrays once: as the first argument (arr_dict) or as arrays=")
         arrays = arr_dict if arr_dict is not None else arrays
@@ -241,7 +241,7 @@ class Database:
             for name in sorted(self.arrays):
                 array = np.ascontiguousarray(self.arrays[name])
                 digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
-                digest.update(memoryview(array).cast("B"))
+                digest.update(array.data.cast("B"))
             self._data_digest = f"xxh3_128:{digest.hexdigest()}"
         if getattr(self, "_split_digest", None) is None:
             digest = xxhash.xxh3_128()
@@ -284,7 +284,8 @@ class Database:
         mine = self.fingerprint()
         if "data" in state and state["data"] != mine["data"] and {k: v for k, v in state.items() if k != "data"} == \
                 {k: v for k, v in mine.items() if k != "data"}:
-            where = f" read from {self.path}" if getattr(self, "path", None) else ""
+            path = getattr(self, "path", None)
+            where = f" read from {path}" if path else ""
             raise IncompatibleCheckpointError(
                 f"the data{where} differ from those the run was trained on (same seed and sizes, other values: "
                 "the file was replaced or changed since). The resumed run would train on other data. Restore the "
@@ -329,6 +330,7 @@ class Restartable:
     """
 
     restartable = True
+    restart_kwargs: dict
 
     def descriptor(self) -> dict:
         """``{"class": "module.QualName", "kwargs": {...}}``, plain data."""

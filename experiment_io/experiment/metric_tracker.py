@@ -8,7 +8,7 @@ import io
 import logging
 import math
 import os
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import h5py
 import numpy as np
@@ -37,17 +37,17 @@ class MetricTracker:
         self.stopping_key = stopping_key
         self.stopping_split = stopping_split
         self.larger_is_better = larger_is_better
-        self.epochs = []
-        self.history = {}
-        self.epoch_times = []
+        self.epochs: list[int] = []
+        self.history: dict[str, dict[str, list[float]]] = {}
+        self.epoch_times: list[float] = []
         #: the learning rate of every parameter group during each epoch
-        self.learning_rates = []
-        self.best_epoch = None
-        self.best_metric_values = None
-        self.best_model_state = None
-        self.stop_reason = None
+        self.learning_rates: list[list[float]] = []
+        self.best_epoch: Optional[int] = None
+        self.best_metric_values: Optional[dict[str, dict[str, float]]] = None
+        self.best_model_state: Optional[dict[str, torch.Tensor]] = None
+        self.stop_reason: Optional[str] = None
         #: results of :func:`~experiment_io.test_model`, ``{when: {split: {name: value}}}``
-        self.evaluations = {}
+        self.evaluations: dict[str, dict] = {}
 
     @property
     def best_value(self) -> Optional[float]:
@@ -208,7 +208,8 @@ class MetricTracker:
         """A short text: best epoch and its metrics."""
         if self.best_epoch is None:
             return "no epoch recorded"
-        parts = [f"{s}/{k}={v:.6g}" for s, vals in self.best_metric_values.items() for k, v in vals.items()]
+        best_values = cast(dict, self.best_metric_values)  # set with best_epoch
+        parts = [f"{s}/{k}={v:.6g}" for s, vals in best_values.items() for k, v in vals.items()]
         return f"best epoch {self.best_epoch}: " + ", ".join(parts)
 
 

@@ -29,7 +29,7 @@ that moment, and does not move when the loop stops early.
 import logging
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch.utils.data
@@ -105,7 +105,7 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __init__(self, data_source_or_length, *, seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
                  world_size: Optional[int] = None, drop_last: bool = False, num_replicas: Optional[int] = None):
         if isinstance(data_source_or_length, numbers.Integral) and not isinstance(data_source_or_length, bool):
-            length = data_source_or_length
+            length: Union[numbers.Integral, int] = data_source_or_length
         else:
             length = len(data_source_or_length)
         self._length = _non_negative_int(length, "the data set's length")

@@ -33,7 +33,7 @@ imports ``lightning.pytorch``.
 """
 import logging
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -143,7 +143,7 @@ class ExactResume(Callback):
         self.exit_on_preemption = exit_on_preemption
         self.batch_size = batch_size
         self._signals = tuple(signals)
-        self._preemption = None
+        self._preemption: Optional[Preemption] = None
         self._pending_rng = None
         self._warned_sampler = False
         self._last_step = None  # the global step after the previous batch: a batch that changed it stepped
@@ -219,7 +219,7 @@ class ExactResume(Callback):
                     batch_idx, self.path)
         if self.exit_on_preemption and name != "SIGINT":
             world_size, _ = _world()
-            self._preemption.exiting(Stop.by_signal(name), launched=world_size > 1)
+            cast(Preemption, self._preemption).exiting(Stop.by_signal(name), launched=world_size > 1)
             self._release_signals()
             raise SystemExit(PREEMPTED_EXIT_CODE)
         trainer.should_stop = True

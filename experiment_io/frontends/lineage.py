@@ -50,7 +50,7 @@ import shutil
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, cast
 
 import torch
 import xxhash
@@ -261,8 +261,8 @@ class Model:
         self.current: Optional[str] = None
         self.epoch = 0
         self.step = 0
-        self._classes = {}
-        self._writers = {}
+        self._classes: dict[str, type] = {}
+        self._writers: dict[str, RunWriter] = {}
         #: what the components hold: "built" (as your code built them), "checkpoint" (``current``'s end state as
         #: loaded, in the way ``_current_token`` names), or the id of a block whose training left them midway
         self._holds = "built"
@@ -372,7 +372,7 @@ class Model:
         """A digest of the model's architecture: its class, its ``repr`` and the names, shapes and dtypes of its
         state. A checkpoint trained with another architecture is refused."""
         parts = [qualified_name(type(self.model)), re.sub(r" at 0x[0-9a-f]+", "", repr(self.model))]
-        parts += [f"{k}:uninitialized" if isinstance(v, torch.nn.parameter.UninitializedTensorMixin)
+        parts += [f"{k}:uninitialized" if torch.nn.parameter.is_lazy(v)
                   else f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.model.state_dict().items()]
         return xxhash.xxh3_64("\n".join(parts).encode()).hexdigest()
 
@@ -438,8 +438,9 @@ class Model:
         where = f"checkpoint {cp_id} of model {self.id}"
         self._check_fingerprint(record, where)
         self._build(_Recipe(record["recipe"]), where)
-        built_lrs = [(group.get("lr"), group.get("initial_lr")) for group in self.optimizer.param_groups] \
-            if self.optimizer is not None else []
+        built_lrs: list[tuple[Any, Any]] = (
+            [(group.get("lr"), group.get("initial_lr")) for group in self.optimizer.param_groups]
+            if self.optimizer is not None else [])
         states = self._read(cp_id, STATE_NAME)
         _check_pair(record, states, where)
         variant = ""
@@ -545,8 +546,8 @@ class CheckpointBlock:
         self._rng_restored = False
         self._entered_midway = False
         self._loaders = ()
-        self._record = None
-        self._lock = None
+        self._record: Optional[dict] = None
+        self._lock: Optional[RunLock] = None
 
     def __enter__(self) -> "CheckpointBlock":
         storage.make_directory(self.model.directory)
@@ -605,7 +606,7 @@ class CheckpointBlock:
             if kind is None:
                 self._finish()
         finally:
-            self._lock.__exit__(None, None, None)
+            cast(RunLock, self._lock).__exit__(None, None, None)
 
     # ---------------------------------------------------------------- setup
 
@@ -871,7 +872,7 @@ class CheckpointBlock:
         except ImportError as e:
             raise SetupError("plot_metrics() needs matplotlib: pip install 'experiment_io[plots]'") from e
         results = (self._record or {}).get("results", [])
-        series = {}
+        series: dict[str, tuple[list, list]] = {}
         for entry in results:
             history = entry["result"]["history"]
             for name, values in history.items():
@@ -1030,7 +1031,7 @@ class _Training:
             _set_random(progress["random_epoch_start"] if start_batch else progress["random"], self.train_dl,
                         self.val_dl)
             if start_epoch or start_batch:
-                where = (f"after its last epoch" if start_epoch == key["epochs"]
+                where = ("after its last epoch" if start_epoch == key["epochs"]
                          else f"at epoch {start_epoch + 1} of {key['epochs']}, batch {start_batch}")
                 log.warning("%s: continuing the interrupted train() call %d %s", block._where, self.call + 1, where)
         else:
@@ -1366,7 +1367,7 @@ def tree(directory: "str | os.PathLike", title: Optional[str] = None) -> str:
     directory = os.fspath(directory)
     records = _blocks(directory)
     ids = {r["id"] for r in records}
-    children = {}
+    children: dict[Optional[str], list[dict]] = {}
     for record in records:
         parent = record["parent"] if record["parent"] in ids else None
         children.setdefault(parent, []).append(record)

@@ -52,7 +52,7 @@ import os
 import sys
 import pickle
 import threading
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -171,8 +171,8 @@ class AtomicSaver:
 
     def __init__(self, *, async_save: bool = False):
         self.async_save = async_save
-        self._writers = {}
-        self._background = None
+        self._writers: dict[str, RunWriter] = {}
+        self._background: Optional[BackgroundWriter] = None
         self._lock = threading.Lock()
 
     def _writer(self, directory):

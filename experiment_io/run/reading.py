@@ -24,7 +24,7 @@ import torch
 try:
     from mmap import MAP_PRIVATE
 except ImportError:  # pragma: no cover - Windows: torch maps files its own way
-    MAP_PRIVATE = None
+    MAP_PRIVATE = None  # type: ignore[misc, assignment]
 
 from experiment_io.format import codec as fmt
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError

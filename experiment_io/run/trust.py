@@ -51,7 +51,7 @@ _FAMILIES = (
 _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedDict, collections.defaultdict,
                          collections.Counter, collections.deque})
 _IMPORTABLE_ROOTS = ()  # nothing is imported for a file but what the user allows
-_registered = set()
+_registered: set[type] = set()
 
 #: Elementwise and reducing tensor math of ``torch`` that a model may keep as an attribute (``self.act = torch.tanh``).
 _TORCH_MATH = """abs absolute acos acosh add addcdiv addcmul amax amin angle asin asinh atan atan2 atanh bmm cat ceil clamp

@@ -69,7 +69,7 @@ _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]
 #: (``manifest``).
 WRITE_STEPS = ("written", "fsynced", "rotated", "replaced", "directory_fsynced", "file_saved", "manifest")
 
-_observers = []
+_observers: list = []
 
 
 def write_step(step, path):

@@ -119,11 +119,14 @@ class Search:
     :ivar problems: one text per file found wrong so far.
     """
 
+    problems: list[str]
+    _reported: dict[str, bool]
+
     def __init__(self, verifier: verification.Verifier, roles: Sequence[Role | str], strict: bool = False, *,
                  newest_first: bool = False):
         self.verifier, self.strict, self.problems, self.newest_first = verifier, strict, [], newest_first
         #: files of the roles that no committed save wrote (left by a save killed before its commit)
-        self.uncommitted = []
+        self.uncommitted: list[str] = []
         self.roles = [_as_role(r) for r in roles]
         files = verifier.files
         if strict:
@@ -221,7 +224,7 @@ class Search:
                 continue
             newest = self._newest_committed() if self.newest_first else None
             rollback = newest is not None and record.get("step", 0) < newest.get("step", 0)
-            if rollback:
+            if rollback and newest is not None:
                 self.report(f"the committed generation (step {newest.get('step')}) is missing or damaged; an older "
                             f"one (step {record.get('step', 0)}) is used: the run goes back "
                             f"{newest.get('step', 0) - record.get('step', 0)} step(s)")

@@ -6,7 +6,7 @@ import socket
 import stat
 import time
 import weakref
-from typing import Union
+from typing import Optional, Union
 
 from experiment_io.errors import CheckpointWriteError, RunLockedError
 
@@ -38,12 +38,12 @@ class RunLock:
     :param directory: the run directory.
     """
 
-    _held = weakref.WeakSet()  # the locks this process holds, closed in forked children
+    _held: "weakref.WeakSet[RunLock]" = weakref.WeakSet()  # the locks this process holds, closed in forked children
 
     def __init__(self, directory: Union[str, os.PathLike]):
         self.path = os.path.join(directory, LOCK_NAME)
-        self._fd = None
-        self._identity = None
+        self._fd: Optional[int] = None
+        self._identity: Optional[tuple[int, int]] = None
 
     def check(self) -> None:
         """Make sure this process still holds the run's lock.

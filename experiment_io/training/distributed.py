@@ -201,7 +201,7 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     rank, local_rank, world_size = launched_world()
     if world_size == 1:
         return SINGLE
-    if cuda:  # the collectives of NCCL run on the current GPU: make it the model's
+    if cuda and device is not None:  # the collectives of NCCL run on the current GPU: make it the model's
         torch.cuda.set_device(torch.device(device))
     if initialized:
         return current(device)
@@ -218,11 +218,11 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    store, _, _ = next(dist.rendezvous("env://", rank, world_size, **({"timeout": timeout} if timeout else {})))
+    timeout_kwargs: dict[str, Any] = {"timeout": timeout} if timeout else {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, **timeout_kwargs))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"experiment_io/attempt-{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            **({"timeout": timeout} if timeout else {}))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **timeout_kwargs)
     atexit.register(_leave)
     log.info("joined the process group: rank %d of %d (local rank %d), backend %s", rank, world_size, local_rank, backend)
     return current(device)

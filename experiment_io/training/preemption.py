@@ -89,7 +89,7 @@ class Preemption:
         self.requeue = requeue
         #: the name of the first signal received (``None`` while none was)
         self.requested: str | None = None
-        self._previous = {}
+        self._previous: dict = {}
         self._ignore_sigterm = False
 
     def _handle(self, signum, frame):
@@ -155,7 +155,7 @@ class Preemption:
             raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
-_active = weakref.WeakSet()  # the Preemption contexts in force in this process
+_active: weakref.WeakSet[Preemption] = weakref.WeakSet()  # the Preemption contexts in force in this process
 
 
 def _default_signals_in_child():

@@ -70,7 +70,7 @@ class Retention:
         :return: ``{epoch: ["last 3", "best 2", "every 10"]}`` for the kept epochs only.
         """
         epochs = sorted(set(epochs))
-        kept = {}
+        kept: dict[int, list[str]] = {}
         if self.last:
             for epoch in epochs[-self.last:]:
                 kept.setdefault(epoch, []).append(f"last {self.last}")

@@ -53,9 +53,9 @@ class SetupParams:
     optimizer: Any = torch.optim.Adam
     learning_rate: float = 1e-3
     device: Any = "cpu"
-    eval_batch_size: int = None
+    eval_batch_size: Optional[int] = None
     scheduler: Any = None
-    termination_patience: int = None
+    termination_patience: Optional[int] = None
     optimizer_kwargs: dict = field(default_factory=dict)
     larger_is_better: bool = False
 
@@ -132,8 +132,9 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
     schedulers = [_scheduler(make, optimizer) for make in makers]
     common = dict(eval_batch_size=params.eval_batch_size)
     if params.termination_patience is not None:
-        controller = PatienceController(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key,
-                                        termination_patience=params.termination_patience, **common)
+        controller: Controller = PatienceController(optimizer, schedulers, params.batch_size, params.max_epochs,
+                                                    params.stopping_key,
+                                                    termination_patience=params.termination_patience, **common)
     else:
         controller = Controller(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key, **common)
     metric_tracker = MetricTracker(params.stopping_key, larger_is_better=params.larger_is_better)
