@@ -81,8 +81,8 @@ class Controller:
         ``directory``. Never saved.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, batch_size: int, max_epochs: int, stopping_key: str, *,
-                 eval_batch_size: Optional[int] = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, batch_size: int, max_epochs: int,
+                 stopping_key: str, *, eval_batch_size: Optional[int] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if scheduler is None:
@@ -181,7 +181,8 @@ class Controller:
         self.optimizer.load_state_dict(state["optimizer"])
         for s, s_state in zip(self.schedulers, state["schedulers"]):
             s.load_state_dict(s_state)
-        for key in ("batch_size", "eval_batch_size", "max_epochs", "stopping_key", "current_epoch", "boredom", "stop_reason"):
+        for key in ("batch_size", "eval_batch_size", "max_epochs", "stopping_key", "current_epoch", "boredom",
+                    "stop_reason"):
             setattr(self, key, state[key])
         self.position = TrainingPosition(epoch=self.current_epoch)
 
@@ -202,7 +203,8 @@ class PatienceController(Controller):
     def push_epoch(self, epoch, better_model, metric):
         go_on = super().push_epoch(epoch, better_model, metric)
         if go_on and self.boredom >= self.termination_patience:
-            self.stop_reason = f"no improvement for {self.boredom} epochs (termination_patience={self.termination_patience})"
+            self.stop_reason = (f"no improvement for {self.boredom} epochs "
+                                f"(termination_patience={self.termination_patience})")
             return False
         return go_on
 

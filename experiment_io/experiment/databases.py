@@ -90,8 +90,8 @@ class Database:
             raise SetupError("a database needs at least one input and one target array")
         missing = [name for name in inputs + targets if name not in arrays]
         if missing:
-            raise _SetupKeyError(f"arrays {missing} were named as inputs or targets but are not in the database (it has "
-                                 f"{sorted(arrays)}); name arrays it has")
+            raise _SetupKeyError(f"arrays {missing} were named as inputs or targets but are not in the database "
+                                 f"(it has {sorted(arrays)}); name arrays it has")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SetupError(f"seed must be a non-negative integer, not {seed!r}")
         if auto_split:
@@ -102,7 +102,8 @@ class Database:
                 raise SetupError(f"auto_split=True, but the arrays hold none of split_train, split_valid, split_test "
                                  f"(they are {sorted(arrays)})")
         if splits is not None and (test_size is not None or valid_size is not None):
-            raise SetupError("explicit splits= (or auto_split=True) decide the split sizes: leave out test_size and valid_size")
+            raise SetupError("explicit splits= (or auto_split=True) decide the split sizes: leave out test_size and "
+                             "valid_size")
         test_size = 0.1 if test_size is None and splits is None else test_size
         valid_size = 0.1 if valid_size is None and splits is None else valid_size
         dtype = np.dtype(float_dtype) if float_dtype is not None else torch.empty(0).numpy().dtype
@@ -140,8 +141,9 @@ class Database:
 
         hippynn's split is kept exactly (by its ``indices``: sample ``i`` of the result is
         hippynn's sample of the ``i``-th smallest index, so that with hippynn's default
-        indices the samples keep their numbers); ``seed`` draws the order of every epoch. The arrays are copied into memory, so the database is not
-        restartable from a file: pass it again with ``load_checkpoint_from_cwd(database=...)``.
+        indices the samples keep their numbers); ``seed`` draws the order of every epoch. The
+        arrays are copied into memory, so the database is not restartable from a file: pass it
+        again with ``load_checkpoint_from_cwd(database=...)``.
 
         :param database: a ``hippynn.databases.Database`` after its split.
         :raises SetupError: when it has not been split.
@@ -198,7 +200,8 @@ class Database:
             return torch.from_numpy(np.ascontiguousarray(self.arrays[name][indices]))
         return tuple(take(n) for n in self.inputs), tuple(take(n) for n in self.targets)
 
-    def batches(self, split: str, batch_size: int, *, order: Optional[np.ndarray] = None, start: int = 0) -> Iterator[tuple]:
+    def batches(self, split: str, batch_size: int, *, order: Optional[np.ndarray] = None,
+                start: int = 0) -> Iterator[tuple]:
         """Iterate over a split in batches.
 
         :param order: positions within the split to visit (default: the split in
@@ -214,7 +217,8 @@ class Database:
 
     def shard_batches(self, split: str, batch_size: int, *, order: np.ndarray, start: int = 0, rank: int = 0,
                       world_size: int = 1) -> Iterator[tuple]:
-        """This rank's batches of a split in a data-parallel run (see :func:`~experiment_io.experiment.ordering.global_steps`).
+        """This rank's batches of a split in a data-parallel run (see
+        :func:`~experiment_io.experiment.ordering.global_steps`).
 
         With one rank, the batches of :meth:`batches`.
 
@@ -344,7 +348,8 @@ def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dty
         test_size = 0.1 if test_size is None else test_size
     kwargs = {
         "path": os.path.abspath(os.fspath(path)), "inputs": list(inputs), "targets": list(targets), "seed": seed,
-        "valid_size": valid_size, "test_size": test_size, "float_dtype": None if float_dtype is None else str(np.dtype(float_dtype)),
+        "valid_size": valid_size, "test_size": test_size,
+        "float_dtype": None if float_dtype is None else str(np.dtype(float_dtype)),
     }
     if splits is not None:  # plain lists: the descriptor is plain data
         kwargs["splits"] = {name: np.asarray(indices).tolist() for name, indices in splits.items()}
@@ -418,7 +423,8 @@ def restore_database(descriptor: dict, *, allow: Sequence = ()) -> "Database":
     if not (isinstance(cls, type) and issubclass(cls, Restartable) and issubclass(cls, Database)):
         raise DatabaseRestartError(
             f"cannot rebuild the database: class {class_path} (data file {where}) "
-            + ("is not a restartable Database" if isinstance(cls, type) else "cannot be found among the modules imported or allowed")
+            + ("is not a restartable Database" if isinstance(cls, type)
+               else "cannot be found among the modules imported or allowed")
             + ". Import its module first, name the module in allow=[...], or pass database= yourself."
         )
     if "path" in kwargs and not os.path.exists(kwargs["path"]):
@@ -429,6 +435,7 @@ def restore_database(descriptor: dict, *, allow: Sequence = ()) -> "Database":
     try:
         database = cls(**kwargs)
     except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DatabaseRestartError(f"rebuilding the database {class_path} from {where} failed: {e}. Pass database= yourself.") from e
+        raise DatabaseRestartError(f"rebuilding the database {class_path} from {where} failed: {e}. "
+                                   "Pass database= yourself.") from e
     log.info("database rebuilt: %s from %s", class_path, where)
     return database

@@ -39,5 +39,6 @@ def global_steps(positions: np.ndarray, batch_size: int, rank: int = 0, world_si
     size = batch_size * world_size
     for begin in range(0, len(positions), size):
         step = positions[begin:begin + size]
-        share = step[batch_size * rank:batch_size * (rank + 1)] if len(step) == size else np.array_split(step, world_size)[rank]
+        share = (step[batch_size * rank:batch_size * (rank + 1)] if len(step) == size
+                 else np.array_split(step, world_size)[rank])
         yield share, len(step)

@@ -82,7 +82,8 @@ class Evaluator:
             evaluation_losses = {}
         else:
             if names is not None:
-                raise SetupError("names= goes with one callable that returns several metrics, not with a dict of losses")
+                raise SetupError("names= goes with one callable that returns several metrics, not with a dict of "
+                                 "losses")
             if not isinstance(evaluation_losses, dict) or not evaluation_losses:
                 raise SetupError("evaluation_losses must be a non-empty dict {name: loss}, or one callable that "
                                  "returns several metrics (with names=[...])")

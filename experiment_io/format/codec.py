@@ -79,7 +79,8 @@ def check_version(version, name):
     :raises NotACheckpointError: when ``version`` is not an integer.
     """
     if not isinstance(version, int) or isinstance(version, bool):
-        raise NotACheckpointError(f"{name}: format version {version!r} is not an integer; the file is not an experiment_io checkpoint")
+        raise NotACheckpointError(f"{name}: format version {version!r} is not an integer; the file is not an "
+                                  "experiment_io checkpoint")
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{name} was written with experiment_io format version {version}, "
@@ -107,11 +108,13 @@ def check_payload(payload, name, kinds):
     check_version(header.get("format_version"), name)
     if header["kind"] not in kinds:
         raise NotACheckpointError(
-            f"{name} is an experiment_io {header['kind']!r} file, but a {' or '.join(repr(k) for k in kinds)} file was expected here."
+            f"{name} is an experiment_io {header['kind']!r} file, but a {' or '.join(repr(k) for k in kinds)} file "
+            "was expected here."
         )
     missing = [key for key in KINDS[header["kind"]] if key not in payload]
     if missing:
-        raise NotACheckpointError(f"{name} lacks the entries {missing} that a {header['kind']!r} file must hold; it is damaged or not written by experiment_io.")
+        raise NotACheckpointError(f"{name} lacks the entries {missing} that a {header['kind']!r} file must hold; it is "
+                                  "damaged or not written by experiment_io.")
     return header
 
 
@@ -143,12 +146,14 @@ def model_from_record(payload, name, record):
     :return: ``(payload, header)``, or ``None`` when ``payload`` is not such a file.
     :raises FormatVersionError: for a record of a newer format.
     """
-    if not isinstance(record, dict) or record.get("kind") != "model" or isinstance(payload, dict) and HEADER_KEY in payload:
+    if (not isinstance(record, dict) or record.get("kind") != "model"
+            or isinstance(payload, dict) and HEADER_KEY in payload):
         return None
     if not isinstance(record.get("format_version"), int) or record["format_version"] < 3:
         return None
     check_version(record["format_version"], name)
-    if not isinstance(payload, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+    if not isinstance(payload, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in payload.items()):
         raise NotACheckpointError(f"{name} is recorded as a model file, but does not hold a state_dict of tensors.")
     header = {k: v for k, v in record.items() if k not in ("digest", "size", "written_at")}
     return {HEADER_KEY: header, "model": payload}, header
@@ -160,8 +165,9 @@ _RECORD_FIELDS = {
     "world_size": (int,), "format_version": (int,), "written_at": (int, float), "kind": (str,),
     "structure_digest": (str, type(None)), "interrupted": (str, type(None)), "model_device": (str,),
     "library_version": (str,), "torch_version": (str,), "max_epochs": (int,), "best_epoch": (int, type(None)),
-    "finished": (bool,), "stop_reason": (str, type(None)), "retired": (bool,), "kept": (str,), "host": (str,), "command": (str,), "slurm_job_id": (str,),
-    "slurm_restart_count": (int,), "git_commit": (str,), "git_dirty": (bool,), "resumes": (int,), "stopping_value": (int, float, type(None)),
+    "finished": (bool,), "stop_reason": (str, type(None)), "retired": (bool,), "kept": (str,), "host": (str,),
+    "command": (str,), "slurm_job_id": (str,), "slurm_restart_count": (int,), "git_commit": (str,),
+    "git_dirty": (bool,), "resumes": (int,), "stopping_value": (int, float, type(None)),
 }
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -173,7 +179,8 @@ def record_fields(header):
     fields = {}
     for field, value in header.items():
         types = _RECORD_FIELDS.get(field, _SCALARS)
-        if not isinstance(value, _SCALARS) or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if (not isinstance(value, _SCALARS) or not isinstance(value, types)
+                or (isinstance(value, bool) and bool not in types)):
             continue
         if isinstance(value, float) and not math.isfinite(value):
             continue
@@ -184,13 +191,15 @@ def record_fields(header):
 
 
 def _check_record(name, fname, record):
-    if not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname or "\0" in fname:
+    if (not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname
+            or "\0" in fname):
         raise CorruptCheckpointError(f"{name}: {fname!r} is not a plain file name; the manifest is damaged or forged.")
     if not isinstance(record, dict):
         raise CorruptCheckpointError(f"{name}: the record of {fname!r} is not a JSON object; the manifest is damaged.")
     for field in ("digest", "size"):
         if field not in record:
-            raise CorruptCheckpointError(f"{name}: the record of {fname!r} lacks its {field!r}; the manifest is damaged.")
+            raise CorruptCheckpointError(f"{name}: the record of {fname!r} lacks its {field!r}; the manifest is "
+                                         "damaged.")
     for field, value in record.items():
         types = _RECORD_FIELDS.get(field, _SCALARS)
         bad = (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)

@@ -34,7 +34,8 @@ from experiment_io.storage import atomic as storage
 from experiment_io.errors import ExperimentIOError
 from experiment_io.storage.generations import Search, base_name, is_previous_name, previous_name
 from experiment_io.experiment.metric_tracker import MetricTracker
-from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name, run_status
+from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name,
+                                        run_status)
 from experiment_io.run.reading import load_state_file, verified_source
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.version import __version__
@@ -114,8 +115,8 @@ def _print_provenance(record):
     if record.get("git_commit"):
         dirty = " with uncommitted changes" if record.get("git_dirty") else ""
         parts.append(f"git commit {record['git_commit'][:12]}{dirty}")
-    versions = [f"{name} {record[key]}" for name, key in (("experiment_io", "library_version"), ("torch", "torch_version"))
-                if record.get(key)]
+    versions = [f"{name} {record[key]}"
+                for name, key in (("experiment_io", "library_version"), ("torch", "torch_version")) if record.get(key)]
     if parts or versions:
         print(f"{LAST_NAME} written by: " + ", ".join(parts + versions))
     if record.get("command"):
@@ -142,7 +143,8 @@ def cmd_verify(args):
             print(f"OLDER    {role}: its committed generation (step {files[role].get('step', '-')}) is missing or "
                   "damaged; only an older one is intact, and a load goes back to it")
     for name in _uncommitted(args.directory, {**files, **verifier.retired}):
-        print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save replaces it)")
+        print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save "
+              "replaces it)")
     if failures:
         print(f"{failures} file(s) without any intact generation")
         return 1
@@ -154,9 +156,11 @@ def cmd_verify(args):
 
 
 def _uncommitted(directory, files):
-    """State files in ``directory`` that no committed save wrote (neither they nor their generation pair is recorded)."""
+    """State files in ``directory`` that no committed save wrote (neither they nor their generation pair is
+    recorded)."""
     names = sorted(n for n in os.listdir(directory) if n.endswith(".pt") and not n.startswith("."))
-    return [n for n in names if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
+    return [n for n in names
+            if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
 
 
 def cmd_list(args):
@@ -167,7 +171,8 @@ def cmd_list(args):
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
         if os.path.isdir(path):
-            print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  " + ("training curves (PNG)" if name == "plots" else "a folder"))
+            print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  "
+                  + ("training curves (PNG)" if name == "plots" else "a folder"))
             continue
         record = files.get(name) or retired.get(name)
         try:
@@ -214,7 +219,8 @@ def _model_state(directory, which, epoch):
         candidates = [(LAST_NAME, "checkpoint")]
     else:
         candidates = [(BEST_MODEL_NAME, "model"), (BEST_NAME, "checkpoint")]
-    found = [(name, kind, path, record) for name, kind in candidates for path, record in Search(verifier, [name]).all()[0]]
+    found = [(name, kind, path, record)
+             for name, kind in candidates for path, record in Search(verifier, [name]).all()[0]]
     # the committed generation of any candidate before a previous one of the first
     found.sort(key=lambda entry: entry[3] is not verifier.files.get(entry[0]))
     for name, kind, path, record in found:
@@ -333,7 +339,8 @@ def cmd_import_hippynn(args):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="experiment-io", description="Inspect and verify experiment_io run directories.")
+    parser = argparse.ArgumentParser(prog="experiment-io",
+                                     description="Inspect and verify experiment_io run directories.")
     parser.add_argument("--version", action="version", version=f"experiment_io {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, function, text in (("info", cmd_info, "list the files of a run"),
@@ -358,7 +365,8 @@ def _parser():
     sub.add_argument("--which", choices=("best", "last"), help="the best model (default) or the newest checkpoint's")
     sub.add_argument("--epoch", type=int, metavar="N", help="the model kept for the 0-based epoch N")
     sub.set_defaults(function=cmd_export)
-    sub = commands.add_parser("lineage", help="the checkpoints of a model of experiment_io.frontends.lineage as a tree of forks")
+    sub = commands.add_parser("lineage",
+                              help="the checkpoints of a model of experiment_io.frontends.lineage as a tree of forks")
     sub.add_argument("directory", help="the model's directory (<root>/<model id>, ckpts/<model id> by default)")
     sub.set_defaults(function=cmd_lineage)
     sub = commands.add_parser("import-hippynn", help="write an experiment_io run from a hippynn run directory "

@@ -20,7 +20,8 @@ from experiment_io.experiment.controllers import Controller, PatienceController,
 from experiment_io.errors import CheckpointNotFoundError, NotACheckpointError, RunExistsError
 from experiment_io.storage.generations import RunWriter
 from experiment_io.experiment.metric_tracker import MetricTracker
-from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, run_status, save_payloads, structure_payload
+from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload,
+                                        model_payload, run_status, save_payloads, structure_payload)
 from experiment_io.experiment.rng import get_rng_state
 from experiment_io.experiment.training_modules import TrainingModules, adopt_evaluator
 
@@ -55,7 +56,8 @@ def _tracker(hippynn_tracker, stopping_key, best_model_state):
     tracker = MetricTracker(stopping_key)
     times = list(getattr(hippynn_tracker, "epoch_times", []))
     for epoch, metric_info in enumerate(hippynn_tracker.epoch_metric_values):
-        tracker.register_metrics({split: {k: float(v) for k, v in values.items()} for split, values in metric_info.items()},
+        tracker.register_metrics({split: {k: float(v) for k, v in values.items()}
+                                  for split, values in metric_info.items()},
                                  epoch, epoch_time=times[epoch] if epoch < len(times) else None)
     tracker.best_model_state = {k: v.detach().to("cpu", copy=True) for k, v in best_model_state.items()}
     return tracker
@@ -85,7 +87,8 @@ def import_hippynn_run(source, destination, *, overwrite=False):
         controller = _controller(hippynn_controller, state["controller"])
         tracker = _tracker(state["metric_tracker"], controller.stopping_key, best_model)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
-        raise NotACheckpointError(f"{source} does not hold a run of hippynn's train_model that can be imported: {e!r}") from e
+        raise NotACheckpointError(f"{source} does not hold a run of hippynn's train_model that can be imported: "
+                                  f"{e!r}") from e
     training_modules = TrainingModules(model, loss, adopt_evaluator(hippynn_evaluator))
     controller.position = TrainingPosition(epoch=controller.current_epoch)
     rng = get_rng_state()

@@ -174,7 +174,8 @@ def _batch_size(batch):
 def _split_batch(batch):
     if not isinstance(batch, (list, tuple)) or len(batch) != 2:
         raise SetupError(f"a DataLoader for experiment_io.frontends.lineage yields (inputs, targets); it yielded a "
-                         f"{type(batch).__name__}" + (f" of {len(batch)} items" if isinstance(batch, (list, tuple)) else ""))
+                         f"{type(batch).__name__}"
+                         + (f" of {len(batch)} items" if isinstance(batch, (list, tuple)) else ""))
     return batch[0], batch[1]
 
 
@@ -388,8 +389,8 @@ class Model:
             live, saved = getattr(self, component), states.get(component)
             if (live is None) != (saved is None):
                 raise IncompatibleCheckpointError(
-                    f"the checkpoint has {'a' if saved is not None else 'no'} {component.replace('_', ' ')} but the model "
-                    f"{'has none' if live is None else 'has one'}; its recipe and its states disagree")
+                    f"the checkpoint has {'a' if saved is not None else 'no'} {component.replace('_', ' ')} but the "
+                    f"model {'has none' if live is None else 'has one'}; its recipe and its states disagree")
             if live is not None:
                 live.load_state_dict(saved)
         self.epoch, self.step = int(states["epoch"]), int(states["step"])
@@ -651,10 +652,11 @@ class CheckpointBlock:
                 name = recipe[component]["cls"]
             else:
                 if not isinstance(cls, type) or not issubclass(cls, _FAMILY[component]):
-                    raise SetupError(f"{component}_cls must be a class of {' or '.join(f.__name__ for f in _FAMILY[component])}, "
-                                     f"not {cls!r}")
+                    raise SetupError(f"{component}_cls must be a class of "
+                                     f"{' or '.join(f.__name__ for f in _FAMILY[component])}, not {cls!r}")
                 if component == "step_scheduler" and issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    raise SetupError("ReduceLROnPlateau steps on a metric once per epoch: give it as epoch_scheduler_cls")
+                    raise SetupError("ReduceLROnPlateau steps on a metric once per epoch: give it as "
+                                     "epoch_scheduler_cls")
                 if component == "optimizer" and _needs_closure(cls):
                     raise SetupError(f"{cls.__name__} needs a closure at each step (as LBFGS does), which train() "
                                      "does not give; choose an optimizer whose step() takes no argument")
@@ -721,7 +723,8 @@ class CheckpointBlock:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise SetupError(f"epochs must be a positive integer, not {epochs!r}")
-        if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1):
+        if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int)
+                                       or save_every < 1):
             raise SetupError(f"save_every must be a positive integer or None, not {save_every!r}")
         if save_every_seconds is not None and not save_every_seconds > 0:
             raise SetupError(f"save_every_seconds must be positive or None, not {save_every_seconds!r}")
@@ -758,7 +761,8 @@ class CheckpointBlock:
             self._rng_restored = True
             done = cached["result"]
             Report(self.model.quiet).line(
-                f"{self._where}: train() call {call + 1} read from the checkpoint ({len(done['history']['epoch'])} epochs, "
+                f"{self._where}: train() call {call + 1} read from the checkpoint "
+                f"({len(done['history']['epoch'])} epochs, "
                 f"best {done['watch']} {done['best_value']:.4g} at epoch {done['best_epoch']})")
             return copy.deepcopy(cached["result"])
         self._begin()
@@ -1009,16 +1013,17 @@ class _Training:
 
     def _save_progress(self, epoch, batch, random_start, history, running, best):
         model, block = self.model, self.block
-        progress = {"call": self.call, "key": self.key, "epoch": epoch, "batch": batch, "random_epoch_start": random_start,
-                    "random": _random(self.train_dl, self.val_dl), "states": model._states(), "history": history,
-                    "running": running, "best": best}
+        progress = {"call": self.call, "key": self.key, "epoch": epoch, "batch": batch,
+                    "random_epoch_start": random_start, "random": _random(self.train_dl, self.val_dl),
+                    "states": model._states(), "history": history, "running": running, "best": best}
         model._writer(block.id).save_files({PROGRESS_NAME: (_save_bytes(progress), _fields(
             "progress", epochs_done=model.epoch, step=model.step))})
         self.saved_at = time.monotonic()
 
     def _new_running(self):
         """The sums of an epoch so far, and the learning rate it started with."""
-        return {"loss": 0.0, "count": 0, "lr": self.model.optimizer.param_groups[0]["lr"], **{n: 0.0 for n in self.names}}
+        return {"loss": 0.0, "count": 0, "lr": self.model.optimizer.param_groups[0]["lr"],
+                **{n: 0.0 for n in self.names}}
 
     def run(self):
         model, block, key = self.model, self.block, self.key
@@ -1041,7 +1046,8 @@ class _Training:
                     f"{block._where}: the model holds what its interrupted train() call {self.call + 1} left, and the "
                     "progress save of that call is for other arguments, so the state this call starts from is gone "
                     "from this session. "
-                    + (f"Load its parent (model.load_checkpoint({_load_arguments(block._record)}))" if parent is not None
+                    + (f"Load its parent (model.load_checkpoint({_load_arguments(block._record)}))"
+                       if parent is not None
                        else "Build the model again (re-run the cell that creates it)") + " and run the block again.")
             history = {"epoch": [], "lr": [], "train_loss": [], **{f"train_{n}": [] for n in self.names}}
             if self.val_dl is not None:
@@ -1127,7 +1133,8 @@ class _Training:
         shown = ", ".join(f"{n} {v:.4g}" for n, v in values.items())
         self.report.line(f"{self.block._where}: epoch {model.epoch} ({epoch + 1} of {key['epochs']} in this call, "
                          f"{time.monotonic() - started:.1f} s): {shown}, lr {lr:.3g}"
-                         + ("; best so far" if better else f"; best {self.watched} {best['value']:.4g} at epoch {best['epoch']}"))
+                         + ("; best so far" if better
+                            else f"; best {self.watched} {best['value']:.4g} at epoch {best['epoch']}"))
         self._save_progress(epoch + 1, 0, None, history, None, best)
         return best
 
@@ -1349,7 +1356,8 @@ def _label(record):
         epochs = sum(len(r["result"]["history"]["epoch"]) for r in results)
         last = results[-1]["result"]
         parts.append(f"{len(results)} train call{'s' if len(results) > 1 else ''}, {epochs} epochs to epoch "
-                     f"{record.get('epoch')}, best {last['watch']} {last['best_value']:.4g} at epoch {last['best_epoch']}")
+                     f"{record.get('epoch')}, best {last['watch']} {last['best_value']:.4g} "
+                     f"at epoch {last['best_epoch']}")
     else:
         parts.append("no training")
     if record.get("cached"):

@@ -3,7 +3,8 @@
 They give one object the guarantees of the library's own writes, for users who do
 not train with :func:`~experiment_io.train_model`:
 
-- :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes through :func:`~experiment_io.storage.atomic.atomic_write`
+- :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes
+  through :func:`~experiment_io.storage.atomic.atomic_write`
   (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
   fsync; the digest is computed while writing), keeps the previous generation of the
   file as ``<name>.prev<ext>``, and then records the new file's digest and size in
@@ -59,7 +60,8 @@ import torch
 from experiment_io.platform import archive
 from experiment_io.training.asynchronous import BackgroundWriter, surfaced
 from experiment_io.training.distributed import current
-from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError, UnsafeCheckpointError
+from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError,
+                                  UnsafeCheckpointError)
 from experiment_io.storage.generations import RunWriter, Search, is_previous_name, previous_name
 from experiment_io.storage.lock import LOCK_NAME
 from experiment_io.format.names import qualified_name
@@ -87,8 +89,9 @@ MAX_NAME_BYTES = 250
 
 def _check_name(path, name):
     if len(os.fsencode(name)) > MAX_NAME_BYTES:
-        raise ValueError(f"{path}: the file name has {len(os.fsencode(name))} bytes; at most {MAX_NAME_BYTES} are taken, "
-                         "so that the name of its previous generation (with '.prev') fits the file system's limit.")
+        raise ValueError(f"{path}: the file name has {len(os.fsencode(name))} bytes; at most {MAX_NAME_BYTES} are "
+                         "taken, so that the name of its previous generation (with '.prev') fits the file system's "
+                         "limit.")
     if name in (MANIFEST_NAME, LOCK_NAME):
         raise ValueError(f"{path}: {name} is a file of experiment_io itself; save under another name.")
     if is_previous_name(name):
@@ -317,7 +320,8 @@ def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False)
     return (_default_async if async_save else _default).save(obj, path)
 
 
-def rank_zero_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave, None]:
+def rank_zero_save(obj, path: Union[str, os.PathLike], *,
+                   async_save: bool = False) -> Union[FileRecord, PendingSave, None]:
     """:func:`atomic_save` for data-parallel loops: global rank 0 writes, every rank knows when it has committed.
 
     Call it on every rank at the same point. Rank 0 saves ``obj`` (the other ranks'

@@ -22,13 +22,15 @@ import torch
 from experiment_io.experiment.controllers import TrainingPosition
 from experiment_io.experiment.databases import restore_database
 from experiment_io.experiment.devices import check_location_args, place_training_modules, target_device
-from experiment_io.errors import CheckpointNotFoundError, ExperimentIOError, IncompatibleCheckpointError, MissingDatabaseError, NotACheckpointError
+from experiment_io.errors import (CheckpointNotFoundError, ExperimentIOError, IncompatibleCheckpointError,
+                                  MissingDatabaseError, NotACheckpointError)
 from experiment_io.storage.generations import Generation, Role, base_name
 from experiment_io.experiment.launch import launched_world
 from experiment_io.storage.lock import writer_now
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
-from experiment_io.run.reading import check_pairing, load_state_file, load_structure_file, pick_structure_and_state, require_file, run_verifier, until_stable, verified_record
+from experiment_io.run.reading import (check_pairing, load_state_file, load_structure_file, pick_structure_and_state,
+                                       require_file, run_verifier, until_stable, verified_record)
 from experiment_io.platform import switch
 from experiment_io.platform.residence import Destination
 from experiment_io.experiment.rng import placed_on_cpu, set_rng_state
@@ -71,7 +73,8 @@ def _load_model_state(model, state, path):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise IncompatibleCheckpointError(f"the model state in {path} does not fit the model of the structure file: {e}") from e
+        raise IncompatibleCheckpointError(f"the model state in {path} does not fit the model of the structure file: "
+                                          f"{e}") from e
 
 
 def _rank_rng_state(state, path):
@@ -81,7 +84,8 @@ def _rank_rng_state(state, path):
     if len(ranks) != world_size:
         log.warning("%s was written by %d rank(s) and is loaded by %d: the data order is continued exactly, the "
                     "random draws are not (rank %d starts from the streams of rank %d%s)", path, len(ranks),
-                    world_size, rank, rank % len(ranks), ", drawn anew from them and its rank" if rank >= len(ranks) else "")
+                    world_size, rank, rank % len(ranks),
+                    ", drawn anew from them and its rank" if rank >= len(ranks) else "")
     return ranks[rank % len(ranks)], rank < len(ranks)
 
 
@@ -102,7 +106,8 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     training_modules = structure["training_modules"]
     controller = structure["controller"]
     if not isinstance(training_modules, TrainingModules):
-        raise NotACheckpointError(f"{structure_path} holds no TrainingModules (found {type(training_modules).__name__})")
+        raise NotACheckpointError(f"{structure_path} holds no TrainingModules "
+                                  f"(found {type(training_modules).__name__})")
     # the state was read into memory of its own (not mapped): the modules take its tensors as they are
     try:
         model, loss, evaluator = training_modules
@@ -141,8 +146,10 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
         database = restore_database(descriptor, allow=allow)
     if database is not None and state.get("database") is not None and hasattr(database, "check_fingerprint"):
         database.check_fingerprint(state["database"])
-    log.info("loaded %s (%s epochs done, step %s) with %s", state_path, header.get("epochs_done"), header.get("step"), structure_path)
-    return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker, "database": database}
+    log.info("loaded %s (%s epochs done, step %s) with %s", state_path, header.get("epochs_done"), header.get("step"),
+             structure_path)
+    return {"training_modules": training_modules, "controller": controller, "metric_tracker": metric_tracker,
+            "database": database}
 
 
 def _not_yet(error, directory):
@@ -156,9 +163,9 @@ def _not_yet(error, directory):
         "do not start another run there.")
 
 
-def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False, map_location: Any = None,
-                    model_device: Any = None, *, database=None, allow: Sequence = (), trusted: bool = False,
-                    restore_rng: bool = True, verify: bool = True) -> dict:
+def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False,
+                    map_location: Any = None, model_device: Any = None, *, database=None, allow: Sequence = (),
+                    trusted: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
     """Load a structure file and a state file into objects that :func:`train_model` accepts.
 
     :param structure_fname: path of ``experiment_structure.pt``.
@@ -236,11 +243,13 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
 
     def load():
         verifier = run_verifier(directory)
-        # memory for the checkpoint's tensors is made ready while the file is verified (see experiment_io.platform.residence)
+        # memory for the checkpoint's tensors is made ready while the file is verified
+        # (see experiment_io.platform.residence)
         destination = (Destination.for_file(*map(verifier.path, roles))
                        if _on_cpu(map_location) and switch.enabled() else None)
         structure_path, structure_record, structure, state_path, state_record = pick_structure_and_state(
-            verifier, roles, strict, True, lambda path, record: load_structure_file(path, allow, trusted, record, verifier),
+            verifier, roles, strict, True,
+            lambda path, record: load_structure_file(path, allow, trusted, record, verifier),
             meanwhile=destination and destination.fill)
         state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier,
                                         mmap=False, destination=destination)
@@ -325,7 +334,8 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
         structure_path, structure_record, structure, model_path, record = pick_structure_and_state(
             verifier, roles, strict, False,
             lambda path, record: load_structure_file(path, allow, trusted, record, verifier, model_only=True))
-        payload, header = load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record, verifier)
+        payload, header = load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record,
+                                          verifier)
         return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
 
     try:
@@ -346,7 +356,8 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
     elif which == "last" or epoch is not None:
         model_state = payload["model"]
     else:
-        model_state = payload["metric_tracker"].get("best_model_state") if isinstance(payload["metric_tracker"], dict) else None
+        model_state = (payload["metric_tracker"].get("best_model_state")
+                       if isinstance(payload["metric_tracker"], dict) else None)
         if model_state is None:
             raise CheckpointNotFoundError(f"{directory} holds no best model yet: no epoch has finished. "
                                           "Load which='last' for the model as of the last checkpoint.")

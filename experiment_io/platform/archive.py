@@ -129,7 +129,8 @@ class _ZipWriter:
         header_offset = self._offset
         large, far = nbytes >= ZIP64_LIMIT, header_offset >= ZIP64_LIMIT
         zip64_values = ([nbytes, nbytes] if large else []) + ([header_offset] if far else [])
-        zip64 = struct.pack(f"<HH{len(zip64_values)}Q", 0x0001, 8 * len(zip64_values), *zip64_values) if zip64_values else b""
+        zip64 = (struct.pack(f"<HH{len(zip64_values)}Q", 0x0001, 8 * len(zip64_values), *zip64_values)
+                 if zip64_values else b"")
         fixed = _LOCAL.size + len(full_name) + len(zip64)
         padding = -(header_offset + fixed + 4) % self._alignment
         extra = zip64 + struct.pack("<HH", 0x4246, padding) + b"Z" * padding  # "FB": torch's padding field
@@ -182,9 +183,11 @@ class _ZipWriter:
             self._out(extra)
         end = self._offset
         count, size = len(self._entries), end - start
-        self._out(_ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, _VERSION_ZIP64, _VERSION_ZIP64, 0, 0, count, count, size, start))
+        self._out(_ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, _VERSION_ZIP64, _VERSION_ZIP64, 0, 0, count, count,
+                                  size, start))
         self._out(_ZIP64_LOCATOR.pack(0x07064B50, 0, end, 1))
-        self._out(_END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(size, _MASKED), min(start, _MASKED), 0))
+        self._out(_END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(size, _MASKED),
+                            min(start, _MASKED), 0))
 
 
 def save(obj, f, pickle_module=None):

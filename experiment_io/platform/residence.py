@@ -48,7 +48,8 @@ def storage_sizes(path):
         records, size = archive_directory(path)  # not through a link, not waiting on a FIFO
     except NotACheckpointError:
         return []
-    sizes = [record.file_size for record in records if "/data/" in record.filename and not record.filename.endswith("/")]
+    sizes = [record.file_size for record in records
+             if "/data/" in record.filename and not record.filename.endswith("/")]
     return sizes if sum(sizes) <= size else []
 
 

@@ -136,7 +136,8 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
     return {
         fmt.HEADER_KEY: fmt.make_header(
             "checkpoint", epochs_done=position.epoch, step=position.step, structure_digest=structure_digest,
-            model_device=str(module_device(model)), samples_done=position.samples_done, interrupted=position.interrupted,
+            model_device=str(module_device(model)), samples_done=position.samples_done,
+            interrupted=position.interrupted,
             world_size=len(rng_states), max_epochs=controller.max_epochs, best_epoch=metric_tracker.best_epoch,
             finished=position.samples_done == 0 and controller.finished, stop_reason=controller.stop_reason,
             stopping_value=_last_stopping_value(metric_tracker),
@@ -158,8 +159,8 @@ def model_payload(model_state, epochs_done, step, structure_digest, model_device
     manifest record)."""
     return {
         fmt.HEADER_KEY: fmt.make_header(
-            "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest, model_device=str(model_device),
-            world_size=world_size,
+            "model", epochs_done=epochs_done, step=step, structure_digest=structure_digest,
+            model_device=str(model_device), world_size=world_size,
         ),
         "model": model_state,
     }

@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - Windows: torch maps files its own way
     MAP_PRIVATE = None  # type: ignore[misc, assignment]
 
 from experiment_io.format import codec as fmt
-from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError, NotACheckpointError
+from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, IncompatibleCheckpointError,
+                                  NotACheckpointError)
 from experiment_io.storage.generations import Search, base_name, previous_name
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.run.trust import load_structure
@@ -123,15 +124,16 @@ def verified_record(path, verify, verifier=None):
 def torch_load(path, map_location, *, mmap=False, read_from=None, destination=None):
     """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path).
 
-    :param destination: a :class:`~experiment_io.platform.residence.Destination`: the file is mapped and its tensors copied
-        into the memory made ready there (``mmap`` is then implied).
+    :param destination: a :class:`~experiment_io.platform.residence.Destination`: the file is mapped and its
+        tensors copied into the memory made ready there (``mmap`` is then implied).
     """
     source = read_from or path
     check_archive(source)
     mapped = mmap or destination is not None
     try:
         # a map of our own (MAP_PRIVATE), whatever torch's default: writes to the tensors never reach the file
-        with torch.serialization.set_default_mmap_options(MAP_PRIVATE) if mapped and MAP_PRIVATE else contextlib.nullcontext():
+        with (torch.serialization.set_default_mmap_options(MAP_PRIVATE) if mapped and MAP_PRIVATE
+              else contextlib.nullcontext()):
             payload = torch.load(source, map_location=map_location, weights_only=True, mmap=mapped)
         return destination.adopt(payload) if destination is not None else payload
     except Exception as e:  # torch raises many types for a foreign or damaged file
@@ -172,8 +174,8 @@ def verified_source(path, verifier):
 def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True, destination=None):
     """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
 
-    With a ``destination`` (:class:`~experiment_io.platform.residence.Destination`), the tensors are copied from the map into
-    the memory it made ready.
+    With a ``destination`` (:class:`~experiment_io.platform.residence.Destination`), the tensors are copied from
+    the map into the memory it made ready.
 
     A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
     of its manifest record.
@@ -191,8 +193,8 @@ def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=Tr
 
 def load_structure_file(path, allow, trusted, record, verifier=None, model_only=False):
     with verified_source(path, verifier) as source:
-        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"], read_from=source,
-                                 model_only=model_only)
+        payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"],
+                                 read_from=source, model_only=model_only)
     fmt.check_payload(payload, path, ("structure",))
     return payload
 
@@ -314,8 +316,9 @@ def pick_structure_and_state(verifier, roles, strict, newest_first, load_structu
     if error is not None:
         raise error
     if not structures.problems:
-        raise CheckpointNotFoundError(f"{verifier.directory} holds no {STRUCTURE_NAME}: nothing there can be loaded as a "
-                                      "model (its manifest records no structure file)")
-    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - " + "\n  - ".join(structures.problems))
+        raise CheckpointNotFoundError(f"{verifier.directory} holds no {STRUCTURE_NAME}: nothing there can be loaded "
+                                      "as a model (its manifest records no structure file)")
+    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - "
+                                 + "\n  - ".join(structures.problems))
 
 

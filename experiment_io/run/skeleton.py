@@ -77,7 +77,8 @@ def restored_tensors(*modules):
             continue
         state = module.state_dict(keep_vars=True)
         for owner, key, tensor in _slots(module):
-            if (state.get(key) is tensor and _standard_state(owner) and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            if (state.get(key) is tensor and _standard_state(owner)
+                    and type(tensor) in (torch.Tensor, torch.nn.Parameter)
                     and tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type != "meta"):
                 result[id(tensor)] = tensor
     return result
@@ -219,7 +220,8 @@ def materialize(module, state, path, *, device=None, own_memory=True):
             continue
         source = state.get(key)
         if not isinstance(source, torch.Tensor):
-            raise IncompatibleCheckpointError(f"{path} has no tensor for {key!r}, which the model of the structure file needs.")
+            raise IncompatibleCheckpointError(f"{path} has no tensor for {key!r}, which the model of the structure "
+                                              "file needs.")
         if source.shape != tensor.shape or source.dtype != tensor.dtype:
             raise IncompatibleCheckpointError(
                 f"{key!r} in {path} is {source.dtype} of shape {tuple(source.shape)}; the model of the structure "

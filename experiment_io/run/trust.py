@@ -53,14 +53,15 @@ _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedD
 _IMPORTABLE_ROOTS = ()  # nothing is imported for a file but what the user allows
 _registered: set[type] = set()
 
-#: Elementwise and reducing tensor math of ``torch`` that a model may keep as an attribute (``self.act = torch.tanh``).
-_TORCH_MATH = """abs absolute acos acosh add addcdiv addcmul amax amin angle asin asinh atan atan2 atanh bmm cat ceil clamp
-clamp_max clamp_min clip cos cosh cross cummax cummin cumprod cumsum deg2rad diag diagonal diff div divide dot einsum erf
-erfc erfinv exp exp2 expm1 flatten flip floor floor_divide fmax fmin fmod frac hypot i0 kron lerp lgamma log log10 log1p
-log2 log_softmax logaddexp logaddexp2 logcumsumexp logit logsumexp matmul max maximum mean median min minimum mm mul
-multiply mv nan_to_num nanmean nansum narrow neg negative norm outer permute polygamma pow prod rad2deg reciprocal relu
-remainder reshape roll round rsqrt selu sigmoid sign sin sinc sinh softmax sqrt square squeeze stack std sub subtract sum
-t tan tanh tensordot transpose tril triu true_divide trunc unsqueeze var where xlogy""".split()
+#: Elementwise and reducing tensor math of ``torch`` that a model may keep as an attribute
+#: (``self.act = torch.tanh``).
+_TORCH_MATH = """abs absolute acos acosh add addcdiv addcmul amax amin angle asin asinh atan atan2 atanh bmm cat ceil
+clamp clamp_max clamp_min clip cos cosh cross cummax cummin cumprod cumsum deg2rad diag diagonal diff div divide dot
+einsum erf erfc erfinv exp exp2 expm1 flatten flip floor floor_divide fmax fmin fmod frac hypot i0 kron lerp lgamma log
+log10 log1p log2 log_softmax logaddexp logaddexp2 logcumsumexp logit logsumexp matmul max maximum mean median min
+minimum mm mul multiply mv nan_to_num nanmean nansum narrow neg negative norm outer permute polygamma pow prod rad2deg
+reciprocal relu remainder reshape roll round rsqrt selu sigmoid sign sin sinc sinh softmax sqrt square squeeze stack std
+sub subtract sum t tan tanh tensordot transpose tril triu true_divide trunc unsqueeze var where xlogy""".split()
 
 #: Arithmetic and comparison of :mod:`operator` (never attrgetter, itemgetter, methodcaller, call or setters,
 #: nor mul and lshift, which a file could call to build a huge object: ``mul(b"x", 10**12)``).
@@ -113,7 +114,8 @@ def register_safe_classes(*classes: type) -> None:
     """
     for cls in classes:
         if not isinstance(cls, type):
-            raise TypeError(f"register_safe_classes takes classes only, not {cls!r}; pass a function through allow=[...] per load")
+            raise TypeError(f"register_safe_classes takes classes only, not {cls!r}; pass a function through "
+                            "allow=[...] per load")
         _registered.add(cls)
 
 
@@ -150,7 +152,8 @@ class _Refusal:
         if any(not n.startswith("__main__.") for n, _ in missing):
             fixes.append("Install or restore the code that defines them (or import it under its old name) before "
                          "loading, or hand the class itself to the load function: allow=[TheClass]")
-        return StructureClassError(f"{self.source} names classes that cannot be found:\n{lines}\n" + "\n".join(fixes) + ".")
+        return StructureClassError(f"{self.source} names classes that cannot be found:\n{lines}\n"
+                                   + "\n".join(fixes) + ".")
 
 
 def _refused_message(refused, source):
@@ -219,7 +222,8 @@ def _judge(global_names, allow, source):
         elif obj in _CONTAINERS or obj in _registered or issubclass(obj, _FAMILIES):
             admitted.append((obj, name))
         else:
-            refused.append((name, "it is a class outside the admitted families (modules, optimizers, schedulers, experiment_io classes, containers)"))
+            refused.append((name, "it is a class outside the admitted families (modules, optimizers, schedulers, "
+                                  "experiment_io classes, containers)"))
     return admitted, _Refusal(refused, missing, source)
 
 
@@ -230,8 +234,8 @@ def admitted_globals(global_names, *, allow=(), source="the structure file"):
     :param allow: objects or names the user trusts: a class or function object, an
         exact ``"module.Name"`` (whose module may then be imported), or a module or
         package name, whose classes and functions (defined there) are admitted and
-        which may then be imported, with its submodules. A class or function passed as an object also stands for the name
-        it had in a training script (``"__main__.Name"``).
+        which may then be imported, with its submodules. A class or function passed as
+        an object also stands for the name it had in a training script (``"__main__.Name"``).
     :param source: the file, for error messages.
     :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
     :raises UnsafeCheckpointError: naming every refused global and each way to load anyway.
@@ -320,7 +324,8 @@ def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(source)
     except Exception as e:  # a damaged archive or pickle raises many types here
-        raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: {e!r})") from e
+        raise NotACheckpointError(f"{path} is not a structure file of experiment_io (unreadable torch.save archive: "
+                                  f"{e!r})") from e
     entries, refusal = _judge(names, allow, str(path))
     if refusal and not model_only:
         raise refusal.error()

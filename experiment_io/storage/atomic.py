@@ -15,7 +15,8 @@ the tail of the file. Neither changes what is durable when: the file is fsynced
 before it is renamed, as always.
 
 The manifest (:mod:`experiment_io.storage.manifest`) records, per file, its digest
-and size and what it holds; it is written last and commits a save. How a file is proven intact against it is :mod:`experiment_io.storage.verification`.
+and size and what it holds; it is written last and commits a save. How a file is
+proven intact against it is :mod:`experiment_io.storage.verification`.
 
 Each step of the write protocol is announced to the observers registered with
 :func:`observe_write_steps`: the one hook through which crash tests stop a

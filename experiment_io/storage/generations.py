@@ -188,7 +188,8 @@ class Search:
         for _, path, record in self._candidates:
             if verifier.matches(path, record):
                 yield path, record
-            elif not self._reported[path] and not any(verifier.matches(p, r) for _, p, r in self._candidates if p == path):
+            elif not self._reported[path] and not any(verifier.matches(p, r)
+                                                      for _, p, r in self._candidates if p == path):
                 self._reported[path] = True
                 own = verifier.files.get(os.path.basename(path))
                 if own is not None and own is not record and verifier.matches(path, own):
@@ -297,7 +298,8 @@ class RunWriter:
         except OSError:
             return False
 
-    def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (), kept: Mapping[str, str] | None = None) -> dict:
+    def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (),
+                   kept: Mapping[str, str] | None = None) -> dict:
         """Write several files, then commit them by writing the manifest.
 
         :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the

@@ -82,8 +82,9 @@ class RunLock:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link would make the lock write into another file
             os.close(fd)
-            raise CheckpointWriteError(f"the run lock {self.path} is not a regular file of its own (a directory, a device "
-                                       "or a hard link to another file): remove it, or train in another directory.")
+            raise CheckpointWriteError(f"the run lock {self.path} is not a regular file of its own (a directory, a "
+                                       "device or a hard link to another file): remove it, or train in another "
+                                       "directory.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -92,7 +93,8 @@ class RunLock:
             raise RunLockedError(
                 f"{os.path.dirname(self.path)} is being written by another process "
                 f"(pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}). "
-                "Wait for it to end, or stop it, before training in this directory; two writers would interleave their checkpoints."
+                "Wait for it to end, or stop it, before training in this directory; two writers would interleave "
+                "their checkpoints."
             ) from e
         stale = self._read_holder(fd)
         if stale:

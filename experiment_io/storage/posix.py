@@ -1,4 +1,5 @@
-"""The run's files in a directory of a POSIX file system: the default :class:`~experiment_io.storage.interface.RunStorage`.
+"""The run's files in a directory of a POSIX file system: the default
+:class:`~experiment_io.storage.interface.RunStorage`.
 
 Each file is the name it has in the run, directly in the directory. Writes go
 through :class:`~experiment_io.storage.atomic.FileBatch` (temporary file beside the

@@ -17,7 +17,10 @@ import torch
 
 from experiment_io.training.asynchronous import BackgroundWriter
 from experiment_io.storage.generations import RunWriter
-from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, METRICS_CSV_NAME, STRUCTURE_NAME, checkpoint_payload, epoch_checkpoint_name, epoch_model_name, model_payload, _tensor_bytes, main_module_names, run_status, save_payloads, structure_payload, unpicklable_part
+from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, METRICS_CSV_NAME, STRUCTURE_NAME,
+                                        checkpoint_payload, epoch_checkpoint_name, epoch_model_name, model_payload,
+                                        _tensor_bytes, main_module_names, run_status, save_payloads, structure_payload,
+                                        unpicklable_part)
 from experiment_io.experiment.devices import module_device
 from experiment_io.training.distributed import SINGLE
 from experiment_io.errors import RunExistsError, SetupError
@@ -43,7 +46,8 @@ def _run_exists_message(directory, status, continues):
                else "a new run was started there")
     return (f"{directory} holds the checkpoints of another run ({status.describe()}), and {started}: training "
             "would replace that run, its best model included. To go on:\n"
-            f"  - resume that run: check = load_checkpoint_from_cwd(directory={directory!r}); train_model(**check, ...) "
+            f"  - resume that run: check = load_checkpoint_from_cwd(directory={directory!r}); "
+            "train_model(**check, ...) "
             "(or the one script for start and restart: check = load_checkpoint_from_cwd(missing_ok=True) "
             "or start_fresh());\n"
             "  - replace it: train_model(..., overwrite=True);\n"
@@ -128,7 +132,8 @@ class RunCheckpointer:
                             directory, status.describe())
             descriptor = database.descriptor() if getattr(database, "restartable", False) else None
             try:
-                save_payloads(self.writer, {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
+                save_payloads(self.writer,
+                              {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})
             except (pickle.PicklingError, AttributeError, TypeError) as e:
                 explained = _unpicklable_error(training_modules, controller, e)
                 if explained is e:

@@ -224,7 +224,8 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     store = dist.PrefixStore(f"experiment_io/attempt-{attempt}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **timeout_kwargs)
     atexit.register(_leave)
-    log.info("joined the process group: rank %d of %d (local rank %d), backend %s", rank, world_size, local_rank, backend)
+    log.info("joined the process group: rank %d of %d (local rank %d), backend %s", rank, world_size, local_rank,
+             backend)
     return current(device)
 
 

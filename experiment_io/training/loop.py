@@ -278,7 +278,8 @@ class _Loop:
         :class:`~experiment_io.errors.RankFailedError` instead of waiting for rank 0.
         :return: whether to stop.
         """
-        signal, due, loss_sum, failed = self.distribution.agree(preemption.requested, due, loss_sum, failure is not None)
+        signal, due, loss_sum, failed = self.distribution.agree(preemption.requested, due, loss_sum,
+                                                                failure is not None)
         if failure is not None:
             raise failure
         if failed:
@@ -301,7 +302,8 @@ class _Loop:
         self.started = time.perf_counter()
         self.model.train()
         device = module_device(self.model)
-        batches = self.database.shard_batches("train", controller.batch_size, order=self.database.epoch_order(position.epoch),
+        batches = self.database.shard_batches("train", controller.batch_size,
+                                              order=self.database.epoch_order(position.epoch),
                                               start=position.samples_done, rank=world.rank, world_size=world.world_size)
         bar = self.report.bar(self.n_train, position.samples_done, f"epoch {position.epoch}")
         with contextlib.closing(bar):
@@ -369,7 +371,8 @@ class _Loop:
         if self.distribution.writer:
             checkpointer.write_results(BEST_EVALUATION_NAME, {"best_epoch": tracker.best_epoch, "results": results})
             self.report.line("best model (epoch %s): %s" % (tracker.best_epoch, "; ".join(
-                f"{split} " + ", ".join(f"{k} {v:.6g}" for k, v in values.items()) for split, values in results.items())))
+                f"{split} " + ", ".join(f"{k} {v:.6g}" for k, v in values.items())
+                for split, values in results.items())))
 
     def end_epoch(self, policy, preemption, checkpointer):
         """Evaluate, record, step the controller, save the epoch's files."""
@@ -388,7 +391,8 @@ class _Loop:
         checkpointer.save(policy.files(epoch, better))
         policy.saved()
         if self.distribution.writer:
-            self.report.epoch(epoch, controller.max_epochs, metrics, tracker, better, time.perf_counter() - self.started)
+            self.report.epoch(epoch, controller.max_epochs, metrics, tracker, better,
+                              time.perf_counter() - self.started)
 
 
 def _data_parallel(model, distribution):

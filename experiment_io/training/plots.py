@@ -50,7 +50,8 @@ def plot_history(tracker, directory, *, dpi=100):
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError as e:
-        raise ImportError("plots need matplotlib: pip install 'experiment_io[plots]' (or pip install matplotlib)") from e
+        raise ImportError("plots need matplotlib: pip install 'experiment_io[plots]' (or pip install "
+                          "matplotlib)") from e
     make_directory(directory)
     epochs = list(tracker.epochs)
     metrics = {}

@@ -69,7 +69,8 @@ class SavePolicy:
         if self.retention is not None and not isinstance(self.retention, Retention):
             raise SetupError(f"retention must be an experiment_io.Retention or None, not {self.retention!r}; "
                              "for example retention=Retention(last=3, best=2)")
-        if self.every_seconds is not None and not (isinstance(self.every_seconds, (int, float)) and self.every_seconds > 0):
+        if self.every_seconds is not None and not (isinstance(self.every_seconds, (int, float))
+                                                   and self.every_seconds > 0):
             raise ValueError(f"checkpoint_every_seconds must be positive or None, not {self.every_seconds!r}")
 
     def due(self, step: int, now: float | None = None) -> bool:
@@ -85,7 +86,8 @@ class SavePolicy:
 
     def files(self, epoch: int, better: bool) -> EpochFiles:
         """What the save at the end of the 0-based ``epoch`` writes."""
-        keep = bool(self.keep_every_epochs and (epoch + 1) % self.keep_every_epochs == 0) or (self.keep_better_epochs and better)
+        keep = (bool(self.keep_every_epochs and (epoch + 1) % self.keep_every_epochs == 0)
+                or (self.keep_better_epochs and better))
         if self.retention is not None and not (self.keep_every_epochs or self.keep_better_epochs):
             keep = True  # every epoch is a candidate; the retention decides
         return EpochFiles(best=better and self.keep_best, keep=keep, retention=self.retention)

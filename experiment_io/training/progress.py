@@ -83,7 +83,8 @@ class Report:
     def summary(self, stop, controller, tracker, seconds, directory) -> None:
         """The line at the end of a run: why it stopped, the best epoch, where the files are."""
         if tracker.best_epoch is not None:
-            best = f"best epoch {tracker.best_epoch} ({tracker.stopping_split} {tracker.stopping_key} {_number(tracker.best_value)})"
+            best = (f"best epoch {tracker.best_epoch} "
+                    f"({tracker.stopping_split} {tracker.stopping_key} {_number(tracker.best_value)})")
         else:
             best = "no epoch finished yet"
         self.line(f"training stopped: {stop.text}; {controller.current_epoch} of {controller.max_epochs} epochs done, "

@@ -37,8 +37,8 @@ _cached = None
 
 
 def _git(directory, *args):
-    result = subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True, text=True, timeout=_GIT_TIMEOUT,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True, text=True,
+                            timeout=_GIT_TIMEOUT, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         return None
     return result.stdout

@@ -66,7 +66,8 @@ def _optimizer_class(spec):
         cls = getattr(torch.optim, spec, None)
         if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
             return cls
-        known = sorted(n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
+        known = sorted(n for n, c in vars(torch.optim).items()
+                       if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
                        and c is not torch.optim.Optimizer)
         raise SetupError(f"optimizer={spec!r} is not an optimizer of torch.optim (it has {', '.join(known)}); pass "
                          "one of those names, or the class itself: optimizer=torch.optim.Adam")
@@ -110,9 +111,11 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
     training_modules = TrainingModules(model, loss, evaluator)
     if unwrap(evaluator.model) is not unwrap(model):
         raise ValueError("the evaluator evaluates another model than the one being trained")
-    if params.stopping_key not in evaluator.metric_names and not (evaluator.joint is not None and not evaluator.joint_names):
+    if params.stopping_key not in evaluator.metric_names and not (evaluator.joint is not None
+                                                                  and not evaluator.joint_names):
         raise _SetupKeyError(
-            f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses {sorted(evaluator.metric_names)}"
+            f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses "
+            f"{sorted(evaluator.metric_names)}"
         )
     if not isinstance(params.larger_is_better, bool):
         raise SetupError(f"larger_is_better must be True or False, not {params.larger_is_better!r}")
@@ -128,7 +131,8 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         if not trained:
             raise SetupError("every parameter of the model has requires_grad=False: there is nothing to train")
         optimizer = _optimizer_class(params.optimizer)(trained, lr=params.learning_rate, **params.optimizer_kwargs)
-    makers = params.scheduler if isinstance(params.scheduler, (list, tuple)) else [params.scheduler] if params.scheduler else []
+    makers = (params.scheduler if isinstance(params.scheduler, (list, tuple))
+              else [params.scheduler] if params.scheduler else [])
     schedulers = [_scheduler(make, optimizer) for make in makers]
     common = dict(eval_batch_size=params.eval_batch_size)
     if params.termination_patience is not None:
@@ -136,13 +140,16 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
                                                     params.stopping_key,
                                                     termination_patience=params.termination_patience, **common)
     else:
-        controller = Controller(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key, **common)
+        controller = Controller(optimizer, schedulers, params.batch_size, params.max_epochs, params.stopping_key,
+                                **common)
     metric_tracker = MetricTracker(params.stopping_key, larger_is_better=params.larger_is_better)
-    log.info("training set up on %s: %s, %d scheduler(s), %s", device, type(optimizer).__name__, len(schedulers), type(controller).__name__)
+    log.info("training set up on %s: %s, %d scheduler(s), %s", device, type(optimizer).__name__, len(schedulers),
+             type(controller).__name__)
     return training_modules, controller, metric_tracker
 
 
-def test_model(database, evaluator: Evaluator, batch_size: int, when, metric_tracker: Optional[MetricTracker] = None) -> dict:
+def test_model(database, evaluator: Evaluator, batch_size: int, when,
+               metric_tracker: Optional[MetricTracker] = None) -> dict:
     """Evaluate the model on every non-empty split.
 
     :param when: a label for these results (e.g. ``"best"``).
