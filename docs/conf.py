@@ -23,7 +23,7 @@ extensions = [
 exclude_patterns = ["_build"]
 nitpicky = True
 # names that are not Sphinx objects here (no intersphinx without a network)
-nitpick_ignore_regex = [(r"py:.*", r"(torch|numpy|np|h5py|os|threading|signal|pickle|_pickle|enum|typing|collections|random)(\..*)?"),
+nitpick_ignore_regex = [(r"py:.*", r"(torch|numpy|np|h5py|os|threading|signal|pickle|_pickle|enum|typing|collections|random|abc|mmap|ctypes)(\..*)?"),
                         (r"py:.*", r".*\._[A-Za-z]\w*")]  # private base classes
 
 autodoc_member_order = "bysource"

@@ -63,6 +63,21 @@ def test_the_curves_are_plotted_when_training_ends(curved_run):
     assert image.shape[:2] == (600, 700)  # 7 x 6 inches at 100 dpi: the metric and the learning rate panel
 
 
+def test_plotting_leaves_matplotlibs_backend_alone(curved_run, tmp_path):
+    """A notebook's inline backend stays: the curves are drawn on Figures, without pyplot."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from experiment_io.training.plots import plot_history
+
+    _, tracker = curved_run
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert plot_history(tracker, str(tmp_path / "plots"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+
+
 def test_experiment_io_plot_writes_them_on_demand(curved_run, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     directory, _ = curved_run

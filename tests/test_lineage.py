@@ -388,7 +388,8 @@ def test_sigkill_inside_train_and_rerun_gives_the_uninterrupted_result(tmp_path)
 
 
 def test_plot_metrics(tmp_path):
-    pytest.importorskip("matplotlib")
+    matplotlib = pytest.importorskip("matplotlib")
+    backend = matplotlib.get_backend()
     train_dl, test_dl = loaders()
     model = new_model(tmp_path)
     with model.checkpoint(1) as cp:
@@ -401,6 +402,7 @@ def test_plot_metrics(tmp_path):
     train_line = axes[1].get_lines()[0]
     assert list(train_line.get_xdata()) == [1, 2, 3]
     assert os.path.getsize(tmp_path / "curves.png") > 1000
+    assert matplotlib.get_backend() == backend  # a notebook's backend is left alone
 
 
 class WithLambda(torch.nn.Module):

@@ -868,11 +868,8 @@ class CheckpointBlock:
         :return: the matplotlib ``Figure`` (a notebook shows it).
         :raises SetupError: when matplotlib is not installed (``pip install experiment_io[plots]``).
         """
-        try:
-            import matplotlib
-            if path is not None and not _interactive():
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        try:  # a Figure without pyplot: matplotlib's backend (a notebook's inline one) is left alone
+            from matplotlib.figure import Figure
         except ImportError as e:
             raise SetupError("plot_metrics() needs matplotlib: pip install 'experiment_io[plots]'") from e
         results = (self._record or {}).get("results", [])
@@ -886,7 +883,8 @@ class CheckpointBlock:
                 series[name][0].extend(history["epoch"])
                 series[name][1].extend(values)
         kinds = sorted({n.split("_", 1)[1] for n in series})
-        figure, axes = plt.subplots(len(kinds) or 1, 1, figsize=(6, 3 * max(len(kinds), 1)), squeeze=False)
+        figure = Figure(figsize=(6, 3 * max(len(kinds), 1)))
+        axes = figure.subplots(len(kinds) or 1, 1, squeeze=False)
         for ax, kind in zip(axes[:, 0], kinds):
             for split in ("train", "val"):
                 if f"{split}_{kind}" in series:
@@ -899,11 +897,6 @@ class CheckpointBlock:
         if path is not None:
             figure.savefig(path)
         return figure
-
-
-def _interactive():
-    import sys
-    return "ipykernel" in sys.modules
 
 
 def _carry_count(old, new):

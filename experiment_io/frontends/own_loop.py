@@ -4,7 +4,7 @@ They give one object the guarantees of the library's own writes, for users who d
 not train with :func:`~experiment_io.train_model`:
 
 - :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes
-  through :func:`~experiment_io.storage.atomic.atomic_write`
+  through the directory's :class:`~experiment_io.storage.generations.RunWriter`
   (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
   fsync; the digest is computed while writing), keeps the previous generation of the
   file as ``<name>.prev<ext>``, and then records the new file's digest and size in

@@ -148,7 +148,7 @@ class _PythonMap:
 
 
 def map_for_reading(fd, size):
-    """A read-only map of the file that gives it part by part (:class:`_LibcMap` where it can)."""
+    """A read-only map of the file that gives it part by part (through direct ``mmap(2)`` calls where it can)."""
     if switch.enabled() and _LibcMap.available():
         return _LibcMap(fd, size)
     return _PythonMap(fd, size)

@@ -254,11 +254,12 @@ class Search:
 class RunWriter:
     """Writes the files of one run directory and commits each save in its manifest.
 
-    Each file goes through :func:`~experiment_io.storage.atomic.atomic_write`; its previous
-    generation is kept (with its record) until the next save; the manifest is
-    rewritten, atomically, last, so it lists only files that were completely
-    written. Keep one writer per directory for the life of a run: it remembers which
-    files it committed itself, so a save rotates them without reading them again.
+    The files of a save and the new manifest are written in one batch of the run's
+    storage (:meth:`~experiment_io.storage.interface.RunStorage.batch`); each file's
+    previous generation is kept (with its record) until the next save; the manifest is
+    published last, so it lists only files that were completely written. Keep one
+    writer per directory for the life of a run: it remembers which files it committed
+    itself, so a save rotates them without reading them again.
     A manifest changed by someone else meanwhile is noticed and read again.
 
     :param directory: the run's :class:`~experiment_io.storage.interface.RunStorage`, or its directory (created

@@ -98,11 +98,12 @@ class RunStorage(abc.ABC):
 
     @abc.abstractmethod
     def batch(self) -> WriteBatch:
-        """A new :class:`WriteBatch` of this run's files."""
+        """A new :class:`~experiment_io.storage.interface.WriteBatch` of this run's files."""
 
     @abc.abstractmethod
     def path(self, name: str) -> str:
-        """A path at which ``name`` is read (by ``torch.load``, by :func:`open_regular`)."""
+        """A path at which ``name`` is read (by ``torch.load``, by
+        :func:`~experiment_io.platform.files.open_regular`)."""
 
     @abc.abstractmethod
     def stat(self, name: str) -> Optional[FileStat]:

@@ -163,8 +163,8 @@ class Verifier:
 
     def open_verified(self, path):
         """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another
-        file now); read it through :func:`descriptor_path` to read the verified bytes, whatever is renamed
-        over ``path`` afterwards."""
+        file now); read it through :func:`~experiment_io.platform.files.descriptor_path` to read the verified
+        bytes, whatever is renamed over ``path`` afterwards."""
         path = os.path.abspath(path)
         fd, st = open_regular(path)
         if path not in self._digests or _identity(st) != self._digests[path][1]:
@@ -203,7 +203,7 @@ def check_archive(path):
     experiment_io writes every record of an archive uncompressed. A record that is
     compressed, or that claims more bytes than the whole file holds (a deflate bomb),
     is refused before anything is decompressed. Only the archive's directory, at
-    its end, is read (:func:`archive_directory`).
+    its end, is read (:func:`~experiment_io.platform.archive.archive_directory`).
 
     :raises NotACheckpointError: naming the file and the record.
     """

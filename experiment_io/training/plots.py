@@ -45,8 +45,7 @@ def plot_history(tracker, directory, *, dpi=100):
     :raises ImportError: without matplotlib, saying what to install.
     """
     try:
-        import matplotlib
-        matplotlib.use("Agg", force=False)
+        # a Figure draws and saves without pyplot: matplotlib's backend (a notebook's inline one) is left alone
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError as e:
