@@ -26,6 +26,7 @@ from experiment_io.storage.generations import previous_name
 from experiment_io.storage.generations import Generation, Role, Search
 import experiment_io.run.reading as reading
 import experiment_io.storage.atomic as storage
+from experiment_io.storage import hashing
 from experiment_io.storage import manifest as run_manifest
 from experiment_io.platform import maps, writeback
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
@@ -99,8 +100,8 @@ def test_run_files_load_with_plain_torch_load(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sizes=st.lists(st.sampled_from([0, 1, 7, 4096, storage._DIRECT_WRITE - 1, storage._DIRECT_WRITE,
-                                       storage._WRITE_BLOCK - 3, storage._WRITE_BLOCK + 5]), max_size=12),
+@given(sizes=st.lists(st.sampled_from([0, 1, 7, 4096, hashing.DIRECT_WRITE - 1, hashing.DIRECT_WRITE,
+                                       hashing.WRITE_BLOCK - 3, hashing.WRITE_BLOCK + 5]), max_size=12),
        seed=st.integers(0, 2**16))
 def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, seed):
     rng = random.Random(seed)
@@ -128,7 +129,7 @@ def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
 
 def test_writes_without_early_writeback(tmp_path, monkeypatch):
     monkeypatch.setattr(writeback, "_sync_file_range", None)
-    data = os.urandom(3 * storage._WRITEBACK_EVERY)
+    data = os.urandom(3 * hashing.WRITEBACK_EVERY)
     assert storage.atomic_write_bytes(tmp_path / "x", data) == verification.file_digest(tmp_path / "x")
     assert (tmp_path / "x").read_bytes() == data
 
@@ -142,7 +143,7 @@ def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
         return -1
 
     monkeypatch.setattr(writeback, "_sync_file_range", failing)
-    data = os.urandom(3 * storage._WRITEBACK_EVERY)
+    data = os.urandom(3 * hashing.WRITEBACK_EVERY)
     storage.atomic_write(tmp_path / "x", lambda f: [f.write(data[i:i + 2**20]) for i in range(0, len(data), 2**20)])
     assert (tmp_path / "x").read_bytes() == data
     assert len(calls) == 1 and writeback._sync_file_range is None  # tried once, then given up
@@ -168,7 +169,7 @@ def test_a_failing_write_still_reports_the_error(tmp_path, monkeypatch):
     real_write = os.write
 
     def full(fd, data):
-        if len(data) >= storage._DIRECT_WRITE:
+        if len(data) >= hashing.DIRECT_WRITE:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 

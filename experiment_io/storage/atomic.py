@@ -8,11 +8,9 @@ fsynced. A process killed at any instant leaves either the old file or the new
 one, never a mixture. The digest of a file is computed while it is written, so
 hashing costs no second pass over the data.
 
-Writing is paced for throughput: small writes are gathered into large blocks, and
-the kernel is asked (:mod:`experiment_io.platform.writeback`) to start writing each
-block to the disk while the next one is produced, so that the final fsync waits only for
-the tail of the file. Neither changes what is durable when: the file is fsynced
-before it is renamed, as always.
+The bytes go through a :class:`~experiment_io.storage.hashing.HashingWriter`, which
+digests them and paces the writing for throughput; the file is fsynced before it is
+renamed, as always.
 
 The manifest (:mod:`experiment_io.storage.manifest`) records, per file, its digest
 and size and what it holds; it is written last and commits a save. How a file is
@@ -22,20 +20,21 @@ Each step of the write protocol is announced to the observers registered with
 :func:`observe_write_steps`: the one hook through which crash tests stop a
 process at a chosen instant of a save.
 """
+from __future__ import annotations
+
 import contextlib
 import errno
-import io
 import logging
 import os
 import re
 import secrets
+from typing import Any, Callable, Iterator, Literal
 
-import xxhash
 
 from experiment_io.errors import CheckpointWriteError
-from experiment_io.platform.threads import SIDE_DIGEST_BYTES, side_thread, worker_thread
-from experiment_io.platform.writeback import start_writeback
-from experiment_io.storage.verification import DIGEST_NAME, FileRecord
+from experiment_io.platform.threads import worker_thread
+from experiment_io.storage.hashing import HashingWriter
+from experiment_io.storage.verification import FileRecord
 
 __all__ = [
     "WRITE_STEPS",
@@ -52,14 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: Writes smaller than this are gathered into blocks of :data:`_WRITE_BLOCK` bytes;
-#: larger ones go to the file directly, without a copy.
-_DIRECT_WRITE = 256 * 1024
-_WRITE_BLOCK = 4 * 1024 * 1024
-#: Ask the kernel to start writing back every this many bytes written.
-_WRITEBACK_EVERY = 8 * 1024 * 1024
-
-
 _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]+)\.tmp$")
 
 
@@ -73,14 +64,14 @@ WRITE_STEPS = ("written", "fsynced", "rotated", "replaced", "directory_fsynced",
 _observers: list = []
 
 
-def write_step(step, path):
+def write_step(step: str, path: str) -> None:
     """Announce ``step`` (one of :data:`WRITE_STEPS`) of a save of ``path`` to the observers."""
     for observer in tuple(_observers):
         observer(step, path)
 
 
 @contextlib.contextmanager
-def observe_write_steps(observer):
+def observe_write_steps(observer: Callable[[str, str], None]) -> Iterator[Callable[[str, str], None]]:
     """Call ``observer(step, path)`` at every step of the write protocol, inside the context.
 
     For crash tests: an observer that ends the process (``os._exit``) or raises at
@@ -96,108 +87,6 @@ def observe_write_steps(observer):
         _observers.remove(observer)
 
 
-class _HashingWriter:
-    """A write-only file that digests and counts what passes through it.
-
-    Small writes (``torch.save`` makes hundreds: zip headers, the pickle) are
-    gathered into blocks; large ones (tensor data) are written straight from the
-    caller's memory (and digested on :func:`side_thread` while they are written).
-    The digest covers exactly the bytes of the file, in order. Every
-    :data:`_WRITEBACK_EVERY` bytes the kernel is asked to start writing back what
-    was written so far; the final fsync then has little left to wait for.
-
-    :param fd: a file descriptor open for writing, at offset 0.
-    """
-
-    def __init__(self, fd):
-        self._fd = fd
-        self._hash = xxhash.xxh3_128()
-        self._pending = bytearray()
-        self._written_back = 0
-        self.size = 0
-        self.error = None  # the first OSError of a write: every later write raises it again
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        n = len(view)
-        if n >= _DIRECT_WRITE:
-            self._drain()
-            self._out(view)
-        else:
-            self._pending += view
-            if len(self._pending) >= _WRITE_BLOCK:
-                self._drain()
-        return n
-
-    def flush(self):
-        self._drain()
-
-    def _drain(self):
-        if self._pending:
-            self._out(memoryview(self._pending))
-            self._pending = bytearray()
-
-    def _out(self, view):
-        if self.error is not None:
-            raise self.error
-        # a large write is digested on the side thread while it is written, and the digest is complete before this
-        # returns: the caller may free or reuse its buffer as soon as write() returns
-        digesting = side_thread().submit(self._hash.update, view) if len(view) >= SIDE_DIGEST_BYTES else None
-        if digesting is None:
-            self._hash.update(view)
-        try:
-            while view:
-                written = os.write(self._fd, view[:_WRITEBACK_EVERY])
-                self.size += written
-                view = view[written:]
-                if self.size - self._written_back >= _WRITEBACK_EVERY:
-                    self._start_writeback()
-        except OSError as e:
-            self.error = e
-            raise
-        finally:
-            if digesting is not None:
-                digesting.result()
-
-    def _start_writeback(self):
-        start_writeback(self._fd, self._written_back, self.size - self._written_back)
-        self._written_back = self.size
-
-    def record(self):
-        return FileRecord(self.size, f"{DIGEST_NAME}:{self._hash.hexdigest()}")
-
-    def written(self):
-        """A readable file object over what was written so far (it reads with ``pread``: the write offset stays)."""
-        self.flush()
-        return io.BufferedReader(_PositionalReader(self._fd, self.size))
-
-
-class _PositionalReader(io.RawIOBase):
-    """Reads ``size`` bytes of a descriptor with ``pread``, leaving its file offset alone."""
-
-    def __init__(self, fd, size):
-        self._fd, self._size, self._position = fd, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def readinto(self, buffer):
-        data = os.pread(self._fd, min(len(buffer), max(self._size - self._position, 0)), self._position)
-        buffer[:len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        self._position = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence] + offset
-        return self._position
-
-    def tell(self):
-        return self._position
-
-
 def _temporary_path(path):
     """A new name beside ``path``; the target's name is cut so that a long name still fits in 255 bytes."""
     directory, name = os.path.split(os.path.abspath(path))
@@ -211,7 +100,7 @@ def _create(temporary, hashed):
     return os.fdopen(os.open(temporary, flags, 0o644), "w+b", buffering=0 if hashed else -1)
 
 
-def fsync_directory(directory):
+def fsync_directory(directory: str | os.PathLike) -> None:
     """Make a rename inside ``directory`` durable (no-op where directories cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -223,7 +112,8 @@ def fsync_directory(directory):
         os.close(fd)
 
 
-def atomic_write(path, write, *, hashed=True, keep_previous=None, sync_directory=True):
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any], *, hashed: bool = True,
+                 keep_previous: str | None = None, sync_directory: bool = True) -> FileRecord | None:
     """Write a file atomically and durably.
 
     :param path: the target path; its directory must exist.
@@ -262,13 +152,13 @@ class FileBatch:
     for each file.
     """
 
-    def __init__(self):
-        self._pending = {}  # path: (temporary, raw file or None once closed, record)
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple] = {}  # path: (temporary, raw file or None once closed, record)
 
-    def __enter__(self):
+    def __enter__(self) -> FileBatch:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         for temporary, raw, _ in self._pending.values():
             if raw is not None:
                 raw.close()
@@ -276,7 +166,7 @@ class FileBatch:
         self._pending.clear()
         return False
 
-    def write(self, path, write, *, hashed=True):
+    def write(self, path: str | os.PathLike, write: Callable[[Any], Any], *, hashed: bool = True) -> FileRecord | None:
         """Write ``path``'s new content to a temporary file (see :func:`atomic_write`); return its record."""
         path = os.path.abspath(path)
         temporary = _temporary_path(path)
@@ -284,7 +174,7 @@ class FileBatch:
         try:
             raw = _create(temporary, hashed)
             self._pending[path] = (temporary, raw, None)
-            target = _HashingWriter(raw.fileno()) if hashed else raw
+            target = HashingWriter(raw.fileno()) if hashed else raw
             write(target)
             target.flush()
             record = target.record() if hashed else None
@@ -310,7 +200,7 @@ class FileBatch:
         if temporary is not None:
             _discard(temporary)
 
-    def make_durable(self):
+    def make_durable(self) -> None:
         """fsync every file written and not yet durable, concurrently, and close them."""
         waiting = [(path, temporary, raw) for path, (temporary, raw, _) in self._pending.items() if raw is not None]
         errors = {}
@@ -340,7 +230,7 @@ class FileBatch:
             except OSError as e:
                 raise CheckpointWriteError(_write_failure(path, os.path.dirname(path), e)) from e
 
-    def publish(self, path, keep_previous=None):
+    def publish(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
         """Rename ``path``'s durable new content into place (the file there first to ``keep_previous``, if given)."""
         path = os.path.abspath(path)
         temporary, raw, record = self._pending[path]
@@ -349,7 +239,7 @@ class FileBatch:
         try:
             if keep_previous is not None and os.path.exists(path):
                 os.replace(path, keep_previous)
-                write_step("rotated", keep_previous)
+                write_step("rotated", os.fspath(keep_previous))
             os.replace(temporary, path)
             del self._pending[path]
             write_step("replaced", path)
@@ -358,7 +248,7 @@ class FileBatch:
         log.debug("wrote %s (%s)", path, record.digest if record else "no digest")
 
     @staticmethod
-    def sync_directory(directory):
+    def sync_directory(directory: str | os.PathLike) -> None:
         """Make the renames in ``directory`` durable."""
         try:
             fsync_directory(directory)
@@ -381,7 +271,7 @@ def _write_failure(path, directory, error):
     return f"Could not write {path}: {cause}. The previous file (if any) is intact; fix the cause and save again."
 
 
-def make_directory(directory):
+def make_directory(directory: str | os.PathLike) -> None:
     """Create ``directory`` (and its parents) if missing.
 
     :raises CheckpointWriteError: naming the cause (read-only file system, a file in the way, permissions).
@@ -394,7 +284,7 @@ def make_directory(directory):
             "or remove what is in the way.") from e
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> FileRecord | None:
     """Write ``data`` (bytes) to ``path`` atomically; see :func:`atomic_write`."""
     return atomic_write(path, lambda f: f.write(data))
 
@@ -408,7 +298,7 @@ def _discard(temporary):
         log.warning("could not remove temporary file %s: %s", temporary, e)
 
 
-def is_temporary(name):
+def is_temporary(name: str) -> bool:
     """Whether ``name`` is a temporary file of a write (renamed into place when the write completes)."""
     return _TEMP_PATTERN.match(name) is not None
 
@@ -423,7 +313,7 @@ def _pid_alive(pid):
     return True
 
 
-def remove_stale_temporaries(directory):
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     """Remove temporary files left in ``directory`` by writers that no longer run.
 
     :return: the names removed.
