@@ -7,7 +7,8 @@ whose names may change; :mod:`experiment_io.errors` is public too.
 
 from experiment_io.version import __version__
 from experiment_io.experiment.controllers import Controller, PatienceController, TrainingPosition
-from experiment_io.experiment.databases import Database, HDF5Database, NPZDatabase, Restartable
+from experiment_io.experiment.databases import Database
+from experiment_io.experiment.restartable import HDF5Database, NPZDatabase, Restartable
 from experiment_io.errors import ExperimentIOError
 from experiment_io.storage.lock import RunLock
 from experiment_io.experiment.metric_tracker import MetricTracker

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from experiment_io import Database, HDF5Database, NPZDatabase, Restartable
-from experiment_io.experiment.databases import SPLITS, restore_database
+from experiment_io.experiment.databases import SPLITS
+from experiment_io.experiment.restartable import restore_database
 from experiment_io.errors import DatabaseRestartError, ExperimentIOError, IncompatibleCheckpointError
 
 from helpers import make_arrays
@@ -275,7 +276,7 @@ def test_descriptor_and_restore(kind, npz_file, h5_file, monkeypatch, tmp_path):
     db = cls(os.path.basename(path), ["x"], ["y"], 4, 30, 0.1, float_dtype="float64")  # a relative path; test_size first
     descriptor = db.descriptor()
     assert descriptor == {
-        "class": f"experiment_io.experiment.databases.{cls.__name__}",
+        "class": f"experiment_io.experiment.restartable.{cls.__name__}",
         "kwargs": {"path": str(path), "inputs": ["x"], "targets": ["y"], "seed": 4, "valid_size": 0.1,
                    "test_size": 30, "float_dtype": "float64"},
     }
@@ -291,7 +292,7 @@ def test_restore_from_moved_file(npz_file, tmp_path):
     with pytest.raises(DatabaseRestartError) as info:
         restore_database(descriptor)
     message = str(info.value)
-    assert "experiment_io.experiment.databases.NPZDatabase" in message and str(npz_file) in message
+    assert "experiment_io.experiment.restartable.NPZDatabase" in message and str(npz_file) in message
     assert "database=" in message
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ExperimentIOError)
 
@@ -355,3 +356,12 @@ def test_restore_refuses_other_classes(class_path, npz_file):
 def test_restore_malformed_descriptor(descriptor):
     with pytest.raises(DatabaseRestartError, match="malformed"):
         restore_database(descriptor)
+
+
+@pytest.mark.parametrize("stored", ["experiment_io.databases.NPZDatabase", "experiment_io.experiment.restartable.NPZDatabase"])
+def test_a_descriptor_of_an_earlier_version_names_the_old_module_and_still_restores(npz_file, stored):
+    """Runs written before the layers became folders store ``experiment_io.databases.NPZDatabase``."""
+    descriptor = {**NPZDatabase(npz_file, ["x"], ["y"], 0).descriptor(), "class": stored}
+    database = restore_database(descriptor)
+    assert type(database) is NPZDatabase
+    assert np.array_equal(database.epoch_order(0), NPZDatabase(npz_file, ["x"], ["y"], 0).epoch_order(0))

@@ -8,8 +8,9 @@ is given (torch, experiment_io, and what the user allowed).
 import importlib
 import sys
 import types
+from typing import Any, Collection, Iterable, Optional
 
-__all__ = ["qualified_name", "under", "resolve", "module_of", "current_name", "MOVED_MODULES"]
+__all__ = ["qualified_name", "under", "resolve", "module_of", "current_name", "MOVED_MODULES", "MOVED_NAMES"]
 
 #: Where the library's modules of format versions 1 to 3 (one flat package) live now: a file written then names
 #: ``experiment_io.controllers.Controller``, found today at ``experiment_io.experiment.controllers.Controller``.
@@ -55,15 +56,22 @@ MOVED_MODULES = {
 }
 
 
-def qualified_name(obj) -> str:
+def qualified_name(obj: Any) -> str:
     """``"module.QualName"`` of a class or function."""
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def under(module_name: str, roots) -> bool:
+def under(module_name: str, roots: Iterable[str]) -> bool:
     """Whether ``module_name`` is one of ``roots`` or a submodule of one."""
     return any(module_name == r or module_name.startswith(r + ".") for r in roots)
 
+
+#: Classes that left the module their old module moved to (a stored ``"module.QualName"`` of format versions 1
+#: to 3, and where the class is now).
+MOVED_NAMES = {
+    f"experiment_io.databases.{name}": f"experiment_io.experiment.restartable.{name}"
+    for name in ("Restartable", "NPZDatabase", "HDF5Database", "restore_database")
+}
 
 _CURRENT_MODULES = frozenset(MOVED_MODULES.values())
 
@@ -72,6 +80,9 @@ def current_name(name: str) -> str:
     """``name`` (``"module.QualName"``) as it is today: a module of the library that moved (:data:`MOVED_MODULES`)
     replaced by where it is now; any other name as it is."""
     parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # a moved class (its methods, nested classes), else a moved module
+        if ".".join(parts[:cut]) in MOVED_NAMES:
+            return ".".join([MOVED_NAMES[".".join(parts[:cut])], *parts[cut:]])
     for cut in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:cut])
         if module in _CURRENT_MODULES:
@@ -81,7 +92,7 @@ def current_name(name: str) -> str:
     return name
 
 
-def resolve(name: str, importable=(), exact=()):
+def resolve(name: str, importable: Collection[str] = (), exact: Collection[str] = ()) -> tuple[Any, Optional[str]]:
     """Find the object ``name`` (``"module.QualName"``) names.
 
     :param importable: module names (and their submodules) that may be imported to

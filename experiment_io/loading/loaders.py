@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from experiment_io.experiment.controllers import TrainingPosition
-from experiment_io.experiment.databases import restore_database
+from experiment_io.experiment.restartable import restore_database
 from experiment_io.experiment.devices import check_location_args, place_training_modules, target_device
 from experiment_io.errors import (CheckpointNotFoundError, ExperimentIOError, IncompatibleCheckpointError,
                                   MissingDatabaseError, NotACheckpointError)
