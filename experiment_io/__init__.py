@@ -12,7 +12,8 @@ from experiment_io.experiment.restartable import HDF5Database, NPZDatabase, Rest
 from experiment_io.errors import ExperimentIOError
 from experiment_io.storage.lock import RunLock
 from experiment_io.experiment.metric_tracker import MetricTracker
-from experiment_io.frontends.own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save, verified_load
+from experiment_io.frontends.own_loop import AtomicSaver, PendingSave, atomic_save, rank_zero_save
+from experiment_io.frontends.verified_loading import verified_load
 from experiment_io.training.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE
 from experiment_io.training.retention import Retention
 from experiment_io.training.routines import SetupParams, setup_and_train, setup_training, test_model

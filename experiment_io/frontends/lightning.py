@@ -41,7 +41,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from experiment_io.errors import SetupError
 from experiment_io.storage.generations import previous_name
-from experiment_io.frontends.own_loop import AtomicSaver, verified_load
+from experiment_io.frontends.own_loop import AtomicSaver
+from experiment_io.frontends.verified_loading import verified_load
 from experiment_io.training.preemption import DEFAULT_SIGNALS, PREEMPTED_EXIT_CODE, Preemption, Stop
 from experiment_io.storage.manifest import read_manifest
 from experiment_io.storage.verification import is_retired

@@ -62,7 +62,8 @@ from experiment_io.errors import CheckpointNotFoundError, IncompatibleCheckpoint
 from experiment_io.storage.generations import RunWriter
 from experiment_io.storage.lock import RunLock
 from experiment_io.format.names import qualified_name, resolve
-from experiment_io.frontends.own_loop import USER_KIND, verified_load
+from experiment_io.frontends.own_loop import USER_KIND
+from experiment_io.frontends.verified_loading import verified_load
 from experiment_io.run.payloads import BEST_MODEL_NAME, STRUCTURE_NAME, model_payload, save_payload, structure_payload
 from experiment_io.training.progress import Report
 from experiment_io.experiment.rng import get_rng_state, set_rng_state

@@ -51,7 +51,6 @@ import atexit
 import logging
 import os
 import sys
-import pickle
 import threading
 from typing import Optional, Union
 
@@ -60,27 +59,21 @@ import torch
 from experiment_io.platform import archive
 from experiment_io.training.asynchronous import BackgroundWriter, surfaced
 from experiment_io.training.distributed import current
-from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError, SetupError,
-                                  UnsafeCheckpointError)
-from experiment_io.storage.generations import RunWriter, Search, is_previous_name, previous_name
+from experiment_io.errors import (SetupError)
+from experiment_io.storage.generations import RunWriter, is_previous_name, previous_name
 from experiment_io.storage.lock import LOCK_NAME
 from experiment_io.format.names import qualified_name
-from experiment_io.run.reading import until_stable, verified_source
-from experiment_io.storage.verification import FileRecord, Verifier, check_archive
+from experiment_io.storage.verification import FileRecord
 from experiment_io.version import __version__
-from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
+from experiment_io.frontends.verified_loading import split_path
+from experiment_io.storage.manifest import MANIFEST_NAME
 
-__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "rank_zero_save", "verified_load"]
+__all__ = ["AtomicSaver", "PendingSave", "atomic_save", "rank_zero_save"]
 
 log = logging.getLogger(__name__)
 
 #: The ``kind`` of the manifest records that :func:`atomic_save` writes.
 USER_KIND = "user"
-
-
-def _split(path):
-    path = os.path.abspath(os.fspath(path))
-    return (path, *os.path.split(path))
 
 
 #: The longest file name atomic_save takes, in bytes: its previous generation adds ``.prev``.
@@ -190,7 +183,7 @@ class AtomicSaver:
         :return: the file's :class:`~experiment_io.storage.verification.FileRecord`, or a
             :class:`PendingSave` with ``async_save=True``.
         """
-        path, directory, name = _split(path)
+        path, directory, name = split_path(path)
         _check_name(path, name)
         fields = {"kind": USER_KIND, "library_version": __version__, "torch_version": str(torch.__version__)}
 
@@ -235,7 +228,7 @@ class AtomicSaver:
         the manifest does not know. A path without a record is left alone.
         """
         self.wait()  # a save of the same file may be in flight
-        path, directory, name = _split(path)
+        path, directory, name = split_path(path)
         _check_name(path, name)
         with self._lock:
             writer = self._writer(directory)
@@ -342,89 +335,3 @@ def rank_zero_save(obj, path: Union[str, os.PathLike], *,
     return distribution.on_writer(lambda: atomic_save(obj, path))
 
 
-def _pick(path, verifier, name, strict):
-    """The file holding the generation to load (only the files ranked before it are read)."""
-    directory, files = verifier.directory, verifier.files
-    search = Search(verifier, [name], strict)
-    found = next(iter(search), None)
-    problems = search.problems
-    if found:
-        chosen, record = found
-        if record is not files.get(name):
-            log.warning("%s does not verify; loading its previous generation %s instead (%s)",
-                        path, chosen, "; ".join(problems))
-        elif chosen != path:
-            log.info("loading %s from %s, where an interrupted save left it", path, chosen)
-        return chosen
-    if not any(os.path.exists(os.path.join(directory, n)) for n in (name, previous_name(name))):
-        raise CheckpointNotFoundError(f"{path} does not exist (nor its previous generation), although "
-                                      f"{MANIFEST_NAME} lists it: it was deleted after it was saved.")
-    listed = "\n  - ".join(problems or [f"{MANIFEST_NAME} records only the previous generation"])
-    if strict:
-        raise CorruptCheckpointError(
-            f"the committed generation of {path} does not verify (strict=True: no fallback to the previous "
-            f"generation):\n  - {listed}")
-    raise CorruptCheckpointError(f"no intact generation of {path} in {directory}:\n  - {listed}")
-
-
-def verified_load(path: Union[str, os.PathLike], *, map_location=None, strict: bool = False):
-    """Load a file written by :func:`atomic_save`, after proving it intact.
-
-    The file is checked against the digest and size that its directory's manifest
-    records. When it does not verify (truncated, bit-flipped, missing), the previous
-    generation ``<name>.prev<ext>`` is loaded instead if it verifies, and a warning
-    names both; after a save that a crash interrupted, the last committed
-    generation is loaded, wherever the crash left it.
-
-    Nothing is unpickled before it verifies, and then only with
-    ``torch.load(..., weights_only=True)``, passed explicitly (so the
-    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable does not weaken it). There is no
-    retry with ``weights_only=False``.
-
-    :param path: the file that :func:`atomic_save` wrote.
-    :param map_location: as for :func:`torch.load`.
-    :param strict: load only the committed generation: raise instead of falling back
-        to the previous one.
-    :return: the saved object.
-    :raises CheckpointNotFoundError: when the file does not exist.
-    :raises CorruptCheckpointError: when no acceptable generation verifies, or when
-        the file cannot be verified at all: no manifest beside it, or no record of it
-        in the manifest (a file written by plain ``torch.save``).
-    :raises UnsafeCheckpointError: when the file holds objects that
-        ``weights_only=True`` does not admit.
-    :raises NotACheckpointError: when ``torch.load`` fails otherwise (for instance,
-        ``map_location`` names a device that this machine lacks).
-    """
-    path, directory, name = _split(path)
-    return until_stable(lambda: _load_once(path, directory, name, map_location, strict), directory)
-
-
-def _load_once(path, directory, name, map_location, strict):
-    """Verify, then load; :class:`~experiment_io.run.reading.Replaced` when a writer replaced the file meanwhile."""
-    manifest = read_manifest(directory) if os.path.isdir(directory) else None
-    files = manifest[1] if manifest else {}
-    if name not in files and previous_name(name) not in files:
-        if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"{path} does not exist.")
-        where = "there is no manifest beside it" if manifest is None else f"{MANIFEST_NAME} has no record of it"
-        raise CorruptCheckpointError(
-            f"{path} cannot be verified: {where}. verified_load reads only files written by atomic_save, "
-            f"with {MANIFEST_NAME} kept beside them (copy the directory whole). "
-            "A file you trust that was written otherwise loads with torch.load(path, weights_only=True)."
-        )
-    verifier = Verifier(directory, files)
-    chosen = _pick(path, verifier, name, strict)
-    with verified_source(chosen, verifier) as source:  # the very file that was verified
-        check_archive(source or chosen)
-        try:
-            return torch.load(source or chosen, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"{chosen} holds objects that torch.load(weights_only=True) does not admit: {e}\n"
-                "Save state_dicts and plain data instead, or, for classes you trust, register them with "
-                "torch.serialization.add_safe_globals([...]) before loading. verified_load never loads "
-                "with weights_only=False."
-            ) from e
-        except Exception as e:  # torch raises many types for bytes it cannot read
-            raise NotACheckpointError(
-                f"{chosen} verifies against its manifest record, but torch.load cannot read it: {e}") from e

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, cast
 
 from experiment_io.errors import (CheckpointNotFoundError, CheckpointWriteError, CorruptCheckpointError,
                                   IncompatibleCheckpointError, NotACheckpointError)
@@ -270,7 +270,7 @@ class RunWriter:
         self.storage = as_storage(directory)
         self.directory = self.storage.location
         self.storage.create()
-        self._manifest_identity = None
+        self._manifest_identity: tuple | None = None
         self._reload()
 
     def _reload(self):
@@ -327,7 +327,7 @@ class RunWriter:
                 keep_previous, records = {}, {}
                 for name, (write, fields) in writes.items():
                     keep_previous[name] = self._rotation(name)
-                    records[name] = batch.write(name, write)
+                    records[name] = cast(verification.FileRecord, batch.write(name, write))  # hashed: a record
                     self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
                 for name, why in (kept or {}).items():
                     if name in self.files and not verification.is_retired(self.files[name]):
