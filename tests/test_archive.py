@@ -13,6 +13,7 @@ import xxhash
 
 from experiment_io.platform import archive
 from experiment_io.storage import atomic as storage
+from experiment_io.storage import hashing
 from experiment_io.storage.verification import DIGEST_NAME
 from experiment_io.platform.threads import SIDE_DIGEST_BYTES, worker_thread
 
@@ -174,7 +175,7 @@ def test_with_the_fast_paths_off_the_file_is_written_by_torch_save(monkeypatch):
 @pytest.mark.parametrize("side_bytes", [1, SIDE_DIGEST_BYTES, 1 << 40])
 def test_the_digest_covers_the_file_bytes_in_order_wherever_it_is_computed(tmp_path, monkeypatch, side_bytes):
     """Large writes are digested on the side thread, small ones inline; the digest is that of the file."""
-    monkeypatch.setattr(storage, "SIDE_DIGEST_BYTES", side_bytes)
+    monkeypatch.setattr(hashing, "SIDE_DIGEST_BYTES", side_bytes)
     path = tmp_path / "a.pt"
     record = storage.atomic_write(str(path), lambda f: archive.save(tensors(), f))
     content = path.read_bytes()

@@ -9,6 +9,7 @@ file of a run with its digest.
 """
 import json
 import math
+from typing import Any, Collection, Mapping, Optional
 
 import torch
 import xxhash
@@ -53,7 +54,7 @@ KINDS = {
 MANIFEST_KIND = "manifest"
 
 
-def make_header(kind, **fields):
+def make_header(kind: str, **fields: Any) -> dict[str, Any]:
     """Build the header of a payload of the given kind.
 
     :param kind: one of :data:`KINDS`.
@@ -72,7 +73,7 @@ def make_header(kind, **fields):
     return header
 
 
-def check_version(version, name):
+def check_version(version: Any, name: str) -> None:
     """Refuse a format version newer than this library's.
 
     :raises FormatVersionError: when ``version`` is newer than :data:`FORMAT_VERSION`.
@@ -89,7 +90,7 @@ def check_version(version, name):
         )
 
 
-def check_payload(payload, name, kinds):
+def check_payload(payload: Any, name: str, kinds: Collection[str]) -> dict[str, Any]:
     """Check that a loaded object is an experiment_io payload of an expected kind.
 
     :param payload: the object that ``torch.load`` returned.
@@ -128,7 +129,7 @@ def _manifest_digest(header, files):
     return "xxh3_128:" + xxhash.xxh3_128(_canonical(body)).hexdigest()
 
 
-def manifest_to_bytes(files, **fields):
+def manifest_to_bytes(files: Mapping[str, Mapping[str, Any]], **fields: Any) -> bytes:
     """Serialize a manifest, with the digest of its own content in its header.
 
     :param files: mapping of file name to its record (plain data: digest, size, ...).
@@ -140,7 +141,7 @@ def manifest_to_bytes(files, **fields):
     return json.dumps({"header": header, "files": files}, sort_keys=True, indent=1).encode("utf-8")
 
 
-def model_from_record(payload, name, record):
+def model_from_record(payload: Any, name: str, record: Any) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
     """A model file of format 3 or newer (a plain ``state_dict``), as a payload with the header of its record.
 
     :return: ``(payload, header)``, or ``None`` when ``payload`` is not such a file.
@@ -172,7 +173,7 @@ _RECORD_FIELDS = {
 _SCALARS = (str, int, float, bool, type(None))
 
 
-def record_fields(header):
+def record_fields(header: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a payload's header that go into its manifest record: plain scalars of the type a reader
     accepts (a field of another type, from a custom controller say, is left out rather than making the manifest
     unreadable)."""
@@ -211,7 +212,7 @@ def _check_record(name, fname, record):
                 "the manifest is damaged or forged. Restore the run directory from a copy, or start a new run.")
 
 
-def manifest_from_bytes(data, name):
+def manifest_from_bytes(data: bytes, name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Parse and validate manifest bytes.
 
     Every record must name a plain file and hold fields of the expected types; a

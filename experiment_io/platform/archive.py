@@ -24,6 +24,7 @@ import os
 import struct
 import zipfile
 import zlib
+from typing import IO, Any, Union
 
 import torch
 import torch.serialization
@@ -190,14 +191,14 @@ class _ZipWriter:
                             min(start, _MASKED), 0))
 
 
-def save(obj, f, pickle_module=None):
+def save(obj: Any, f: IO[bytes], pickle_module: Any = None) -> None:
     """Write ``obj`` to the binary file object ``f`` as ``torch.save(obj, f)`` does.
 
     The archive is written sequentially (no seeks). ``pickle_module`` is passed on as
     ``torch.save``'s. With the fast paths off (:mod:`experiment_io.platform.switch`) it is ``torch.save``.
     """
     pickle_module = pickle_module or torch.serialization.pickle
-    serializer = _usable_serializer(getattr(torch.serialization, "_save", None)) if switch.enabled() else None
+    serializer: Any = _usable_serializer(getattr(torch.serialization, "_save", None)) if switch.enabled() else None
     layout = _torch_archive_layout(torch.serialization.save) if serializer is not None else None
     if layout is None:
         torch.save(obj, f, pickle_module=pickle_module)
@@ -214,7 +215,7 @@ def save(obj, f, pickle_module=None):
 
 
 
-def archive_directory(path):
+def archive_directory(path: Union[str, os.PathLike]) -> tuple[list[zipfile.ZipInfo], int]:
     """The records of the zip directory of the ``torch.save`` archive at ``path``, and the file's size.
 
     Only the directory, at the file's end, is read. A ``/proc/self/fd`` path (a

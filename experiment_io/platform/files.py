@@ -2,6 +2,7 @@
 import errno
 import os
 import stat
+from typing import Optional, Union
 
 __all__ = ["open_regular", "NotARegularFile", "descriptor_path"]
 
@@ -12,7 +13,7 @@ class NotARegularFile(OSError):
     """A path names a symbolic link, a FIFO, a device or a directory: not a file this library reads."""
 
 
-def open_regular(path):
+def open_regular(path: Union[str, os.PathLike]) -> tuple[int, os.stat_result]:
     """Open ``path`` for reading if it is a regular file, without following a symbolic link
     and without blocking on a FIFO.
 
@@ -33,7 +34,7 @@ def open_regular(path):
     return fd, st
 
 
-def descriptor_path(fd):
+def descriptor_path(fd: int) -> Optional[str]:
     """A path that opens the file of descriptor ``fd`` (Linux's ``/proc/self/fd``), or ``None`` elsewhere."""
     path = f"/proc/self/fd/{fd}"
     return path if os.path.exists(path) else None

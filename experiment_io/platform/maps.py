@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import os
 import sys
+from typing import Optional, Union
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from experiment_io.platform import switch
 
 __all__ = ["libc", "map_for_reading"]
 
-def libc():
+def libc() -> Optional[ctypes.CDLL]:
     """The C library, its ``mmap``, ``munmap``, ``mincore`` and ``madvise`` typed for :mod:`ctypes` (calls made
     through it let go of the GIL); ``None`` where they are missing (not Linux, not 64-bit) or the fast paths are
     off."""
@@ -147,7 +148,7 @@ class _PythonMap:
         self._map.close()
 
 
-def map_for_reading(fd, size):
+def map_for_reading(fd: int, size: int) -> Union[_LibcMap, _PythonMap]:
     """A read-only map of the file that gives it part by part (through direct ``mmap(2)`` calls where it can)."""
     if switch.enabled() and _LibcMap.available():
         return _LibcMap(fd, size)

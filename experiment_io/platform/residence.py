@@ -18,6 +18,8 @@ import collections
 import ctypes
 import logging
 import mmap
+import os
+from typing import Any, Iterable, Union
 
 import torch
 
@@ -38,7 +40,7 @@ class CannotAdopt(Exception):
     """A loaded payload holds a tensor whose storage cannot be moved out of the file's map."""
 
 
-def storage_sizes(path):
+def storage_sizes(path: Union[str, os.PathLike]) -> list[int]:
     """The sizes of the tensor records of the ``torch.save`` archive at ``path`` (its zip directory only is read).
 
     The file is not verified yet: the sizes only decide how much memory to make ready. An archive that cannot be
@@ -97,12 +99,12 @@ class Destination:
         when it is adopted.
     """
 
-    def __init__(self, sizes):
+    def __init__(self, sizes: Iterable[int]):
         self._sizes = list(sizes)
-        self._ready = {}
+        self._ready: dict[int, list[torch.UntypedStorage]] = {}
 
     @classmethod
-    def for_file(cls, *paths):
+    def for_file(cls, *paths: Union[str, os.PathLike]) -> "Destination":
         """A destination for the storages of the first of ``paths`` whose archive directory can be read (the file
         the load will most likely take; a destination of nothing when none can)."""
         for path in paths:
@@ -111,7 +113,7 @@ class Destination:
                 return cls(sizes)
         return cls([])
 
-    def fill(self):
+    def fill(self) -> None:
         """Allocate the memory and fault it in (``MADV_POPULATE_WRITE``, else by writing zeros). Runs on the
         caller's thread; the GIL is let go while the kernel works. Memory that cannot be had now is not made
         ready (the load allocates it as it copies, and says why if it cannot either)."""
@@ -136,7 +138,7 @@ class Destination:
             log.debug("made %d storages resident (%d bytes)", sum(map(len, self._ready.values())),
                       sum(n * len(s) for n, s in self._ready.items()))
 
-    def release(self):
+    def release(self) -> None:
         """Let go of the memory made ready (before a load that does not use it)."""
         self._ready.clear()
 
@@ -146,7 +148,7 @@ class Destination:
             return ready.pop()
         return torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
 
-    def adopt(self, payload):
+    def adopt(self, payload: Any) -> Any:
         """Move every CPU tensor of ``payload`` (a ``torch.load(mmap=True)`` result: dicts, lists and tuples of
         tensors) from the file's map into memory of its own, in place; tensors sharing a storage keep sharing one.
         The map's pages of each storage are let go once it is copied. Memory made ready and not used is freed.
@@ -155,7 +157,7 @@ class Destination:
         :raises CannotAdopt: before anything is moved, when a tensor is not a plain strided one (sparse, nested,
             quantized): its storage cannot be re-pointed, so the caller reads the file instead of mapping it.
         """
-        groups = {}
+        groups: dict[tuple[int, int], tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
         for tensor in _tensors(payload):
             if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized:
                 raise CannotAdopt(f"a {tensor.layout} tensor (nested: {tensor.is_nested}, quantized: "

@@ -9,6 +9,7 @@ import os
 import queue
 import signal
 import threading
+from typing import Any, Callable
 
 __all__ = ["worker_thread", "side_thread", "SIDE_DIGEST_BYTES"]
 
@@ -23,7 +24,7 @@ _OUTSIDE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM",
                                                             "SIGQUIT", "SIGALRM") if hasattr(signal, name))
 
 
-def worker_thread(target, *args, name, daemon):
+def worker_thread(target: Callable[..., Any], *args: Any, name: str, daemon: bool) -> threading.Thread:
     """A thread of this library: it never receives the signals that the main thread handles."""
 
     def run():
@@ -84,7 +85,7 @@ _side = None
 _side_lock = threading.Lock()
 
 
-def side_thread():
+def side_thread() -> _SideThread:
     """The one worker thread that digests (and checksums) large writes while the writing thread writes them.
 
     xxh3 and CRC-32 release the GIL on large buffers, so on a second core they cost

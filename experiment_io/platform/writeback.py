@@ -35,7 +35,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages, do not
 
 
 
-def start_writeback(fd, offset, length):
+def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing back ``length`` bytes of ``fd`` from ``offset`` (no wait).
 
     Does nothing where ``sync_file_range`` is missing, or with the fast paths off

@@ -29,7 +29,11 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional, Union, overload
+
+if TYPE_CHECKING:
+    from experiment_io.storage.lock import RunLock
+    from experiment_io.storage.verification import FileRecord
 
 __all__ = ["FileStat", "WriteBatch", "RunStorage", "as_storage"]
 
@@ -54,8 +58,14 @@ class WriteBatch(abc.ABC):
     The steps, per file, are announced to :func:`~experiment_io.storage.atomic.observe_write_steps` observers.
     """
 
+    @overload
+    def write(self, name: str, write: Callable, *, hashed: Literal[True] = True) -> FileRecord: ...
+
+    @overload
+    def write(self, name: str, write: Callable, *, hashed: bool = True) -> FileRecord | None: ...
+
     @abc.abstractmethod
-    def write(self, name: str, write: Callable, *, hashed: bool = True):
+    def write(self, name: str, write: Callable, *, hashed: bool = True) -> FileRecord | None:
         """Write ``name``'s new bytes (``write(f)`` writes them to ``f``) beside it; return its
         :class:`~experiment_io.storage.verification.FileRecord` (``None`` when not ``hashed``)."""
 
@@ -110,7 +120,7 @@ class RunStorage(abc.ABC):
         """What ``name`` is now, without following a link (``None`` when there is no such file)."""
 
     @abc.abstractmethod
-    def open(self, name: str):
+    def open(self, name: str) -> tuple[int, os.stat_result]:
         """``(fd, os.stat_result)`` of ``name`` opened for reading, only if it is a regular file.
 
         :raises FileNotFoundError: when it is missing.
@@ -137,7 +147,7 @@ class RunStorage(abc.ABC):
         """Remove the temporaries of writes whose writers no longer run; return their names."""
 
     @abc.abstractmethod
-    def lock(self):
+    def lock(self) -> RunLock:
         """The run's :class:`~experiment_io.storage.lock.RunLock` (one writing process at a time)."""
 
     def name_of(self, path: Union[str, os.PathLike]) -> str:
@@ -145,7 +155,7 @@ class RunStorage(abc.ABC):
         return os.path.basename(os.fspath(path))
 
 
-def as_storage(where) -> RunStorage:
+def as_storage(where: RunStorage | str | os.PathLike | None) -> RunStorage:
     """``where`` as a :class:`RunStorage`: a storage as it is; a directory (a path, ``None`` for the current one) as
     a :class:`~experiment_io.storage.posix.PosixStorage` of it."""
     if isinstance(where, RunStorage):

@@ -133,7 +133,7 @@ class RunLock:
         self.release()
 
 
-def writer_now(directory) -> str:
+def writer_now(directory: Union[str, os.PathLike]) -> str:
     """Who is training in ``directory`` now, in words (``""`` when nobody seems to be).
 
     Reads the lock file without locking it (a lock taken to look would make a starting

@@ -5,12 +5,16 @@ it holds (its bytes are :mod:`experiment_io.format.codec`'s). It is always writt
 last: a save counts once its manifest is renamed into place.
 """
 import os
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from experiment_io.errors import CorruptCheckpointError
 from experiment_io.format import codec as fmt
 from experiment_io.platform.files import NotARegularFile
 from experiment_io.storage.atomic import write_step
-from experiment_io.storage.interface import as_storage
+from experiment_io.storage.interface import RunStorage, as_storage
+
+if TYPE_CHECKING:
+    from experiment_io.storage.verification import FileRecord
 
 __all__ = ["MANIFEST_NAME", "read_manifest", "write_manifest", "manifest_path", "manifest_identity"]
 
@@ -22,7 +26,7 @@ MANIFEST_NAME = "experiment_manifest.json"
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
 
-def read_manifest(where):
+def read_manifest(where: Union[RunStorage, str, os.PathLike]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
     """Read the manifest of a run.
 
     :param where: a :class:`~experiment_io.storage.interface.RunStorage`, or a run directory.
@@ -47,7 +51,8 @@ def read_manifest(where):
     return fmt.manifest_from_bytes(data, path)
 
 
-def write_manifest(where, files, **fields):
+def write_manifest(where: Union[RunStorage, str, os.PathLike], files: Mapping[str, Mapping[str, Any]],
+                   **fields: Any) -> "Optional[FileRecord]":
     """Write the manifest of a run atomically and durably (always the last write of a save).
 
     :param where: a :class:`~experiment_io.storage.interface.RunStorage`, or a run directory.
@@ -64,12 +69,12 @@ def write_manifest(where, files, **fields):
     return record
 
 
-def manifest_path(where):
+def manifest_path(where: Union[RunStorage, str, os.PathLike]) -> str:
     """The path of the manifest of a run (a storage or a directory)."""
     return as_storage(where).path(MANIFEST_NAME)
 
 
-def manifest_identity(where):
+def manifest_identity(where: Union[RunStorage, str, os.PathLike]) -> Optional[Any]:
     """What identifies the manifest file of a run now (``None`` when it has none).
 
     Two calls return the same value only if no one replaced the manifest between

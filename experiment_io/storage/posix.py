@@ -84,7 +84,7 @@ class PosixStorage(RunStorage):
             return None
         return FileStat(st.st_size, stat_module.S_ISREG(st.st_mode), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
-    def open(self, name: str):
+    def open(self, name: str) -> tuple[int, os.stat_result]:
         return open_regular(self.path(name))
 
     def names(self) -> Iterator[str]:

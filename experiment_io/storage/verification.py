@@ -8,6 +8,7 @@ can prove that the file it then reads is the one it verified.
 import os
 import zipfile
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
 
 import xxhash
 
@@ -15,7 +16,7 @@ from experiment_io.errors import NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.files import NotARegularFile, open_regular
 from experiment_io.platform.maps import map_for_reading
-from experiment_io.storage.interface import as_storage
+from experiment_io.storage.interface import RunStorage, as_storage
 
 __all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "Verifier", "check_archive"]
 
@@ -39,7 +40,7 @@ class FileRecord:
     size: int
     digest: str
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """``{"size": ..., "digest": ...}``."""
         return {"size": self.size, "digest": self.digest}
 
@@ -79,7 +80,7 @@ def _digest_fd(fd):
     return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
 
 
-def file_digest(path):
+def file_digest(path: Union[str, os.PathLike]) -> FileRecord:
     """Digest a regular file on disk (a symbolic link or a special file is refused).
 
     :return: its :class:`FileRecord`.
@@ -91,7 +92,7 @@ def file_digest(path):
         os.close(fd)
 
 
-def file_matches(path, record):
+def file_matches(path: Union[str, os.PathLike], record: Optional[Mapping[str, Any]]) -> bool:
     """Whether the file at ``path`` has the size and digest of the manifest ``record``.
 
     The size is compared first, so a file of another size is not read. A missing
@@ -104,7 +105,7 @@ def _identity(stat_result):
     return stat_result.st_dev, stat_result.st_ino
 
 
-def is_retired(record):
+def is_retired(record: Any) -> bool:
     """Whether a manifest record is of a file being removed (see :mod:`experiment_io.training.retention`)."""
     return isinstance(record, dict) and record.get("retired") is True
 
@@ -126,18 +127,18 @@ class Verifier:
         removed by a retention) are kept apart in ``retired`` and never used.
     """
 
-    def __init__(self, directory, files):
+    def __init__(self, directory: Union[RunStorage, str, os.PathLike], files: Mapping[str, Any]):
         self.storage = as_storage(directory)
         self.directory = self.storage.location
         self.files = {name: record for name, record in files.items() if not is_retired(record)}
         self.retired = {name: record for name, record in files.items() if is_retired(record)}
-        self._digests = {}
+        self._digests: dict[str, tuple[FileRecord, tuple[int, int]]] = {}
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         """The path of ``name`` in the run."""
         return self.storage.path(name)
 
-    def digest(self, path):
+    def digest(self, path: Union[str, os.PathLike]) -> FileRecord:
         """The :class:`FileRecord` of the file at ``path`` (computed once).
 
         :raises FileNotFoundError: when the file does not exist.
@@ -151,7 +152,7 @@ class Verifier:
                 os.close(fd)
         return self._digests[path][0]
 
-    def matches(self, path, record):
+    def matches(self, path: Union[str, os.PathLike], record: Mapping[str, Any]) -> bool:
         """Whether the file at ``path`` has the size and digest of ``record`` (the size is compared first)."""
         try:
             if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
@@ -161,7 +162,7 @@ class Verifier:
             return False
         return actual.size == record["size"] and actual.digest == record["digest"]
 
-    def open_verified(self, path):
+    def open_verified(self, path: Union[str, os.PathLike]) -> Optional[int]:
         """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another
         file now); read it through :func:`~experiment_io.platform.files.descriptor_path` to read the verified
         bytes, whatever is renamed over ``path`` afterwards."""
@@ -172,7 +173,7 @@ class Verifier:
             return None
         return fd
 
-    def unchanged(self, path):
+    def unchanged(self, path: Union[str, os.PathLike]) -> bool:
         """Whether ``path`` still names the file that was digested."""
         path = os.path.abspath(path)
         try:
@@ -180,7 +181,8 @@ class Verifier:
         except FileNotFoundError:
             return False
 
-    def describe(self, path, record, *, size=None):
+    def describe(self, path: Union[str, os.PathLike], record: Optional[Mapping[str, Any]], *,
+                 size: Optional[int] = None) -> str:
         """Why the file at ``path`` is not the generation that ``record`` describes."""
         if size is None:
             try:
@@ -197,7 +199,7 @@ class Verifier:
         return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
 
 
-def check_archive(path):
+def check_archive(path: Union[str, os.PathLike]) -> None:
     """Refuse a ``torch.save`` archive that could cost more to open than its size.
 
     experiment_io writes every record of an archive uncompressed. A record that is
