@@ -7,10 +7,11 @@ importing nothing that is not allowed.
 """
 import logging
 import os
-from typing import Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
+from numpy.typing import DTypeLike
 
 from experiment_io.errors import DatabaseRestartError, _SetupKeyError
 from experiment_io.experiment.databases import Database
@@ -66,12 +67,14 @@ class NPZDatabase(Restartable, Database):
     """A database read from a numpy ``.npz`` archive.
 
     :param path: the archive; its arrays are looked up by the names in ``inputs``
-        and ``targets``. Other parameters as :class:`Database` (``test_size`` before
+        and ``targets``. Other parameters as :class:`~experiment_io.experiment.databases.Database` (``test_size`` before
         ``valid_size``, as in hippynn).
     """
 
-    def __init__(self, path, inputs, targets, seed, test_size=None, valid_size=None, *, float_dtype=None, splits=None,
-                 quiet=False):
+    def __init__(self, path: Union[str, os.PathLike], inputs: Sequence[str], targets: Sequence[str], seed: int,
+                 test_size: Union[int, float, None] = None, valid_size: Union[int, float, None] = None, *,
+                 float_dtype: Optional[DTypeLike] = None,
+                 splits: Optional[Mapping[str, Union[Sequence[int], np.ndarray]]] = None, quiet: bool = False):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
         with np.load(self.restart_kwargs["path"], allow_pickle=False) as archive:
             _check_names(self.restart_kwargs["path"], inputs, targets, list(archive.files), "arrays")
@@ -83,12 +86,14 @@ class NPZDatabase(Restartable, Database):
 class HDF5Database(Restartable, Database):
     """A database read from an HDF5 file; each named array is a dataset of the file.
 
-    :param path: the HDF5 file. Other parameters as :class:`Database` (``test_size``
+    :param path: the HDF5 file. Other parameters as :class:`~experiment_io.experiment.databases.Database` (``test_size``
         before ``valid_size``, as in hippynn).
     """
 
-    def __init__(self, path, inputs, targets, seed, test_size=None, valid_size=None, *, float_dtype=None, splits=None,
-                 quiet=False):
+    def __init__(self, path: Union[str, os.PathLike], inputs: Sequence[str], targets: Sequence[str], seed: int,
+                 test_size: Union[int, float, None] = None, valid_size: Union[int, float, None] = None, *,
+                 float_dtype: Optional[DTypeLike] = None,
+                 splits: Optional[Mapping[str, Union[Sequence[int], np.ndarray]]] = None, quiet: bool = False):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
         with h5py.File(self.restart_kwargs["path"], "r") as h5:
             held = []

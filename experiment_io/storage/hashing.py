@@ -29,6 +29,7 @@ __all__ = ["HashingWriter", "DIRECT_WRITE", "WRITE_BLOCK", "WRITEBACK_EVERY"]
 DIRECT_WRITE = 256 * 1024
 
 
+#: The size of the blocks into which small writes are gathered.
 WRITE_BLOCK = 4 * 1024 * 1024
 
 
