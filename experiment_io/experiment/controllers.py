@@ -3,7 +3,7 @@ import functools
 import logging
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -81,7 +81,7 @@ class Controller:
         ``directory``. Never saved.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler, batch_size: int, max_epochs: int,
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, batch_size: int, max_epochs: int,
                  stopping_key: str, *, eval_batch_size: Optional[int] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, not {type(optimizer).__name__}")
@@ -106,7 +106,7 @@ class Controller:
         self.current_epoch = 0
         self.boredom = 0
         #: why training stopped early (``None`` while it may go on until ``max_epochs``)
-        self.stop_reason = None
+        self.stop_reason: Optional[str] = None
         self.position = TrainingPosition()
         for s in schedulers:  # hippynn's RaiseBatchSizeOnPlateau changes the controller's batch size
             if callable(getattr(s, "set_controller", None)):
@@ -194,13 +194,13 @@ class PatienceController(Controller):
         model after which training stops.
     """
 
-    def __init__(self, *args, termination_patience: int, **kwargs):
+    def __init__(self, *args: Any, termination_patience: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if not isinstance(termination_patience, int) or termination_patience < 1:
             raise ValueError(f"termination_patience must be a positive integer, not {termination_patience!r}")
         self.termination_patience = termination_patience
 
-    def push_epoch(self, epoch, better_model, metric):
+    def push_epoch(self, epoch: int, better_model: bool, metric: float) -> bool:
         go_on = super().push_epoch(epoch, better_model, metric)
         if go_on and self.boredom >= self.termination_patience:
             self.stop_reason = (f"no improvement for {self.boredom} epochs "
@@ -208,11 +208,11 @@ class PatienceController(Controller):
             return False
         return go_on
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         state = super().state_dict()
         state["termination_patience"] = self.termination_patience
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.termination_patience = state["termination_patience"]

@@ -13,11 +13,15 @@ database               CPU
 =====================  =============================================
 """
 import logging
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from experiment_io.errors import DeviceError
 from experiment_io.experiment.launch import launched_world
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.training_modules import TrainingModules
 
 __all__ = ["resolve_device", "check_location_args", "module_device", "place_training_modules", "target_device"]
 
@@ -32,7 +36,7 @@ def _accelerator_count(device_type):
     return None
 
 
-def resolve_device(spec, argument="model_device"):
+def resolve_device(spec: Union[str, torch.device, None], argument: str = "model_device") -> Optional[torch.device]:
     """Turn a device request into a :class:`torch.device` that exists on this machine.
 
     :param spec: ``None``, ``"auto"`` (CUDA when present, else CPU), a string such
@@ -82,7 +86,7 @@ def _rank_device(device):
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def check_location_args(map_location, model_device):
+def check_location_args(map_location: Any, model_device: Union[str, torch.device, None]) -> None:
     """Refuse ``map_location`` and ``model_device`` given together, and a plain ``map_location`` this machine lacks.
 
     :raises DeviceError: naming which argument to drop, or the device that is missing.
@@ -102,9 +106,10 @@ def check_location_args(map_location, model_device):
         )
 
 
-def module_device(module, default="cpu"):
+def module_device(module: Any, default: Union[str, torch.device] = "cpu") -> torch.device:
     """The device of a module's first parameter or buffer (``default`` when it has none)."""
     if isinstance(module, torch.nn.Module):
+        tensor: torch.Tensor
         for tensor in module.parameters():
             return tensor.device
         for tensor in module.buffers():
@@ -112,7 +117,7 @@ def module_device(module, default="cpu"):
     return torch.device(default)
 
 
-def place_training_modules(training_modules, device):
+def place_training_modules(training_modules: "TrainingModules", device: Optional[torch.device]) -> None:
     """Put the model and the training loss on ``device`` and every evaluation loss on the CPU.
 
     Used by :func:`~experiment_io.setup_training` and by every loader.
@@ -137,7 +142,8 @@ def _plain_device(map_location):
     return None
 
 
-def target_device(map_location, model_device, saved_device, path):
+def target_device(map_location: Any, model_device: Union[str, torch.device, None], saved_device: Optional[str],
+                  path: str) -> Optional[torch.device]:
     """The device a load puts the model and the training loss on.
 
     :param map_location: as for :func:`torch.load`; a plain device decides.

@@ -8,7 +8,7 @@ import io
 import logging
 import math
 import os
-from typing import Optional, Union, cast
+from typing import Iterable, Optional, Union, cast
 
 import h5py
 import numpy as np
@@ -85,7 +85,7 @@ class MetricTracker:
         return value > best if self.larger_is_better else value < best
 
     def register_metrics(self, metric_info: dict, when: int, *, epoch_time: Optional[float] = None,
-                         learning_rates=None) -> bool:
+                         learning_rates: Optional[Iterable[float]] = None) -> bool:
         """Record the metrics of epoch ``when``.
 
         :param metric_info: ``{split: {name: value}}``.

@@ -14,6 +14,8 @@ samples into one contiguous share per rank. The shares of a step are disjoint an
 cover it, so each sample is seen once per epoch whatever the number of ranks, and
 a run resumed with another number of ranks continues the same order.
 """
+from typing import Iterator
+
 import numpy as np
 
 __all__ = ["epoch_permutation", "global_steps"]
@@ -24,7 +26,8 @@ def epoch_permutation(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(stream), int(epoch)]).permutation(n).astype(np.int64)
 
 
-def global_steps(positions: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1):
+def global_steps(positions: np.ndarray, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[np.ndarray, int]]:
     """This rank's share of each global step over ``positions`` (what is left of an epoch's order).
 
     A step covers ``batch_size * world_size`` consecutive positions (fewer in the

@@ -7,6 +7,7 @@ CPU ``uint8`` or ``int64`` tensor, whatever device a load maps tensors to.
 """
 import logging
 import random
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ __all__ = ["get_rng_state", "set_rng_state", "placed_on_cpu"]
 log = logging.getLogger(__name__)
 
 
-def get_rng_state():
+def get_rng_state() -> dict[str, Any]:
     """Capture the state of every random stream.
 
     :return: a dict of plain data and CPU tensors.
@@ -42,7 +43,7 @@ def _cpu_bytes(tensor):
     return tensor.detach().to(device="cpu", dtype=torch.uint8).contiguous()
 
 
-def set_rng_state(state):
+def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore every random stream from :func:`get_rng_state`'s output.
 
     CUDA states are restored when this machine has at least as many CUDA devices as
@@ -71,7 +72,7 @@ def set_rng_state(state):
     random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss"]))
 
 
-def placed_on_cpu(state):
+def placed_on_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
     """Return ``state`` with its torch and CUDA generator states as CPU ``uint8`` tensors."""
     placed = dict(state)
     placed["torch"] = _cpu_bytes(state["torch"])

@@ -29,7 +29,7 @@ that moment, and does not move when the loop stops early.
 import logging
 import math
 import numbers
-from typing import Optional, Union
+from typing import Optional, Sized, Union, cast
 
 import numpy as np
 import torch.utils.data
@@ -102,12 +102,13 @@ class ResumableSampler(torch.utils.data.Sampler):
         drop_last=...)`` becomes ``ResumableSampler`` by changing the class name.
     """
 
-    def __init__(self, data_source_or_length, *, seed: int = 0, shuffle: bool = True, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, drop_last: bool = False, num_replicas: Optional[int] = None):
+    def __init__(self, data_source_or_length: Union[int, Sized], *, seed: int = 0, shuffle: bool = True,
+                 rank: Optional[int] = None, world_size: Optional[int] = None, drop_last: bool = False,
+                 num_replicas: Optional[int] = None):
         if isinstance(data_source_or_length, numbers.Integral) and not isinstance(data_source_or_length, bool):
             length: Union[numbers.Integral, int] = data_source_or_length
         else:
-            length = len(data_source_or_length)
+            length = len(cast(Sized, data_source_or_length))
         self._length = _non_negative_int(length, "the data set's length")
         self._seed = _non_negative_int(seed, "seed")
         if num_replicas is not None:

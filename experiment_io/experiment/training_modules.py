@@ -1,10 +1,13 @@
 """The model side of an experiment: the model, its training loss and its evaluator."""
 import logging
-from typing import Any, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, NamedTuple, Optional, Union
 
 import torch
 
 from experiment_io.errors import SetupError
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.databases import Database
 
 __all__ = ["TrainingModules", "Evaluator", "as_tuple", "loss_value", "adopt_evaluator"]
 
@@ -13,12 +16,12 @@ log = logging.getLogger(__name__)
 _JOINT = "(one pass)"  # the state key of a one-pass evaluation callable that is a module
 
 
-def as_tuple(output):
+def as_tuple(output: Any) -> tuple:
     """A model's output as a tuple of tensors (a single tensor becomes a 1-tuple)."""
     return tuple(output) if isinstance(output, (tuple, list)) else (output,)
 
 
-def loss_value(value):
+def loss_value(value: Any) -> torch.Tensor:
     """The loss to minimize in what a training loss returned.
 
     A tensor is the loss. Of a tuple or list (hippynn's training-loss graph returns
@@ -73,8 +76,10 @@ class Evaluator:
         returns a tuple or list).
     """
 
-    def __init__(self, model: torch.nn.Module, evaluation_losses, *, batch_size: int = 256, names=None):
-        self.joint, self.joint_names = None, ()
+    def __init__(self, model: torch.nn.Module, evaluation_losses: Union[Dict[str, Callable], Callable], *,
+                 batch_size: int = 256, names: Optional[Iterable[str]] = None):
+        self.joint: Optional[Callable] = None
+        self.joint_names: tuple[str, ...] = ()
         if callable(evaluation_losses) and not isinstance(evaluation_losses, dict):
             if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
                 raise SetupError(f"names must be a list of strings, not {names!r}")
@@ -131,7 +136,7 @@ class Evaluator:
                 raise KeyError(f"evaluation loss {name!r} is in the state but not in this evaluator")
             modules[name].load_state_dict(fn_state)
 
-    def predict(self, split: str, *, database=None, batch_size: Optional[int] = None) -> tuple:
+    def predict(self, split: str, *, database: Optional["Database"] = None, batch_size: Optional[int] = None) -> tuple:
         """Run the model over a split.
 
         :return: ``(predictions, targets)``, tuples of CPU tensors over the whole split.
@@ -156,7 +161,8 @@ class Evaluator:
             raise ValueError(f"split {split!r} of the database is empty; nothing to evaluate")
         return tuple(torch.cat(parts) for parts in zip(*outputs)), tuple(torch.cat(parts) for parts in zip(*targets))
 
-    def evaluate(self, split: str, *, database=None, batch_size: Optional[int] = None) -> Dict[str, float]:
+    def evaluate(self, split: str, *, database: Optional["Database"] = None,
+                 batch_size: Optional[int] = None) -> Dict[str, float]:
         """Evaluate every loss on ``split``.
 
         :return: ``{name: float}``.
@@ -183,7 +189,7 @@ class Evaluator:
         return {name: float(value) for name, value in zip(self.joint_names, values)}
 
 
-def adopt_evaluator(evaluator):
+def adopt_evaluator(evaluator: Any) -> Evaluator:
     """An experiment_io :class:`Evaluator` for ``evaluator``.
 
     An experiment_io evaluator is returned as is. hippynn's evaluator (what

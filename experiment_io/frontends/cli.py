@@ -26,6 +26,7 @@ import datetime
 import logging
 import os
 import sys
+from typing import Optional, Sequence
 
 import torch
 
@@ -83,7 +84,7 @@ def _held(record):
     return f"{'model' if kind == 'model' else 'state'} after epoch {done - 1}"
 
 
-def cmd_info(args):
+def cmd_info(args: argparse.Namespace) -> int:
     files = _manifest(args.directory)
     print(f"run directory {os.path.abspath(args.directory)}")
     status = run_status(files)
@@ -123,7 +124,7 @@ def _print_provenance(record):
         print(f"command: {record['command']}")
 
 
-def cmd_verify(args):
+def cmd_verify(args: argparse.Namespace) -> int:
     verifier = Verifier(os.path.abspath(args.directory), _manifest(args.directory))
     files = verifier.files
     failures = rollbacks = 0
@@ -163,7 +164,7 @@ def _uncommitted(directory, files):
             if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
 
 
-def cmd_list(args):
+def cmd_list(args: argparse.Namespace) -> int:
     directory = os.path.abspath(args.directory)
     verifier = Verifier(directory, _manifest(directory))
     files, retired = verifier.files, verifier.retired
@@ -235,7 +236,7 @@ def _model_state(directory, which, epoch):
         if epoch is not None else ""))
 
 
-def cmd_export(args):
+def cmd_export(args: argparse.Namespace) -> int:
     if args.epoch is not None and args.which is not None:
         print("error: give --which or --epoch, not both", file=sys.stderr)
         return 2
@@ -275,7 +276,7 @@ def _newest_tracker(directory):
     raise ExperimentIOError(f"{directory} holds no intact checkpoint")
 
 
-def cmd_metrics(args):
+def cmd_metrics(args: argparse.Namespace) -> int:
     tracker, path = _newest_tracker(args.directory)
     if args.hdf5:
         tracker.to_hdf5(args.hdf5)
@@ -290,7 +291,7 @@ def cmd_metrics(args):
     return 0
 
 
-def cmd_plot(args):
+def cmd_plot(args: argparse.Namespace) -> int:
     from experiment_io.training.plots import PLOTS_DIRECTORY, plot_history, plotting_available
 
     if not plotting_available():
@@ -304,7 +305,7 @@ def cmd_plot(args):
     return 0
 
 
-def cmd_lineage(args):
+def cmd_lineage(args: argparse.Namespace) -> int:
     from experiment_io.frontends.lineage import tree
 
     if not os.path.isdir(args.directory):
@@ -321,7 +322,7 @@ def cmd_lineage(args):
     return 0
 
 
-def cmd_import_hippynn(args):
+def cmd_import_hippynn(args: argparse.Namespace) -> int:
     from experiment_io.frontends.hippynn_runs import import_hippynn_run
 
     try:
@@ -378,7 +379,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return its exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -13,6 +13,7 @@ only here.
 """
 import logging
 import os
+from typing import Union, cast
 
 import torch
 
@@ -20,8 +21,9 @@ from experiment_io.experiment.controllers import Controller, PatienceController,
 from experiment_io.errors import CheckpointNotFoundError, NotACheckpointError, RunExistsError
 from experiment_io.storage.generations import RunWriter
 from experiment_io.experiment.metric_tracker import MetricTracker
-from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload,
-                                        model_payload, run_status, save_payloads, structure_payload)
+from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, RunStatus,
+                                        checkpoint_payload, model_payload, run_status, save_payloads,
+                                        structure_payload)
 from experiment_io.experiment.rng import get_rng_state
 from experiment_io.experiment.training_modules import TrainingModules, adopt_evaluator
 
@@ -63,7 +65,8 @@ def _tracker(hippynn_tracker, stopping_key, best_model_state):
     return tracker
 
 
-def import_hippynn_run(source, destination, *, overwrite=False):
+def import_hippynn_run(source: Union[str, os.PathLike], destination: Union[str, os.PathLike], *,
+                       overwrite: bool = False) -> RunStatus:
     """Write an experiment_io run directory from a hippynn run directory.
 
     :param source: the hippynn run directory (``experiment_structure.pt``,
@@ -114,6 +117,6 @@ def import_hippynn_run(source, destination, *, overwrite=False):
     files = {LAST_NAME: payload, BEST_NAME: payload,
              BEST_MODEL_NAME: model_payload(payload["model"], controller.current_epoch, 0, digest, "cpu")}
     save_payloads(writer, files)
-    status = run_status(writer.files)
+    status = cast(RunStatus, run_status(writer.files))  # never None: the checkpoints were just committed
     log.info("imported the hippynn run %s into %s: %s", source, writer.directory, status.describe())
     return status

@@ -33,7 +33,7 @@ imports ``lightning.pytorch``.
 """
 import logging
 import os
-from typing import Any, Iterable, Optional, cast
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -48,6 +48,9 @@ from experiment_io.storage.manifest import read_manifest
 from experiment_io.storage.verification import is_retired
 from experiment_io.experiment.rng import get_rng_state, set_rng_state
 from experiment_io.experiment.sampler import ResumableSampler
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
 
 __all__ = ["AtomicCheckpointIO", "ExactResume"]
 
@@ -69,20 +72,22 @@ class AtomicCheckpointIO(CheckpointIO):
     def __init__(self):
         self._saver = AtomicSaver()
 
-    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict, path: Union[str, os.PathLike],
+                        storage_options: Optional[Any] = None) -> None:
         """Write ``checkpoint`` to ``path`` with :func:`~experiment_io.atomic_save`."""
         if storage_options is not None:
             raise SetupError("AtomicCheckpointIO takes no storage_options; it writes local or shared file systems")
         self._saver.save(checkpoint, os.fspath(path))
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+    def load_checkpoint(self, path: Union[str, os.PathLike], map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict:
         """The checkpoint at ``path``, proven intact, through :func:`~experiment_io.verified_load` (always
         ``weights_only``)."""
         if weights_only is False:
             log.warning("AtomicCheckpointIO loads with weights_only=True whatever Lightning asks (%s)", path)
         return verified_load(os.fspath(path), map_location=map_location)
 
-    def remove_checkpoint(self, path) -> None:
+    def remove_checkpoint(self, path: Union[str, os.PathLike]) -> None:
         """Remove a checkpoint (and its previous generation) with its manifest record."""
         self._saver.remove(os.fspath(path))
 
@@ -128,8 +133,8 @@ class ExactResume(Callback):
     :param batch_size: the samples per batch on each rank, when a batch's length cannot be read from it.
     """
 
-    def __init__(self, path, *, sampler: Optional[ResumableSampler] = None, every_n_steps: int = 0,
-                 signals: Iterable = DEFAULT_SIGNALS, exit_on_preemption: bool = True,
+    def __init__(self, path: Union[str, os.PathLike], *, sampler: Optional[ResumableSampler] = None,
+                 every_n_steps: int = 0, signals: Iterable = DEFAULT_SIGNALS, exit_on_preemption: bool = True,
                  batch_size: Optional[int] = None):
         if sampler is not None and not isinstance(sampler, ResumableSampler):
             raise SetupError(f"ExactResume(sampler=...) takes an experiment_io.ResumableSampler, not "
@@ -147,8 +152,9 @@ class ExactResume(Callback):
         self._preemption: Optional[Preemption] = None
         self._pending_rng = None
         self._warned_sampler = False
-        self._last_step = None  # the global step after the previous batch: a batch that changed it stepped
-        self._saved_step = None
+        # the global step after the previous batch: a batch that changed it stepped
+        self._last_step: Optional[int] = None
+        self._saved_step: Optional[int] = None
 
     @property
     def state_key(self) -> str:
@@ -170,7 +176,7 @@ class ExactResume(Callback):
 
     # --- signals -----------------------------------------------------------------------------
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         # installed after Lightning's own handlers (which would raise at the end of the batch, before a save)
         self._preemption = Preemption(self._signals, exit_on_preemption=self.exit_on_preemption).__enter__()
 
@@ -179,20 +185,22 @@ class ExactResume(Callback):
             self._preemption.__exit__(None, None, None)
             self._preemption = None
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: "Trainer", pl_module: "LightningModule") -> None:
         self._release_signals()
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    def on_exception(self, trainer: "Trainer", pl_module: "LightningModule", exception: BaseException) -> None:
         self._release_signals()
 
     # --- every batch -----------------------------------------------------------------------
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: "Trainer", pl_module: "LightningModule", batch: Any,
+                             batch_idx: int) -> None:
         if self._pending_rng is not None:  # the first batch after a resume starts from the saved streams
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: "Trainer", pl_module: "LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if self.sampler is not None:
             self.sampler.advance(self.batch_size or _batch_length(batch))
         elif not self._warned_sampler:
@@ -235,7 +243,7 @@ class ExactResume(Callback):
         torch.distributed.all_gather_object(names, mine)
         return next(n for n in names if n is not None)
 
-    def teardown(self, trainer, pl_module, stage) -> None:
+    def teardown(self, trainer: "Trainer", pl_module: "LightningModule", stage: str) -> None:
         self._pending_rng = None  # streams loaded for one fit are not applied to a later one
         self._release_signals()
 
@@ -245,7 +253,7 @@ class ExactResume(Callback):
         world_size, rank = _world()
         rng = [get_rng_state()]
         if world_size > 1:  # every rank's streams, in rank order (a collective: every rank saves)
-            gathered = [None] * world_size
+            gathered: list[Any] = [None] * world_size
             torch.distributed.all_gather_object(gathered, rng[0])
             rng = gathered
         return {"sampler": self.sampler.state_dict() if self.sampler is not None else None, "rng": rng}

@@ -50,7 +50,7 @@ import shutil
 import time
 import uuid
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union, cast
 
 import torch
 import xxhash
@@ -70,6 +70,9 @@ from experiment_io.experiment.rng import get_rng_state, set_rng_state
 from experiment_io.experiment.training_modules import Evaluator, TrainingModules
 from experiment_io.version import __version__
 from experiment_io.storage.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["Model", "CheckpointBlock", "Cache", "metric", "tree"]
 
@@ -92,7 +95,7 @@ _FAMILY = {
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse")
 
 
-def metric(name: str, higher_is_better: bool = True):
+def metric(name: str, higher_is_better: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Name a metric function and say which way is better.
 
     A metric is called as ``fn(outputs, targets)`` on each batch and returns the
@@ -272,7 +275,7 @@ class Model:
 
     # ------------------------------------------------------------------ files
 
-    def checkpoint_directory(self, id) -> str:
+    def checkpoint_directory(self, id: Union[int, str]) -> str:
         """The directory of checkpoint ``id``."""
         return os.path.join(self.directory, _check_id(id, "a checkpoint's id"))
 
@@ -398,7 +401,7 @@ class Model:
 
     # ------------------------------------------------------------ public API
 
-    def checkpoint(self, id, description: Optional[str] = None) -> "CheckpointBlock":
+    def checkpoint(self, id: Union[int, str], description: Optional[str] = None) -> "CheckpointBlock":
         """A checkpoint block: ``with model.checkpoint(1) as cp: cp.setup(...); cp.train(...)``.
 
         Inside, :meth:`CheckpointBlock.setup` builds components and
@@ -408,7 +411,7 @@ class Model:
         """
         return CheckpointBlock(self, _check_id(id, "a checkpoint's id"), description)
 
-    def cache(self, id) -> "Cache":
+    def cache(self, id: Union[int, str]) -> "Cache":
         """Cached operations on checkpoint ``id``'s end state: :meth:`Cache.evaluate`, :meth:`Cache.find_lr`."""
         return Cache(self, _check_id(id, "a checkpoint's id"))
 
@@ -416,7 +419,7 @@ class Model:
         """The ids of the checkpoints on disk, in the order they were first written."""
         return [entry["id"] for entry in _blocks(self.directory)]
 
-    def load_checkpoint(self, id, from_backup: bool = False, load_schedulers: bool = True) -> None:
+    def load_checkpoint(self, id: Union[int, str], from_backup: bool = False, load_schedulers: bool = True) -> None:
         """Roll back to checkpoint ``id``: its components are built anew from its recipe and their states loaded.
 
         :param from_backup: load the best epoch's states kept when the block's last
@@ -479,7 +482,7 @@ class Model:
                 f"model's). Build the model as it was, or delete the checkpoint to train it anew: "
                 f"model.delete_checkpoint({record['id']!r})")
 
-    def delete_checkpoint(self, id) -> None:
+    def delete_checkpoint(self, id: Union[int, str]) -> None:
         """Delete checkpoint ``id`` with its cache (checkpoints that continued from it keep their own files)."""
         cp_id = _check_id(id, "a checkpoint's id")
         directory = self.checkpoint_directory(cp_id)
@@ -612,9 +615,11 @@ class CheckpointBlock:
 
     # ---------------------------------------------------------------- setup
 
-    def setup(self, *, loss_cls=None, loss_args=None, optimizer_cls=None, optimizer_args=None,
-              epoch_scheduler_cls=None, epoch_scheduler_args=None, clear_epoch_scheduler: bool = False,
-              step_scheduler_cls=None, step_scheduler_args=None, clear_step_scheduler: bool = False) -> None:
+    def setup(self, *, loss_cls: Optional[type[torch.nn.Module]] = None, loss_args: Optional[dict] = None,
+              optimizer_cls: Optional[type[torch.optim.Optimizer]] = None, optimizer_args: Optional[dict] = None,
+              epoch_scheduler_cls: Optional[type] = None, epoch_scheduler_args: Optional[dict] = None,
+              clear_epoch_scheduler: bool = False, step_scheduler_cls: Optional[type] = None,
+              step_scheduler_args: Optional[dict] = None, clear_step_scheduler: bool = False) -> None:
         """Build the components this block names; the others carry over, with their states, from the previous
         checkpoint.
 
@@ -862,7 +867,7 @@ class CheckpointBlock:
 
     # ---------------------------------------------------------------- plots
 
-    def plot_metrics(self, path: "str | os.PathLike | None" = None):
+    def plot_metrics(self, path: "str | os.PathLike | None" = None) -> "Figure":
         """Plot the loss and metrics of this block's ``train()`` calls over the lineage's epochs.
 
         :param path: also save the figure there (PNG, PDF... by its suffix).
@@ -1172,7 +1177,7 @@ class Cache:
     def _file(self, name):
         return _CACHE_PREFIX + _check_id(name, "a cached result's name") + ".pt"
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         """The cached result ``name`` (``None`` when there is none)."""
         file = self._file(name)
         if not self.model._has(self.id, file):
@@ -1241,7 +1246,8 @@ class Cache:
             return {n: sums[n] / count for n in sums}
         return self._cached(name, key, compute, (dataloader,))
 
-    def find_lr(self, dataloader: Iterable, optimizer_cls=None, optimizer_args: Optional[dict] = None, loss_cls=None, *,
+    def find_lr(self, dataloader: Iterable, optimizer_cls: Optional[type[torch.optim.Optimizer]] = None,
+                optimizer_args: Optional[dict] = None, loss_cls: Optional[type[torch.nn.Module]] = None, *,
                 epochs: int = 1, min_rate: float = 1e-8, max_rate: float = 1.0, name: str = "find_lr") -> dict:
         """A learning-rate range test on a copy of the checkpoint's model (the checkpoint is not changed).
 

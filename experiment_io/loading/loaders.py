@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from experiment_io.run.skeleton import materialize
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import read_manifest
 from experiment_io.experiment.training_modules import TrainingModules
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.databases import Database
 
 __all__ = ["load_checkpoint", "load_checkpoint_from_cwd", "load_model_from_cwd"]
 
@@ -164,8 +167,8 @@ def _not_yet(error, directory):
 
 
 def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False,
-                    map_location: Any = None, model_device: Any = None, *, database=None, allow: Sequence = (),
-                    trusted: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
+                    map_location: Any = None, model_device: Any = None, *, database: Database | None = None,
+                    allow: Sequence = (), trusted: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
     """Load a structure file and a state file into objects that :func:`train_model` accepts.
 
     :param structure_fname: path of ``experiment_structure.pt``.
@@ -210,8 +213,8 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
 
 def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None, restart_db: bool = True, *,
                              which: str = "last", strict: bool = False, directory: Optional[PathLike] = None,
-                             database=None, allow: Sequence = (), trusted: bool = False, restore_rng: bool = True,
-                             missing_ok: bool = False) -> Optional[dict]:
+                             database: Database | None = None, allow: Sequence = (), trusted: bool = False,
+                             restore_rng: bool = True, missing_ok: bool = False) -> Optional[dict]:
     """Load the run in the current directory, ready for ``train_model(**check)``.
 
     Every file is verified first, and the newest checkpoint that verifies is taken:

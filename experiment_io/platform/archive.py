@@ -24,7 +24,7 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import IO, Any, Union
+from typing import Any, Union
 
 import torch
 import torch.serialization
@@ -191,7 +191,7 @@ class _ZipWriter:
                             min(start, _MASKED), 0))
 
 
-def save(obj: Any, f: IO[bytes], pickle_module: Any = None) -> None:
+def save(obj: Any, f: Any, pickle_module: Any = None) -> None:
     """Write ``obj`` to the binary file object ``f`` as ``torch.save(obj, f)`` does.
 
     The archive is written sequentially (no seeks). ``pickle_module`` is passed on as

@@ -25,9 +25,10 @@ Payloads are written by :func:`save_payload` and committed through a
 """
 import io
 import logging
+import os
 import pickle
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -36,6 +37,13 @@ from experiment_io.format import codec as fmt
 from experiment_io.run import skeleton
 from experiment_io.experiment.devices import module_device
 from experiment_io.experiment.rng import get_rng_state
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.controllers import Controller
+    from experiment_io.experiment.metric_tracker import MetricTracker
+    from experiment_io.experiment.training_modules import TrainingModules
+    from experiment_io.storage.generations import RunWriter
+    from experiment_io.storage.verification import FileRecord
 
 __all__ = [
     "STRUCTURE_NAME",
@@ -73,7 +81,7 @@ BEST_EVALUATION_NAME = "best_evaluation.json"
 METRICS_CSV_NAME = "metrics.csv"
 
 
-def save_payload(payload, f):
+def save_payload(payload: dict[str, Any], f: Any) -> None:
     """Write ``payload`` to the binary file object ``f`` with :func:`torch.save`.
 
     A structure payload is written without the data of the tensors that the state
@@ -81,7 +89,7 @@ def save_payload(payload, f):
     ``torch.save`` archive (CRC-32 included), which ``torch.load`` and zip tools read;
     :mod:`experiment_io.platform.archive` writes its zip container.
     """
-    options = {}
+    options: dict[str, Any] = {}
     kind = payload.get(fmt.HEADER_KEY, {}).get("kind")
     if kind == "model":  # the plain state_dict (format 3): its header goes into the manifest record only
         archive.save(payload["model"], f)
@@ -93,17 +101,18 @@ def save_payload(payload, f):
     archive.save(payload, f, **options)
 
 
-def epoch_checkpoint_name(epoch):
+def epoch_checkpoint_name(epoch: int) -> str:
     """The name of the checkpoint kept for the 0-based ``epoch``."""
     return f"checkpoint_epoch_{epoch}.pt"
 
 
-def epoch_model_name(epoch):
+def epoch_model_name(epoch: int) -> str:
     """The name of the model state kept for the 0-based ``epoch``."""
     return f"model_epoch_{epoch}.pt"
 
 
-def structure_payload(training_modules, controller, database_descriptor):
+def structure_payload(training_modules: "TrainingModules", controller: "Optional[Controller]",
+                      database_descriptor: Optional[dict]) -> dict[str, Any]:
     """The pickled part of a run: whole objects, loaded back through the trust gate.
 
     :func:`save_payload` writes the model's and the loss's parameters and persistent
@@ -123,7 +132,9 @@ def _last_stopping_value(metric_tracker):
     return values.get(metric_tracker.epochs[-1]) if values and metric_tracker.epochs else None
 
 
-def checkpoint_payload(training_modules, controller, metric_tracker, database, structure_digest, rng_states=None):
+def checkpoint_payload(training_modules: "TrainingModules", controller: "Controller", metric_tracker: "MetricTracker",
+                       database: Any, structure_digest: Optional[str],
+                       rng_states: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, Any]:
     """Every state of a run, at the controller's position, as plain data and tensors.
 
     :param rng_states: the random streams of every rank, in rank order, in a
@@ -154,7 +165,8 @@ def checkpoint_payload(training_modules, controller, metric_tracker, database, s
     }
 
 
-def model_payload(model_state, epochs_done, step, structure_digest, model_device, world_size=1):
+def model_payload(model_state: dict[str, torch.Tensor], epochs_done: int, step: int, structure_digest: Optional[str],
+                  model_device: Union[str, torch.device], world_size: int = 1) -> dict[str, Any]:
     """A model's ``state_dict`` with a header (the file holds the ``state_dict`` alone; the header goes into its
     manifest record)."""
     return {
@@ -182,7 +194,9 @@ def _tensor_bytes(obj):
     return 0
 
 
-def save_payloads(writer, payloads, extra=None, retire=(), kept=None):
+def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
+                  extra: Optional[Mapping[str, tuple[bytes, dict[str, Any]]]] = None, retire: Sequence[str] = (),
+                  kept: Optional[Mapping[str, str]] = None) -> "dict[str, FileRecord]":
     """Write payloads through ``writer`` (a :class:`~experiment_io.storage.generations.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
@@ -196,8 +210,8 @@ def save_payloads(writer, payloads, extra=None, retire=(), kept=None):
     :return: ``{file name: FileRecord}``.
     """
     shared_ids = [id(p) for p in payloads.values()]
-    serialized = {}
-    writes = {}
+    serialized: dict[int, memoryview] = {}
+    writes: dict[str, tuple] = {}
     for name, payload in payloads.items():
         fields = fmt.record_fields(payload[fmt.HEADER_KEY])
         if shared_ids.count(id(payload)) > 1 and (id(payload) in serialized
@@ -282,7 +296,8 @@ def _pickle_error(obj):
     return None
 
 
-def unpicklable_part(name, obj, error=None):
+def unpicklable_part(name: str, obj: Any,
+                     error: Optional[BaseException] = None) -> Optional[tuple[str, Any, BaseException]]:
     """The innermost part of ``obj`` that cannot be pickled: ``(path, part, error)``, or ``None``.
 
     :param name: what ``obj`` is called in the path (e.g. ``"model"``).
@@ -304,7 +319,7 @@ def unpicklable_part(name, obj, error=None):
             return path, obj, error
 
 
-def main_module_names(path):
+def main_module_names(path: Union[str, os.PathLike]) -> list[str]:
     """The globals of a written structure file that live in ``__main__`` (the training script or notebook)."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)

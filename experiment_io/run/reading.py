@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -35,16 +36,22 @@ from experiment_io.run.trust import load_structure
 from experiment_io.platform.files import NotARegularFile, descriptor_path
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.platform.threads import worker_thread
-from experiment_io.storage.interface import as_storage
+from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, manifest_path, read_manifest
 
 __all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
            "check_pairing", "pick_structure_and_state", "until_stable", "verified_source", "Replaced"]
 
+if TYPE_CHECKING:
+    from experiment_io.platform.residence import Destination
+    from experiment_io.storage.generations import Role
+
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 
-def require_file(path, what):
+
+def require_file(path: Union[str, os.PathLike], what: str) -> None:
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{what} {path} does not exist" + (
             " (it is a directory; give the file inside it)" if os.path.isdir(path) else "") + ".")
@@ -60,7 +67,7 @@ class Replaced(Exception):
 _ATTEMPTS = 10
 
 
-def until_stable(load, directory=None):
+def until_stable(load: Callable[[], _T], directory: Union[RunStorage, str, os.PathLike, None] = None) -> _T:
     """Run ``load()`` until no file it read was replaced while it ran.
 
     :param directory: the run's storage or directory; a load that fails (no intact generation,
@@ -88,7 +95,8 @@ def until_stable(load, directory=None):
     )
 
 
-def verified_record(path, verify, verifier=None):
+def verified_record(path: Union[str, os.PathLike], verify: bool,
+                    verifier: Optional[Verifier] = None) -> tuple[Optional[dict[str, Any]], Optional[Verifier]]:
     """Verify a file named by the user against the manifest of its directory.
 
     The file may match the record of its own name or of the other generation of its
@@ -121,7 +129,8 @@ def verified_record(path, verify, verifier=None):
 
 
 
-def torch_load(path, map_location, *, mmap=False, read_from=None, destination=None):
+def torch_load(path: Union[str, os.PathLike], map_location: Any, *, mmap: bool = False, read_from: Optional[str] = None,
+               destination: "Optional[Destination]" = None) -> Any:
     """``torch.load(weights_only=True)`` of ``path`` (read from ``read_from``, a verified descriptor's path).
 
     :param destination: a :class:`~experiment_io.platform.residence.Destination`: the file is mapped and its
@@ -145,7 +154,7 @@ def torch_load(path, map_location, *, mmap=False, read_from=None, destination=No
 
 
 @contextlib.contextmanager
-def verified_source(path, verifier):
+def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier]) -> Iterator[Optional[str]]:
     """A read of a verified file. Yields the path to read: that of a descriptor opened on the very file that was
     verified, so that what a writer (or anyone) renames over ``path`` meanwhile is never read; :class:`Replaced`
     when ``path`` names another file by then."""
@@ -171,7 +180,9 @@ def verified_source(path, verifier):
         raise Replaced(path)
 
 
-def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=True, destination=None):
+def load_state_file(path: str, kinds: Collection[str], map_location: Any, record: Optional[Mapping[str, Any]],
+                    verifier: Optional[Verifier] = None, *, mmap: bool = True,
+                    destination: "Optional[Destination]" = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
 
     With a ``destination`` (:class:`~experiment_io.platform.residence.Destination`), the tensors are copied from
@@ -191,7 +202,8 @@ def load_state_file(path, kinds, map_location, record, verifier=None, *, mmap=Tr
     return payload, fmt.check_payload(payload, path, kinds)
 
 
-def load_structure_file(path, allow, trusted, record, verifier=None, model_only=False):
+def load_structure_file(path: str, allow: Sequence[Any], trusted: bool, record: Optional[Mapping[str, Any]],
+                        verifier: Optional[Verifier] = None, model_only: bool = False) -> dict[str, Any]:
     with verified_source(path, verifier) as source:
         payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"],
                                  read_from=source, model_only=model_only)
@@ -199,7 +211,8 @@ def load_structure_file(path, allow, trusted, record, verifier=None, model_only=
     return payload
 
 
-def check_pairing(state_path, header, structure_path, structure_record):
+def check_pairing(state_path: Union[str, os.PathLike], header: Mapping[str, Any],
+                  structure_path: Union[str, os.PathLike], structure_record: Optional[Mapping[str, Any]]) -> None:
     expected = header.get("structure_digest")
     if structure_record is not None and expected is not None and expected != structure_record["digest"]:
         raise IncompatibleCheckpointError(
@@ -210,7 +223,7 @@ def check_pairing(state_path, header, structure_path, structure_record):
 
 
 
-def run_verifier(directory):
+def run_verifier(directory: Union[RunStorage, str, os.PathLike, None]) -> Verifier:
     """The :class:`~experiment_io.storage.verification.Verifier` of a run directory (default: the current one).
 
     :raises CheckpointNotFoundError: for a missing directory, or one that holds no run.
@@ -270,7 +283,9 @@ class _Concurrently:
         return value
 
 
-def pick_structure_and_state(verifier, roles, strict, newest_first, load_structure, meanwhile=None):
+def pick_structure_and_state(verifier: Verifier, roles: "Sequence[Union[Role, str]]", strict: bool, newest_first: bool,
+                             load_structure: Callable[[str, dict], Any],
+                             meanwhile: Optional[Callable[[], Any]] = None) -> tuple[str, dict, Any, str, dict]:
     """A structure generation, loaded, and a state generation written for it (newest first).
 
     While the structure file is loaded (``load_structure(path, record)``), the state
@@ -298,7 +313,7 @@ def pick_structure_and_state(verifier, roles, strict, newest_first, load_structu
                 pass
             raise
         if meanwhile is not None:
-            meanwhile, run = None, meanwhile
+            run, meanwhile = meanwhile, None
             try:
                 run()
             except BaseException:  # the verification thread is joined before the error goes on

@@ -24,8 +24,10 @@ their identity, so the optimizer's references to the parameters and parameters
 tied between modules stay as they were.
 """
 import logging
+import os
 import pickle
 import types
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -65,17 +67,17 @@ def _slots(module):
                 yield sub, dot + name, tensor
 
 
-def restored_tensors(*modules):
+def restored_tensors(*modules: Any) -> dict[int, torch.Tensor]:
     """The tensors that loading a ``state_dict`` of ``modules`` restores, by ``id``.
 
     :param modules: modules (other objects are ignored).
     :return: ``{id(tensor): tensor}``.
     """
-    result = {}
+    result: dict[int, torch.Tensor] = {}
     for module in modules:
         if not isinstance(module, torch.nn.Module) or any(map(_has_state_hooks, module.modules())):
             continue
-        state = module.state_dict(keep_vars=True)
+        state: Any = module.state_dict(keep_vars=True)
         for owner, key, tensor in _slots(module):
             if (state.get(key) is tensor and _standard_state(owner)
                     and type(tensor) in (torch.Tensor, torch.nn.Parameter)
@@ -100,7 +102,7 @@ def _storage_key(tensor):
     return tensor.device, storage.data_ptr()
 
 
-def without_aliases(obj, tensors):
+def without_aliases(obj: Any, tensors: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Those of ``tensors`` whose memory no other tensor reachable from ``obj`` shares.
 
     A tensor that shares its storage with another object (a view kept in an
@@ -110,7 +112,7 @@ def without_aliases(obj, tensors):
     :param tensors: ``{id(tensor): tensor}``.
     :return: the same kind of dict, without the aliased tensors.
     """
-    seen = {}  # storage key -> ids of the tensor objects on it
+    seen: dict[Any, set[int]] = {}  # storage key -> ids of the tensor objects on it
 
     class Census(pickle.Pickler):
         def reducer_override(self, reached):
@@ -148,7 +150,7 @@ def _meta_stand_in(tensor):
     return _dressed_as(tensor, torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="meta"))
 
 
-def torch_function_name(obj):
+def torch_function_name(obj: Any) -> Optional[str]:
     """The name under ``torch`` of a builtin torch function (``torch.tanh``), else ``None``.
 
     Pickle stores such a function as a call of ``getattr`` on a class of torch's C
@@ -163,7 +165,7 @@ def torch_function_name(obj):
     return None
 
 
-def pickle_module_without(tensors):
+def pickle_module_without(tensors: Mapping[int, torch.Tensor]) -> types.SimpleNamespace:
     """A pickle module for ``torch.save`` that writes each of ``tensors`` as a meta tensor.
 
     :param tensors: ``{id(tensor): tensor}`` as :func:`restored_tensors` returns.
@@ -189,7 +191,8 @@ def pickle_module_without(tensors):
     return types.SimpleNamespace(Pickler=Pickler, Unpickler=pickle.Unpickler, __name__="pickle")
 
 
-def materialize(module, state, path, *, device=None, own_memory=True):
+def materialize(module: Any, state: Mapping[str, Any], path: Union[str, os.PathLike], *,
+                device: Union[str, torch.device, None] = None, own_memory: bool = True) -> Mapping[str, Any]:
     """Give every meta parameter and buffer of ``module`` its data from ``state``, in place.
 
     Each meta tensor is swapped (:func:`torch.utils.swap_tensors`) with a tensor of
@@ -211,7 +214,8 @@ def materialize(module, state, path, *, device=None, own_memory=True):
     if not isinstance(module, torch.nn.Module):
         return state
     state = dict(state)
-    pending = {}  # id -> (meta tensor, its state entry, its keys); checked whole before anything changes
+    # id -> (meta tensor, its state entry, its keys); checked whole before anything changes
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
     for _owner, key, tensor in _slots(module):
         if tensor.device.type != "meta":
             continue

@@ -26,6 +26,8 @@ full pickle. Refusing never imports a module the user did not allow.
 """
 import collections
 import logging
+import os
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -77,7 +79,7 @@ radians remainder sin sinh sqrt tan tanh trunc""".split()
 _safe_functions = None
 
 
-def safe_functions():
+def safe_functions() -> dict[int, Callable[..., Any]]:
     """The functions the gate admits by default, by identity: tensor math that cannot reach files, imports or code.
 
     Every public function of :mod:`torch.nn.functional` that computes on tensors, the
@@ -227,7 +229,8 @@ def _judge(global_names, allow, source):
     return admitted, _Refusal(refused, missing, source)
 
 
-def admitted_globals(global_names, *, allow=(), source="the structure file"):
+def admitted_globals(global_names: Iterable[str], *, allow: Sequence[Any] = (),
+                     source: str = "the structure file") -> list[tuple[Any, str]]:
     """Decide which globals of a structure file to admit.
 
     :param global_names: globals the file refers to (as ``"module.Name"``).
@@ -302,7 +305,8 @@ def _absent_names(root):
     return found
 
 
-def load_structure(path, *, allow=(), trusted=False, digest=None, read_from=None, model_only=False):
+def load_structure(path: Union[str, os.PathLike], *, allow: Sequence[Any] = (), trusted: bool = False,
+                   digest: Any = None, read_from: Optional[str] = None, model_only: bool = False) -> Any:
     """Load a structure file through the trust gate, with every tensor on the CPU.
 
     :param path: the structure file (already verified against its digest).

@@ -74,7 +74,7 @@ def manifest_path(where: Union[RunStorage, str, os.PathLike]) -> str:
     return as_storage(where).path(MANIFEST_NAME)
 
 
-def manifest_identity(where: Union[RunStorage, str, os.PathLike]) -> Optional[Any]:
+def manifest_identity(where: Union[RunStorage, str, os.PathLike]) -> Optional[tuple]:
     """What identifies the manifest file of a run now (``None`` when it has none).
 
     Two calls return the same value only if no one replaced the manifest between

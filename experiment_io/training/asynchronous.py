@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -124,7 +125,7 @@ class _OwnMemory(_TreeCopy):
         return copied
 
 
-def with_own_memory(obj):
+def with_own_memory(obj: Any) -> Any:
     """A copy of ``obj`` whose CPU tensors hold memory of their own.
 
     For states read with ``torch.load(mmap=True)``: the copy no longer refers to the
@@ -142,22 +143,23 @@ class StagingArea(_TreeCopy):
         (default: when CUDA is available).
     """
 
-    def __init__(self, *, pin_memory=None):
+    def __init__(self, *, pin_memory: Optional[bool] = None):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._pool = defaultdict(list)  # (nbytes, pinned) -> buffers of the previous copy
+        # (nbytes, pinned) -> buffers of the previous copy
+        self._pool: defaultdict[tuple[int, bool], list[torch.UntypedStorage]] = defaultdict(list)
         self.allocated = 0  # buffers allocated so far (for tests and logs)
-        self.deferred = []  # what copy() left to copy_deferred()
+        self.deferred: list[list[Any]] = []  # what copy() left to copy_deferred()
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes held by the buffers of the latest copy."""
         return sum(key[0] * len(buffers) for key, buffers in self._pool.items())
 
-    def buffers(self):
+    def buffers(self) -> list[torch.UntypedStorage]:
         """The buffers (``torch.UntypedStorage``) of the latest copy, in the order they were used."""
         return [b for buffers in self._pool.values() for b in buffers]
 
-    def copy(self, obj, *, defer=()):
+    def copy(self, obj: Any, *, defer: Iterable[torch.Tensor] = ()) -> Any:
         """A copy of ``obj`` (see ``_TreeCopy``) whose tensors live in this area's buffers.
 
         The buffers of the previous copy are reused for storages of the same size;
@@ -169,10 +171,10 @@ class StagingArea(_TreeCopy):
             them. Until it has, the caller must not change those tensors.
         """
         self._available = {key: list(buffers) for key, buffers in self._pool.items()}
-        self._used = defaultdict(list)
-        self._devices = set()
+        self._used: defaultdict[tuple[int, bool], list[torch.UntypedStorage]] = defaultdict(list)
+        self._devices: set[torch.device] = set()
         self._defer = {t.untyped_storage()._cdata for t in defer if t.device.type == "cpu"}
-        self._deferred = {}  # storage -> [buffer, source, [(tensor, its version when staged)]]
+        self._deferred: dict[int, list[Any]] = {}  # storage -> [buffer, source, [(tensor, its version when staged)]]
         try:
             result = self(obj)
             for device in self._devices:
@@ -184,11 +186,11 @@ class StagingArea(_TreeCopy):
         return result
 
     @property
-    def deferred_nbytes(self):
+    def deferred_nbytes(self) -> int:
         """Bytes that :meth:`copy_deferred` has to copy."""
         return sum(source.nbytes() for _, source, _ in self.deferred)
 
-    def copy_deferred(self):
+    def copy_deferred(self) -> None:
         """Copy the storages that :meth:`copy` deferred into their buffers (in any thread).
 
         :raises StagedStateModifiedError: when one of the deferred tensors was changed
@@ -245,13 +247,13 @@ class BackgroundWriter:
     :param staging: the :class:`StagingArea` (default: a new one).
     """
 
-    def __init__(self, *, staging=None):
+    def __init__(self, *, staging: Optional[StagingArea] = None):
         self.staging = staging if staging is not None else StagingArea()
-        self._thread = None
+        self._thread: Optional[threading.Thread] = None
         self._done = threading.Event()
         self._staged = threading.Event()
-        self._error = None
-        self._result = None
+        self._error: Optional[BaseException] = None
+        self._result: Any = None
         self._description = ""
         #: how many saves were started; :meth:`submit` returns the new count
         self.serial = 0
@@ -260,11 +262,12 @@ class BackgroundWriter:
         self.written_s = 0.0
 
     @property
-    def in_flight(self):
+    def in_flight(self) -> bool:
         """Whether a save has been started and not yet waited for."""
         return self._thread is not None
 
-    def submit(self, obj, write, description, *, defer=()):
+    def submit(self, obj: Any, write: Callable[[Any], Any], description: str, *,
+               defer: Iterable[torch.Tensor] = ()) -> int:
         """Stage ``obj`` and run ``write(staged copy)`` in the background.
 
         Waits first for the previous save to commit.
@@ -320,7 +323,7 @@ class BackgroundWriter:
                             self._description)
         return interrupted
 
-    def staged(self):
+    def staged(self) -> None:
         """Wait until the save in flight no longer needs the caller's tensors.
 
         Call it before changing a tensor passed as ``defer`` to :meth:`submit` (and at
@@ -344,7 +347,7 @@ class BackgroundWriter:
         if self._error is not None:  # the copy failed, or the write already has
             self.wait()
 
-    def wait(self):
+    def wait(self) -> Any:
         """Wait until the save in flight (if any) has committed.
 
         A Ctrl-C while waiting does not abandon the save: the wait goes on, and the
@@ -369,7 +372,7 @@ class BackgroundWriter:
 
 
 
-def surfaced(error, what):
+def surfaced(error: BaseException, what: str) -> BaseException:
     """The exception to raise in the training loop for ``error`` of a background save of ``what``.
 
     An :class:`OSError` becomes a :class:`~experiment_io.errors.CheckpointWriteError`

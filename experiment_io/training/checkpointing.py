@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pickle
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 
@@ -30,6 +32,14 @@ from experiment_io.training.provenance import process_provenance
 from experiment_io.training.retention import epoch_of
 from experiment_io.storage.verification import is_retired
 from experiment_io.experiment.rng import get_rng_state
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.controllers import Controller
+    from experiment_io.experiment.metric_tracker import MetricTracker
+    from experiment_io.experiment.training_modules import TrainingModules
+    from experiment_io.storage.interface import RunStorage
+    from experiment_io.storage.lock import RunLock
+    from experiment_io.training.distributed import Distribution
 
 __all__ = ["RunCheckpointer"]
 
@@ -96,12 +106,15 @@ class RunCheckpointer:
     :param lock: the run's :class:`~experiment_io.RunLock` (checked before each save).
     """
 
-    def __init__(self, directory, training_modules, controller, metric_tracker, database, *, resuming, continues=None,
-                 overwrite=False, async_save=False, distribution=SINGLE, lock=None):
+    def __init__(self, directory: str | os.PathLike | RunStorage, training_modules: TrainingModules,
+                 controller: Controller, metric_tracker: MetricTracker, database: Any, *, resuming: bool,
+                 continues: str | None = None, overwrite: bool = False, async_save: bool | str = False,
+                 distribution: Distribution = SINGLE, lock: RunLock | None = None):
         self.training_modules, self.controller = training_modules, controller
         self.metric_tracker, self.database = metric_tracker, database
         self.distribution, self.lock = distribution, lock
-        self.writer = self.background = None
+        self.writer: RunWriter | None = None
+        self.background: BackgroundWriter | None = None
         self.overlap = async_save is True
         distribution.on_writer(lambda: self._start(directory, resuming, continues, overwrite, async_save))
 
@@ -160,12 +173,12 @@ class RunCheckpointer:
         tensors += [v for v in (self.metric_tracker.best_model_state or {}).values() if isinstance(v, torch.Tensor)]
         return tensors
 
-    def staged(self):
+    def staged(self) -> None:
         """Wait until the save in flight has copied what it deferred (before the optimizer step)."""
         if self.background is not None:
             self.background.staged()
 
-    def save(self, epoch_files: EpochFiles | None = None):
+    def save(self, epoch_files: EpochFiles | None = None) -> None:
         """Save the run at the controller's position.
 
         :param epoch_files: at the end of an epoch, the further files to write;
@@ -235,13 +248,14 @@ class RunCheckpointer:
         why = {name: ", ".join(kept[epoch_of(name)]) for name in names if epoch_of(name) in kept}
         return keep, (sorted(name for name in names if epoch_of(name) not in kept), why)
 
-    def write_results(self, name, document):
+    def write_results(self, name: str, document: Any) -> None:
         """Rank 0: write ``document`` as JSON into the run directory (atomically, recorded in the manifest)."""
         data = json.dumps(document, indent=1, sort_keys=True).encode("utf-8")
-        self.writer.save_files({name: (lambda f: f.write(data), {"kind": "results"})})
+        # called on rank 0 only, whose writer exists
+        cast(RunWriter, self.writer).save_files({name: (lambda f: f.write(data), {"kind": "results"})})
 
     @contextlib.contextmanager
-    def committing(self):
+    def committing(self) -> Iterator[RunCheckpointer]:
         """Leave only once the save in flight (if any) has committed.
 
         On a normal exit an error of that save is raised. When an exception is
@@ -256,7 +270,8 @@ class RunCheckpointer:
                     self.background.wait()
                 except BaseException as background_error:  # do not hide the exception on its way out
                     log.error("the checkpoint written in the background failed too: %r", background_error)
-                    e.add_note(f"The checkpoint written in the background failed too: {background_error!r}")
+                    e.add_note(  # type: ignore[attr-defined]  # BaseException.add_note: Python 3.11+
+                        f"The checkpoint written in the background failed too: {background_error!r}")
             raise
         # every rank waits until the last save has committed, and learns if it failed
         self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)

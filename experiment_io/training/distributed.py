@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -119,7 +119,7 @@ class Distribution:
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         return bool(same.item())
 
-    def average_gradients(self, parameters) -> None:
+    def average_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
         """Average the gradients of ``parameters`` over the ranks (those DDP does not reduce: a loss's)."""
         if not self.active:
             return
@@ -229,7 +229,7 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     return current(device)
 
 
-def ordered_mean_hook(state, bucket):
+def ordered_mean_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """A DDP communication hook: the mean of the ranks' gradients, summed in rank order.
 
     DDP's own all-reduce adds the ranks' gradients in an order that depends on where
@@ -254,7 +254,7 @@ def ordered_mean_hook(state, bucket):
     return future.then(add)
 
 
-def is_data_parallel(model) -> bool:
+def is_data_parallel(model: Any) -> bool:
     """Whether ``model`` or a wrapper inside it is a :class:`~torch.nn.parallel.DistributedDataParallel`."""
     while model is not None:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -263,7 +263,7 @@ def is_data_parallel(model) -> bool:
     return False
 
 
-def unwrap(model):
+def unwrap(model: Any) -> Any:
     """The plain module inside wrappers for training: :class:`~torch.nn.parallel.DistributedDataParallel`
     and the module that :func:`torch.compile` returns (or ``model`` itself)."""
     while True:

@@ -13,8 +13,12 @@ import logging
 import math
 import os
 import re
+from typing import TYPE_CHECKING, Union
 
 from experiment_io.storage.atomic import atomic_write_bytes, make_directory
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.metric_tracker import MetricTracker
 
 __all__ = ["PLOTS_DIRECTORY", "plot_history", "plotting_available"]
 
@@ -37,7 +41,7 @@ def _file_name(metric):
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + ".png"
 
 
-def plot_history(tracker, directory, *, dpi=100):
+def plot_history(tracker: "MetricTracker", directory: Union[str, os.PathLike], *, dpi: int = 100) -> list[str]:
     """Write one PNG per metric of ``tracker`` into ``directory`` (created if missing).
 
     :param tracker: a :class:`~experiment_io.MetricTracker`.
@@ -53,7 +57,7 @@ def plot_history(tracker, directory, *, dpi=100):
                           "matplotlib)") from e
     make_directory(directory)
     epochs = list(tracker.epochs)
-    metrics = {}
+    metrics: dict[str, list[tuple[str, list[float]]]] = {}
     for split, values in tracker.history.items():
         for name, series in values.items():
             metrics.setdefault(name, []).append((split, series))
@@ -63,7 +67,7 @@ def plot_history(tracker, directory, *, dpi=100):
         metrics["loss"].append((f"{tracker.stopping_split} {tracker.stopping_key}", stopping))
     rates = tracker.learning_rates
     groups = max((len(r) for r in rates), default=0)
-    written = []
+    written: list[str] = []
     for name, curves in metrics.items():
         figure = Figure(figsize=(7, 6 if groups else 4.5), dpi=dpi)
         axes = figure.add_subplot(2, 1, 1) if groups else figure.add_subplot(1, 1, 1)

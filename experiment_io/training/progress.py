@@ -11,7 +11,14 @@ one place they go. A quiet report shows nothing: no bar (not even a disabled tqd
 whose lock a forked process could inherit held), and the lines go to the log only.
 """
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING, Any, Mapping, Union
+
+if TYPE_CHECKING:
+    from experiment_io.experiment.controllers import Controller
+    from experiment_io.experiment.metric_tracker import MetricTracker
+    from experiment_io.training.preemption import Stop
 
 __all__ = ["Report", "logging_configured"]
 
@@ -56,7 +63,7 @@ class Report:
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
-    def bar(self, total: int, initial: int, description: str):
+    def bar(self, total: int, initial: int, description: str) -> Any:
         """A progress bar over one epoch's samples (an object with ``update(n)`` and ``close()``)."""
         if self.quiet:
             return _NoProgress()
@@ -72,7 +79,8 @@ class Report:
 
             tqdm.write(text, file=sys.stderr)
 
-    def epoch(self, epoch, max_epochs, metrics, tracker, better, seconds) -> None:
+    def epoch(self, epoch: int, max_epochs: int, metrics: Mapping[str, Mapping[str, float]], tracker: "MetricTracker",
+              better: bool, seconds: float) -> None:
         """The line of an epoch that ended: its losses, the stopping metric, whether it is the best so far."""
         valid = metrics.get(tracker.stopping_split, {})
         values = ", ".join(f"{name} {_number(value)}" for name, value in valid.items())
@@ -80,7 +88,8 @@ class Report:
         self.line(f"epoch {epoch} ({epoch + 1} of {max_epochs} done): train loss {_number(metrics['train']['loss'])}; "
                   f"{tracker.stopping_split} {values} ({best}); {_duration(seconds)}")
 
-    def summary(self, stop, controller, tracker, seconds, directory) -> None:
+    def summary(self, stop: "Stop", controller: "Controller", tracker: "MetricTracker", seconds: float,
+                directory: Union[str, os.PathLike]) -> None:
         """The line at the end of a run: why it stopped, the best epoch, where the files are."""
         if tracker.best_epoch is not None:
             best = (f"best epoch {tracker.best_epoch} "

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,12 @@ def _script_directory():
     return directory if os.path.isdir(directory) else os.getcwd()
 
 
-def process_provenance():
+def process_provenance() -> dict[str, Any]:
     """The provenance fields of this process (computed once; a dict of plain scalars, possibly empty)."""
     global _cached
     if _cached is not None:
         return dict(_cached)
-    fields = {}
+    fields: dict[str, Any] = {}
     try:
         fields["host"] = socket.gethostname()
     except OSError:  # pragma: no cover

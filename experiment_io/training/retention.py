@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from experiment_io.errors import SetupError
 
@@ -62,7 +62,7 @@ class Retention:
         for name in ("last", "best", "every"):
             _positive(getattr(self, name), name)
 
-    def reasons(self, epochs, values: Mapping[int, float], larger_is_better: bool = False) -> dict:
+    def reasons(self, epochs: Iterable[int], values: Mapping[int, float], larger_is_better: bool = False) -> dict:
         """Why each kept epoch is kept.
 
         :param epochs: the epochs (0-based) that have files.
@@ -85,6 +85,7 @@ class Retention:
                     kept.setdefault(epoch, []).append(f"every {self.every}")
         return {epoch: kept[epoch] for epoch in sorted(kept)}
 
-    def keeps(self, epoch: int, epochs, values: Mapping[int, float], larger_is_better: bool = False) -> bool:
+    def keeps(self, epoch: int, epochs: Iterable[int], values: Mapping[int, float],
+              larger_is_better: bool = False) -> bool:
         """Whether ``epoch`` is kept among ``epochs`` (it included)."""
         return epoch in self.reasons(set(epochs) | {epoch}, values, larger_is_better)

@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from experiment_io.experiment.controllers import Controller, PatienceController
-from experiment_io.experiment.databases import SPLITS
+from experiment_io.experiment.databases import SPLITS, Database
 from experiment_io.experiment.devices import place_training_modules, resolve_device
 from experiment_io.training.distributed import unwrap
 from experiment_io.errors import SetupError, _SetupKeyError
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.training.loop import train_model
+from experiment_io.training.retention import Retention
 from experiment_io.experiment.training_modules import Evaluator, TrainingModules, adopt_evaluator
 
 __all__ = ["SetupParams", "setup_training", "test_model", "setup_and_train"]
@@ -148,7 +150,7 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
     return training_modules, controller, metric_tracker
 
 
-def test_model(database, evaluator: Evaluator, batch_size: int, when,
+def test_model(database: Database, evaluator: Evaluator, batch_size: int, when: str,
                metric_tracker: Optional[MetricTracker] = None) -> dict:
     """Evaluate the model on every non-empty split.
 
@@ -165,9 +167,10 @@ def test_model(database, evaluator: Evaluator, batch_size: int, when,
     return results
 
 
-def setup_and_train(training_modules: TrainingModules, database, setup_params: SetupParams, *,
+def setup_and_train(training_modules: TrainingModules, database: Database, setup_params: SetupParams, *,
                     store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False,
-                    callbacks=None, batch_callbacks=None, directory=None, retention=None) -> MetricTracker:
+                    callbacks: Sequence[Callable] | None = None, batch_callbacks: Sequence[Callable] | None = None,
+                    directory: str | os.PathLike | None = None, retention: Retention | None = None) -> MetricTracker:
     """Set up, train, then load the best model and test it on every split.
 
     The keyword arguments are :func:`~experiment_io.train_model`'s.
