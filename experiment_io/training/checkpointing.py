@@ -270,8 +270,9 @@ class RunCheckpointer:
                     self.background.wait()
                 except BaseException as background_error:  # do not hide the exception on its way out
                     log.error("the checkpoint written in the background failed too: %r", background_error)
-                    e.add_note(  # type: ignore[attr-defined]  # BaseException.add_note: Python 3.11+
-                        f"The checkpoint written in the background failed too: {background_error!r}")
+                    add_note = getattr(e, "add_note", None)  # Python 3.11+; 3.10 has the log line alone
+                    if add_note is not None:
+                        add_note(f"The checkpoint written in the background failed too: {background_error!r}")
             raise
         # every rank waits until the last save has committed, and learns if it failed
         self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)
