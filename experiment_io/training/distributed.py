@@ -229,7 +229,9 @@ def join(device: Optional[torch.device] = None, *, timeout: Optional[datetime.ti
     return current(device)
 
 
-def ordered_mean_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+# not annotated: DDP refuses a hook whose annotations are not its own classes, and this module's annotations are
+# strings (``from __future__ import annotations``)
+def ordered_mean_hook(state, bucket):
     """A DDP communication hook: the mean of the ranks' gradients, summed in rank order.
 
     DDP's own all-reduce adds the ranks' gradients in an order that depends on where
