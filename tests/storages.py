@@ -1,13 +1,15 @@
-"""A second implementation of the storage interface, for the run tests.
+"""Storages for the run tests: faults injected into the directory's, and a second implementation.
 
-:class:`ShelvedStorage` keeps every file of a run under another name, in a folder of
-its own (``<root>/shelf/<name>.blob``): code that joined a run's directory and a file
-name itself, instead of asking the storage, would find nothing. It also injects
-faults: a write, an fsync or a publication of a chosen file fails as a full disk would.
+:class:`FaultyStorage` is the directory's storage in which a write, an fsync or a
+publication of a chosen file fails as a full disk would. :class:`ShelvedStorage`
+keeps every file of a run under another name, in a folder of its own
+(``<root>/shelf/<name>.blob``): code that joined a run's directory and a file name
+itself, instead of asking the storage, would find nothing; it injects the same faults.
 """
 import errno
 import os
 
+from experiment_io.errors import CheckpointWriteError
 from experiment_io.storage import atomic
 from experiment_io.storage.interface import WriteBatch
 from experiment_io.storage.posix import PosixStorage
@@ -18,16 +20,31 @@ class Fault(OSError):
         super().__init__(errno.ENOSPC, f"No space left on device (injected at {step} of {name})")
 
 
-class ShelvedStorage(PosixStorage):
-    """The files of a run as ``<root>/shelf/<name>.blob``; ``faults`` is a set of ``(step, name)`` with step one of
-    ``"write"``, ``"durable"``, ``"publish"``: that step of that file fails (once) with ENOSPC."""
+class FaultyStorage(PosixStorage):
+    """The files of a run in ``root``; ``faults`` is a set of ``(step, name)`` with step one of ``"write"``,
+    ``"durable"``, ``"publish"``: that step of that file fails (once) with ENOSPC."""
+
+    def __init__(self, root, faults=()):
+        super().__init__(root)
+        self.faults = set(faults)
+
+    def batch(self):
+        return _FaultyBatch(self, super().batch())
+
+    def fail(self, step, name):
+        if (step, name) in self.faults:
+            self.faults.discard((step, name))
+            raise Fault(step, name)
+
+
+class ShelvedStorage(FaultyStorage):
+    """The files of a run as ``<root>/shelf/<name>.blob`` (faults as :class:`FaultyStorage`)."""
 
     SUFFIX = ".blob"
 
     def __init__(self, root, faults=()):
-        super().__init__(root)
+        super().__init__(root, faults)
         self.shelf = os.path.join(self.location, "shelf")
-        self.faults = set(faults)
 
     def __repr__(self):
         return f"ShelvedStorage({self.location!r})"
@@ -41,10 +58,6 @@ class ShelvedStorage(PosixStorage):
     def path(self, name):
         return os.path.join(self.shelf, name + self.SUFFIX)
 
-    def name_of(self, path):
-        base = os.path.basename(os.fspath(path))
-        return base[:-len(self.SUFFIX)] if base.endswith(self.SUFFIX) else base
-
     def names(self):
         try:
             found = os.listdir(self.shelf)
@@ -54,14 +67,6 @@ class ShelvedStorage(PosixStorage):
 
     def remove_stale_temporaries(self):
         return atomic.remove_stale_temporaries(self.shelf)
-
-    def batch(self):
-        return _FaultyBatch(self, super().batch())
-
-    def fail(self, step, name):
-        if (step, name) in self.faults:
-            self.faults.discard((step, name))
-            raise Fault(step, name)
 
 
 class _FaultyBatch(WriteBatch):
@@ -87,7 +92,6 @@ class _FaultyBatch(WriteBatch):
             try:
                 self._storage.fail("durable", name)
             except Fault as e:
-                from experiment_io.errors import CheckpointWriteError
                 raise CheckpointWriteError(f"could not make {name} durable: {e}") from e
         self._written = []
         self._batch.make_durable()
@@ -96,7 +100,6 @@ class _FaultyBatch(WriteBatch):
         try:
             self._storage.fail("publish", name)
         except Fault as e:
-            from experiment_io.errors import CheckpointWriteError
             raise CheckpointWriteError(f"could not publish {name}: {e}") from e
         self._batch.publish(name, keep_previous)
 

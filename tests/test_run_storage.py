@@ -21,7 +21,7 @@ from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
 from experiment_io.storage.posix import PosixStorage
 
 from helpers import build_run, flip_bit, fork_child, saver
-from storages import ShelvedStorage
+from storages import FaultyStorage, ShelvedStorage
 
 
 @pytest.fixture(params=["posix", "shelved"])
@@ -87,10 +87,8 @@ def test_a_failed_save_loses_nothing_committed(run_storage, step_failing):
     save, database = build_run(storage)
     for step in range(1, 4):
         save(step)
-    faulty = ShelvedStorage(storage.location, faults={(step_failing, BEST_MODEL_NAME)})
-    if not isinstance(storage, ShelvedStorage):  # the fault on the default storage: the same files, a failing batch
-        faulty.path, faulty.names, faulty.exists, faulty.create = storage.path, storage.names, storage.exists, storage.create
-        faulty.remove_stale_temporaries = storage.remove_stale_temporaries
+    faulty = (ShelvedStorage if isinstance(storage, ShelvedStorage) else FaultyStorage)(
+        storage.location, faults={(step_failing, BEST_MODEL_NAME)})  # the same files, a batch that fails
     with pytest.raises(CheckpointWriteError, match="No space left"):
         saver(faulty)(6)  # a better save: last, best and best model, the last of which fails
     assert loaded_step(storage, database) == 3

@@ -28,8 +28,6 @@ def libc() -> Optional[ctypes.CDLL]:
 #: The digest of a mapped file goes this many bytes at a time: each part is faulted in, hashed, and let go, so
 #: that the map never holds more than one part of the file.
 _DIGEST_PART = 64 * 1024 * 1024
-
-
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 

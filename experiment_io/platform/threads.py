@@ -80,8 +80,6 @@ class _SideThread:
 
 
 _side = None
-
-
 _side_lock = threading.Lock()
 
 

@@ -29,8 +29,6 @@ def _load_sync_file_range():
 
 
 _sync_file_range = _load_sync_file_range()
-
-
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages, do not wait
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional, Union, overload
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Optional, overload
 
 if TYPE_CHECKING:
     from experiment_io.storage.lock import RunLock
@@ -149,10 +149,6 @@ class RunStorage(abc.ABC):
     @abc.abstractmethod
     def lock(self) -> RunLock:
         """The run's :class:`~experiment_io.storage.lock.RunLock` (one writing process at a time)."""
-
-    def name_of(self, path: Union[str, os.PathLike]) -> str:
-        """The name of the file at ``path`` (a path this storage gave, or a name)."""
-        return os.path.basename(os.fspath(path))
 
 
 def as_storage(where: RunStorage | str | os.PathLike | None) -> RunStorage:

@@ -20,8 +20,6 @@ __all__ = ["MANIFEST_NAME", "read_manifest", "write_manifest", "manifest_path", 
 
 #: The manifest's file name inside a run directory.
 MANIFEST_NAME = "experiment_manifest.json"
-
-
 #: The largest manifest a reader reads (a run of hundreds of thousands of files).
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
