@@ -17,7 +17,8 @@ import torch
 import harness
 from experiment_io.format import codec as fmt
 from experiment_io.training.asynchronous import BackgroundWriter
-from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import LAST_NAME, save_payloads
 
 NAME = "async"

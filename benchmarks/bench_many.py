@@ -6,7 +6,7 @@ import torch
 
 import harness
 from experiment_io.training.asynchronous import with_own_memory
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import LAST_NAME, save_payloads
 from experiment_io.storage.verification import Verifier
 from fixtures import state_payload

@@ -11,7 +11,7 @@ import torch
 import harness
 from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.training.asynchronous import BackgroundWriter
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import LAST_NAME, save_payloads
 from fixtures import build_run, make_state, state_payload, tiny_database
 

@@ -18,7 +18,8 @@ import xxhash
 import harness
 from experiment_io import atomic_save
 from experiment_io.platform import archive
-from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import LAST_NAME, save_payloads
 from experiment_io.platform.writeback import _SYNC_FILE_RANGE_WRITE, _sync_file_range
 from experiment_io.storage.manifest import MANIFEST_NAME

@@ -17,7 +17,7 @@ from experiment_io import Evaluator, SetupParams, TrainingModules, load_model_fr
 from experiment_io.training.asynchronous import BackgroundWriter
 from experiment_io.experiment.controllers import TrainingPosition
 from experiment_io.experiment.databases import Database
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload
 from bench_models import SmallNet  # importable, so that the trust gate admits it
 from fixtures import tensors_of

@@ -6,7 +6,7 @@ from experiment_io import Evaluator, SetupParams, TrainingModules, setup_trainin
 from experiment_io.format import codec as fmt
 from experiment_io.experiment.controllers import TrainingPosition
 from experiment_io.experiment.databases import Database
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload
 
 from bench_models import BigModel  # importable, so that the trust gate admits it

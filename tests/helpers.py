@@ -25,7 +25,7 @@ from experiment_io.storage import atomic as storage
 from experiment_io.storage import verification
 from experiment_io.storage.generations import Search
 from experiment_io.experiment.controllers import TrainingPosition
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, checkpoint_payload, model_payload, save_payloads, structure_payload
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 

@@ -26,7 +26,7 @@ import experiment_io.storage.atomic as storage
 from experiment_io.storage import manifest as run_manifest
 from experiment_io.training.asynchronous import BackgroundWriter, StagingArea, with_own_memory
 from experiment_io.experiment.controllers import TrainingPosition
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, model_payload, save_payload, save_payloads, structure_payload
 from experiment_io.errors import CheckpointWriteError, StagedStateModifiedError
 from experiment_io import PREEMPTED_EXIT_CODE, SetupParams, setup_training, train_model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiment_io.run import payloads as ckpt
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import save_payloads
 from experiment_io.experiment.devices import check_location_args, module_device, resolve_device
 from experiment_io.errors import DeviceError, ExperimentIOError

@@ -9,7 +9,8 @@ import torch
 
 import helpers
 from experiment_io import NPZDatabase, train_model
-from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads, structure_payload
 from experiment_io.errors import (
     CheckpointNotFoundError,

@@ -21,7 +21,7 @@ from experiment_io.storage.lock import RunLock
 import experiment_io.storage.atomic as storage
 from experiment_io.storage import manifest as run_manifest
 from experiment_io.platform import archive
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payloads
 from experiment_io.errors import (
     CheckpointNotFoundError,

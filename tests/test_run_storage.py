@@ -15,7 +15,8 @@ from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
 from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.storage import atomic
-from experiment_io.storage.generations import RunWriter, previous_name
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.writer import RunWriter
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
 from experiment_io.storage.posix import PosixStorage

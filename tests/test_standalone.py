@@ -30,7 +30,7 @@ from experiment_io.errors import (
     SetupError,
     UnsafeCheckpointError,
 )
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.experiment.rng import get_rng_state, set_rng_state
 
 from helpers import (assert_bitwise_equal, flip_bit, fork_child, race, record_torch_loads, rewrite_manifest,

@@ -38,6 +38,7 @@ from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name,
                                         run_status)
 from experiment_io.run.reading import load_state_file, verified_source
+from experiment_io.storage.run_directory import RunDirectory
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.version import __version__
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
@@ -45,11 +46,15 @@ from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
 __all__ = ["main"]
 
 
-def _manifest(directory):
-    manifest = read_manifest(directory)
+def _manifest(run):
+    manifest = read_manifest(run.storage)
     if manifest is None:
-        raise ExperimentIOError(f"{directory} has no {MANIFEST_NAME}: it holds no experiment_io run")
+        raise ExperimentIOError(f"{run.location} has no {MANIFEST_NAME}: it holds no experiment_io run")
     return manifest[1]
+
+
+def _verifier(run):
+    return Verifier(run.storage, _manifest(run))
 
 
 def _roles(files):
@@ -85,8 +90,9 @@ def _held(record):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    files = _manifest(args.directory)
-    print(f"run directory {os.path.abspath(args.directory)}")
+    run = RunDirectory(args.directory)
+    files = _manifest(run)
+    print(f"run directory {run.location}")
     status = run_status(files)
     print(f"run: {status.describe()}" if status is not None else "run: no checkpoint committed yet")
     print("epochs are numbered from 0; 'done' counts finished epochs (a file written after epoch 2 has 3 done)")
@@ -125,7 +131,8 @@ def _print_provenance(record):
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    verifier = Verifier(os.path.abspath(args.directory), _manifest(args.directory))
+    run = RunDirectory(args.directory)
+    verifier = _verifier(run)
     files = verifier.files
     failures = rollbacks = 0
     for name in sorted(verifier.retired):
@@ -143,7 +150,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             rollbacks += 1
             print(f"OLDER    {role}: its committed generation (step {files[role].get('step', '-')}) is missing or "
                   "damaged; only an older one is intact, and a load goes back to it")
-    for name in _uncommitted(args.directory, {**files, **verifier.retired}):
+    for name in _uncommitted(run, {**files, **verifier.retired}):
         print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save "
               "replaces it)")
     if failures:
@@ -156,30 +163,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _uncommitted(directory, files):
-    """State files in ``directory`` that no committed save wrote (neither they nor their generation pair is
+def _uncommitted(run, files):
+    """State files of ``run`` that no committed save wrote (neither they nor their generation pair is
     recorded)."""
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".pt") and not n.startswith("."))
+    names = sorted(n for n in run.storage.names() if n.endswith(".pt") and not n.startswith("."))
     return [n for n in names
             if n not in files and base_name(n) not in files and previous_name(base_name(n)) not in files]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    directory = os.path.abspath(args.directory)
-    verifier = Verifier(directory, _manifest(directory))
+    run = RunDirectory(args.directory)
+    verifier = _verifier(run)
     files, retired = verifier.files, verifier.retired
     print(f"{'file':36} {'generation':12} {'epoch':>5} {'size':>12}  holds")
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.isdir(path):
+    for name in run.storage.names():
+        found = run.storage.stat(name)
+        if found is not None and found.folder:
             print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  "
                   + ("training curves (PNG)" if name == "plots" else "a folder"))
             continue
         record = files.get(name) or retired.get(name)
-        try:
-            actual_size = os.lstat(path).st_size
-        except OSError:
-            actual_size = None
+        actual_size = found.size if found is not None else None
         if record is not None and actual_size != record.get("size"):
             record = None  # not the file its record describes (a save interrupted before its commit left it)
             unrecorded = "not the recorded file: left by a save interrupted before its commit"
@@ -211,9 +215,9 @@ def _epoch_of_record(record):
     return record["epochs_done"] - 1 if record["epochs_done"] > 0 else ""
 
 
-def _model_state(directory, which, epoch):
+def _model_state(run, which, epoch):
     """The verified model ``state_dict`` of a run (state files only, never the structure file), and its record."""
-    verifier = Verifier(directory, _manifest(directory))
+    verifier = _verifier(run)
     if epoch is not None:
         candidates = [(epoch_model_name(epoch), "model"), (epoch_checkpoint_name(epoch), "checkpoint")]
     elif which == "last":
@@ -231,7 +235,7 @@ def _model_state(directory, which, epoch):
                   f"{os.path.basename(path)} (step {record.get('step', '?')})", file=sys.stderr)
         return payload["model"], os.path.basename(path), header
     what = f"epoch {epoch}" if epoch is not None else f"the {which} model"
-    raise ExperimentIOError(f"{directory} holds no intact file with {what}" + (
+    raise ExperimentIOError(f"{run.location} holds no intact file with {what}" + (
         " (epoch files are kept with store_every, store_all_better or a retention; experiment-io list shows them)"
         if epoch is not None else ""))
 
@@ -240,8 +244,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.epoch is not None and args.which is not None:
         print("error: give --which or --epoch, not both", file=sys.stderr)
         return 2
-    directory = os.path.abspath(args.directory)
-    state, source, header = _model_state(directory, args.which or "best", args.epoch)
+    run = RunDirectory(args.directory)
+    state, source, header = _model_state(run, args.which or "best", args.epoch)
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if args.format == "safetensors":
         try:
@@ -250,7 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print("error: --format safetensors needs safetensors: pip install 'experiment_io[safetensors]' "
                   "(or use --format state_dict)", file=sys.stderr)
             return 1
-        metadata = {"source": os.path.join(directory, source), "experiment_io_version": __version__}
+        metadata = {"source": run.path(source), "experiment_io_version": __version__}
         metadata.update({k: str(header[k]) for k in ("epochs_done", "step", "format_version") if k in header})
         # safetensors stores each tensor on its own: views and shared storages are written as separate copies
         data = safetensors_bytes({k: v.detach().contiguous().clone() for k, v in state.items()}, metadata=metadata)
@@ -262,8 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _newest_tracker(directory):
-    verifier = Verifier(os.path.abspath(directory), _manifest(directory))
+def _newest_tracker(run):
+    verifier = _verifier(run)
     for name in (LAST_NAME, BEST_NAME):
         generations, _ = Search(verifier, [name]).all()
         if generations:
@@ -273,11 +277,11 @@ def _newest_tracker(directory):
                 state = torch.load(source or path, map_location="cpu", weights_only=True)
             fmt.check_payload(state, path, ("checkpoint",))
             return MetricTracker.from_state_dict(state["metric_tracker"]), path
-    raise ExperimentIOError(f"{directory} holds no intact checkpoint")
+    raise ExperimentIOError(f"{run.location} holds no intact checkpoint")
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    tracker, path = _newest_tracker(args.directory)
+    tracker, path = _newest_tracker(RunDirectory(args.directory))
     if args.hdf5:
         tracker.to_hdf5(args.hdf5)
         print(f"metric history of {len(tracker.epochs)} epochs from {path} written to {args.hdf5}")
@@ -298,8 +302,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print("error: plot needs matplotlib: pip install 'experiment_io[plots]' (or pip install matplotlib)",
               file=sys.stderr)
         return 1
-    tracker, path = _newest_tracker(args.directory)
-    out = args.out or os.path.join(args.directory, PLOTS_DIRECTORY)
+    run = RunDirectory(args.directory)
+    tracker, path = _newest_tracker(run)
+    out = args.out or run.folder(PLOTS_DIRECTORY)
     written = plot_history(tracker, out)
     print(f"{len(written)} plot(s) of {len(tracker.epochs)} epochs from {path} written to {out}")
     return 0

@@ -19,7 +19,7 @@ import torch
 
 from experiment_io.experiment.controllers import Controller, PatienceController, TrainingPosition
 from experiment_io.errors import CheckpointNotFoundError, NotACheckpointError, RunExistsError
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, RunStatus,
                                         checkpoint_payload, model_payload, run_status, save_payloads,

@@ -4,7 +4,7 @@ They give one object the guarantees of the library's own writes, for users who d
 not train with :func:`~experiment_io.train_model`:
 
 - :func:`~experiment_io.atomic_save` (or :meth:`AtomicSaver.save <experiment_io.AtomicSaver.save>`) writes
-  through the directory's :class:`~experiment_io.storage.generations.RunWriter`
+  through the directory's :class:`~experiment_io.storage.writer.RunWriter`
   (temporary file in the same directory, flush, fsync, :func:`os.replace`, directory
   fsync; the digest is computed while writing), keeps the previous generation of the
   file as ``<name>.prev<ext>``, and then records the new file's digest and size in
@@ -40,7 +40,7 @@ training loop, as ``train_model`` does::
             atomic_save(state, os.path.join(directory, "checkpoint.pt"))
 
 Each directory's manifest is kept by one
-:class:`~experiment_io.storage.generations.RunWriter` per :class:`~experiment_io.AtomicSaver` (and
+:class:`~experiment_io.storage.writer.RunWriter` per :class:`~experiment_io.AtomicSaver` (and
 :func:`~experiment_io.atomic_save` uses one process-wide :class:`~experiment_io.AtomicSaver`), so a save does not
 read the previous file again to rotate it.
 
@@ -60,7 +60,8 @@ from experiment_io.platform import archive
 from experiment_io.training.asynchronous import BackgroundWriter, surfaced
 from experiment_io.training.distributed import current
 from experiment_io.errors import (SetupError)
-from experiment_io.storage.generations import RunWriter, is_previous_name, previous_name
+from experiment_io.storage.generations import is_previous_name, previous_name
+from experiment_io.storage.writer import RunWriter
 from experiment_io.storage.lock import LOCK_NAME
 from experiment_io.format.names import qualified_name
 from experiment_io.storage.verification import FileRecord
@@ -151,7 +152,7 @@ class AtomicSaver:
     """Saves objects as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
     The object that owns the writes of your own training loop: it keeps one
-    :class:`~experiment_io.storage.generations.RunWriter` per directory it saves into, and,
+    :class:`~experiment_io.storage.writer.RunWriter` per directory it saves into, and,
     with ``async_save=True``, the background thread that writes. Use it as a
     context manager, or call :meth:`wait` before the end, so that the last save has
     committed and its error (if any) is raised::

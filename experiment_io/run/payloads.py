@@ -21,7 +21,7 @@ State files hold plain data and tensors only: each loads with
 ``torch.load(path, weights_only=True)``.
 
 Payloads are written by :func:`save_payload` and committed through a
-:class:`~experiment_io.storage.generations.RunWriter` by :func:`save_payloads`.
+:class:`~experiment_io.storage.writer.RunWriter` by :func:`save_payloads`.
 """
 import io
 import logging
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from experiment_io.experiment.controllers import Controller
     from experiment_io.experiment.metric_tracker import MetricTracker
     from experiment_io.experiment.training_modules import TrainingModules
-    from experiment_io.storage.generations import RunWriter
+    from experiment_io.storage.writer import RunWriter
     from experiment_io.storage.verification import FileRecord
 
 __all__ = [
@@ -197,7 +197,7 @@ def _tensor_bytes(obj):
 def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
                   extra: Optional[Mapping[str, tuple[bytes, dict[str, Any]]]] = None, retire: Sequence[str] = (),
                   kept: Optional[Mapping[str, str]] = None) -> "dict[str, FileRecord]":
-    """Write payloads through ``writer`` (a :class:`~experiment_io.storage.generations.RunWriter`) and commit them.
+    """Write payloads through ``writer`` (a :class:`~experiment_io.storage.writer.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
     ``SERIALIZE_ONCE_BYTES``): the files get the same bytes.
@@ -206,7 +206,7 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
         payload's header (kind, step, epochs done...) go into the file's record.
     :param extra: ``{file name: (bytes, fields)}``: further files committed with the same save.
     :param retire: files removed once the save has committed, and
-    :param kept: why files are kept (see :meth:`~experiment_io.storage.generations.RunWriter.save_files`).
+    :param kept: why files are kept (see :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
     :return: ``{file name: FileRecord}``.
     """
     shared_ids = [id(p) for p in payloads.values()]

@@ -8,7 +8,7 @@ need and nothing else:
   :class:`WriteBatch`, which writes each file's new bytes beside it, makes them all
   durable at once, publishes (renames) them into place one by one, and makes the
   renames durable; the caller commits a generation by publishing the manifest last
-  (:class:`~experiment_io.storage.generations.RunWriter`);
+  (:class:`~experiment_io.storage.writer.RunWriter`);
 * **read a committed file, verified**: :meth:`RunStorage.open` opens a regular file
   for reading (never through a link, never waiting on a FIFO) and :meth:`RunStorage.stat`
   tells its size and identity without reading it; the
@@ -45,11 +45,13 @@ class FileStat:
     :ivar size: its size in bytes.
     :ivar regular: whether it is a regular file (not a link, a FIFO, a device, a directory).
     :ivar identity: a value that changes whenever another file takes the name (device, inode, size, mtime).
+    :ivar folder: whether it is a folder (such as the run's ``plots/``).
     """
 
     size: int
     regular: bool
     identity: tuple
+    folder: bool = False
 
 
 class WriteBatch(abc.ABC):

@@ -82,7 +82,8 @@ class PosixStorage(RunStorage):
             st = os.lstat(self.path(name))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return FileStat(st.st_size, stat_module.S_ISREG(st.st_mode), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return FileStat(st.st_size, stat_module.S_ISREG(st.st_mode), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                        stat_module.S_ISDIR(st.st_mode))
 
     def open(self, name: str) -> tuple[int, os.stat_result]:
         return open_regular(self.path(name))

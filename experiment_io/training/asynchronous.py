@@ -6,7 +6,7 @@ save (pinned memory when the tensor lives on a GPU, so that the copy runs at ful
 speed); the containers around the tensors are copied too, so that the training
 loop may change its state as soon as the copy is done. :class:`BackgroundWriter`
 then hands the copy to the caller's write function (a
-:class:`~experiment_io.storage.generations.RunWriter`'s save) in a thread: writing,
+:class:`~experiment_io.storage.writer.RunWriter`'s save) in a thread: writing,
 fsync, digest and manifest happen exactly as in a synchronous save, only elsewhere.
 
 The copy of the largest tensors can leave the training loop too. Parameters and

@@ -1,7 +1,7 @@
 """Checkpointing a training run: what one save of ``train_model`` writes, now or in the background.
 
 :class:`RunCheckpointer` owns the run directory's
-:class:`~experiment_io.storage.generations.RunWriter` for the life of a run. It writes the
+:class:`~experiment_io.storage.writer.RunWriter` for the life of a run. It writes the
 structure file once, then, at each save, builds the payloads of the files the
 save policy asked for and writes them, synchronously or through a
 :class:`~experiment_io.training.asynchronous.BackgroundWriter`.
@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import pickle
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 
 from experiment_io.training.asynchronous import BackgroundWriter
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.run_directory import RunPlace, as_run_directory
+from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, METRICS_CSV_NAME, STRUCTURE_NAME,
                                         checkpoint_payload, epoch_checkpoint_name, epoch_model_name, model_payload,
                                         _tensor_bytes, main_module_names, run_status, save_payloads, structure_payload,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from experiment_io.experiment.controllers import Controller
     from experiment_io.experiment.metric_tracker import MetricTracker
     from experiment_io.experiment.training_modules import TrainingModules
-    from experiment_io.storage.interface import RunStorage
     from experiment_io.storage.lock import RunLock
     from experiment_io.training.distributed import Distribution
 
@@ -95,7 +94,7 @@ class RunCheckpointer:
     synchronous write (and raise if it fails), not for a write in the background;
     all ranks meet once the last save has committed.
 
-    :param directory: the run directory.
+    :param directory: the run's :class:`~experiment_io.storage.run_directory.RunDirectory`, storage or directory.
     :param resuming: the objects continue a run: keep an intact structure file instead of writing one.
     :param continues: the digest of the structure file the objects were loaded from: only the
         run of that structure file is continued.
@@ -106,7 +105,7 @@ class RunCheckpointer:
     :param lock: the run's :class:`~experiment_io.RunLock` (checked before each save).
     """
 
-    def __init__(self, directory: str | os.PathLike | RunStorage, training_modules: TrainingModules,
+    def __init__(self, directory: RunPlace, training_modules: TrainingModules,
                  controller: Controller, metric_tracker: MetricTracker, database: Any, *, resuming: bool,
                  continues: str | None = None, overwrite: bool = False, async_save: bool | str = False,
                  distribution: Distribution = SINGLE, lock: RunLock | None = None):
@@ -122,7 +121,9 @@ class RunCheckpointer:
         """Rank 0: keep the structure file of the run that goes on, or write a new one (never over another run's
         checkpoints unless ``overwrite``)."""
         training_modules, controller, database = self.training_modules, self.controller, self.database
-        self.writer = RunWriter(directory)
+        run = as_run_directory(directory)
+        self.writer = run.writer
+        directory = run.location
         existing = self.writer.record(STRUCTURE_NAME)
         # the run in the directory goes on: the one the objects were loaded from (or, for objects restored
         # by hand, whatever run is there)

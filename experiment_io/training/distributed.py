@@ -29,9 +29,11 @@ import torch
 import torch.distributed as dist
 
 from experiment_io.errors import RankFailedError
+from experiment_io.experiment.devices import module_device
 from experiment_io.experiment.launch import launched_world
 
-__all__ = ["current", "join", "Distribution", "SINGLE", "unwrap", "is_data_parallel", "ordered_mean_hook"]
+__all__ = ["current", "join", "Distribution", "SINGLE", "unwrap", "is_data_parallel", "ordered_mean_hook",
+           "data_parallel"]
 
 log = logging.getLogger(__name__)
 
@@ -275,3 +277,15 @@ def unwrap(model: Any) -> Any:
             model = model._orig_mod
         else:
             return model
+
+
+def data_parallel(model: torch.nn.Module, distribution: Distribution) -> torch.nn.Module:
+    """``model`` wrapped for data-parallel training (DDP) when there are several ranks, else itself."""
+    if not distribution.active or is_data_parallel(model):
+        return model
+    device = module_device(model)
+    ids = [device] if device.type == "cuda" else None
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if device.type == "cpu":  # exact resume is promised on the CPU: a reduction whose order never changes
+        wrapped.register_comm_hook(None, ordered_mean_hook)
+    return wrapped

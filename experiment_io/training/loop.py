@@ -9,13 +9,12 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from experiment_io.storage import atomic as storage
+from experiment_io.storage.run_directory import RunDirectory
 from experiment_io.training.checkpointing import RunCheckpointer
 from experiment_io.experiment.controllers import Controller, TrainingPosition
 from experiment_io.experiment.devices import module_device
-from experiment_io.training.distributed import is_data_parallel, join, ordered_mean_hook, unwrap
+from experiment_io.training.distributed import data_parallel, join, unwrap
 from experiment_io.errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError, SetupError
-from experiment_io.storage.lock import RunLock
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.experiment.databases import SPLITS
 from experiment_io.run.payloads import BEST_EVALUATION_NAME, LAST_NAME
@@ -143,7 +142,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     _check_database(database)
     if async_save not in (False, True, "copy"):
         raise ValueError(f"async_save must be False, True or 'copy', not {async_save!r}")
-    directory = os.path.abspath(directory or controller.loaded_from or os.getcwd())
+    run = RunDirectory(directory or controller.loaded_from or os.getcwd())
     if max_epochs is not None:
         if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
             raise SetupError(f"max_epochs must be a positive integer, not {max_epochs!r}")
@@ -153,7 +152,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
     # still ends in a checkpoint and the documented exit status
     with preemption, contextlib.ExitStack() as stack:
         distribution = join(module_device(training_modules.model))
-        lock = distribution.on_writer(lambda: stack.enter_context(RunLock(_made(directory))))
+        lock = distribution.on_writer(lambda: stack.enter_context(run.lock()))
         position = controller.position
         resuming = controller.loaded_from is not None or controller.current_epoch > 0 or position.samples_done > 0
         if resuming:
@@ -165,7 +164,7 @@ def train_model(training_modules: TrainingModules, database, controller: Control
                 f"sample {position.samples_done}, step {position.step}): every rank must load the same checkpoint. "
                 "Keep the run directory on a file system all nodes see, and start or resume every rank alike.")
         continues = controller._loaded_structure if controller.loaded_from is not None else None
-        checkpointer = RunCheckpointer(directory, training_modules, controller, metric_tracker, database,
+        checkpointer = RunCheckpointer(run, training_modules, controller, metric_tracker, database,
                                        resuming=resuming, continues=continues, overwrite=overwrite,
                                        async_save=async_save, distribution=distribution, lock=lock)
         report = Report(quiet or not distribution.writer)
@@ -177,16 +176,16 @@ def train_model(training_modules: TrainingModules, database, controller: Control
         if evaluate_best and stop.kind in (StopKind.MAX_EPOCHS, StopKind.CONTROLLER):
             loop.evaluate_best(checkpointer)
         if plots and distribution.writer and stop.kind in (StopKind.MAX_EPOCHS, StopKind.CONTROLLER):
-            _write_plots(metric_tracker, directory)
+            _write_plots(metric_tracker, run)
         preemption.exiting(stop, launched=distribution.active)
     metric_tracker.stop_reason = stop.text
     if distribution.writer:
-        report.summary(stop, controller, metric_tracker, time.perf_counter() - started, directory)
+        report.summary(stop, controller, metric_tracker, time.perf_counter() - started, run.location)
     preemption.finish(stop, requeuer=distribution.writer)
     return metric_tracker
 
 
-def _write_plots(tracker, directory):
+def _write_plots(tracker, run):
     """The training curves into ``plots/``; a missing matplotlib or a failing plot never fails the run."""
     from experiment_io.training.plots import PLOTS_DIRECTORY, plot_history, plotting_available
 
@@ -195,14 +194,9 @@ def _write_plots(tracker, directory):
                  "history")
         return
     try:
-        plot_history(tracker, os.path.join(directory, PLOTS_DIRECTORY))
+        plot_history(tracker, run.folder(PLOTS_DIRECTORY))
     except Exception as e:  # a plot is a convenience: the run and its files are what matters
         log.warning("the training curves could not be plotted (%r); metrics.csv holds the history", e)
-
-
-def _made(directory):
-    storage.make_directory(directory)
-    return directory
 
 
 def _unwrapped(training_modules):
@@ -245,7 +239,7 @@ class _Loop:
         self.database, self.controller, self.metric_tracker = database, controller, metric_tracker
         self.callbacks, self.batch_callbacks, self.report = callbacks, batch_callbacks, report
         self.distribution = distribution
-        self.trained = _data_parallel(wrapped if wrapped is not None else self.model, distribution)
+        self.trained = data_parallel(wrapped if wrapped is not None else self.model, distribution)
         self.evaluator.database = database
         self.n_train = database.split_size("train")
         # DDP reduces the model's gradients; those of a training loss with parameters are averaged here
@@ -393,15 +387,3 @@ class _Loop:
         if self.distribution.writer:
             self.report.epoch(epoch, controller.max_epochs, metrics, tracker, better,
                               time.perf_counter() - self.started)
-
-
-def _data_parallel(model, distribution):
-    """``model`` wrapped for data-parallel training (DDP) when there are several ranks, else itself."""
-    if not distribution.active or is_data_parallel(model):
-        return model
-    device = module_device(model)
-    ids = [device] if device.type == "cuda" else None
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if device.type == "cpu":  # exact resume is promised on the CPU: a reduction whose order never changes
-        wrapped.register_comm_hook(None, ordered_mean_hook)
-    return wrapped

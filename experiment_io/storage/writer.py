@@ -1,0 +1,189 @@
+"""The writer of a run: the only code that rotates a run's generations and commits a save in its manifest."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Mapping, Sequence, cast
+
+from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, NotACheckpointError
+from experiment_io.format import codec as fmt
+from experiment_io.storage import atomic as storage
+from experiment_io.storage import verification
+from experiment_io.storage.generations import previous_name
+from experiment_io.storage.interface import RunStorage, as_storage
+from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest, write_manifest
+
+__all__ = ["RunWriter"]
+
+log = logging.getLogger(__name__)
+
+
+class RunWriter:
+    """Writes the files of one run directory and commits each save in its manifest.
+
+    The files of a save and the new manifest are written in one batch of the run's
+    storage (:meth:`~experiment_io.storage.interface.RunStorage.batch`); each file's
+    previous generation is kept (with its record) until the next save; the manifest is
+    published last, so it lists only files that were completely written. Keep one
+    writer per directory for the life of a run: it remembers which files it committed
+    itself, so a save rotates them without reading them again.
+    A manifest changed by someone else meanwhile is noticed and read again.
+
+    :param directory: the run's :class:`~experiment_io.storage.interface.RunStorage`, or its directory (created
+        if missing).
+    """
+
+    def __init__(self, directory: str | os.PathLike | RunStorage):
+        self.storage = as_storage(directory)
+        self.directory = self.storage.location
+        self.storage.create()
+        self._manifest_identity: tuple | None = None
+        self._reload()
+
+    def _reload(self):
+        self.storage.remove_stale_temporaries()
+        try:
+            existing = read_manifest(self.storage)
+        except (NotACheckpointError, CorruptCheckpointError) as e:
+            log.warning("ignoring an unreadable manifest in %s (%s); a new one will be written", self.directory, e)
+            existing = None
+        self.files = dict(existing[1]) if existing else {}
+        self._known_good = {}  # name -> identity of the file this writer committed under that name
+        self._manifest_identity = manifest_identity(self.storage)
+
+    def path(self, name: str) -> str:
+        """The path of ``name`` in the run directory."""
+        return self.storage.path(name)
+
+    def record(self, name: str) -> dict | None:
+        """The manifest record of ``name`` (``None`` when it has none)."""
+        return self.files.get(name)
+
+    def has_intact(self, name: str) -> bool:
+        """Whether ``name`` exists, is readable and matches its manifest record."""
+        try:
+            return verification.file_matches(self.path(name), self.files.get(name))
+        except OSError:
+            return False
+
+    def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (),
+                   kept: Mapping[str, str] | None = None) -> dict:
+        """Write several files, then commit them by writing the manifest.
+
+        :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the
+            file's bytes to ``f``; ``fields`` (plain data) go into its manifest record.
+        :param retire: files to remove (with their previous generations): their records
+            are marked retired in the manifest that commits this save, then the files
+            are unlinked and a manifest without their records is written.
+        :param kept: ``{file name: why a retention keeps it}``, recorded as the ``"kept"`` field.
+        :return: ``{file name: FileRecord}``.
+        """
+        if manifest_identity(self.storage) != self._manifest_identity:
+            log.info("the manifest of %s was changed by another writer; reading it again", self.directory)
+            self._reload()
+        self._unlink_retired()  # left by a save that did not finish its removals
+        snapshot = {name: dict(record) if isinstance(record, dict) else record for name, record in self.files.items()}
+        self._written = {}
+        for name in retire:
+            for candidate in (name, previous_name(name)):
+                if candidate in self.files and candidate not in writes:
+                    self.files[candidate] = {**self.files[candidate], "retired": True}
+                    self._known_good.pop(candidate, None)
+        try:
+            with self.storage.batch() as batch:
+                keep_previous, records = {}, {}
+                for name, (write, fields) in writes.items():
+                    keep_previous[name] = self._rotation(name)
+                    records[name] = cast(verification.FileRecord, batch.write(name, write))  # hashed: a record
+                    self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
+                for name, why in (kept or {}).items():
+                    if name in self.files and not verification.is_retired(self.files[name]):
+                        self.files[name] = {**self.files[name], "kept": why}
+                batch.write(MANIFEST_NAME, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
+                # the files and the manifest are fsynced together (one wait); the manifest is renamed
+                # into place only once every file's rename is durable
+                batch.make_durable()
+                for name in writes:
+                    batch.publish(name, keep_previous[name])
+                    self._written[name] = self._identity(name)
+                batch.sync()
+                for name in writes:
+                    storage.write_step("directory_fsynced", self.path(name))
+                for name in writes:
+                    storage.write_step("file_saved", self.path(name))
+                storage.write_step("manifest", self.directory)
+                batch.publish(MANIFEST_NAME)
+                batch.sync()
+                storage.write_step("directory_fsynced", self.path(MANIFEST_NAME))
+        except BaseException:
+            self.files = snapshot  # nothing of this save was committed
+            self._known_good.clear()
+            self._manifest_identity = None  # read the manifest again before the next save
+            raise
+        self._manifest_identity = manifest_identity(self.storage)
+        self._known_good.update(self._written)
+        if self._unlink_retired():
+            try:  # the save is committed: a failure here only leaves retired records for the next save to drop
+                write_manifest(self.storage, self.files)
+            except CheckpointWriteError as e:
+                log.warning("the files the retention removed are still listed as retired in the manifest of %s: %s",
+                            self.directory, e)
+                self._manifest_identity = None  # read it again before the next save
+            else:
+                self._manifest_identity = manifest_identity(self.storage)
+        return records
+
+    def _unlink_retired(self):
+        """Remove the files whose records are retired, and their records (not yet written); whether there were any."""
+        retired = [name for name, record in self.files.items() if verification.is_retired(record)]
+        for name in retired:
+            try:
+                self.storage.remove(name)
+            except OSError as e:  # kept recorded as retired: tried again at the next save
+                log.warning("could not remove %s, which the retention no longer keeps: %s", self.path(name), e)
+                continue
+            del self.files[name]
+            log.info("removed %s (not kept by the retention)", name)
+        return bool(retired)
+
+    def _set_aside(self, name):
+        """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name."""
+        for candidate in (name, previous_name(name)):
+            if self.storage.stat(candidate) is not None:
+                aside = f"{candidate}.orphan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                self.storage.move_aside(candidate, aside)
+                log.warning("%s has no manifest record: moved aside to %s before a new save takes its name",
+                            self.path(candidate), aside)
+
+    def _identity(self, name):
+        found = self.storage.stat(name)
+        return None if found is None else found.identity
+
+    def _still_committed(self, name):
+        """Whether the file at ``name`` is, untouched, the one this writer committed (one ``stat``, no read)."""
+        known = self._known_good.get(name)
+        return known is not None and known == self._identity(name)
+
+    def _rotation(self, name: str):
+        """Where the committed file at ``name`` goes when the new one takes its place (``None``: nowhere, it is
+        not the committed one); the records of the previous generation updated accordingly."""
+        previous = previous_name(name)
+        committed = self.files.get(name)
+        if self._still_committed(name) or verification.file_matches(self.path(name), committed):
+            # the committed file becomes the previous generation
+            keep_previous = previous
+            self.files[previous] = committed
+        else:
+            # the file at ``name`` is absent, damaged, or an uncommitted leftover of a
+            # crashed save: replace it, and keep whichever previous generation verifies
+            keep_previous = None
+            if committed is None and self.files.get(previous) is None:
+                self._set_aside(name)
+            if verification.file_matches(self.path(previous), committed):
+                self.files[previous] = committed
+            elif not verification.file_matches(self.path(previous), self.files.get(previous)):
+                self.files.pop(previous, None)
+        if self.files.get(previous) is None:
+            self.files.pop(previous, None)
+        return keep_previous
