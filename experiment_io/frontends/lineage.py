@@ -59,7 +59,7 @@ from experiment_io.platform import archive
 from experiment_io.storage import atomic as storage
 from experiment_io.format import codec as fmt
 from experiment_io.errors import CheckpointNotFoundError, IncompatibleCheckpointError, SetupError, StructureClassError
-from experiment_io.storage.generations import RunWriter
+from experiment_io.storage.writer import RunWriter
 from experiment_io.storage.lock import RunLock
 from experiment_io.format.names import qualified_name, resolve
 from experiment_io.frontends.own_loop import USER_KIND
