@@ -28,7 +28,7 @@ import experiment_io.run.reading as reading
 import experiment_io.storage.atomic as storage
 from experiment_io.storage import hashing
 from experiment_io.storage import manifest as run_manifest
-from experiment_io.platform import maps, writeback
+from experiment_io.platform import maps, switch, writeback
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError
 from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
@@ -118,8 +118,8 @@ def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, se
     assert record == verification.file_digest(path) and record.size == len(data)
 
 
-@pytest.mark.parametrize("size", [0, 1, verification._READ_CHUNK - 1, verification._READ_CHUNK, verification._READ_CHUNK + 1,
-                                  3 * verification._READ_CHUNK + 17])
+@pytest.mark.parametrize("size", [0, 1, verification.READ_BLOCK - 1, verification.READ_BLOCK, verification.READ_BLOCK + 1,
+                                  3 * verification.READ_BLOCK + 17])
 def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
     data = random.Random(size).randbytes(size)
     record = storage.atomic_write_bytes(tmp_path / "d.bin", data)
@@ -127,40 +127,57 @@ def test_digest_while_writing_equals_digest_of_the_file(tmp_path, size):
     assert verification.Verifier(str(tmp_path), {}).digest(tmp_path / "d.bin") == record
 
 
-def test_writes_without_early_writeback(tmp_path, monkeypatch):
-    monkeypatch.setattr(writeback, "_sync_file_range", None)
+def test_writes_without_early_writeback(tmp_path):
     data = os.urandom(3 * hashing.WRITEBACK_EVERY)
-    assert storage.atomic_write_bytes(tmp_path / "x", data) == verification.file_digest(tmp_path / "x")
+    record = _write_through(tmp_path / "x", lambda f: f.write(data), writeback.Writeback(None))
+    assert record == verification.file_digest(tmp_path / "x")
     assert (tmp_path / "x").read_bytes() == data
 
 
+def _write_through(path, write, pacing):
+    """Write ``path`` through a hashing writer with the write-back pacing ``pacing``; its record."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        writer = hashing.HashingWriter(fd, pacing)
+        write(writer)
+        writer.flush()
+        return writer.record()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.usefixtures("fast_paths_on")
-def test_early_writeback_that_fails_is_given_up(tmp_path, monkeypatch):
+def test_early_writeback_that_fails_is_given_up(tmp_path):
     calls = []
 
     def failing(fd, offset, nbytes, flags):
         calls.append((offset, nbytes))
         return -1
 
-    monkeypatch.setattr(writeback, "_sync_file_range", failing)
+    pacing = writeback.Writeback(failing)
     data = os.urandom(3 * hashing.WRITEBACK_EVERY)
-    storage.atomic_write(tmp_path / "x", lambda f: [f.write(data[i:i + 2**20]) for i in range(0, len(data), 2**20)])
+    _write_through(tmp_path / "x", lambda f: [f.write(data[i:i + 2**20]) for i in range(0, len(data), 2**20)], pacing)
     assert (tmp_path / "x").read_bytes() == data
-    assert len(calls) == 1 and writeback._sync_file_range is None  # tried once, then given up
+    assert len(calls) == 1 and pacing.function is None  # tried once, then given up for this file
 
 
 @pytest.mark.usefixtures("fast_paths_on")
-@pytest.mark.skipif(writeback._sync_file_range is None, reason="no sync_file_range here")
-def test_early_writeback_covers_the_file_in_order(tmp_path, monkeypatch):
-    calls, real = [], writeback._sync_file_range
+def test_with_the_fast_paths_off_nothing_is_written_back_early(monkeypatch):
+    monkeypatch.setenv(switch.ENVIRONMENT_VARIABLE, "0")
+    assert writeback.Writeback(lambda *a: 0).function is None and writeback.Writeback().function is None
+
+
+@pytest.mark.usefixtures("fast_paths_on")
+@pytest.mark.skipif(writeback.sync_file_range() is None, reason="no sync_file_range here")
+def test_early_writeback_covers_the_file_in_order(tmp_path):
+    calls, real = [], writeback.sync_file_range()
 
     def recording(fd, offset, nbytes, flags):
         calls.append((offset, nbytes))
         return real(fd, offset, nbytes, flags)
 
-    monkeypatch.setattr(writeback, "_sync_file_range", recording)
     tensors = {str(i): torch.randn(2**20) for i in range(6)}  # 24 MiB
-    storage.atomic_write(tmp_path / "t.pt", lambda f: save_payload(tensors, f))
+    _write_through(tmp_path / "t.pt", lambda f: save_payload(tensors, f), writeback.Writeback(recording))
     assert calls and calls[0][0] == 0
     assert all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))  # contiguous ranges, in order
 
@@ -438,7 +455,7 @@ def test_a_flipped_bit_in_tensor_data_loads_silently_with_torch_but_not_with_the
 @pytest.mark.parametrize("where", ["first byte", "middle", "last byte"])
 def test_the_verifier_catches_any_changed_byte(tmp_path, where):
     path = tmp_path / "f.pt"
-    record = storage.atomic_write(path, lambda f: save_payload({"w": torch.randn(3 * verification._READ_CHUNK // 4)}, f))
+    record = storage.atomic_write(path, lambda f: save_payload({"w": torch.randn(3 * verification.READ_BLOCK // 4)}, f))
     size = os.path.getsize(path)
     flip_bit(path, {"first byte": 0, "middle": size // 2, "last byte": size - 1}[where])
     verifier = verification.Verifier(str(tmp_path), {"f.pt": record.as_dict()})
@@ -447,7 +464,7 @@ def test_the_verifier_catches_any_changed_byte(tmp_path, where):
 
 
 def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
-    data = os.urandom(3 * verification._MAP_AT_LEAST + 5)
+    data = os.urandom(3 * verification.MAP_AT_LEAST + 5)
     record = storage.atomic_write_bytes(tmp_path / "m.bin", data)
     assert verification.file_digest(tmp_path / "m.bin") == record  # through a memory map
 
@@ -545,7 +562,7 @@ def test_adopted_tensors_leave_the_map_and_keep_their_values_and_sharing(tmp_pat
     import gc
     gc.collect()
     assert not _mapped(path)
-    assert destination._ready == {}
+    assert destination.ready == {}
 
 
 def test_storage_sizes_of_what_is_not_an_archive_are_none(tmp_path):
@@ -644,7 +661,7 @@ def test_a_map_that_fails_lets_the_ready_memory_go_and_reads_the_file(tmp_path, 
     def failing(*args, mmap=None, **kwargs):
         if mmap:
             raise OSError(errno.ENODEV, "mmap not supported by this file system")
-        assert not destination._ready, "the memory made ready is let go before the file is read"
+        assert not destination.ready, "the memory made ready is let go before the file is read"
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", failing)
@@ -716,15 +733,14 @@ def test_no_memory_is_made_ready_beyond_half_of_what_is_available(tmp_path, monk
     memory at hand makes nothing ready (the load goes on without it)."""
     from experiment_io.platform import residence
 
-    at_hand = residence._available_memory()
+    at_hand = residence.available_memory()
     assert at_hand is None or 0 < at_hand <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    monkeypatch.setattr(residence, "_available_memory", lambda: 10 * 1024 * 1024)
     destination = residence.Destination([3 * 1024 * 1024, 3 * 1024 * 1024])
-    destination.fill()
-    assert destination._ready == {}
+    destination.fill(memory_at_hand=10 * 1024 * 1024)
+    assert destination.ready == {}
     destination = residence.Destination([2 * 1024 * 1024, 3 * 1024 * 1024])
-    destination.fill()
-    assert sorted(destination._ready) == [2 * 1024 * 1024, 3 * 1024 * 1024]
+    destination.fill(memory_at_hand=10 * 1024 * 1024)
+    assert destination.ready == {2 * 1024 * 1024: 1, 3 * 1024 * 1024: 1}
 
 
 def test_with_the_fast_paths_off_a_resume_makes_no_memory_ready_and_maps_through_python(run_copy, monkeypatch):

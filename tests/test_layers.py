@@ -80,3 +80,83 @@ def test_the_check_sees_an_upward_import(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from experiment_io.training.loop import train_model\n")
     assert layer_of("experiment_io.storage.m") < max(layer_of(n) for _, n in imported("experiment_io.storage.m", source))
+
+
+IMPORT_EVERYTHING = """
+import atexit, os, signal, sys
+calls = []
+
+
+def recorded(what, real):
+    def call(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("experiment_io"):
+            calls.append((what, caller))
+        return real(*args, **kwargs)
+    return call
+
+
+atexit.register = recorded("atexit.register", atexit.register)
+os.register_at_fork = recorded("os.register_at_fork", os.register_at_fork)
+handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+import importlib, pkgutil, experiment_io
+for info in pkgutil.walk_packages(experiment_io.__path__, "experiment_io."):
+    if info.name.endswith(("lightning", "__main__")):
+        continue  # an optional integration (it imports Lightning); the command line (it runs)
+    importlib.import_module(info.name)
+assert {s: signal.getsignal(s) for s in handlers} == handlers, "a signal handler was installed at import"
+assert not calls, calls
+print(len(sys.modules))
+"""
+
+
+def test_importing_any_module_has_no_effect_on_the_process():
+    """No fork hooks, exit hooks or signal handlers are installed by importing the package's modules."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+PUBLIC_EXCEPTIONS = {
+    # DDP checks a communication hook's annotations against the real GradBucket class, and the module's
+    # annotations are strings
+    "experiment_io.training.distributed.ordered_mean_hook",
+}
+
+
+def _public_callables():
+    import importlib
+    import inspect
+
+    for module_name, _ in modules():
+        if module_name.endswith("lightning") or module_name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{module_name}.{name}", obj
+            elif inspect.isclass(obj):
+                for attribute, member in vars(obj).items():
+                    if inspect.isfunction(member) and (not attribute.startswith("_") or attribute == "__init__"):
+                        yield f"{module_name}.{name}.{attribute}", member
+
+
+def test_every_public_function_and_method_is_annotated():
+    import inspect
+
+    missing = []
+    for qualified, function in _public_callables():
+        if qualified in PUBLIC_EXCEPTIONS:
+            continue
+        signature = inspect.signature(function)
+        parameters = [p for i, p in enumerate(signature.parameters.values())
+                      if not (i == 0 and p.name in ("self", "cls"))]
+        unannotated = [p.name for p in parameters if p.annotation is inspect.Parameter.empty]
+        if unannotated or ("return" not in function.__annotations__ and function.__name__ != "__init__"):
+            missing.append(f"{qualified}({', '.join(unannotated)})")
+    assert not missing, f"{len(missing)} public functions without annotations: {missing}"

@@ -37,11 +37,6 @@ def run_script(script, run, env=None):
     return records(run)
 
 
-@pytest.fixture
-def fresh(monkeypatch):
-    monkeypatch.setattr(provenance, "_cached", None)
-
-
 def test_records_carry_host_command_and_the_slurm_job(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=TESTS))
@@ -76,21 +71,21 @@ def test_records_carry_the_git_commit_of_the_training_script_and_whether_it_was_
     assert "git_commit" not in run_script(outside / "train.py", tmp_path / "nogit")[LAST_NAME]
 
 
-def test_a_git_that_hangs_or_fails_only_leaves_the_commit_out(tmp_path, monkeypatch, fresh):
+def test_a_git_that_hangs_or_fails_only_leaves_the_commit_out(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "git"
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(provenance, "_GIT_TIMEOUT", 0.3)
-    fields = provenance.process_provenance()
+    fields = provenance.process_provenance(git_timeout=0.3, fresh=True)
     assert "git_commit" not in fields and fields["host"] == socket.gethostname()
     fake.write_text("#!/bin/sh\necho broken >&2\nexit 128\n")
-    monkeypatch.setattr(provenance, "_cached", None)
-    assert "git_commit" not in provenance.process_provenance()
+    assert "git_commit" not in provenance.process_provenance(fresh=True)
     train_tiny_run(str(tmp_path / "run"), max_epochs=1)
     assert "git_commit" not in records(tmp_path / "run")[LAST_NAME]
+    monkeypatch.undo()
+    provenance.process_provenance(fresh=True)  # the real git again for what this process saves next
 
 
 def test_the_resume_count_grows_with_each_resume(tmp_path):

@@ -12,7 +12,6 @@ from helpers import find_generations
 from experiment_io.format import codec as fmt
 from experiment_io import RunLock
 from experiment_io.storage import atomic as storage
-from experiment_io.platform import maps
 from experiment_io.platform.maps import _LibcMap
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from experiment_io.errors import (
@@ -441,9 +440,7 @@ def test_a_mapped_digest_equals_a_read_one_cached_or_not(tmp_path, monkeypatch, 
         chosen.append(original(self, address, size, **kwargs))
         return cached
     monkeypatch.setattr(_LibcMap, "_mostly_cached", decide)
-    monkeypatch.setattr(maps, "_DIGEST_PART", 1024 * 1024 + 100)  # 4 parts, the last one short
-    mapped = verification.file_digest(path)
+    mapped = verification.file_digest(path, part=1024 * 1024 + 100)  # 4 parts, the last one short
     assert chosen and isinstance(chosen[0], bool)
-    monkeypatch.setattr(verification, "_MAP_AT_LEAST", 1 << 40)  # read in blocks instead
-    assert verification.file_digest(path) == mapped
+    assert verification.file_digest(path, map_at_least=1 << 40) == mapped  # read in blocks instead
     assert mapped.size == len(data)

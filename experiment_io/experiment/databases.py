@@ -7,7 +7,7 @@ state to carry: the order of epoch ``e`` is :meth:`Database.epoch_order`\\ ``(e)
 Databases read from a file are in :mod:`experiment_io.experiment.restartable`.
 """
 import logging
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -74,10 +74,11 @@ class Database:
     def __init__(self, arr_dict: Optional[Mapping[str, np.ndarray]] = None, inputs: Optional[Sequence[str]] = None,
                  targets: Optional[Sequence[str]] = None, seed: Optional[int] = None,
                  test_size: Union[int, float, None] = None, valid_size: Union[int, float, None] = None, *,
-                 float_dtype=None, splits=None, auto_split=False, quiet=False, arrays=None):
+                 float_dtype: Any = None, splits: Optional[Mapping[str, Any]] = None, auto_split: bool = False,
+                 quiet: bool = False, arrays: Optional[Mapping[str, np.ndarray]] = None):
         if (arr_dict is None) == (arrays is None):
             raise SetupError("pass the arrays once: as the first argument (arr_dict) or as arrays=")
-        arrays = arr_dict if arr_dict is not None else arrays
+        arrays = cast(Mapping[str, np.ndarray], arr_dict if arr_dict is not None else arrays)
         if inputs is None or targets is None or seed is None:
             raise SetupError("a database needs inputs, targets and a seed")
         inputs, targets = list(inputs), list(targets)

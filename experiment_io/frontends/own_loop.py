@@ -48,15 +48,17 @@ Readers take no lock; a load that runs while another process saves the same file
 may fall back to the previous generation or, rarely, fail; load again.
 """
 import atexit
+import functools
 import logging
 import os
 import sys
 import threading
-from typing import Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 
 from experiment_io.platform import archive
+from experiment_io.platform.threads import in_forked_children
 from experiment_io.training.asynchronous import BackgroundWriter, surfaced
 from experiment_io.training.distributed import current
 from experiment_io.errors import (SetupError)
@@ -98,12 +100,13 @@ def _check_name(path, name):
 class PendingSave:
     """A save of :class:`AtomicSaver` with ``async_save=True`` that may still be in flight."""
 
-    def __init__(self, path, saver):
+    def __init__(self, path: str, saver: "AtomicSaver"):
         self.path = path
         self._saver = saver
-        self._serial = None  # the background writer's number of this save
+        self._serial: Optional[int] = None  # the background writer's number of this save
         self._committed = threading.Event()
-        self._record = self._error = None
+        self._record: Optional[FileRecord] = None
+        self._error: Optional[BaseException] = None
 
     def _run(self, write, staged):
         """Run ``write(staged)`` (in the writer's thread) and keep its outcome."""
@@ -130,7 +133,7 @@ class PendingSave:
         self._saver._wait_for(self)
         if self._error is not None:
             raise surfaced(self._error, self.path)
-        return self._record
+        return cast(FileRecord, self._record)
 
 
 def _save_loadable(obj, f, path):
@@ -178,7 +181,7 @@ class AtomicSaver:
             writer = self._writers[directory] = RunWriter(directory)
         return writer
 
-    def save(self, obj, path: Union[str, os.PathLike]) -> Union[FileRecord, PendingSave]:
+    def save(self, obj: Any, path: Union[str, os.PathLike]) -> Union[FileRecord, PendingSave]:
         """Save ``obj`` to ``path``; see :func:`atomic_save`.
 
         :return: the file's :class:`~experiment_io.storage.verification.FileRecord`, or a
@@ -245,23 +248,37 @@ class AtomicSaver:
         self.wait()
 
 
-_default = AtomicSaver()  # atomic_save's, for each mode
-_default_async = AtomicSaver(async_save=True)
+_defaults: dict[bool, AtomicSaver] = {}  # atomic_save's savers, one per mode, made at its first call in a process
+_defaults_lock = threading.Lock()
+
+
+def _default_saver(async_save: bool) -> AtomicSaver:
+    with _defaults_lock:
+        saver = _defaults.get(async_save)
+        if saver is None:
+            in_forked_children(_new_defaults_in_child)
+            if async_save:
+                _report_at_exit()
+            saver = _defaults[async_save] = AtomicSaver(async_save=async_save)
+        return saver
 
 
 def _new_defaults_in_child():
-    """A forked child starts with savers of its own (it has not the parent's thread)."""
-    global _default, _default_async
-    _default, _default_async = AtomicSaver(), AtomicSaver(async_save=True)
+    """A forked child makes savers of its own (it has not the parent's thread)."""
+    global _defaults_lock
+    _defaults.clear()
+    _defaults_lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_defaults_in_child)
+@functools.lru_cache(maxsize=None)
+def _report_at_exit():
+    atexit.register(_report_unwaited_failure)
 
 
 def _report_unwaited_failure():
     """At exit: an asynchronous save that failed and that nobody waited for is shown on stderr."""
-    background = _default_async._background
+    saver = _defaults.get(True)
+    background = saver._background if saver is not None else None
     error = getattr(background, "_error", None) if background is not None else None
     if error is not None:
         sys.stderr.write(f"experiment_io: the asynchronous save of {background._description} failed and nothing "
@@ -269,10 +286,7 @@ def _report_unwaited_failure():
                          "generation of the file is intact.\n")
 
 
-atexit.register(_report_unwaited_failure)
-
-
-def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
+def atomic_save(obj: Any, path: Union[str, os.PathLike], *, async_save: bool = False) -> Union[FileRecord, PendingSave]:
     """Save ``obj`` as ``torch.save`` would, atomically, durably and recorded in the manifest.
 
     The previous file at ``path``, if it is the committed generation, is kept as
@@ -311,10 +325,10 @@ def atomic_save(obj, path: Union[str, os.PathLike], *, async_save: bool = False)
     :raises ValueError: for a name that experiment_io uses itself (the manifest, the
         lock file, or a ``.prev`` name).
     """
-    return (_default_async if async_save else _default).save(obj, path)
+    return _default_saver(async_save).save(obj, path)
 
 
-def rank_zero_save(obj, path: Union[str, os.PathLike], *,
+def rank_zero_save(obj: Any, path: Union[str, os.PathLike], *,
                    async_save: bool = False) -> Union[FileRecord, PendingSave, None]:
     """:func:`atomic_save` for data-parallel loops: global rank 0 writes, every rank knows when it has committed.
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from experiment_io.platform import switch
 
-__all__ = ["libc", "map_for_reading"]
+__all__ = ["libc", "map_for_reading", "DIGEST_PART"]
 
 def libc() -> Optional[ctypes.CDLL]:
     """The C library, its ``mmap``, ``munmap``, ``mincore`` and ``madvise`` typed for :mod:`ctypes` (calls made
@@ -27,7 +27,7 @@ def libc() -> Optional[ctypes.CDLL]:
 
 #: The digest of a mapped file goes this many bytes at a time: each part is faulted in, hashed, and let go, so
 #: that the map never holds more than one part of the file.
-_DIGEST_PART = 64 * 1024 * 1024
+DIGEST_PART = 64 * 1024 * 1024
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
@@ -37,7 +37,7 @@ class _LibcMap:
     The calls go through :mod:`ctypes`, which lets go of the GIL while they run
     (Python's :class:`mmap.mmap` holds it while ``MAP_POPULATE`` reads a file in, so a
     cold 2 GiB file stopped every other thread for as long as the disk took).
-    :meth:`parts` gives the file :data:`_DIGEST_PART` bytes at a time and lets each
+    :meth:`parts` gives the file :data:`DIGEST_PART` bytes at a time (or as asked) and lets each
     part's pages go once it has been used, so that the process never holds the whole
     file's pages: a load that makes memory ready for the file's tensors meanwhile
     (:mod:`experiment_io.platform.residence`) holds about the file's size, not twice that. A
@@ -104,10 +104,10 @@ class _LibcMap:
             raise
         self._address, self._size = address, size
 
-    def parts(self):
-        """The file's bytes, :data:`_DIGEST_PART` at a time (read-only views); each part's pages are let go when
-        the next is asked for."""
-        page_aligned = _DIGEST_PART - _DIGEST_PART % mmap.PAGESIZE
+    def parts(self, size=DIGEST_PART):
+        """The file's bytes, ``size`` (rounded down to whole pages) at a time (read-only views); each part's pages
+        are let go when the next is asked for."""
+        page_aligned = max(size - size % mmap.PAGESIZE, mmap.PAGESIZE)
         for offset in range(0, self._size, page_aligned):
             length = min(page_aligned, self._size - offset)
             if self._cached:  # one call instead of a page fault for every few pages (Linux 5.14; else faults)
@@ -136,7 +136,7 @@ class _PythonMap:
         else:
             self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
-    def parts(self):
+    def parts(self, size=DIGEST_PART):
         yield self._map
 
     def __enter__(self):

@@ -19,7 +19,7 @@ import ctypes
 import logging
 import mmap
 import os
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -27,7 +27,7 @@ from experiment_io.errors import NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.maps import libc
 
-__all__ = ["Destination", "CannotAdopt", "storage_sizes"]
+__all__ = ["Destination", "CannotAdopt", "storage_sizes", "available_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _advise(address, nbytes, advice):
     return c.madvise(ctypes.c_void_p(start), length, advice) == 0
 
 
-def _available_memory():
+def available_memory() -> Optional[int]:
     """The memory the kernel says can be had without swapping (``MemAvailable``), in bytes; ``None`` when unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -113,12 +113,21 @@ class Destination:
                 return cls(sizes)
         return cls([])
 
-    def fill(self) -> None:
+    @property
+    def ready(self) -> dict[int, int]:
+        """``{byte size: how many storages of that size are ready}``."""
+        return {nbytes: len(storages) for nbytes, storages in self._ready.items() if storages}
+
+    def fill(self, memory_at_hand: Optional[int] = None) -> None:
         """Allocate the memory and fault it in (``MADV_POPULATE_WRITE``, else by writing zeros). Runs on the
         caller's thread; the GIL is let go while the kernel works. Memory that cannot be had now is not made
-        ready (the load allocates it as it copies, and says why if it cannot either)."""
+        ready (the load allocates it as it copies, and says why if it cannot either).
+
+        :param memory_at_hand: the bytes the process may take (default: :func:`available_memory`); nothing is
+            made ready for storages of more than half of it.
+        """
         sizes, self._sizes = self._sizes, []
-        available = _available_memory()
+        available = memory_at_hand if memory_at_hand is not None else available_memory()
         if available is not None and sum(sizes) > available // 2:
             # the file is not verified yet: a damaged or forged archive directory must not make the process
             # claim the machine's memory; a real checkpoint this large is loaded without it

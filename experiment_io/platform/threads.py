@@ -5,13 +5,14 @@ outside, so that they reach the main thread, where Python runs their handlers.
 :func:`side_thread` is the one worker that digests (and checksums) large writes
 while the writing thread writes them.
 """
+import functools
 import os
 import queue
 import signal
 import threading
 from typing import Any, Callable
 
-__all__ = ["worker_thread", "side_thread", "SIDE_DIGEST_BYTES"]
+__all__ = ["worker_thread", "side_thread", "SIDE_DIGEST_BYTES", "in_forked_children"]
 
 #: Writes at least this large are digested on :func:`side_thread` while they are written.
 SIDE_DIGEST_BYTES = 1024 * 1024
@@ -92,6 +93,7 @@ def side_thread() -> _SideThread:
     global _side
     with _side_lock:
         if _side is None:
+            in_forked_children(_forget_side_thread)
             _side = _SideThread()
         return _side
 
@@ -101,6 +103,14 @@ def _forget_side_thread():
     _side, _side_lock = None, threading.Lock()  # a forked child has no such thread
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_side_thread)
+
+@functools.lru_cache(maxsize=None)
+def in_forked_children(callback: Callable[[], None]) -> None:
+    """Have ``callback`` run in the child of every later ``fork`` (once per callback, however often asked).
+
+    The library's modules ask for it when they first make what a child must not inherit (a thread, a held lock,
+    signal handlers), never at import.
+    """
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=callback)
 

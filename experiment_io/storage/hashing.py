@@ -6,7 +6,7 @@ digests exactly the bytes of the file, in order (large writes on the side thread
 small writes into blocks of :data:`WRITE_BLOCK` bytes, writes large ones straight
 from the caller's memory, and every :data:`WRITEBACK_EVERY` bytes asks the kernel to
 start writing back what was written so far
-(:func:`~experiment_io.platform.writeback.start_writeback`), so that the final fsync
+(:class:`~experiment_io.platform.writeback.Writeback`), so that the final fsync
 has little left to wait for.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import xxhash
 
 from experiment_io.platform.threads import SIDE_DIGEST_BYTES, side_thread
-from experiment_io.platform.writeback import start_writeback
+from experiment_io.platform.writeback import Writeback
 from experiment_io.storage.verification import DIGEST_NAME, FileRecord
 
 __all__ = ["HashingWriter", "DIRECT_WRITE", "WRITE_BLOCK", "WRITEBACK_EVERY"]
@@ -48,10 +48,12 @@ class HashingWriter:
     was written so far; the final fsync then has little left to wait for.
 
     :param fd: a file descriptor open for writing, at offset 0.
+    :param writeback: the file's :class:`~experiment_io.platform.writeback.Writeback` (default: a new one).
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, writeback: Writeback | None = None):
         self._fd = fd
+        self._writeback = writeback if writeback is not None else Writeback()
         self._hash = xxhash.xxh3_128()
         self._pending = bytearray()
         self._written_back = 0
@@ -101,7 +103,7 @@ class HashingWriter:
                 digesting.result()
 
     def _start_writeback(self):
-        start_writeback(self._fd, self._written_back, self.size - self._written_back)
+        self._writeback.start(self._fd, self._written_back, self.size - self._written_back)
         self._written_back = self.size
 
     def record(self) -> FileRecord:

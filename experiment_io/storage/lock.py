@@ -9,6 +9,7 @@ import weakref
 from typing import Optional, Union
 
 from experiment_io.errors import CheckpointWriteError, RunLockedError
+from experiment_io.platform.threads import in_forked_children
 
 __all__ = ["LOCK_NAME", "RunLock", "writer_now"]
 
@@ -105,6 +106,7 @@ class RunLock:
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
         st = os.fstat(fd)
         self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+        in_forked_children(_forget_locks_in_child)
         RunLock._held.add(self)
         return self
 
@@ -173,7 +175,3 @@ def _forget_locks_in_child():
                 pass
             lock._fd = None
     RunLock._held = weakref.WeakSet()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_locks_in_child)

@@ -15,18 +15,20 @@ import xxhash
 from experiment_io.errors import NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.files import NotARegularFile, open_regular
-from experiment_io.platform.maps import map_for_reading
+from experiment_io.platform.maps import DIGEST_PART, map_for_reading
 from experiment_io.storage.interface import RunStorage, as_storage
 
-__all__ = ["DIGEST_NAME", "FileRecord", "file_digest", "file_matches", "Verifier", "check_archive"]
+__all__ = ["DIGEST_NAME", "MAP_AT_LEAST", "READ_BLOCK", "FileRecord", "file_digest", "file_matches", "Verifier",
+           "check_archive"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
 
 #: Files at least this large are digested through a memory map; smaller ones are
-#: read in blocks of :data:`_READ_CHUNK` bytes.
-_MAP_AT_LEAST = 1024 * 1024
-_READ_CHUNK = 1024 * 1024
+#: read in blocks of :data:`READ_BLOCK` bytes.
+MAP_AT_LEAST = 1024 * 1024
+#: The block size of a digest that reads.
+READ_BLOCK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,18 +47,18 @@ class FileRecord:
         return {"size": self.size, "digest": self.digest}
 
 
-def _digest_fd(fd):
+def _digest_fd(fd, map_at_least=MAP_AT_LEAST, part=DIGEST_PART):
     """Digest the file open at ``fd`` (at offset 0) from its first byte to its end.
 
-    Files of :data:`_MAP_AT_LEAST` bytes or more are hashed through a read-only
-    memory map, part by part (see :class:`_LibcMap`): the hash reads the page cache
-    directly, without copying it (about twice as fast as reading); smaller files,
+    Files of ``map_at_least`` bytes or more are hashed through a read-only
+    memory map, ``part`` bytes at a time (see :func:`~experiment_io.platform.maps.map_for_reading`): the hash
+    reads the page cache directly, without copying it (about twice as fast as reading); smaller files,
     and files that cannot be mapped, are read in blocks. A file must not be truncated by another process while it is
     digested (a mapped page beyond the end of a file cannot be read); this library
     never truncates a file, it replaces files by renaming new ones over them.
     """
     size = os.fstat(fd).st_size
-    if size >= _MAP_AT_LEAST:
+    if size >= map_at_least:
         try:
             mapped = map_for_reading(fd, size)
         except (OSError, ValueError):  # a file system without mmap: read it
@@ -64,11 +66,11 @@ def _digest_fd(fd):
         else:
             hasher = xxhash.xxh3_128()
             with mapped:
-                for part in mapped.parts():
-                    hasher.update(part)
+                for piece in mapped.parts(part):
+                    hasher.update(piece)
             return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
     hasher = xxhash.xxh3_128()
-    buffer = bytearray(_READ_CHUNK)
+    buffer = bytearray(READ_BLOCK)
     view = memoryview(buffer)
     size = 0
     while True:
@@ -80,14 +82,17 @@ def _digest_fd(fd):
     return FileRecord(size, f"{DIGEST_NAME}:{hasher.hexdigest()}")
 
 
-def file_digest(path: Union[str, os.PathLike]) -> FileRecord:
+def file_digest(path: Union[str, os.PathLike], *, map_at_least: int = MAP_AT_LEAST,
+                part: int = DIGEST_PART) -> FileRecord:
     """Digest a regular file on disk (a symbolic link or a special file is refused).
 
+    :param map_at_least: a file at least this large is digested through a memory map, ``part`` bytes at a time
+        (the result is the same either way).
     :return: its :class:`FileRecord`.
     """
     fd, _ = open_regular(path)
     try:
-        return _digest_fd(fd)
+        return _digest_fd(fd, map_at_least, part)
     finally:
         os.close(fd)
 

@@ -16,7 +16,7 @@ from experiment_io.experiment.devices import module_device
 from experiment_io.training.distributed import data_parallel, join, unwrap
 from experiment_io.errors import IncompatibleCheckpointError, MissingDatabaseError, RankFailedError, SetupError
 from experiment_io.experiment.metric_tracker import MetricTracker
-from experiment_io.experiment.databases import SPLITS
+from experiment_io.experiment.databases import SPLITS, Database
 from experiment_io.run.payloads import BEST_EVALUATION_NAME, LAST_NAME
 from experiment_io.training.policy import SavePolicy
 from experiment_io.training.retention import Retention
@@ -29,7 +29,7 @@ __all__ = ["train_model"]
 log = logging.getLogger(__name__)
 
 
-def train_model(training_modules: TrainingModules, database, controller: Controller, metric_tracker: MetricTracker,
+def train_model(training_modules: TrainingModules, database: Database, controller: Controller, metric_tracker: MetricTracker,
                 callbacks: Optional[Sequence[Callable]], batch_callbacks: Optional[Sequence[Callable]],
                 store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False, *,
                 directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,

@@ -20,6 +20,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
+from experiment_io.platform.threads import in_forked_children
+
 __all__ = ["PREEMPTED_EXIT_CODE", "DEFAULT_SIGNALS", "StopKind", "Stop", "Preemption"]
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
+            in_forked_children(_default_signals_in_child)
             _active.add(self)
         elif self.signals:
             log.info("train_model runs outside the main thread: no signal handlers installed")
@@ -165,10 +168,6 @@ def _default_signals_in_child():
             signal.signal(s, handler)
         preemption._previous.clear()
     _active.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_default_signals_in_child)
 
 
 def requeue_under_slurm() -> None:

@@ -8,6 +8,7 @@ versions, the world size and how many times the run was resumed are recorded
 beside them. Nothing here can fail a save: a value that cannot be found (no git,
 a git that hangs, no SLURM) is simply absent.
 """
+import functools
 import logging
 import os
 import shutil
@@ -32,25 +33,24 @@ PROVENANCE_FIELDS = {
 
 #: The longest command line recorded (characters).
 COMMAND_MAX = 2000
-_GIT_TIMEOUT = 5.0
+#: How long a ``git`` call for the provenance may take (seconds) before the commit is left out.
+GIT_TIMEOUT = 5.0
 
-_cached = None
 
-
-def _git(directory, *args):
+def _git(directory, timeout, *args):
     result = subprocess.run(["git", "--no-optional-locks", "-C", directory, *args], capture_output=True, text=True,
-                            timeout=_GIT_TIMEOUT, stdin=subprocess.DEVNULL)
+                            timeout=timeout, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         return None
     return result.stdout
 
 
-def _git_state(directory):
+def _git_state(directory, timeout):
     """``{"git_commit": ..., "git_dirty": ...}`` of the repository holding ``directory``, or ``{}``."""
     if shutil.which("git") is None:
         return {}
     try:
-        commit = _git(directory, "rev-parse", "HEAD")
+        commit = _git(directory, timeout, "rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError) as e:
         log.debug("no git commit recorded: %s", e)
         return {}
@@ -58,7 +58,7 @@ def _git_state(directory):
         return {}
     state = {"git_commit": commit.strip()}
     try:
-        status = _git(directory, "status", "--porcelain", "--untracked-files=no")
+        status = _git(directory, timeout, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError) as e:  # the commit is known; whether the tree is dirty is not
         log.debug("whether %s has uncommitted changes is not recorded: %s", directory, e)
         return state
@@ -73,11 +73,22 @@ def _script_directory():
     return directory if os.path.isdir(directory) else os.getcwd()
 
 
-def process_provenance() -> dict[str, Any]:
-    """The provenance fields of this process (computed once; a dict of plain scalars, possibly empty)."""
-    global _cached
-    if _cached is not None:
-        return dict(_cached)
+def process_provenance(*, git_timeout: float = GIT_TIMEOUT, fresh: bool = False) -> dict[str, Any]:
+    """The provenance fields of this process (a dict of plain scalars, possibly empty).
+
+    They are found at the first call and kept for the process's life (the host, the command and the commit of
+    the script do not change while it runs).
+
+    :param git_timeout: how long each ``git`` call may take.
+    :param fresh: find them again.
+    """
+    if fresh:
+        _found.cache_clear()
+    return dict(_found(git_timeout))
+
+
+@functools.lru_cache(maxsize=None)
+def _found(git_timeout: float) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     try:
         fields["host"] = socket.gethostname()
@@ -92,8 +103,7 @@ def process_provenance() -> dict[str, Any]:
         except ValueError:
             pass
     try:
-        fields.update(_git_state(_script_directory()))
+        fields.update(_git_state(_script_directory(), git_timeout))
     except Exception as e:  # noqa: BLE001 - provenance never fails a save
         log.debug("no git commit recorded: %r", e)
-    _cached = fields
-    return dict(fields)
+    return fields
