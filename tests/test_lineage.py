@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from experiment_io import load_model_from_cwd
 from experiment_io.frontends.cli import main as cli_main
 from experiment_io.errors import CheckpointNotFoundError, IncompatibleCheckpointError, SetupError
-from experiment_io.frontends.lineage import BACKUP_NAME, PROGRESS_NAME, Model, metric
+from experiment_io.frontends.lineage import Model, metric
+from experiment_io.frontends.lineage.records import BACKUP_NAME, PROGRESS_NAME
 from experiment_io.storage.manifest import manifest_path, read_manifest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "lineage_notebook.py")
