@@ -44,11 +44,10 @@ class Model:
     :ivar epoch: epochs trained along the lineage that led to ``current``.
 
     The blocks and the cache of this package use a few more members, which are not
-    for notebooks: :attr:`records` (the checkpoints' files), :attr:`classes` (the
-    classes the recipes name), :attr:`holding` with :meth:`stand_at`,
-    :meth:`hold_midway` and :meth:`holds_end_of` (what the components hold),
-    :meth:`build_components`, :meth:`states`, :meth:`set_states`,
-    :meth:`check_fingerprint`, :attr:`device` and :meth:`detached`.
+    for notebooks: ``records`` (the checkpoints' files), ``classes`` (the classes the
+    recipes name), ``holding`` with ``stand_at``, ``hold_midway`` and
+    ``holds_end_of`` (what the components hold), ``build_components``, ``states``,
+    ``set_states``, ``check_fingerprint``, ``device`` and ``detached``.
     """
 
     def __init__(self, id: str, model: torch.nn.Module, description: str = "", *,
@@ -84,7 +83,7 @@ class Model:
 
     @property
     def current_token(self) -> Optional[str]:
-        """The token of the end state of :attr:`current` the components were loaded with (with its variant:
+        """The token of the end state of ``current`` the components were loaded with (with its variant:
         ``+backup``, ``+fresh-schedulers``), or ``None``."""
         return self._current_token
 
@@ -211,6 +210,7 @@ class Model:
         The random streams of the process are set to what they were when the
         checkpoint's last ``train()`` call ended, so that blocks forked from one
         checkpoint start from the same streams.
+
         :raises CheckpointNotFoundError: when the checkpoint does not exist or never ran to its end.
         :raises IncompatibleCheckpointError: when its files were written by a newer
             version of experiment_io, or do not fit this model.
