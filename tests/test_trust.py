@@ -384,11 +384,17 @@ def test_a_model_with_functions_and_helper_classes_of_a_user_package(tmp_path):
     for admitted in ("torch.tanh", "silu", "operator", "mse_loss", "getattr"):
         assert admitted not in refused, admitted
     status, output = load("""
+        from experiment_io import load_model_from_cwd
+        load_model_from_cwd(directory="run", allow=["userpkg"])
+    """)
+    # the package is imported, not the submodules the file names: the message says how to name them
+    assert status != 0 and "allow=['userpkg.nets']" in output, output
+    status, output = load("""
         import torch
         from experiment_io import load_checkpoint_from_cwd, load_model_from_cwd
-        model = load_model_from_cwd(directory="run", allow=["userpkg"])
+        model = load_model_from_cwd(directory="run", allow=["userpkg.nets"])
         assert torch.equal(model(torch.ones(2, 3)), torch.load("expected.pt"))
-        check = load_checkpoint_from_cwd(directory="run", allow=["userpkg"], database=None, restart_db=False)
+        check = load_checkpoint_from_cwd(directory="run", allow=["userpkg.nets"], database=None, restart_db=False)
         print("OK", type(check["training_modules"].model.scale).__name__)
     """)
     assert status == 0 and "OK Scaler" in output, output

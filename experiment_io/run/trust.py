@@ -35,6 +35,8 @@ from experiment_io.experiment.controllers import Controller
 from experiment_io.errors import NotACheckpointError, StructureClassError, UnsafeCheckpointError
 from experiment_io.format.names import module_of, qualified_name, resolve, under
 from experiment_io.storage.verification import check_archive
+from experiment_io.run.calls import CallRefused, check_calls
+from experiment_io.run.pickles import pickle_of, torch_rebuilders
 from experiment_io.experiment.training_modules import Evaluator, TrainingModules
 
 __all__ = ["register_safe_classes", "admitted_globals", "load_structure"]
@@ -52,7 +54,6 @@ _FAMILIES = (
 )
 _CONTAINERS = frozenset({dict, list, tuple, set, frozenset, collections.OrderedDict, collections.defaultdict,
                          collections.Counter, collections.deque})
-_IMPORTABLE_ROOTS = ()  # nothing is imported for a file but what the user allows
 _registered: set[type] = set()
 
 #: Elementwise and reducing tensor math of ``torch`` that a model may keep as an attribute
@@ -132,8 +133,8 @@ def _main_stand_ins(allow):
 class _Refusal:
     """What the gate refused: the names, why, and the message that says how to load anyway."""
 
-    def __init__(self, refused, missing, source):
-        self.refused, self.missing, self.source = refused, missing, source
+    def __init__(self, refused, missing, source, packages=()):
+        self.refused, self.missing, self.source, self.packages = refused, missing, source, packages
 
     def __bool__(self):
         return bool(self.refused or self.missing)
@@ -143,7 +144,7 @@ class _Refusal:
         refused = [(n, why) for n, why in self.refused if only is None or n in only]
         missing = [(n, why) for n, why in self.missing if only is None or n in only]
         if refused:
-            return UnsafeCheckpointError(_refused_message(refused, self.source))
+            return UnsafeCheckpointError(_refused_message(refused, self.source, self.packages))
         lines = "\n".join(f"  - {n}: {why}" for n, why in missing)
         fixes = []
         if any(n.startswith("__main__.") for n, _ in missing):
@@ -158,10 +159,16 @@ class _Refusal:
                                    + "\n".join(fixes) + ".")
 
 
-def _refused_message(refused, source):
+def _refused_message(refused, source, packages=()):
     lines = "\n".join(f"  - {n}: {why}" for n, why in refused)
     modules = sorted({module_of(n) for n, why in refused if "is not imported" in why})
     fixes = []
+    submodules = [m for m in modules if under(m, packages) and m not in packages]
+    if submodules:
+        fixes.append(f"name the module{'s' if len(submodules) > 1 else ''} in allow: "
+                     f"allow=[{', '.join(repr(m) for m in submodules)}] (a package named in allow is imported, and "
+                     "its submodules only where it imports them itself: a file never makes a load import a module "
+                     "you did not name)")
     if modules:
         fixes.append(f"import {', '.join(modules)} (the module{'s' if len(modules) > 1 else ''} that define"
                      f"{'' if len(modules) > 1 else 's'} them) in your script before loading: a module, optimizer or "
@@ -192,15 +199,16 @@ def _judge(global_names, allow, source):
     allowed_objects = {qualified_name(a): a for a in allow if not isinstance(a, str)}
     allowed_objects = {**_main_stand_ins(allow), **allowed_objects}
     allowed_names = {a for a in allow if isinstance(a, str)}
-    importable = _IMPORTABLE_ROOTS + tuple(allowed_names)
-    # a name allowed exactly ("mynets.MLP") lets its module be imported ("mynets"), not that module's submodules
-    exact = {".".join(a.split(".")[:i]) for a in allowed_names for i in range(1, a.count(".") + 1)}
+    # a module is imported for a file only when the user named it: a package named in allow ("mynets") is
+    # imported, and its submodules only if it imports them itself; a name allowed exactly ("mynets.MLP") lets
+    # its module be imported ("mynets"); any other module must be imported already
+    exact = set(allowed_names) | {".".join(a.split(".")[:i]) for a in allowed_names for i in range(1, a.count(".") + 1)}
     admitted, refused, missing = [], [], []
     for name in sorted(global_names):
         if name in allowed_objects:
             admitted.append((allowed_objects[name], name))
             continue
-        obj, why = resolve(name, importable, exact)
+        obj, why = resolve(name, (), exact)
         if obj is None:
             (missing if why.startswith("module ") else refused).append((name, why))
             continue
@@ -226,7 +234,7 @@ def _judge(global_names, allow, source):
         else:
             refused.append((name, "it is a class outside the admitted families (modules, optimizers, schedulers, "
                                   "experiment_io classes, containers)"))
-    return admitted, _Refusal(refused, missing, source)
+    return admitted, _Refusal(refused, missing, source, tuple(sorted(allowed_names)))
 
 
 def admitted_globals(global_names: Iterable[str], *, allow: Sequence[Any] = (),
@@ -248,6 +256,23 @@ def admitted_globals(global_names: Iterable[str], *, allow: Sequence[Any] = (),
     if refusal:
         raise refusal.error()
     return admitted
+
+
+def _check_calls(source, path, entries, allow, refused, refusal):
+    """Refuse a file whose pickle asks for calls the gate does not admit (see :mod:`experiment_io.run.calls`)."""
+    allowed_names = {a for a in allow if isinstance(a, str)}
+    trusted = frozenset({n for _, n in entries if n in allowed_names}
+                        | {n for a in allow if not isinstance(a, str) for n in (qualified_name(a),)}
+                        | set(_main_stand_ins(allow)))
+    try:
+        check_calls(pickle_of(source), {n: obj for obj, n in entries}, trusted=trusted,
+                    trusted_packages=tuple(sorted(allowed_names)), refused=frozenset(refused),
+                    torch_rebuilders=torch_rebuilders())
+    except CallRefused as e:
+        if e.name in refused:
+            raise refusal.error(only={e.name}) from None
+        raise UnsafeCheckpointError(f"{path}: {e}. Loading it with trusted=True would run what it asks for; do "
+                                    "that only for a file you wrote yourself.") from None
 
 
 class _Absent:
@@ -334,6 +359,7 @@ def load_structure(path: Union[str, os.PathLike], *, allow: Sequence[Any] = (), 
     if refusal and not model_only:
         raise refusal.error()
     stand_ins = [(_stand_in(n), n) for n, _ in refusal.refused + refusal.missing]
+    _check_calls(source, path, entries, allow, {n for _, n in stand_ins}, refusal)
     with torch.serialization.safe_globals(entries + stand_ins):
         try:
             payload = torch.load(source, map_location="cpu", weights_only=True)

@@ -29,8 +29,9 @@ __all__ = ["train_model"]
 log = logging.getLogger(__name__)
 
 
-def train_model(training_modules: TrainingModules, database: Database, controller: Controller, metric_tracker: MetricTracker,
-                callbacks: Optional[Sequence[Callable]], batch_callbacks: Optional[Sequence[Callable]],
+def train_model(training_modules: TrainingModules, database: Database, controller: Controller,
+                metric_tracker: MetricTracker, callbacks: Optional[Sequence[Callable]],
+                batch_callbacks: Optional[Sequence[Callable]],
                 store_all_better: bool = False, store_best: bool = True, store_every: int = 0, quiet: bool = False, *,
                 directory: Optional[str | os.PathLike] = None, checkpoint_every_batches: int = 0,
                 checkpoint_every_seconds: Optional[float] = None, signals: Iterable = DEFAULT_SIGNALS,
