@@ -82,6 +82,15 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert layer_of("experiment_io.storage.m") < max(layer_of(n) for _, n in imported("experiment_io.storage.m", source))
 
 
+#: The most lines a module of the package may have: one idea per module.
+MODULE_LINES = 400
+
+
+def test_no_module_is_over_the_size_of_one_idea():
+    long = {module: n for module, path in modules() if (n := len(path.read_text().splitlines())) > MODULE_LINES}
+    assert not long, f"modules over {MODULE_LINES} lines: {long}"
+
+
 IMPORT_EVERYTHING = """
 import atexit, os, signal, sys
 calls = []

@@ -112,6 +112,19 @@ class RunStorage(abc.ABC):
     def batch(self) -> WriteBatch:
         """A new :class:`~experiment_io.storage.interface.WriteBatch` of this run's files."""
 
+    def write_file(self, name: str, write: Callable) -> FileRecord:
+        """Write one file of the run atomically and durably, on its own (a batch of one: written beside, made
+        durable, published, the publication made durable); return its record."""
+        from experiment_io.storage.atomic import write_step
+
+        with self.batch() as batch:
+            record = batch.write(name, write)
+            batch.make_durable()
+            batch.publish(name)
+            batch.sync()
+            write_step("directory_fsynced", self.path(name))
+        return record
+
     @abc.abstractmethod
     def path(self, name: str) -> str:
         """A path at which ``name`` is read (by ``torch.load``, by

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 from experiment_io.errors import CorruptCheckpointError
 from experiment_io.format import codec as fmt
 from experiment_io.platform.files import NotARegularFile
-from experiment_io.storage.atomic import write_step
 from experiment_io.storage.interface import RunStorage, as_storage
 
 if TYPE_CHECKING:
@@ -50,21 +49,14 @@ def read_manifest(where: Union[RunStorage, str, os.PathLike]) -> Optional[tuple[
 
 
 def write_manifest(where: Union[RunStorage, str, os.PathLike], files: Mapping[str, Mapping[str, Any]],
-                   **fields: Any) -> "Optional[FileRecord]":
+                   **fields: Any) -> "FileRecord":
     """Write the manifest of a run atomically and durably (always the last write of a save).
 
     :param where: a :class:`~experiment_io.storage.interface.RunStorage`, or a run directory.
     :return: the manifest's :class:`~experiment_io.storage.verification.FileRecord`.
     """
-    storage = as_storage(where)
     data = fmt.manifest_to_bytes(files, **fields)
-    with storage.batch() as batch:
-        record = batch.write(MANIFEST_NAME, lambda f: f.write(data))
-        batch.make_durable()
-        batch.publish(MANIFEST_NAME)
-        batch.sync()
-        write_step("directory_fsynced", storage.path(MANIFEST_NAME))
-    return record
+    return as_storage(where).write_file(MANIFEST_NAME, lambda f: f.write(data))
 
 
 def manifest_path(where: Union[RunStorage, str, os.PathLike]) -> str:
