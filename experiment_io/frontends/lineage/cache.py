@@ -17,8 +17,8 @@ import torch
 from experiment_io.errors import CheckpointNotFoundError, SetupError
 from experiment_io.format.names import qualified_name
 from experiment_io.frontends.lineage import streams
-from experiment_io.frontends.lineage.batches import as_float, forward, mean_pass, metric_name, samples, split_batch
-from experiment_io.frontends.lineage.batches import to_device
+from experiment_io.frontends.lineage.batches import (as_float, forward, mean_pass, metric_name, samples, split_batch,
+                                                     to_device)
 from experiment_io.frontends.lineage.recipes import plain
 from experiment_io.frontends.lineage.records import cache_file, record_write
 
@@ -93,7 +93,7 @@ class Cache:
         names = [metric_name(fn) for fn in metrics]
         key = {"op": "evaluate", "metrics": names, "samples": samples(dataloader)}
 
-        def compute(target):
+        def compute(target: "Model") -> dict:
             if target.loss_fn is None:
                 raise SetupError(f"{self._where} has no loss to evaluate")
             sums, count = mean_pass(target.model, target.loss_fn, target.device, dataloader, names, metrics)
@@ -121,7 +121,7 @@ class Cache:
                "loss": qualified_name(loss_cls) if loss_cls else None, "epochs": epochs, "min_rate": min_rate,
                "max_rate": max_rate, "samples": samples(dataloader)}
 
-        def compute(target):
+        def compute(target: "Model") -> dict:
             module = copy.deepcopy(target.model)
             loss_fn = loss_cls() if loss_cls is not None else target.loss_fn
             if loss_fn is None:

@@ -58,8 +58,8 @@ class Holding:
         return self.held is Held.MIDWAY and self.block == cp_id
 
     @property
-    def of_a_checkpoint(self) -> bool:
-        """Whether a checkpoint (or the model as built) holds this state, so that a block may start from it."""
+    def can_be_a_parent(self) -> bool:
+        """Whether a block may start from this state: a checkpoint's end state, or the model as built."""
         return self.held in (Held.BUILT, Held.CHECKPOINT)
 
     def describe(self) -> str:
@@ -95,7 +95,7 @@ def parent_of(model: "Model", record: Optional[Mapping[str, Any]], cp_id: str, w
             and (holding.held is Held.CHECKPOINT or midway)):
         # the same cell again (finished, or interrupted in a call it added)
         return record["parent"], record.get("parent_token")
-    if not holding.of_a_checkpoint and not midway:
+    if not holding.can_be_a_parent and not midway:
         holder = holding.describe()
         interrupted = holding.held is Held.MIDWAY
         raise IncompatibleCheckpointError(

@@ -21,7 +21,7 @@ import torch
 from experiment_io.errors import SetupError, StructureClassError
 from experiment_io.format.names import qualified_name, resolve
 
-__all__ = ["COMPONENTS", "FAMILY", "Recipe", "Classes", "plain", "build_components", "carry_count",
+__all__ = ["COMPONENTS", "FAMILY", "Recipe", "Classes", "plain", "check_class", "build_components", "carry_count",
            "quiet_scheduler"]
 
 #: The components of a model besides its module, in the order they are built.

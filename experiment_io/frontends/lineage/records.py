@@ -35,8 +35,9 @@ from experiment_io.storage.manifest import read_manifest
 from experiment_io.storage.run_directory import RunDirectory
 from experiment_io.version import __version__
 
-__all__ = ["BLOCK_NAME", "STATE_NAME", "PROGRESS_NAME", "BACKUP_NAME", "RECORD_VERSION", "VERSION_KEY", "Records",
-           "check_id", "record_write", "payload_write", "read_record"]
+__all__ = ["BLOCK_NAME", "STATE_NAME", "PROGRESS_NAME", "BACKUP_NAME", "CACHE_PREFIX", "RECORD_VERSION", "VERSION_KEY",
+           "Records", "is_id", "check_id", "cache_file", "is_cache_file", "cached_names", "record_write",
+           "payload_write", "checked", "read_record", "check_pair", "remove_tree"]
 
 BLOCK_NAME = "block.pt"
 STATE_NAME = "state.pt"

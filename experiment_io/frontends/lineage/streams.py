@@ -14,7 +14,7 @@ import torch
 
 from experiment_io.experiment.rng import get_rng_state, set_rng_state
 
-__all__ = ["capture", "restore", "restore_process"]
+__all__ = ["capture", "restore"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,3 @@ def restore(state: Mapping[str, Any], *loaders: Any) -> None:
         log.warning("the DataLoaders have %d generators of their own, the checkpoint saved %d: their order is not "
                     "restored", len(generators), len(state["loaders"]))
 
-
-def restore_process(state: Mapping[str, Any]) -> None:
-    """Set the process's random streams to those of ``state`` (from :func:`capture`); loaders are left alone."""
-    set_rng_state(state["streams"])
