@@ -19,7 +19,7 @@ import torch
 import experiment_io.run.trust as trust
 from experiment_io.storage import atomic as storage
 from experiment_io.run.payloads import STRUCTURE_NAME
-from experiment_io.errors import StructureClassError, UnsafeCheckpointError
+from experiment_io.errors import ExperimentIOError, StructureClassError, UnsafeCheckpointError
 from experiment_io.format.codec import HEADER_KEY, make_header
 from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
 
@@ -351,3 +351,21 @@ def test_allowing_the_library_itself_never_runs_its_command_line(tmp_path):
     with pytest.raises((UnsafeCheckpointError, StructureClassError)):
         trust.load_structure(path, allow=["experiment_io"])
     assert "experiment_io.__main__" not in sys.modules
+
+
+@pytest.mark.parametrize("held", ["a string", None, 3, {"model": 1}, [1, 2], "module", "tensor", "ordered"])
+def test_a_structure_file_holding_no_training_modules_is_refused_with_the_librarys_error(run_directory, tmp_path,
+                                                                                         held):
+    held = {"module": torch.nn.Linear(2, 2), "tensor": torch.zeros(2),
+            "ordered": __import__("collections").OrderedDict(a=1)}.get(held, held) if isinstance(held, str) else held
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for name in os.listdir(run_directory):
+        if (run_directory / name).is_file():
+            (directory / name).write_bytes((run_directory / name).read_bytes())
+    plant_structure(str(directory), held)
+    for load in (lambda: load_model_from_cwd(directory=str(directory)),
+                 lambda: load_checkpoint_from_cwd(directory=str(directory), database=make_database())):
+        with pytest.raises(ExperimentIOError) as info:
+            load()
+        assert "TrainingModules" in str(info.value)

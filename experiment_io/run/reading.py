@@ -33,6 +33,7 @@ from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointErro
 from experiment_io.storage.generations import Search, base_name, previous_name
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.run.trust import load_structure
+from experiment_io.experiment.training_modules import TrainingModules
 from experiment_io.platform.files import NotARegularFile, descriptor_path
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.platform.threads import worker_thread
@@ -208,6 +209,12 @@ def load_structure_file(path: str, allow: Sequence[Any], trusted: bool, record: 
         payload = load_structure(path, allow=allow, trusted=trusted, digest=record and record["digest"],
                                  read_from=source, model_only=model_only)
     fmt.check_payload(payload, path, ("structure",))
+    held = payload.get("training_modules")
+    if not isinstance(held, TrainingModules) or not isinstance(held.model, torch.nn.Module):
+        found = type(held.model if isinstance(held, TrainingModules) else held).__name__
+        raise NotACheckpointError(f"{path} is not a structure file of experiment_io: it holds no TrainingModules "
+                                  f"with a model (found {found}). Load the run's own experiment_structure.pt, or "
+                                  "write one with train_model.")
     return payload
 
 

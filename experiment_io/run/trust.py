@@ -18,7 +18,10 @@ and it is
 * or any class or function defined in a module or package named in ``allow``.
 
 Globals named exactly in ``allow`` (by object or by ``"module.Name"``) are admitted
-whatever they are. Everything else is refused with an
+whatever they are. Admitting a name does not let the file call it: what the pickle
+would call, make and restore is decided by :mod:`experiment_io.run.calls` before
+anything runs. A package named in ``allow`` is imported, its submodules only where it
+imports them itself. Everything else is refused with an
 :class:`~experiment_io.errors.UnsafeCheckpointError` that lists each offending
 global. The file is then loaded with ``torch.load(weights_only=True)`` and the
 admitted classes; ``trusted=True`` skips the gate for one call and loads with
@@ -245,8 +248,9 @@ def admitted_globals(global_names: Iterable[str], *, allow: Sequence[Any] = (),
     :param allow: objects or names the user trusts: a class or function object, an
         exact ``"module.Name"`` (whose module may then be imported), or a module or
         package name, whose classes and functions (defined there) are admitted and
-        which may then be imported, with its submodules. A class or function passed as
-        an object also stands for the name it had in a training script (``"__main__.Name"``).
+        which may then be imported (not its submodules: those it does not import itself must be
+        named). A class or function passed as an object also stands for the name it had in a
+        training script (``"__main__.Name"``).
     :param source: the file, for error messages.
     :return: ``[(object, name)]`` to hand to :func:`torch.serialization.safe_globals`.
     :raises UnsafeCheckpointError: naming every refused global and each way to load anyway.
