@@ -9,7 +9,7 @@ path, allocate gigabytes); an admitted function (``operator.add``) can be called
 over and over on a memoised value until the load runs out of memory.
 
 :func:`check_calls` reads the pickle's opcodes without running them (a symbolic
-stack, :mod:`pickletools`) and refuses, with the gate's error, a file that
+stack, with ``pickletools``) and refuses, with the gate's error, a file that
 
 * calls a class or function other than torch's own rebuilders (what
   ``torch.load(weights_only=True)`` admits by itself, which rebuild tensors, sizes,
