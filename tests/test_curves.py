@@ -36,10 +36,12 @@ def test_metrics_csv_has_a_row_per_epoch(curved_run):
     assert record["kind"] == "metrics"
     rows = list(csv.DictReader(io.StringIO((directory / "metrics.csv").read_text())))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    assert list(rows[0]) == ["epoch", "time_s", "lr", "train_loss", "valid_mse", "valid_mae", "best"]
+    assert list(rows[0]) == ["epoch", "time_s", "lr", "train_loss", "valid_mse", "valid_mae", "improved"]
     assert [float(r["lr"]) for r in rows] == [0.01, 0.005, 0.0025]
     assert [float(r["valid_mse"]) for r in rows] == tracker.history["valid"]["mse"]
-    assert [r["best"] for r in rows].count("1") == 1 and rows[tracker.best_epoch]["best"] == "1"
+    improved = [r["improved"] == "1" for r in rows]
+    assert improved == tracker.improved and improved[0]
+    assert max(i for i, better in enumerate(improved) if better) == tracker.best_epoch  # the last improvement
     assert all(float(r["time_s"]) > 0 for r in rows)
 
 
@@ -49,7 +51,7 @@ def test_a_tracker_written_before_learning_rates_loads():
     state = tracker.state_dict()
     del state["learning_rates"]
     assert MetricTracker.from_state_dict(state).learning_rates == [[]]
-    assert MetricTracker.from_state_dict(state).to_csv().splitlines()[0] == "epoch,time_s,valid_mse,best"
+    assert MetricTracker.from_state_dict(state).to_csv().splitlines()[0] == "epoch,time_s,valid_mse,improved"
 
 
 def test_the_curves_are_plotted_when_training_ends(curved_run):

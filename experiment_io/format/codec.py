@@ -39,7 +39,10 @@ __all__ = [
 #: 3. Model files (``best_model.pt``, ``model_epoch_N.pt``) hold the model's plain
 #:    ``state_dict``, as hippynn's do (``model.load_state_dict(torch.load(path))``);
 #:    their header lives only in their manifest record.
-FORMAT_VERSION = 3
+#: 4. A checkpoint's metric history is kept in the run's ``metrics.csv``, which every
+#:    epoch appends to: the checkpoint's metric tracker records how far the file goes
+#:    (its size and the digest of that part) instead of holding the history.
+FORMAT_VERSION = 4
 
 #: Key of the header entry in every payload.
 HEADER_KEY = "experiment_io"

@@ -34,10 +34,9 @@ from experiment_io.format import codec as fmt
 from experiment_io.storage import atomic as storage
 from experiment_io.errors import ExperimentIOError
 from experiment_io.storage.generations import Search, base_name, is_previous_name, previous_name
-from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name,
                                         run_status)
-from experiment_io.run.reading import load_state_file, verified_source
+from experiment_io.run.reading import load_state_file, restore_tracker, verified_source
 from experiment_io.storage.run_directory import RunDirectory
 from experiment_io.storage.verification import Verifier, check_archive
 from experiment_io.version import __version__
@@ -276,7 +275,7 @@ def _newest_tracker(run):
                 check_archive(source or path)
                 state = torch.load(source or path, map_location="cpu", weights_only=True)
             fmt.check_payload(state, path, ("checkpoint",))
-            return MetricTracker.from_state_dict(state["metric_tracker"]), path
+            return restore_tracker(state, run.storage, path), path
     raise ExperimentIOError(f"{run.location} holds no intact checkpoint")
 
 

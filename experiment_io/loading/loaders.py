@@ -27,10 +27,9 @@ from experiment_io.errors import (CheckpointNotFoundError, ExperimentIOError, In
 from experiment_io.storage.generations import Generation, Role, base_name
 from experiment_io.experiment.launch import launched_world
 from experiment_io.storage.lock import writer_now
-from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
 from experiment_io.run.reading import (check_pairing, load_state_file, load_structure_file, pick_structure_and_state,
-                                       require_file, run_verifier, until_stable, verified_record)
+                                       require_file, restore_tracker, run_verifier, until_stable, verified_record)
 from experiment_io.platform import switch
 from experiment_io.platform.residence import Destination
 from experiment_io.experiment.rng import placed_on_cpu, set_rng_state
@@ -102,6 +101,15 @@ def _set_rank_rng_state(rng_state, own):
         random.seed(seed)
 
 
+def _tracker(state, storage, state_path):
+    try:
+        return restore_tracker(state, storage, state_path)
+    except ExperimentIOError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise IncompatibleCheckpointError(f"{state_path}: its metric tracker cannot be restored: {e!r}") from e
+
+
 def _assemble(structure, structure_path, state, header, state_path, *, map_location, model_device, database,
               restart_db, allow, restore_rng):
     """Turn a loaded structure and state into the objects ``train_model`` takes."""
@@ -123,7 +131,7 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
             loss.load_state_dict(state["loss"])
         evaluator.load_state_dict(state["evaluator"])
         controller.load_state_dict(state["controller"])
-        metric_tracker = MetricTracker.from_state_dict(state["metric_tracker"])
+        metric_tracker = state["metric_tracker"]  # restored with its history where the state was read
         position = TrainingPosition.from_state_dict(state["position"])
         rng_state, own_rng = _rank_rng_state(state, state_path)
         rng_state = placed_on_cpu(rng_state)
@@ -202,6 +210,8 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
         structure = load_structure_file(structure_fname, allow, trusted, structure_record, verifier)
         state, header = load_state_file(state_fname, ("checkpoint",), _location(map_location), state_record,
                                         state_verifier, mmap=False)
+        state["metric_tracker"] = _tracker(state, as_storage(os.path.dirname(os.path.abspath(state_fname))),
+                                           state_fname)
         return structure, structure_record, state, header
 
     structure, structure_record, state, header = until_stable(load, os.path.dirname(os.path.abspath(state_fname)))
@@ -256,6 +266,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
             meanwhile=destination and destination.fill)
         state, header = load_state_file(state_path, ("checkpoint",), _location(map_location), state_record, verifier,
                                         mmap=False, destination=destination)
+        state["metric_tracker"] = _tracker(state, verifier.storage, state_path)
         return structure, structure_path, state, header, state_path
 
     return _load_and_assemble(load, directory, missing_ok, map_location=map_location, model_device=model_device,

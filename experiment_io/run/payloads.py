@@ -13,7 +13,7 @@ file                              content
 ``checkpoint_epoch_N.pt``         as ``last_checkpoint.pt``, kept for epoch N
 ``model_epoch_N.pt``              as ``best_model.pt``, kept for epoch N
 ``best_evaluation.json``          the best model's metrics on every split (JSON)
-``metrics.csv``                   the metric history, one row per epoch
+``metrics.csv``                   the metric history, one row per epoch, appended to
 ``experiment_manifest.json``      digest, size and provenance of every file above
 ================================  =================================================
 
@@ -128,18 +128,23 @@ def structure_payload(training_modules: "TrainingModules", controller: "Optional
 
 def _last_stopping_value(metric_tracker):
     """The stopping metric of the newest recorded epoch (``None`` before the first ends)."""
-    values = metric_tracker.stopping_values() if hasattr(metric_tracker, "stopping_values") else {}
-    return values.get(metric_tracker.epochs[-1]) if values and metric_tracker.epochs else None
+    history = getattr(metric_tracker, "history", {})
+    series = history.get(getattr(metric_tracker, "stopping_split", None), {}).get(
+        getattr(metric_tracker, "stopping_key", None), []) if isinstance(history, dict) else []
+    return series[-1] if series and len(series) == len(metric_tracker.epochs) else None
 
 
 def checkpoint_payload(training_modules: "TrainingModules", controller: "Controller", metric_tracker: "MetricTracker",
                        database: Any, structure_digest: Optional[str],
-                       rng_states: Optional[Sequence[dict[str, Any]]] = None) -> dict[str, Any]:
+                       rng_states: Optional[Sequence[dict[str, Any]]] = None,
+                       history: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Every state of a run, at the controller's position, as plain data and tensors.
 
     :param rng_states: the random streams of every rank, in rank order, in a
         data-parallel run (default: this process's alone). The first is stored
         under ``"rng"``; all of them, when there are several, under ``"rng_ranks"``.
+    :param history: where the metric history is kept (see
+        :meth:`~experiment_io.experiment.metric_tracker.MetricTracker.state_dict`); ``None``: in the payload.
     """
     model, loss, evaluator = training_modules
     position = controller.position
@@ -157,7 +162,7 @@ def checkpoint_payload(training_modules: "TrainingModules", controller: "Control
         "loss": loss.state_dict() if isinstance(loss, torch.nn.Module) else {},
         "evaluator": evaluator.state_dict(),
         "controller": controller.state_dict(),
-        "metric_tracker": metric_tracker.state_dict(),
+        "metric_tracker": metric_tracker.state_dict(history) if history is not None else metric_tracker.state_dict(),
         "rng": rng_states[0],
         "position": position.state_dict(),
         "database": database.fingerprint() if hasattr(database, "fingerprint") else None,
@@ -196,7 +201,8 @@ def _tensor_bytes(obj):
 
 def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
                   extra: Optional[Mapping[str, tuple[bytes, dict[str, Any]]]] = None, retire: Sequence[str] = (),
-                  kept: Optional[Mapping[str, str]] = None) -> "dict[str, FileRecord]":
+                  kept: Optional[Mapping[str, str]] = None,
+                  appended: Optional[Mapping[str, tuple[Any, dict[str, Any]]]] = None) -> "dict[str, FileRecord]":
     """Write payloads through ``writer`` (a :class:`~experiment_io.storage.writer.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
@@ -207,6 +213,8 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
     :param extra: ``{file name: (bytes, fields)}``: further files committed with the same save.
     :param retire: files removed once the save has committed, and
     :param kept: why files are kept (see :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
+    :param appended: files that only grow, committed as far as they go (see
+        :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
     :return: ``{file name: FileRecord}``.
     """
     shared_ids = [id(p) for p in payloads.values()]
@@ -225,7 +233,7 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
             writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
     for name, (data, fields) in (extra or {}).items():
         writes[name] = (lambda f, d=data: f.write(d), fields)
-    return writer.save_files(writes, retire, kept)
+    return writer.save_files(writes, retire, kept, appended)
 
 
 @dataclass

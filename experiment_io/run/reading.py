@@ -33,6 +33,8 @@ from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointErro
 from experiment_io.storage.generations import Search, base_name, previous_name
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME
 from experiment_io.run.trust import load_structure
+from experiment_io.experiment.metric_tracker import MetricTracker
+from experiment_io.storage.appended import read_prefix
 from experiment_io.experiment.training_modules import TrainingModules
 from experiment_io.platform.files import NotARegularFile, descriptor_path
 from experiment_io.storage.verification import Verifier, check_archive
@@ -40,8 +42,9 @@ from experiment_io.platform.threads import worker_thread
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, manifest_path, read_manifest
 
-__all__ = ["require_file", "run_verifier", "verified_record", "load_state_file", "load_structure_file",
-           "check_pairing", "pick_structure_and_state", "until_stable", "verified_source", "Replaced"]
+__all__ = ["restore_tracker", "require_file", "run_verifier", "verified_record", "load_state_file",
+           "load_structure_file", "check_pairing", "pick_structure_and_state", "until_stable", "verified_source",
+           "Replaced"]
 
 if TYPE_CHECKING:
     from experiment_io.platform.residence import Destination
@@ -216,6 +219,36 @@ def load_structure_file(path: str, allow: Sequence[Any], trusted: bool, record: 
                                   f"with a model (found {found}). Load the run's own experiment_structure.pt, or "
                                   "write one with train_model.")
     return payload
+
+
+def restore_tracker(state: Mapping[str, Any], storage: RunStorage, state_path: str) -> MetricTracker:
+    """The metric tracker of a checkpoint payload, with its history read back (verified) from the run's file that
+    keeps it, up to where the checkpoint was saved (what a later save appended is ignored).
+
+    :raises CorruptCheckpointError: when that file is missing or its part does not verify.
+    """
+    tracker_state = state["metric_tracker"]
+    kept = MetricTracker.history_file(tracker_state)
+    if kept is None:
+        return MetricTracker.from_state_dict(tracker_state)
+    name = kept.get("file")
+    if not isinstance(name, str) or os.path.basename(name) != name or name.startswith("."):
+        raise CorruptCheckpointError(f"{state_path} keeps its metric history in {name!r}, not a file of a run")
+    if kept.get("rows") == 0:  # saved before the first epoch ended: no row to read (the file's header changed since)
+        text = MetricTracker(tracker_state["stopping_key"]).to_csv()
+    else:
+        try:
+            text = read_prefix(storage, name, kept).decode("utf-8")
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{state_path}: its metric history is lost ({e}); an older checkpoint may "
+                                         "still have its part of the history") from e
+        except UnicodeDecodeError as e:
+            raise CorruptCheckpointError(f"{state_path}: the metric history in {storage.path(name)} is not text") from e
+    try:
+        return MetricTracker.from_state_dict(tracker_state, text)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{state_path}: the metric history in {storage.path(name)} does not fit the "
+                                     f"checkpoint ({e})") from e
 
 
 def check_pairing(state_path: Union[str, os.PathLike], header: Mapping[str, Any],

@@ -164,7 +164,8 @@ class Search:
                             "commit, or the manifest was replaced); the next save moves it aside, it is not lost", path)
                 self.uncommitted.append(path)
                 continue
-            fitting = [r for r in records if r["size"] == size]
+            # a file that only grows holds what its record describes in its first bytes
+            fitting = [r for r in records if r["size"] == size or (r.get("appended") is True and r["size"] <= size)]
             if not fitting:
                 own = self.verifier.files.get(candidate)
                 if own is not None and all(own is not r for r in records) and own["size"] == size:

@@ -143,6 +143,13 @@ class RunStorage(abc.ABC):
         """
 
     @abc.abstractmethod
+    def open_for_append(self, name: str) -> int:
+        """A descriptor of ``name`` opened for appending (created if missing; never through a link).
+
+        :raises OSError: when it cannot be opened, or is not a regular file.
+        """
+
+    @abc.abstractmethod
     def names(self) -> Iterator[str]:
         """The names of the files the run holds now (temporaries of writes included)."""
 

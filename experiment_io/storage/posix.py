@@ -88,6 +88,14 @@ class PosixStorage(RunStorage):
     def open(self, name: str) -> tuple[int, os.stat_result]:
         return open_regular(self.path(name))
 
+    def open_for_append(self, name: str) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.path(name), flags | getattr(os, "O_NONBLOCK", 0), 0o644)
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{self.path(name)} is not a regular file")
+        return fd
+
     def names(self) -> Iterator[str]:
         try:
             return iter(sorted(os.listdir(self.location)))

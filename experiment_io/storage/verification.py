@@ -158,7 +158,13 @@ class Verifier:
         return self._digests[path][0]
 
     def matches(self, path: Union[str, os.PathLike], record: Mapping[str, Any]) -> bool:
-        """Whether the file at ``path`` has the size and digest of ``record`` (the size is compared first)."""
+        """Whether the file at ``path`` has the size and digest of ``record`` (the size is compared first).
+
+        The record of a file that only grows (``"appended": true``, see :mod:`experiment_io.storage.appended`)
+        describes the file's first ``size`` bytes.
+        """
+        if record.get("appended") is True:
+            return self._prefix_matches(path, record)
         try:
             if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
                 return False
@@ -166,6 +172,27 @@ class Verifier:
         except (FileNotFoundError, NotARegularFile):
             return False
         return actual.size == record["size"] and actual.digest == record["digest"]
+
+    def _prefix_matches(self, path, record):
+        try:
+            fd, st = open_regular(path)
+        except (FileNotFoundError, NotARegularFile):
+            return False
+        try:
+            size = record["size"]
+            if st.st_size < size:
+                return False
+            hasher = xxhash.xxh3_128()
+            done = 0
+            while done < size:
+                chunk = os.pread(fd, min(size - done, READ_BLOCK), done)
+                if not chunk:
+                    return False
+                hasher.update(chunk)
+                done += len(chunk)
+        finally:
+            os.close(fd)
+        return f"{DIGEST_NAME}:{hasher.hexdigest()}" == record["digest"]
 
     def open_verified(self, path: Union[str, os.PathLike]) -> Optional[int]:
         """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another

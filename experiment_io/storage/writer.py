@@ -10,6 +10,7 @@ from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, N
 from experiment_io.format import codec as fmt
 from experiment_io.storage import atomic as storage
 from experiment_io.storage import verification
+from experiment_io.storage.appended import APPENDED
 from experiment_io.storage.generations import previous_name
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest, write_manifest
@@ -68,7 +69,7 @@ class RunWriter:
             return False
 
     def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (),
-                   kept: Mapping[str, str] | None = None) -> dict:
+                   kept: Mapping[str, str] | None = None, appended: Mapping[str, tuple] | None = None) -> dict:
         """Write several files, then commit them by writing the manifest.
 
         :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the
@@ -77,6 +78,10 @@ class RunWriter:
             are marked retired in the manifest that commits this save, then the files
             are unlinked and a manifest without their records is written.
         :param kept: ``{file name: why a retention keeps it}``, recorded as the ``"kept"`` field.
+        :param appended: ``{file name: (file, record, fields)}`` of files that only grow
+            (:class:`~experiment_io.storage.appended.AppendedFile`): each is made durable
+            with the save's files and committed as ``record`` (its size and digest as
+            far as this save goes), with ``"appended": true``; never rotated.
         :return: ``{file name: FileRecord}``.
         """
         if manifest_identity(self.storage) != self._manifest_identity:
@@ -97,12 +102,20 @@ class RunWriter:
                     keep_previous[name] = self._rotation(name)
                     records[name] = cast(verification.FileRecord, batch.write(name, write))  # hashed: a record
                     self.files[name] = {**records[name].as_dict(), **fields, "written_at": time.time()}
+                for name, (grown, record, fields) in (appended or {}).items():
+                    self.files[name] = {**record.as_dict(), APPENDED: True, **fields, "written_at": time.time()}
+                    previous = previous_name(name)  # a file that only grows has no generations
+                    if previous in self.files and previous not in writes:
+                        self.files[previous] = {**self.files[previous], "retired": True}
+                    self._known_good.pop(name, None)
                 for name, why in (kept or {}).items():
                     if name in self.files and not verification.is_retired(self.files[name]):
                         self.files[name] = {**self.files[name], "kept": why}
                 batch.write(MANIFEST_NAME, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
                 # the files and the manifest are fsynced together (one wait); the manifest is renamed
                 # into place only once every file's rename is durable
+                for grown, _, _ in (appended or {}).values():
+                    grown.make_durable()
                 batch.make_durable()
                 for name in writes:
                     batch.publish(name, keep_previous[name])

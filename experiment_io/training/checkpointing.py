@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, cast
 import torch
 
 from experiment_io.training.asynchronous import BackgroundWriter
+from experiment_io.storage.appended import AppendedFile
 from experiment_io.storage.run_directory import RunPlace, as_run_directory
 from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, METRICS_CSV_NAME, STRUCTURE_NAME,
@@ -113,6 +114,7 @@ class RunCheckpointer:
         self.metric_tracker, self.database = metric_tracker, database
         self.distribution, self.lock = distribution, lock
         self.writer: RunWriter | None = None
+        self.history: AppendedFile | None = None
         self.background: BackgroundWriter | None = None
         self.overlap = async_save is True
         distribution.on_writer(lambda: self._start(directory, resuming, continues, overwrite, async_save))
@@ -162,6 +164,12 @@ class RunCheckpointer:
                     ", ".join(n.split(".", 1)[1] for n in local), ", ".join(n.split(".", 1)[1] for n in local))
         self.structure_digest = self.writer.record(STRUCTURE_NAME)["digest"]
         self.background = BackgroundWriter() if async_save else None
+        # the metric history: appended at each epoch, never rewritten (a run of n epochs costs n, not n squared);
+        # it starts again at the rows of the tracker it continues, dropping what a lost save appended
+        self.history = AppendedFile(run.storage, METRICS_CSV_NAME)
+        self.history.start(self.metric_tracker.to_csv().encode("utf-8"))
+        self._history_header = self.metric_tracker.csv_header()
+        self._history_rows = len(self.metric_tracker.epochs)
 
     def _deferrable(self):
         """The tensors that change only in the optimizer step (or, for the best model state, never in place)."""
@@ -194,8 +202,10 @@ class RunCheckpointer:
         if self.lock is not None:
             self.lock.check()  # never write a directory whose lock another process may hold now
         position = self.controller.position
+        history = self._append_history() if epoch_files is not None else cast(AppendedFile, self.history).record()
         payload = checkpoint_payload(self.training_modules, self.controller, self.metric_tracker, self.database,
-                                     self.structure_digest, rng_states)
+                                     self.structure_digest, rng_states,
+                                     {"file": METRICS_CSV_NAME, **history.as_dict()})
         files = {LAST_NAME: payload}
         model_file = model_payload(payload["model"], position.epoch, position.step, self.structure_digest,
                                    module_device(self.training_modules.model), self.distribution.world_size)
@@ -212,23 +222,39 @@ class RunCheckpointer:
             if keep:
                 files[epoch_checkpoint_name(ended)] = payload
                 files[epoch_model_name(ended)] = model_file
-        # the history as CSV, committed with the epoch's checkpoint
-        extra = ({METRICS_CSV_NAME: (self.metric_tracker.to_csv().encode("utf-8"), {"kind": "metrics"})}
-                 if epoch_files is not None else None)
+        # the history as far as this save goes, committed with it
+        extra = None
+        appended = {METRICS_CSV_NAME: (self.history, history, {"kind": "metrics", "rows": self._history_rows})}
         if self.background is not None and _tensor_bytes(payload) < ASYNC_MIN_BYTES:
             # a small save is quicker written here than handed over: the background thread would compete with
             # training for the interpreter for longer than the write takes
             self.background.wait()
-            save_payloads(self.writer, files, extra, *retention)
+            save_payloads(self.writer, files, extra, *retention, appended)
             log.debug("saved %s (small: written synchronously)", ", ".join(files))
         elif self.background is not None:
-            self.background.submit(files, lambda staged: save_payloads(self.writer, staged, extra, *retention),
+            self.background.submit(files,
+                                   lambda staged: save_payloads(self.writer, staged, extra, *retention, appended),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
-            save_payloads(self.writer, files, extra, *retention)
+            save_payloads(self.writer, files, extra, *retention, appended)
             log.debug("saved %s", ", ".join(files))
+
+    def _append_history(self):
+        """Rank 0, at an epoch's end: append the rows of the epochs the file does not hold yet; its record."""
+        tracker, history = self.metric_tracker, cast(AppendedFile, self.history)
+        header = tracker.csv_header()
+        if header != self._history_header or len(tracker.epochs) < self._history_rows:
+            # a metric or a parameter group appeared (or the history was cut): the file is written again once
+            if self.background is not None:
+                self.background.wait()  # the save in flight makes the file it has durable first
+            history.start(tracker.to_csv().encode("utf-8"))
+            self._history_header = header
+        else:
+            history.append(tracker.csv_rows(self._history_rows).encode("utf-8"))
+        self._history_rows = len(tracker.epochs)
+        return history.record()
 
     def _retention(self, epoch_files, ended):
         """Whether to write the files of the epoch that ``ended``; the epoch files to remove, and why each kept one
@@ -274,7 +300,15 @@ class RunCheckpointer:
                     add_note = getattr(e, "add_note", None)  # Python 3.11+; 3.10 has the log line alone
                     if add_note is not None:
                         add_note(f"The checkpoint written in the background failed too: {background_error!r}")
+            self._close_history()
             raise
         # every rank waits until the last save has committed, and learns if it failed
-        self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)
+        try:
+            self.distribution.on_writer(lambda: self.background.wait() if self.background is not None else None)
+        finally:
+            self._close_history()
         self.distribution.barrier()
+
+    def _close_history(self):
+        if self.history is not None:
+            self.history.close()

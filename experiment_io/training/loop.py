@@ -124,7 +124,7 @@ def train_model(training_modules: TrainingModules, database: Database, controlle
         recorded in the manifest). The model keeps its last weights.
     :param plots: when training has ended, write the training curves (one PNG per
         metric, see :mod:`experiment_io.training.plots`) into ``plots/`` of the run directory,
-        if matplotlib is installed. ``metrics.csv`` (one row per epoch) is written
+        if matplotlib is installed. ``metrics.csv`` (one row per epoch) is appended to
         with every epoch's checkpoint in any case.
     :return: the metric tracker (its ``stop_reason`` says why training ended).
     :raises RunExistsError: when a new run would replace the checkpoints of another

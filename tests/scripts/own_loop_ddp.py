@@ -61,4 +61,9 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # gloo's threads joined before the interpreter ends
+    sys.exit(status)

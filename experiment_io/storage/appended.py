@@ -1,0 +1,143 @@
+"""Files of a run that only grow: each save appends to them, and commits how far they go.
+
+A record that grows with the run (one row of metrics per epoch) is never rewritten:
+rewriting it at every save makes a run of *n* epochs cost *n*\\ :sup:`2`. An
+:class:`AppendedFile` appends the new rows, keeps the digest of everything written so
+far as it goes (no byte is read again), and gives the record of its current length
+(:meth:`AppendedFile.record`), which the save commits in the manifest and in the
+checkpoint that needs it. A checkpoint holds the length and digest of the prefix it
+was saved with; :func:`read_prefix` reads that prefix back, verified, and ignores
+whatever a later save (or a save killed before its commit) appended beyond it. A run
+that resumes starts its file again at the prefix of the checkpoint it resumed from
+(:meth:`AppendedFile.start`), so the rows of a lost save are dropped.
+
+The manifest record of such a file carries ``"appended": true``: its size and digest
+are those of the file's first ``size`` bytes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import xxhash
+
+from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError
+from experiment_io.storage.interface import RunStorage
+from experiment_io.storage.verification import DIGEST_NAME, FileRecord
+
+__all__ = ["AppendedFile", "read_prefix", "APPENDED"]
+
+#: The field of a manifest record that marks a file which only grows.
+APPENDED = "appended"
+
+
+def _digest(hasher: Any) -> str:
+    return f"{DIGEST_NAME}:{hasher.hexdigest()}"
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks, done = [], 0
+    while done < size:
+        chunk = os.pread(fd, min(size - done, 1 << 20), done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
+def read_prefix(storage: RunStorage, name: str, record: Mapping[str, Any]) -> bytes:
+    """The first ``record["size"]`` bytes of the run's file ``name``, verified against ``record["digest"]``.
+
+    :raises CorruptCheckpointError: when the file is missing, shorter, or its prefix has another digest.
+    """
+    size, expected = record.get("size"), record.get("digest")
+    if not isinstance(size, int) or size < 0 or not isinstance(expected, str):
+        raise CorruptCheckpointError(f"{storage.path(name)}: the record of its committed part is malformed ({record})")
+    try:
+        fd, _ = storage.open(name)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{storage.path(name)} cannot be read ({e}); the checkpoint's history lives "
+                                     "there") from e
+    try:
+        data = _read_exactly(fd, size)
+    finally:
+        os.close(fd)
+    found = _digest(xxhash.xxh3_128(data))
+    if len(data) != size or found != expected:
+        raise CorruptCheckpointError(f"{storage.path(name)}: its first {size} bytes (the part the checkpoint "
+                                     f"committed) have digest {found} over {len(data)} bytes, not {expected}")
+    return data
+
+
+class AppendedFile:
+    """A run's file that only grows (see the module's description).
+
+    :param storage: the run's storage.
+    :param name: the file's name in the run.
+    """
+
+    def __init__(self, storage: RunStorage, name: str):
+        self.storage, self.name = storage, name
+        self._fd: Optional[int] = None
+        self._hash = xxhash.xxh3_128()
+        self.size = 0
+
+    def start(self, beginning: bytes) -> None:
+        """Make the file begin with exactly ``beginning`` and end there: a file that already begins so is cut
+        after it (what a lost save appended goes); any other is replaced by ``beginning``."""
+        self.close()
+        keep = False
+        try:
+            fd, st = self.storage.open(self.name)
+        except (OSError, ValueError):
+            pass
+        else:
+            try:
+                keep = st.st_size >= len(beginning) and _read_exactly(fd, len(beginning)) == beginning
+            finally:
+                os.close(fd)
+        if not keep:
+            self.storage.write_file(self.name, lambda f: f.write(beginning))
+        try:
+            self._fd = self.storage.open_for_append(self.name)
+            if keep:
+                os.ftruncate(self._fd, len(beginning))
+        except OSError as e:
+            self.close()
+            raise CheckpointWriteError(f"could not open {self.storage.path(self.name)} to append to it: {e}") from e
+        self._hash = xxhash.xxh3_128(beginning)
+        self.size = len(beginning)
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` (not yet durable: :meth:`make_durable`)."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.name} is appended to before start()")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as e:
+            raise CheckpointWriteError(f"could not append to {self.storage.path(self.name)}: {e}. The committed "
+                                       "checkpoints are intact.") from e
+        self._hash.update(data)
+        self.size += len(data)
+
+    def make_durable(self) -> None:
+        """fsync what was appended."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise CheckpointWriteError(f"could not make {self.storage.path(self.name)} durable: {e}") from e
+
+    def record(self) -> FileRecord:
+        """The size and digest of the file as far as it goes now."""
+        return FileRecord(self.size, _digest(self._hash))
+
+    def close(self) -> None:
+        """Close the file (it stays as it is)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
