@@ -3,11 +3,11 @@
 Its state is plain data (numbers, strings, lists, dicts and tensors), never a
 pickled object, so it loads with ``torch.load(weights_only=True)``.
 
-The per-epoch history can be kept out of the state (:meth:`MetricTracker.state_dict`
+The per-epoch history can be kept out of the state (:meth:`~experiment_io.MetricTracker.state_dict`
 with ``history=``): the state then says which rows of the history's CSV text
-(:meth:`MetricTracker.csv_rows`, one row per epoch, each float written exactly) it
+(:meth:`~experiment_io.MetricTracker.csv_rows`, one row per epoch, each float written exactly) it
 goes with, and the tracker is rebuilt from the state and that text
-(:meth:`MetricTracker.from_state_dict`). A checkpoint written at every epoch then
+(:meth:`~experiment_io.MetricTracker.from_state_dict`). A checkpoint written at every epoch then
 costs the same at epoch 10,000 as at epoch 10.
 """
 import csv

@@ -144,7 +144,7 @@ def checkpoint_payload(training_modules: "TrainingModules", controller: "Control
         data-parallel run (default: this process's alone). The first is stored
         under ``"rng"``; all of them, when there are several, under ``"rng_ranks"``.
     :param history: where the metric history is kept (see
-        :meth:`~experiment_io.experiment.metric_tracker.MetricTracker.state_dict`); ``None``: in the payload.
+        :meth:`~experiment_io.MetricTracker.state_dict`); ``None``: in the payload.
     """
     model, loss, evaluator = training_modules
     position = controller.position
