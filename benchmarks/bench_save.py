@@ -21,7 +21,7 @@ from experiment_io.platform import archive
 from experiment_io.storage.generations import previous_name
 from experiment_io.storage.writer import RunWriter
 from experiment_io.run.payloads import LAST_NAME, save_payloads
-from experiment_io.platform.writeback import _SYNC_FILE_RANGE_WRITE, _sync_file_range
+from experiment_io.platform.writeback import _SYNC_FILE_RANGE_WRITE, sync_file_range
 from experiment_io.storage.manifest import MANIFEST_NAME
 from fixtures import make_state, state_nbytes, state_payload
 
@@ -53,8 +53,8 @@ def _paced(fd, state, block=8 * harness.MiB):
         while view:
             n = os.write(fd, view[:block])
             view, written = view[n:], written + n
-            if written - flushed >= block and _sync_file_range is not None:
-                _sync_file_range(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
+            if written - flushed >= block and sync_file_range() is not None:
+                sync_file_range()(fd, flushed, written - flushed, _SYNC_FILE_RANGE_WRITE)
                 flushed = written
 
 
