@@ -36,6 +36,7 @@ model lives in ``lj_model.py``, next to this script, because a restart unpickles
 it and must be able to import its class.
 """
 import argparse
+import csv
 import functools
 import glob
 import logging
@@ -242,6 +243,12 @@ def _differences(a, b, where=""):
     return [] if same else [where]
 
 
+def _history(run_dir):
+    """The metric history as metrics.csv holds it (every float written exactly), without the wall-clock times."""
+    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
+        return [row[:1] + row[2:] for row in csv.reader(f)]
+
+
 def phase_compare(args):
     run_dir = os.path.join(args.work_dir, RUN_NAME)
     reference_dir = os.path.join(args.work_dir, REFERENCE_NAME)
@@ -249,7 +256,7 @@ def phase_compare(args):
     checks = {
         "model weights": (resumed["model"], reference["model"]),
         "optimizer and scheduler state": (resumed["controller"], reference["controller"]),
-        "metric history": (resumed["metric_tracker"]["history"], reference["metric_tracker"]["history"]),
+        "metric history": (_history(run_dir), _history(reference_dir)),
         "best epoch": (resumed["metric_tracker"]["best_epoch"], reference["metric_tracker"]["best_epoch"]),
         "best model": (_load_state(run_dir, "best_model.pt"), _load_state(reference_dir, "best_model.pt")),  # plain state_dicts
     }
