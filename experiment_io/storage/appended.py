@@ -23,7 +23,7 @@ import xxhash
 
 from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError
 from experiment_io.storage.interface import RunStorage
-from experiment_io.storage.verification import DIGEST_NAME, FileRecord
+from experiment_io.storage.verification import DIGEST_NAME, FileRecord, read_exactly
 
 __all__ = ["AppendedFile", "read_prefix", "APPENDED"]
 
@@ -33,17 +33,6 @@ APPENDED = "appended"
 
 def _digest(hasher: Any) -> str:
     return f"{DIGEST_NAME}:{hasher.hexdigest()}"
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    chunks, done = [], 0
-    while done < size:
-        chunk = os.pread(fd, min(size - done, 1 << 20), done)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        done += len(chunk)
-    return b"".join(chunks)
 
 
 def read_prefix(storage: RunStorage, name: str, record: Mapping[str, Any]) -> bytes:
@@ -60,7 +49,7 @@ def read_prefix(storage: RunStorage, name: str, record: Mapping[str, Any]) -> by
         raise CorruptCheckpointError(f"{storage.path(name)} cannot be read ({e}); the checkpoint's history lives "
                                      "there") from e
     try:
-        data = _read_exactly(fd, size)
+        data = read_exactly(fd, size)
     finally:
         os.close(fd)
     found = _digest(xxhash.xxh3_128(data))
@@ -94,7 +83,7 @@ class AppendedFile:
             pass
         else:
             try:
-                keep = st.st_size >= len(beginning) and _read_exactly(fd, len(beginning)) == beginning
+                keep = st.st_size >= len(beginning) and read_exactly(fd, len(beginning)) == beginning
             finally:
                 os.close(fd)
         if not keep:

@@ -97,6 +97,18 @@ def file_digest(path: Union[str, os.PathLike], *, map_at_least: int = MAP_AT_LEA
         os.close(fd)
 
 
+def read_exactly(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file open at ``fd`` (fewer when it is shorter), read by offset."""
+    chunks, done = [], 0
+    while done < size:
+        chunk = os.pread(fd, min(size - done, READ_BLOCK), done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
+
+
 def file_matches(path: Union[str, os.PathLike], record: Optional[Mapping[str, Any]]) -> bool:
     """Whether the file at ``path`` has the size and digest of the manifest ``record``.
 
@@ -180,19 +192,10 @@ class Verifier:
             return False
         try:
             size = record["size"]
-            if st.st_size < size:
-                return False
-            hasher = xxhash.xxh3_128()
-            done = 0
-            while done < size:
-                chunk = os.pread(fd, min(size - done, READ_BLOCK), done)
-                if not chunk:
-                    return False
-                hasher.update(chunk)
-                done += len(chunk)
+            data = read_exactly(fd, size) if st.st_size >= size else b""
         finally:
             os.close(fd)
-        return f"{DIGEST_NAME}:{hasher.hexdigest()}" == record["digest"]
+        return len(data) == size and f"{DIGEST_NAME}:{xxhash.xxh3_128(data).hexdigest()}" == record["digest"]
 
     def open_verified(self, path: Union[str, os.PathLike]) -> Optional[int]:
         """A descriptor of the very file that was digested at ``path`` (``None`` when ``path`` names another
