@@ -25,6 +25,8 @@ __all__ = [
     "RankFailedError",
     "RunExistsError",
     "SetupError",
+    "UnknownNameError",
+    "DataFileNotFoundError",
 ]
 
 
@@ -172,7 +174,18 @@ class SetupError(ExperimentIOError, ValueError):
     """
 
 
-class _SetupKeyError(SetupError, KeyError):
-    """A :class:`SetupError` for a name that is not there (a data set, a metric); also a :class:`KeyError`."""
+class UnknownNameError(SetupError, KeyError):
+    """A :class:`SetupError` for a name that is not there (a data set of a data file, a metric); also a
+    :class:`KeyError`. The message names what is there."""
+
+    __str__ = Exception.__str__
+
+
+class DataFileNotFoundError(SetupError, FileNotFoundError):
+    """A data file given to a database does not exist; also a :class:`FileNotFoundError`.
+
+    The message names the path as given and as resolved, and the files of a similar
+    name in that directory.
+    """
 
     __str__ = Exception.__str__

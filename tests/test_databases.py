@@ -293,7 +293,7 @@ def test_restore_from_moved_file(npz_file, tmp_path):
         restore_database(descriptor)
     message = str(info.value)
     assert "experiment_io.experiment.restartable.NPZDatabase" in message and str(npz_file) in message
-    assert "database=" in message
+    assert "data_file=" in message
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ExperimentIOError)
 
 

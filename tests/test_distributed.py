@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from experiment_io import PREEMPTED_EXIT_CODE, load_model_from_cwd
+from experiment_io.frontends.cli import main as cli_main
 from experiment_io.storage.manifest import read_manifest
 
 from helpers import assert_bitwise_equal
@@ -120,10 +121,13 @@ def test_a_signal_to_every_rank_stops_all_at_one_boundary_then_restart_is_bit_fo
         assert stopped.returncode == 0 and stopped.stdout.count("INTERRUPTED") == 2, stopped.stderr[-3000:]
     record = read_manifest(str(tmp_path))[1]["last_checkpoint.pt"]
     assert record["interrupted"] == signame and record["step"] == 9
+    # torchrun's own status does not say "preempted"; the run's does, for a job script
+    assert cli_main(["status", str(tmp_path)]) == PREEMPTED_EXIT_CODE
     logs = batches(tmp_path)
     assert len(logs[0]) == len(logs[1]) == 9  # both ranks stopped after the same batch
     finished(torchrun(tmp_path, 2, "--every", "3"), 2)
     assert_bitwise_equal(result(tmp_path), result(reference))
+    assert cli_main(["status", str(tmp_path)]) == 0
 
 
 def test_a_signal_to_one_rank_stops_every_rank(tmp_path):

@@ -451,8 +451,8 @@ def test_a_moved_data_file_is_passed_as_the_message_says(tmp_path):
     os.rename(tmp_path / "data.h5", tmp_path / "moved.h5")
     with pytest.raises(ExperimentIOError) as info:
         load_checkpoint_from_cwd(directory=str(tmp_path / "run"))
-    assert "Pass database=HDF5Database('<new path>', ...) with the same seed and splits" in str(info.value)
-    check = load_checkpoint_from_cwd(directory=str(tmp_path / "run"),
-                                     database=HDF5Database(tmp_path / "moved.h5", inputs=["x"], targets=["y"], seed=0))
+    assert "Pass data_file='<its new path>' to the load function" in str(info.value)
+    check = load_checkpoint_from_cwd(directory=str(tmp_path / "run"), data_file=tmp_path / "moved.h5")
+    assert check["database"].path == str(tmp_path / "moved.h5")
     train_model(**check, callbacks=None, batch_callbacks=None, quiet=True, max_epochs=2)
     assert check["controller"].current_epoch == 2

@@ -356,7 +356,7 @@ def test_restartable_database_moved(tmp_path):
     os.rename(path, tmp_path / "moved.npz")
     with pytest.raises(ExperimentIOError) as info:
         load_checkpoint_from_cwd(directory=run)
-    assert "NPZDatabase" in str(info.value) and str(path) in str(info.value) and "database=" in str(info.value)
+    assert "NPZDatabase" in str(info.value) and str(path) in str(info.value) and "data_file=" in str(info.value)
     loaded = load_checkpoint_from_cwd(directory=run, database=NPZDatabase(tmp_path / "moved.npz", ["x"], ["y"], 0))
     assert loaded["controller"].current_epoch == 1
 

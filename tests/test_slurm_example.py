@@ -73,8 +73,8 @@ def test_three_allocations_equal_an_uninterrupted_run(tmp_path):
 
 FAKE_TRAIN = """\
 echo "fake train.py in $PWD: $*"
-trap 'echo "fake train.py: got USR1"; exit 75' USR1
-trap 'echo "fake train.py: got TERM"; exit 75' TERM
+trap 'echo "fake train.py: got USR1"; exit ${FAKE_SIGNAL_EXIT:-75}' USR1
+trap 'echo "fake train.py: got TERM"; exit ${FAKE_SIGNAL_EXIT:-75}' TERM
 touch "$STARTED"
 if [ -n "${FAKE_EXIT:-}" ]; then exit "$FAKE_EXIT"; fi
 for i in $(seq 400); do sleep 0.05; done
@@ -86,14 +86,23 @@ FAKE_SCONTROL = """\
 echo "$*" >> "$SCONTROL_LOG"
 """
 
+FAKE_STATUS = """\
+#!/bin/bash
+echo "fake experiment-io $*: exit ${FAKE_STATUS:-1}"
+exit "${FAKE_STATUS:-1}"
+"""
 
-def run_job_script(tmp_path, *, signal_name=None, slurm=False, restart_count=None, fake_exit=None):
+
+def run_job_script(tmp_path, *, signal_name=None, slurm=False, restart_count=None, fake_exit=None, signal_exit=None,
+                   run_status=None):
     """Run job.sbatch with a stand-in for train.py (and for scontrol); signal the batch shell like B:USR1."""
     (tmp_path / "fake_train.sh").write_text(FAKE_TRAIN)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
+    (bin_dir / "experiment-io").write_text(FAKE_STATUS)
+    (bin_dir / "experiment-io").chmod(0o755)
     started, scontrol_log, run_dir = tmp_path / "started", tmp_path / "scontrol.log", tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON="bash", TRAIN_PY=str(tmp_path / "fake_train.sh"),
@@ -104,6 +113,10 @@ def run_job_script(tmp_path, *, signal_name=None, slurm=False, restart_count=Non
         env["SLURM_RESTART_COUNT"] = str(restart_count)
     if fake_exit is not None:
         env["FAKE_EXIT"] = str(fake_exit)
+    if signal_exit is not None:
+        env["FAKE_SIGNAL_EXIT"] = str(signal_exit)
+    if run_status is not None:
+        env["FAKE_STATUS"] = str(run_status)
     proc = subprocess.Popen(["bash", JOB_SCRIPT, "--epochs", "7"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -139,6 +152,25 @@ def test_job_script_requeues_after_the_usr1_warning(tmp_path):
     assert requeues == ["requeue 4242"]
     assert "requeued job 4242; it resumes from the checkpoint as restart 3" in output
     assert status == 0
+
+
+@pytest.mark.parametrize("launcher_exit, run_status", [(1, PREEMPTED_EXIT_CODE), (128 + 10, 4), (1, 0)])
+def test_job_script_asks_the_run_when_the_exit_status_does_not_say(tmp_path, launcher_exit, run_status):
+    """torchrun ends with 1 when its ranks exit with 75; a signal during python's start-up kills it (128+N) before
+    anything is saved: after a signal, experiment-io status decides (75 or 4: requeue; 0: finished)."""
+    status, output, requeues = run_job_script(tmp_path, signal_name="USR1", slurm=True, signal_exit=launcher_exit,
+                                              run_status=run_status)
+    assert f"fake experiment-io status {tmp_path / 'run'}: exit {run_status}" in output
+    if run_status == 0:
+        assert requeues == [] and status == 0 and "the run is finished" in output
+    else:
+        assert f"exit status {launcher_exit} after SIGUSR1: the run stopped on the signal" in output
+        assert requeues == ["requeue 4242"] and status == 0
+
+
+def test_job_script_does_not_requeue_a_failure_after_a_signal_without_a_checkpoint(tmp_path):
+    status, output, requeues = run_job_script(tmp_path, signal_name="USR1", slurm=True, signal_exit=1, run_status=1)
+    assert requeues == [] and status == 1 and "train.py failed with exit status 1" in output
 
 
 @pytest.mark.parametrize("case", ["sigterm", "max_restarts", "done", "failed"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import xxhash
 
-from experiment_io.errors import IncompatibleCheckpointError, SetupError, _SetupKeyError
+from experiment_io.errors import IncompatibleCheckpointError, SetupError, UnknownNameError
 from experiment_io.experiment.ordering import epoch_permutation, global_steps
 
 __all__ = ["Database", "SPLITS"]
@@ -86,7 +86,7 @@ class Database:
             raise SetupError("a database needs at least one input and one target array")
         missing = [name for name in inputs + targets if name not in arrays]
         if missing:
-            raise _SetupKeyError(f"arrays {missing} were named as inputs or targets but are not in the database "
+            raise UnknownNameError(f"arrays {missing} were named as inputs or targets but are not in the database "
                                  f"(it has {sorted(arrays)}); name arrays it has")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise SetupError(f"seed must be a non-negative integer, not {seed!r}")

@@ -13,11 +13,11 @@ import h5py
 import numpy as np
 from numpy.typing import DTypeLike
 
-from experiment_io.errors import DatabaseRestartError, _SetupKeyError
+from experiment_io.errors import DataFileNotFoundError, DatabaseRestartError, UnknownNameError
 from experiment_io.experiment.databases import Database
 from experiment_io.format.names import resolve
 
-__all__ = ["Restartable", "NPZDatabase", "HDF5Database", "restore_database"]
+__all__ = ["Restartable", "NPZDatabase", "HDF5Database", "restore_database", "data_file_of"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,26 @@ def _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dty
     return kwargs
 
 
+def _require_data_file(given, path, suffixes):
+    """Refuse a data file that is not there, naming the files of that directory that look like one."""
+    if os.path.isfile(path):
+        return
+    folder = os.path.dirname(path)
+    try:
+        near = sorted(n for n in os.listdir(folder) if n.lower().endswith(suffixes))[:8]
+    except OSError:
+        near = None
+    where = f" ({path})" if os.fspath(given) != path else ""
+    if near is None:
+        hint = f"its directory {folder} does not exist either"
+    elif near:
+        hint = f"{folder} holds {', '.join(near)}"
+    else:
+        hint = f"{folder} holds no file ending in {' or '.join(suffixes)}"
+    raise DataFileNotFoundError(f"data file {os.fspath(given)!r}{where} does not exist: {hint}. Give the path of the "
+                                "data file (relative to the current directory, or absolute).")
+
+
 def _check_names(path, inputs, targets, held, what):
     """Refuse input or target names that the data file does not hold, naming what it holds."""
     for role, names in (("inputs", inputs), ("targets", targets)):
@@ -59,7 +79,7 @@ def _check_names(path, inputs, targets, held, what):
         if missing:
             close = {n: [h for h in held if h.lower() == str(n).lower()] for n in missing}
             hint = "".join(f" ({n!r} differs from {c[0]!r} in case only)" for n, c in close.items() if c)
-            raise _SetupKeyError(f"{role}={list(names)}: {path} holds no {what} {missing}{hint}; it holds the {what} "
+            raise UnknownNameError(f"{role}={list(names)}: {path} holds no {what} {missing}{hint}; it holds the {what} "
                                  f"{sorted(held)}. Name {what} the file holds.")
 
 
@@ -76,6 +96,7 @@ class NPZDatabase(Restartable, Database):
                  float_dtype: Optional[DTypeLike] = None,
                  splits: Optional[Mapping[str, Union[Sequence[int], np.ndarray]]] = None, quiet: bool = False):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
+        _require_data_file(path, self.restart_kwargs["path"], (".npz",))
         with np.load(self.restart_kwargs["path"], allow_pickle=False) as archive:
             _check_names(self.restart_kwargs["path"], inputs, targets, list(archive.files), "arrays")
             arrays = {name: archive[name] for name in dict.fromkeys(list(inputs) + list(targets))}
@@ -95,6 +116,7 @@ class HDF5Database(Restartable, Database):
                  float_dtype: Optional[DTypeLike] = None,
                  splits: Optional[Mapping[str, Union[Sequence[int], np.ndarray]]] = None, quiet: bool = False):
         self.restart_kwargs = _common_kwargs(path, inputs, targets, seed, valid_size, test_size, float_dtype, splits)
+        _require_data_file(path, self.restart_kwargs["path"], (".h5", ".hdf5", ".hdf", ".he5"))
         with h5py.File(self.restart_kwargs["path"], "r") as h5:
             held = []
             h5.visititems(lambda name, obj: held.append(name) if isinstance(obj, h5py.Dataset) else None)
@@ -104,12 +126,60 @@ class HDF5Database(Restartable, Database):
         self.path = self.restart_kwargs["path"]
 
 
-def restore_database(descriptor: dict, *, allow: Sequence = ()) -> "Database":
+def data_file_of(descriptor: dict, run_directory: Optional[str] = None,
+                 data_file: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The data file a database rebuilt from ``descriptor`` reads, and why, when that is not the recorded one.
+
+    In this order: ``data_file`` (the user's word); a data file kept inside the run
+    directory, found relative to where the run is now (a run copied or moved with its
+    data reads its own copy); the recorded absolute path; a file of the same name in
+    the run directory. A choice other than the recorded path is logged at WARNING.
+
+    :return: the path, or ``None`` for a descriptor without a data file.
+    """
+    kwargs = descriptor["kwargs"]
+    recorded = kwargs.get("path")
+    if recorded is None and data_file is None:
+        return None
+    if data_file is not None:
+        chosen = os.path.abspath(os.fspath(data_file))
+        if chosen != recorded:
+            log.warning("the database reads %s (data_file=), not %s where the run was trained on it", chosen, recorded)
+        return chosen
+    relative = descriptor.get("run_relative_path")
+    candidates = []
+    if run_directory is not None and isinstance(relative, str):
+        inside = os.path.normpath(os.path.join(run_directory, relative))
+        if not relative.startswith(os.pardir):  # kept inside the run directory: it travels with the run
+            candidates.append(inside)
+        candidates.append(recorded)
+        candidates.append(inside)
+    else:
+        candidates.append(recorded)
+    if run_directory is not None and isinstance(recorded, str):
+        candidates.append(os.path.join(run_directory, os.path.basename(recorded)))
+    for path in dict.fromkeys(c for c in candidates if isinstance(c, str)):
+        if os.path.isfile(path):
+            if path != recorded:
+                log.warning("the run was trained on %s; the restart reads %s instead (the data file %s with the run "
+                            "directory). Pass data_file=<path> to the load function to read another.", recorded, path,
+                            "kept" if relative and not relative.startswith(os.pardir) else "found")
+            return path
+    return recorded
+
+
+def restore_database(descriptor: dict, *, allow: Sequence = (), run_directory: Optional[str] = None,
+                     data_file: Union[str, os.PathLike, None] = None) -> "Database":
     """Rebuild a database from its descriptor.
 
     Only classes from experiment_io, from modules already imported, or from modules
     named in ``allow`` are used; nothing else is imported.
 
+    :param run_directory: the directory of the run the descriptor comes from, as it is
+        now: a data file kept inside it is found relative to it (see :func:`data_file_of`).
+    :param data_file: the data file to read instead of the recorded one (a moved data
+        file); the database's fingerprint, checked by the loaders, makes sure it holds
+        the same data.
     :raises DatabaseRestartError: when the class cannot be found or is not a
         restartable database, or its file is gone; the message names both.
     """
@@ -127,16 +197,18 @@ def restore_database(descriptor: dict, *, allow: Sequence = ()) -> "Database":
                else "cannot be found among the modules imported or allowed")
             + ". Import its module first, name the module in allow=[...], or pass database= yourself."
         )
-    if "path" in kwargs and not os.path.exists(kwargs["path"]):
-        raise DatabaseRestartError(
-            f"cannot rebuild the database {class_path}: its data file {where} does not exist (moved or deleted?). "
-            f"Pass database={cls.__name__}('<new path>', ...) with the same seed and splits to the load function."
-        )
+    path = data_file_of(descriptor, run_directory, data_file)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise DatabaseRestartError(
+                f"cannot rebuild the database {class_path}: its data file {path} does not exist (moved or deleted?). "
+                "Pass data_file='<its new path>' to the load function: the run's inputs, targets, seed and splits "
+                "are kept, and the data is checked against the run's fingerprint of it.")
+        kwargs = {**kwargs, "path": path}
     try:
         database = cls(**kwargs)
     except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DatabaseRestartError(f"rebuilding the database {class_path} from {where} failed: {e}. "
-                                   "Pass database= yourself.") from e
-    log.info("database rebuilt: %s from %s", class_path, where)
+        raise DatabaseRestartError(f"rebuilding the database {class_path} from {path or where} failed: {e}. "
+                                   "Pass data_file=<path> or database= yourself.") from e
+    log.info("database rebuilt: %s from %s", class_path, path or where)
     return database
-

@@ -12,7 +12,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-__all__ = ["get_rng_state", "set_rng_state", "placed_on_cpu"]
+from experiment_io.experiment.launch import launched_world
+
+__all__ = ["get_rng_state", "set_rng_state", "placed_on_cpu", "rank_rng_state", "set_rank_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +83,25 @@ def placed_on_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
     numpy_state["key"] = numpy_state["key"].cpu()
     placed["numpy"] = numpy_state
     return placed
+
+
+def rank_rng_state(state: dict, path: str) -> tuple[dict, bool]:
+    """The random streams this rank saved (in a data-parallel run, each rank's own), and whether they are its own."""
+    rank, _, world_size = launched_world()
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) != world_size:
+        log.warning("%s was written by %d rank(s) and is loaded by %d: the data order is continued exactly, the "
+                    "random draws are not (rank %d starts from the streams of rank %d%s)", path, len(ranks),
+                    world_size, rank, rank % len(ranks),
+                    ", drawn anew from them and its rank" if rank >= len(ranks) else "")
+    return ranks[rank % len(ranks)], rank < len(ranks)
+
+
+def set_rank_rng_state(rng_state: dict, own: bool) -> None:
+    """Restore the streams; a rank without streams of its own gets streams derived from these and its rank."""
+    set_rng_state(rng_state)
+    if not own:  # distinct from the rank whose streams it got, and reproducible
+        seed = int.from_bytes(torch.randint(0, 2**31, (2,)).numpy().tobytes()[:8], "little") + launched_world()[0]
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)

@@ -3,6 +3,8 @@
 ::
 
     experiment-io info   [DIR]            the files of a run and what they hold
+    experiment-io status [DIR]            where the run stands; exit status 0 finished, 75 preempted
+                                          (resume it), 4 not finished otherwise, 1 no intact checkpoint
     experiment-io verify [DIR]            check every file against the manifest
     experiment-io metrics [DIR] [--hdf5 OUT]
                                           the metric history (printed, or exported)
@@ -19,10 +21,13 @@ Everything here but ``import-hippynn`` reads state files with
 on a run directory of unknown origin.
 Exit status: 0 when all is well, 1 when a check fails (for ``verify``: a file
 without any intact generation), 2 for bad usage, 3 when ``verify`` finds a file
-whose committed generation is lost while an older one is intact.
+whose committed generation is lost while an older one is intact, or when
+``metrics`` and ``plot`` read an older generation for that reason (they say so on
+stderr), 141 when the reader of the output closed the pipe (``verify | head``).
+Every name taken from the run directory is printed with its control characters
+escaped.
 """
 import argparse
-import datetime
 import logging
 import os
 import sys
@@ -32,28 +37,32 @@ import torch
 
 from experiment_io.format import codec as fmt
 from experiment_io.storage import atomic as storage
-from experiment_io.errors import ExperimentIOError
+from experiment_io.errors import CheckpointNotFoundError, ExperimentIOError
+from experiment_io.training.preemption import PREEMPTED_EXIT_CODE
 from experiment_io.storage.generations import Search, base_name, is_previous_name, previous_name
-from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name,
-                                        run_status)
-from experiment_io.run.reading import load_state_file, restore_tracker, verified_source
+from experiment_io.run.payloads import (BEST_NAME, LAST_NAME, run_status)
+from experiment_io.run.reading import restore_tracker, verified_source
 from experiment_io.storage.run_directory import RunDirectory
-from experiment_io.storage.verification import Verifier, check_archive
+from experiment_io.storage.verification import check_archive
+from experiment_io.frontends.export import cmd_export
+from experiment_io.frontends.describe import EPOCH_LEGEND, epoch_of_record, provenance_line, shown, what, when
 from experiment_io.version import __version__
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
 
-__all__ = ["main"]
+__all__ = ["main", "ROLLED_BACK", "BROKEN_PIPE", "NOT_FINISHED"]
+
+#: Exit status of ``verify``, ``metrics`` and ``plot`` when the committed newest checkpoint is lost and an older
+#: generation answered instead.
+ROLLED_BACK = 3
+#: Exit status when the output's reader closed the pipe early (128 + SIGPIPE, as the shell reports a tool it killed).
+BROKEN_PIPE = 141
+#: Exit status of ``status`` for a run that is not finished and did not stop on a preemption signal (a crash, a
+#: kill, or no checkpoint yet); ``PREEMPTED_EXIT_CODE`` (75) for one that did, 0 for a finished run.
+NOT_FINISHED = 4
 
 
 def _manifest(run):
-    manifest = read_manifest(run.storage)
-    if manifest is None:
-        raise ExperimentIOError(f"{run.location} has no {MANIFEST_NAME}: it holds no experiment_io run")
-    return manifest[1]
-
-
-def _verifier(run):
-    return Verifier(run.storage, _manifest(run))
+    return run.verifier().files
 
 
 def _roles(files):
@@ -61,105 +70,95 @@ def _roles(files):
     return sorted({base_name(name) for name in files})
 
 
-def _when(record):
-    try:
-        return datetime.datetime.fromtimestamp(record["written_at"]).strftime("%Y-%m-%d %H:%M:%S")
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
-        return "?"
-
-
-def _what(record):
-    """What a file holds, in words: the epoch its state is from, and why a retention keeps it."""
-    if record.get("retired") is True:
-        return "being removed (no longer kept by the retention)"
-    held = _held(record)
-    return f"{held}; kept: {record['kept']}" if record.get("kept") else held
-
-
-def _held(record):
-    done, kind = record.get("epochs_done"), record.get("kind")
-    if kind == "structure" or done is None:
-        return ""
-    if record.get("samples_done"):
-        why = f", stopped by {record['interrupted']}" if record.get("interrupted") else ""
-        return f"in epoch {done} ({record['samples_done']} samples){why}"
-    if done == 0:
-        return "before the first epoch" + (f", stopped by {record['interrupted']}" if record.get("interrupted") else "")
-    return f"{'model' if kind == 'model' else 'state'} after epoch {done - 1}"
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
     files = _manifest(run)
-    print(f"run directory {run.location}")
+    print(f"run directory {shown(run.location)}")
     status = run_status(files)
-    print(f"run: {status.describe()}" if status is not None else "run: no checkpoint committed yet")
-    print("epochs are numbered from 0; 'done' counts finished epochs (a file written after epoch 2 has 3 done)")
+    print(f"run: {shown(status.describe())}" if status is not None else "run: no checkpoint committed yet")
+    for line in provenance_line(files.get(LAST_NAME)):
+        print(line)
+    print(EPOCH_LEGEND)
     print(f"{'file':32} {'kind':10} {'done':>5} {'step':>8} {'ranks':>5} {'size':>12}  written              holds")
-    _print_provenance(files.get(LAST_NAME))
     for name in sorted(files):
         record = files[name]
-        print(f"{name:32} {record.get('kind', '?'):10} {record.get('epochs_done', ''):>5} {record.get('step', ''):>8} "
-              f"{record.get('world_size', ''):>5} {record['size']:>12}  {_when(record)}  {_what(record)}")
+        cells = [shown(record.get(key, default)) for key, default in
+                 (("kind", "?"), ("epochs_done", ""), ("step", ""), ("world_size", ""), ("size", "?"))]
+        print(f"{shown(name):32} {cells[0]:10} {cells[1]:>5} {cells[2]:>8} {cells[3]:>5} {cells[4]:>12}  "
+              f"{when(record)}  {shown(what(record))}")
     return 0
 
 
-def _print_provenance(record):
-    """Where the newest checkpoint was written: host, command, SLURM job, git commit, resumes."""
-    if not isinstance(record, dict):
-        return
-    parts = []
-    if record.get("host"):
-        parts.append(f"host {record['host']}")
-    if record.get("slurm_job_id"):
-        restarts = record.get("slurm_restart_count")
-        parts.append(f"SLURM job {record['slurm_job_id']}" + (f" (restart {restarts})" if restarts else ""))
-    if "world_size" in record:
-        parts.append(f"{record['world_size']} rank(s)")
-    if "resumes" in record:
-        parts.append(f"resumed {record['resumes']} time(s)")
-    if record.get("git_commit"):
-        dirty = " with uncommitted changes" if record.get("git_dirty") else ""
-        parts.append(f"git commit {record['git_commit'][:12]}{dirty}")
-    versions = [f"{name} {record[key]}"
-                for name, key in (("experiment_io", "library_version"), ("torch", "torch_version")) if record.get(key)]
-    if parts or versions:
-        print(f"{LAST_NAME} written by: " + ", ".join(parts + versions))
-    if record.get("command"):
-        print(f"command: {record['command']}")
+def cmd_status(args: argparse.Namespace) -> int:
+    """Where the run stands, as an exit status a job script can act on (see :data:`STATUS_CODES`)."""
+    run = RunDirectory(args.directory)
+    if read_manifest(run.storage) is None:
+        print(f"{shown(run.location)}: no checkpoint yet (not started, or stopped before its first save)")
+        return NOT_FINISHED
+    try:
+        pick = Search(run.verifier(), [LAST_NAME, BEST_NAME], newest_first=True).first()
+    except CheckpointNotFoundError:
+        print(f"{shown(run.location)}: no checkpoint yet (not started, or stopped before its first save)")
+        return NOT_FINISHED
+    status = run_status({LAST_NAME: pick.record})
+    assert status is not None
+    for problem in pick.problems:
+        print(f"skipped: {shown(problem)}")
+    print(f"{shown(run.location)}: {shown(status.describe())} ({os.path.basename(pick.path)}, step {status.step})")
+    if status.finished:
+        print("finished: nothing to resume")
+        return 0
+    if status.interrupted:
+        print(f"preempted: stopped by {shown(status.interrupted)} after saving; resume it (exit status "
+              f"{PREEMPTED_EXIT_CODE})")
+        return PREEMPTED_EXIT_CODE
+    print("not finished, and not stopped by a signal: the process crashed or was killed before it could save "
+          f"(exit status {NOT_FINISHED})")
+    return NOT_FINISHED
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
-    verifier = _verifier(run)
+    verifier = run.verifier()
     files = verifier.files
     failures = rollbacks = 0
     for name in sorted(verifier.retired):
-        print(f"retired  {name:32} (being removed: the retention no longer keeps it)")
+        print(f"retired  {shown(name):32} (being removed: the retention no longer keeps it)")
     for role in _roles(files):
         generations, problems = Search(verifier, [role]).all()
-        for path, record in generations:
+        for path, record in _each_file_once(generations, files):
             committed = "committed" if record is files.get(role) else "previous"
-            print(f"ok       {os.path.basename(path):32} ({committed}, step {record.get('step', '-')})")
+            print(f"ok       {shown(os.path.basename(path)):32} ({committed}, step {shown(record.get('step', '-'))})")
         for problem in problems:
-            print(f"DAMAGED  {problem}")
+            print(f"DAMAGED  {shown(problem)}")
         if not generations:
             failures += 1
         elif role in files and not any(record is files[role] for _, record in generations):
             rollbacks += 1
-            print(f"OLDER    {role}: its committed generation (step {files[role].get('step', '-')}) is missing or "
+            print(f"OLDER    {shown(role)}: its committed generation (step {shown(files[role].get('step', '-'))}) is "
+                  "missing or "
                   "damaged; only an older one is intact, and a load goes back to it")
     for name in _uncommitted(run, {**files, **verifier.retired}):
-        print(f"ignored  {name:32} (no save of it was committed: an interrupted save left it; the next save "
+        print(f"ignored  {shown(name):32} (no save of it was committed: an interrupted save left it; the next save "
               "replaces it)")
     if failures:
         print(f"{failures} file(s) without any intact generation")
         return 1
     if rollbacks:
         print(f"{rollbacks} file(s) whose committed generation is lost: a load would go back to an older one")
-        return 3
+        return ROLLED_BACK
     print("every file has an intact generation")
     return 0
+
+
+def _each_file_once(generations, files):
+    """``generations`` with each file once: two generations of equal content (a JSON file written again with the
+    same values) verify against both records, and a file is shown with its own."""
+    by_path: dict = {}
+    for path, record in generations:
+        if path not in by_path or record is files.get(os.path.basename(path)):
+            by_path[path] = record
+    return list(by_path.items())
 
 
 def _uncommitted(run, files):
@@ -172,13 +171,14 @@ def _uncommitted(run, files):
 
 def cmd_list(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
-    verifier = _verifier(run)
+    verifier = run.verifier()
     files, retired = verifier.files, verifier.retired
+    print(EPOCH_LEGEND)
     print(f"{'file':36} {'generation':12} {'epoch':>5} {'size':>12}  holds")
     for name in run.storage.names():
         found = run.storage.stat(name)
         if found is not None and found.folder:
-            print(f"{name + '/':36} {'':12} {'':>5} {'':>12}  "
+            print(f"{shown(name) + '/':36} {'':12} {'':>5} {'':>12}  "
                   + ("training curves (PNG)" if name == "plots" else "a folder"))
             continue
         record = files.get(name) or retired.get(name)
@@ -197,101 +197,52 @@ def cmd_list(args: argparse.Namespace) -> int:
         elif record is None:
             generation, holds = "unrecorded", unrecorded
         elif name in retired:
-            generation, holds = "retired", _what(record)
+            generation, holds = "retired", what(record)
         else:
             generation = "previous" if is_previous_name(name) else "committed"
-            holds = _what(record) or record.get("kind", "")
-        epoch = _epoch_of_record(record)
+            holds = what(record) or record.get("kind", "")
+        epoch = epoch_of_record(record)
         size = actual_size if actual_size is not None else "?"
-        print(f"{name:36} {generation:12} {epoch:>5} {size:>12}  {holds}")
-    return 0
-
-
-def _epoch_of_record(record):
-    """The 0-based epoch a file's state is from ('' when it is not from the end of an epoch)."""
-    if not record or record.get("samples_done") or not isinstance(record.get("epochs_done"), int):
-        return ""
-    return record["epochs_done"] - 1 if record["epochs_done"] > 0 else ""
-
-
-def _model_state(run, which, epoch):
-    """The verified model ``state_dict`` of a run (state files only, never the structure file), and its record."""
-    verifier = _verifier(run)
-    if epoch is not None:
-        candidates = [(epoch_model_name(epoch), "model"), (epoch_checkpoint_name(epoch), "checkpoint")]
-    elif which == "last":
-        candidates = [(LAST_NAME, "checkpoint")]
-    else:
-        candidates = [(BEST_MODEL_NAME, "model"), (BEST_NAME, "checkpoint")]
-    found = [(name, kind, path, record)
-             for name, kind in candidates for path, record in Search(verifier, [name]).all()[0]]
-    # the committed generation of any candidate before a previous one of the first
-    found.sort(key=lambda entry: entry[3] is not verifier.files.get(entry[0]))
-    for name, kind, path, record in found:
-        payload, header = load_state_file(path, (kind,), "cpu", record, verifier, mmap=False)
-        if record is not verifier.files.get(name):
-            print(f"warning: the committed {name} does not verify; exporting the previous generation "
-                  f"{os.path.basename(path)} (step {record.get('step', '?')})", file=sys.stderr)
-        return payload["model"], os.path.basename(path), header
-    what = f"epoch {epoch}" if epoch is not None else f"the {which} model"
-    raise ExperimentIOError(f"{run.location} holds no intact file with {what}" + (
-        " (epoch files are kept with store_every, store_all_better or a retention; experiment-io list shows them)"
-        if epoch is not None else ""))
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    if args.epoch is not None and args.which is not None:
-        print("error: give --which or --epoch, not both", file=sys.stderr)
-        return 2
-    run = RunDirectory(args.directory)
-    state, source, header = _model_state(run, args.which or "best", args.epoch)
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if args.format == "safetensors":
-        try:
-            from safetensors.torch import save as safetensors_bytes
-        except ImportError:
-            print("error: --format safetensors needs safetensors: pip install 'experiment_io[safetensors]' "
-                  "(or use --format state_dict)", file=sys.stderr)
-            return 1
-        metadata = {"source": run.path(source), "experiment_io_version": __version__}
-        metadata.update({k: str(header[k]) for k in ("epochs_done", "step", "format_version") if k in header})
-        # safetensors stores each tensor on its own: views and shared storages are written as separate copies
-        data = safetensors_bytes({k: v.detach().contiguous().clone() for k, v in state.items()}, metadata=metadata)
-        storage.atomic_write(args.out, lambda f: f.write(data), hashed=False)
-    else:
-        storage.atomic_write(args.out, lambda f: torch.save(state, f), hashed=False)
-    done = header.get("epochs_done")
-    print(f"{len(state)} tensors of {source} (after {done} epoch(s)) written to {args.out} as {args.format}")
+        print(f"{shown(name):36} {generation:12} {shown(epoch):>5} {size:>12}  {shown(holds)}")
     return 0
 
 
 def _newest_tracker(run):
-    verifier = _verifier(run)
+    """The metric tracker of the newest intact checkpoint, its path, and why it is not the committed last one
+    (``None`` when it is)."""
+    verifier = run.verifier()
     for name in (LAST_NAME, BEST_NAME):
-        generations, _ = Search(verifier, [name]).all()
+        generations, problems = Search(verifier, [name]).all()
         if generations:
-            path = generations[0][0]
+            path, record = generations[0]
             with verified_source(path, verifier) as source:  # the very file that was verified
                 check_archive(source or path)
                 state = torch.load(source or path, map_location="cpu", weights_only=True)
             fmt.check_payload(state, path, ("checkpoint",))
-            return restore_tracker(state, run.storage, path), path
+            older = None
+            if name != LAST_NAME or record is not verifier.files.get(LAST_NAME):
+                older = (f"the committed {LAST_NAME} does not verify ({'; '.join(problems) or 'missing'}); this is the "
+                         f"history of {os.path.basename(path)} (step {record.get('step', '?')}), which may lack the "
+                         "newest epochs. experiment-io verify lists what is damaged.")
+            return restore_tracker(state, run.storage, path), path, older
     raise ExperimentIOError(f"{run.location} holds no intact checkpoint")
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    tracker, path = _newest_tracker(RunDirectory(args.directory))
+    tracker, path, older = _newest_tracker(RunDirectory(args.directory))
+    if older:
+        print(f"warning: {shown(older)}", file=sys.stderr)
     if args.hdf5:
         tracker.to_hdf5(args.hdf5)
-        print(f"metric history of {len(tracker.epochs)} epochs from {path} written to {args.hdf5}")
-        return 0
+        print(f"metric history of {len(tracker.epochs)} epochs from {shown(path)} written to {args.hdf5}")
+        return ROLLED_BACK if older else 0
     columns = [(split, name) for split, values in tracker.history.items() for name in values]
     print("epoch " + " ".join(f"{split + '/' + name:>14}" for split, name in columns))
     for row, epoch in enumerate(tracker.epochs):
         marker = " *" if epoch == tracker.best_epoch else ""
         print(f"{epoch:5d} " + " ".join(f"{tracker.history[s][n][row]:14.6g}" for s, n in columns) + marker)
-    print(tracker.summary())
-    return 0
+    print(shown(tracker.summary()))
+    return ROLLED_BACK if older else 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -302,11 +253,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     run = RunDirectory(args.directory)
-    tracker, path = _newest_tracker(run)
+    tracker, path, older = _newest_tracker(run)
+    if older:
+        print(f"warning: {shown(older)}", file=sys.stderr)
     out = args.out or run.folder(PLOTS_DIRECTORY)
     written = plot_history(tracker, out)
-    print(f"{len(written)} plot(s) of {len(tracker.epochs)} epochs from {path} written to {out}")
-    return 0
+    print(f"{len(written)} plot(s) of {len(tracker.epochs)} epochs from {shown(path)} written to {out}")
+    return ROLLED_BACK if older else 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -349,6 +302,9 @@ def _parser():
     parser.add_argument("--version", action="version", version=f"experiment_io {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, function, text in (("info", cmd_info, "list the files of a run"),
+                                 ("status", cmd_status, "where the run stands, as an exit status for job scripts: "
+                                                        "0 finished, 75 preempted (resume it), 4 not finished "
+                                                        "otherwise, 1 no intact checkpoint"),
                                  ("verify", cmd_verify, "check every file against the manifest"),
                                  ("metrics", cmd_metrics, "print or export the metric history"),
                                  ("plot", cmd_plot, "write the training curves as PNG images (needs matplotlib)")):
@@ -388,10 +344,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.function(args)
+        status = args.function(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:  # the reader went away (verify . | head): stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
     except ExperimentIOError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a command line ends in a message, never in a traceback
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {shown(e)}", file=sys.stderr)
         return 1

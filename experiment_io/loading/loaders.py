@@ -12,27 +12,26 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from experiment_io.experiment.controllers import TrainingPosition
 from experiment_io.experiment.restartable import restore_database
 from experiment_io.experiment.devices import check_location_args, place_training_modules, target_device
-from experiment_io.errors import (CheckpointNotFoundError, ExperimentIOError, IncompatibleCheckpointError,
-                                  MissingDatabaseError, NotACheckpointError)
+from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointError, ExperimentIOError,
+                                  IncompatibleCheckpointError, MissingDatabaseError, NotACheckpointError,
+                                  SetupError)
 from experiment_io.storage.generations import Generation, Role, base_name
-from experiment_io.experiment.launch import launched_world
 from experiment_io.storage.lock import writer_now
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
 from experiment_io.run.reading import (check_pairing, load_state_file, load_structure_file, pick_structure_and_state,
-                                       require_file, restore_tracker, run_verifier, until_stable, verified_record)
+                                       require_file, restore_tracker, run_verifier, until_stable, verified_record,
+                                       with_remedy)
 from experiment_io.platform import switch
 from experiment_io.platform.residence import Destination
-from experiment_io.experiment.rng import placed_on_cpu, set_rng_state
+from experiment_io.experiment.rng import placed_on_cpu, rank_rng_state, set_rank_rng_state
 from experiment_io.run.skeleton import materialize
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import read_manifest
@@ -79,28 +78,6 @@ def _load_model_state(model, state, path):
                                           f"{e}") from e
 
 
-def _rank_rng_state(state, path):
-    """The random streams this rank saved (in a data-parallel run, each rank's own), and whether they are its own."""
-    rank, _, world_size = launched_world()
-    ranks = state.get("rng_ranks") or [state["rng"]]
-    if len(ranks) != world_size:
-        log.warning("%s was written by %d rank(s) and is loaded by %d: the data order is continued exactly, the "
-                    "random draws are not (rank %d starts from the streams of rank %d%s)", path, len(ranks),
-                    world_size, rank, rank % len(ranks),
-                    ", drawn anew from them and its rank" if rank >= len(ranks) else "")
-    return ranks[rank % len(ranks)], rank < len(ranks)
-
-
-def _set_rank_rng_state(rng_state, own):
-    """Restore the streams; a rank without streams of its own gets streams derived from these and its rank."""
-    set_rng_state(rng_state)
-    if not own:  # distinct from the rank whose streams it got, and reproducible
-        seed = int.from_bytes(torch.randint(0, 2**31, (2,)).numpy().tobytes()[:8], "little") + launched_world()[0]
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-
-
 def _tracker(state, storage, state_path):
     try:
         return restore_tracker(state, storage, state_path)
@@ -111,7 +88,7 @@ def _tracker(state, storage, state_path):
 
 
 def _assemble(structure, structure_path, state, header, state_path, *, map_location, model_device, database,
-              restart_db, allow, restore_rng):
+              restart_db, allow, restore_rng, data_file=None):
     """Turn a loaded structure and state into the objects ``train_model`` takes."""
     device = target_device(map_location, model_device, header.get("model_device"), state_path)
     training_modules = structure["training_modules"]
@@ -133,7 +110,7 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
         controller.load_state_dict(state["controller"])
         metric_tracker = state["metric_tracker"]  # restored with its history where the state was read
         position = TrainingPosition.from_state_dict(state["position"])
-        rng_state, own_rng = _rank_rng_state(state, state_path)
+        rng_state, own_rng = rank_rng_state(state, state_path)
         rng_state = placed_on_cpu(rng_state)
     except ExperimentIOError:
         raise
@@ -145,16 +122,15 @@ def _assemble(structure, structure_path, state, header, state_path, *, map_locat
     controller.loaded_from = os.path.dirname(os.path.abspath(state_path))
     controller._loaded_structure = header.get("structure_digest")
     if restore_rng:
-        _set_rank_rng_state(rng_state, own_rng)
+        set_rank_rng_state(rng_state, own_rng)
 
     if database is None and restart_db:
-        descriptor = structure["database"]
-        if descriptor is None:
+        if structure["database"] is None:
             raise MissingDatabaseError(
                 f"the run in {os.path.dirname(os.path.abspath(structure_path))} was trained on an in-memory Database, "
-                "which cannot be rebuilt from the checkpoint. Pass database=<the same Database> to the load function."
-            )
-        database = restore_database(descriptor, allow=allow)
+                "which cannot be rebuilt from the checkpoint. Pass database=<the same Database> to the load function.")
+        database = restore_database(structure["database"], allow=allow, data_file=data_file,
+                                    run_directory=os.path.dirname(os.path.abspath(state_path)))
     if database is not None and state.get("database") is not None and hasattr(database, "check_fingerprint"):
         database.check_fingerprint(state["database"])
     log.info("loaded %s (%s epochs done, step %s) with %s", state_path, header.get("epochs_done"), header.get("step"),
@@ -176,7 +152,8 @@ def _not_yet(error, directory):
 
 def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db: bool = False,
                     map_location: Any = None, model_device: Any = None, *, database: Database | None = None,
-                    allow: Sequence = (), trusted: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
+                    allow: Sequence = (), trusted: bool = False, restore_rng: bool = True, verify: bool = True,
+                    data_file: Optional[PathLike] = None) -> dict:
     """Load a structure file and a state file into objects that :func:`train_model` accepts.
 
     :param structure_fname: path of ``experiment_structure.pt``.
@@ -196,6 +173,11 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
     :param restore_rng: restore every random stream from the checkpoint.
     :param verify: check both files against the manifest first (``False`` loads
         files that have no manifest, with a warning).
+    :param data_file: the data file the rebuilt database reads, for a data file that
+        moved since the run was trained (its inputs, targets, seed and splits stay the
+        run's, and the data is checked against the run's fingerprint of it). Without
+        it, a data file kept inside the run directory is read where the run is now,
+        then the recorded path; a file read from elsewhere is logged at WARNING.
     :return: ``{"training_modules", "controller", "metric_tracker", "database"}``.
     :raises ExperimentIOError: a subclass from :mod:`experiment_io.errors` naming the
         file and the fix; no file is modified.
@@ -218,13 +200,14 @@ def load_checkpoint(structure_fname: PathLike, state_fname: PathLike, restart_db
     check_pairing(state_fname, header, structure_fname, structure_record)
     return _assemble(structure, structure_fname, state, header, state_fname, map_location=map_location,
                      model_device=model_device, database=database, restart_db=restart_db, allow=allow,
-                     restore_rng=restore_rng)
+                     restore_rng=restore_rng, data_file=data_file)
 
 
 def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None, restart_db: bool = True, *,
                              which: str = "last", strict: bool = False, directory: Optional[PathLike] = None,
                              database: Database | None = None, allow: Sequence = (), trusted: bool = False,
-                             restore_rng: bool = True, missing_ok: bool = False) -> Optional[dict]:
+                             restore_rng: bool = True, missing_ok: bool = False,
+                             data_file: Optional[PathLike] = None) -> Optional[dict]:
     """Load the run in the current directory, ready for ``train_model(**check)``.
 
     Every file is verified first, and the newest checkpoint that verifies is taken:
@@ -240,6 +223,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     :param allow: as for :func:`load_checkpoint`.
     :param trusted: as for :func:`load_checkpoint`.
     :param restore_rng: as for :func:`load_checkpoint`.
+    :param data_file: as for :func:`load_checkpoint`.
     :param missing_ok: return ``None`` instead of raising when the directory holds no
         checkpoint yet (damaged files and a directory that does not exist still
         raise). This makes the restart script and the first start one script::
@@ -250,7 +234,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     :return: as :func:`load_checkpoint`.
     """
     if which not in ("last", "best"):
-        raise ValueError(f"which={which!r}; choose 'last' or 'best'")
+        raise SetupError(f"which={which!r}; choose 'last' or 'best'")
     check_location_args(map_location, model_device)
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
 
@@ -269,13 +253,16 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
         state["metric_tracker"] = _tracker(state, verifier.storage, state_path)
         return structure, structure_path, state, header, state_path
 
-    return _load_and_assemble(load, directory, missing_ok, map_location=map_location, model_device=model_device,
-                              database=database, restart_db=restart_db, allow=allow, restore_rng=restore_rng)
+    return _load_and_assemble(load, directory, missing_ok, roles, map_location=map_location, model_device=model_device,
+                              database=database, restart_db=restart_db, allow=allow, restore_rng=restore_rng,
+                              data_file=data_file)
 
 
-def _load_and_assemble(load, directory, missing_ok, **assemble):
+def _load_and_assemble(load, directory, missing_ok, roles, **assemble):
     try:
         structure, structure_path, state, header, state_path = until_stable(load, as_storage(directory))
+    except CorruptCheckpointError as e:
+        raise with_remedy(e, directory, roles) from None
     except CheckpointNotFoundError as e:
         if not missing_ok:
             raise _not_yet(e, directory) from None
@@ -329,7 +316,7 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
     """
     check_location_args(map_location, model_device)
     if which not in ("best", "last"):
-        raise ValueError(f"which={which!r}; choose 'best' or 'last' (or epoch=N for a kept epoch)")
+        raise SetupError(f"which={which!r}; choose 'best' or 'last' (or epoch=N for a kept epoch)")
     if epoch is not None:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative integer, not {epoch!r}")

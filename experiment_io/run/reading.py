@@ -263,6 +263,27 @@ def check_pairing(state_path: Union[str, os.PathLike], header: Mapping[str, Any]
 
 
 
+def with_remedy(error: CorruptCheckpointError, directory: Union[RunStorage, str, os.PathLike, None],
+                roles: Collection[str]) -> CorruptCheckpointError:
+    """``error`` (no intact checkpoint) with the way on: the best model, when it is intact and was not asked for."""
+    if BEST_MODEL_NAME in roles or "\nWays on:" in str(error):
+        return error
+    try:
+        verifier = run_verifier(directory)
+        intact = bool(Search(verifier, [BEST_MODEL_NAME]).all()[0])
+    except (CorruptCheckpointError, CheckpointNotFoundError):
+        intact = False
+    where = verifier.directory if intact else as_storage(directory).location
+    if intact:
+        way = (f"{BEST_MODEL_NAME} is intact: load_model_from_cwd(directory={where!r}) loads the best model for "
+               "prediction. Training cannot resume exactly without a checkpoint: start it again in another directory, "
+               "or in this one with overwrite=True (which replaces the run, its best model included).")
+    else:
+        way = ("restore the run's files from a copy, or start the run again in another directory (or in this one "
+               "with overwrite=True).")
+    return CorruptCheckpointError(f"{error}\nWays on: {way}")
+
+
 def run_verifier(directory: Union[RunStorage, str, os.PathLike, None]) -> Verifier:
     """The :class:`~experiment_io.storage.verification.Verifier` of a run directory (default: the current one).
 

@@ -42,6 +42,7 @@ __all__ = [
     "atomic_write_bytes",
     "FileBatch",
     "remove_stale_temporaries",
+    "pid_alive",
     "fsync_directory",
     "make_directory",
     "observe_write_steps",
@@ -303,7 +304,8 @@ def is_temporary(name: str) -> bool:
     return _TEMP_PATTERN.match(name) is not None
 
 
-def _pid_alive(pid):
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -324,7 +326,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
         if not match:
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         _discard(os.path.join(directory, name))
         removed.append(name)

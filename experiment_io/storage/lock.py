@@ -142,7 +142,7 @@ def writer_now(directory: Union[str, os.PathLike]) -> str:
     writer fail): its holder counts as alive when it runs on this host and its pid
     exists, and as possibly alive on another host.
     """
-    from experiment_io.storage.atomic import _pid_alive
+    from experiment_io.storage.atomic import pid_alive
     from experiment_io.platform.files import NotARegularFile, open_regular
 
     try:
@@ -158,7 +158,7 @@ def writer_now(directory: Union[str, os.PathLike]) -> str:
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
         return ""
     if holder.get("host") == socket.gethostname():
-        if not _pid_alive(holder["pid"]):
+        if not pid_alive(holder["pid"]):
             return ""
         return f"pid {holder['pid']} on this host has been training there since {holder.get('since', '?')}"
     return (f"pid {holder['pid']} on host {holder.get('host', '?')} holds its lock (since {holder.get('since', '?')}) "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pickle
 from typing import TYPE_CHECKING, Any, Iterator, cast
 
@@ -81,6 +82,21 @@ def _unpicklable_error(training_modules, controller, error):
         "torch.nn.Module) at the top level of a module that the training and prediction scripts both import.")
 
 
+def _descriptor(database, directory):
+    """The database's descriptor, with where its data file is relative to the run directory (a run moved or copied
+    with its data finds it there)."""
+    if not getattr(database, "restartable", False):
+        return None
+    descriptor = database.descriptor()
+    path = descriptor["kwargs"].get("path")
+    if isinstance(path, str):
+        try:
+            descriptor["run_relative_path"] = os.path.relpath(path, directory)
+        except ValueError:  # another drive (Windows): only the absolute path
+            pass
+    return descriptor
+
+
 class RunCheckpointer:
     """Writes the checkpoint files of one training run.
 
@@ -146,7 +162,7 @@ class RunCheckpointer:
             elif status is not None:
                 log.warning("starting a new run in %s with overwrite=True: it replaces the run there (%s)",
                             directory, status.describe())
-            descriptor = database.descriptor() if getattr(database, "restartable", False) else None
+            descriptor = _descriptor(database, directory)
             try:
                 save_payloads(self.writer,
                               {STRUCTURE_NAME: structure_payload(training_modules, controller, descriptor)})

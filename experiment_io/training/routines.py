@@ -12,7 +12,7 @@ from experiment_io.experiment.controllers import Controller, PatienceController
 from experiment_io.experiment.databases import SPLITS, Database
 from experiment_io.experiment.devices import place_training_modules, resolve_device
 from experiment_io.training.distributed import unwrap
-from experiment_io.errors import SetupError, _SetupKeyError
+from experiment_io.errors import SetupError, UnknownNameError
 from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.training.loop import train_model
 from experiment_io.training.retention import Retention
@@ -115,7 +115,7 @@ def setup_training(training_modules: TrainingModules, setup_params: SetupParams)
         raise ValueError("the evaluator evaluates another model than the one being trained")
     if params.stopping_key not in evaluator.metric_names and not (evaluator.joint is not None
                                                                   and not evaluator.joint_names):
-        raise _SetupKeyError(
+        raise UnknownNameError(
             f"stopping_key {params.stopping_key!r} is not one of the evaluator's losses "
             f"{sorted(evaluator.metric_names)}"
         )

@@ -16,14 +16,16 @@ recorded, and is version 1) and refuses a newer one with an
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import socket
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from experiment_io.errors import IncompatibleCheckpointError, SetupError
+from experiment_io.errors import CheckpointWriteError, IncompatibleCheckpointError, SetupError
 from experiment_io.format import codec as fmt
 from experiment_io.frontends.own_loop import USER_KIND
 from experiment_io.frontends.verified_loading import verified_load
@@ -37,7 +39,9 @@ from experiment_io.version import __version__
 
 __all__ = ["BLOCK_NAME", "STATE_NAME", "PROGRESS_NAME", "BACKUP_NAME", "CACHE_PREFIX", "RECORD_VERSION", "VERSION_KEY",
            "Records", "is_id", "check_id", "cache_file", "is_cache_file", "cached_names", "record_write",
-           "payload_write", "checked", "read_record", "check_pair", "remove_tree"]
+           "payload_write", "checked", "read_record", "check_pair", "remove_tree", "sweep_deletions"]
+
+log = logging.getLogger(__name__)
 
 BLOCK_NAME = "block.pt"
 STATE_NAME = "state.pt"
@@ -146,13 +150,52 @@ def check_pair(record: Mapping[str, Any], states: Mapping[str, Any], where: str)
             "(one of them fell back to an older generation); re-run its block after deleting it")
 
 
+#: A folder being removed: ``.deleting-<id>-<pid>`` (and ``@<host>`` since the host is recorded).
+_DELETING = re.compile(r"\.deleting-(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,99})-(?P<pid>[0-9]+)(?:@(?P<host>[^/@]+))?")
+
+
 def remove_tree(directory: str) -> None:
-    """Remove ``directory``: renamed aside first (one atomic step), then removed, then its parent synced."""
+    """Remove ``directory``: renamed aside first (one atomic step: from then on it is gone for every reader),
+    then its parent synced, then removed. A removal killed midway leaves the folder aside, which
+    :func:`sweep_deletions` removes later."""
     parent = os.path.dirname(directory)
-    aside = os.path.join(parent, f".deleting-{os.path.basename(directory)}-{os.getpid()}")
+    aside = os.path.join(parent, f".deleting-{os.path.basename(directory)}-{os.getpid()}@{socket.gethostname()}")
     os.replace(directory, aside)
     storage.fsync_directory(parent)
-    shutil.rmtree(aside)
+    shutil.rmtree(aside, ignore_errors=True)  # another process sweeping it at the same time removes the rest
+    if os.path.lexists(aside):
+        shutil.rmtree(aside)  # what is left, with its error
+
+
+def sweep_deletions(parent: str) -> list[str]:
+    """Remove the folders that removals killed midway left under ``parent`` (``.deleting-<id>-<pid>@<host>``: the
+    library's own, named so when their removal began) whose process no longer runs on this host.
+
+    A folder of another host's removal is left alone (that process may still run); so is anything of another
+    name, or a link.
+
+    :return: the names removed.
+    """
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    host, removed = socket.gethostname(), []
+    for name in names:
+        match = _DELETING.fullmatch(name)
+        path = os.path.join(parent, name)
+        if match is None or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        pid = int(match["pid"])
+        if (match["host"] or host) != host or (pid != os.getpid() and storage.pid_alive(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(name)
+    if removed:
+        log.info("removed %d folder(s) of removals that were killed midway in %s: %s", len(removed), parent,
+                 ", ".join(removed))
+    return removed
 
 
 class Records:
@@ -168,27 +211,56 @@ class Records:
     def __init__(self, directory: str):
         self.directory = directory
         self._places: dict[str, RunDirectory] = {}
+        sweep_deletions(directory)
 
     def path(self, cp_id: str) -> str:
         """The directory of checkpoint ``cp_id``."""
         return os.path.join(self.directory, cp_id)
 
+    def is_link(self, cp_id: str) -> bool:
+        """Whether the place of checkpoint ``cp_id`` is a link (the library never makes one: it is read and
+        written as if absent, see :meth:`_place`)."""
+        return os.path.islink(self.path(cp_id))
+
     def _place(self, cp_id):
+        """The run directory of checkpoint ``cp_id``.
+
+        :raises CheckpointWriteError: when a link is in its place: reading or writing through it would reach
+            files outside the model's directory.
+        """
+        if self.is_link(cp_id):
+            raise CheckpointWriteError(
+                f"{self.path(cp_id)} is a link (to {os.readlink(self.path(cp_id))}), not a checkpoint folder of "
+                "experiment_io.lineage, which makes its folders itself: nothing is read or written through it. "
+                f"Remove the link ({self.path(cp_id)}) to use checkpoint {cp_id}.")
         place = self._places.get(cp_id)
         if place is None or not os.path.isdir(place.location):
             place = self._places[cp_id] = RunDirectory(self.path(cp_id))
         return place
 
     def on_disk(self) -> list[str]:
-        """The names of the checkpoint directories under the model's directory (in no particular order)."""
+        """The names of the checkpoint directories under the model's directory (in no particular order; links
+        and folders being removed are not checkpoints)."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        return [n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(self.directory, n))]
+        found = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            if os.path.islink(path):
+                log.warning("%s is a link, not a checkpoint folder of experiment_io.lineage: left out", path)
+                continue
+            found.append(name)
+        return found
 
     def manifest(self, cp_id: str) -> dict[str, dict[str, Any]]:
-        """The records of the committed files of checkpoint ``cp_id``, read from its manifest (``{}``: none)."""
+        """The records of the committed files of checkpoint ``cp_id``, read from its manifest (``{}``: none, or a
+        link in its place)."""
+        if self.is_link(cp_id):
+            return {}
         manifest = read_manifest(self.path(cp_id))
         return manifest[1] if manifest else {}
 
@@ -237,8 +309,11 @@ class Records:
         return self._place(cp_id).lock()
 
     def remove(self, cp_id: str) -> None:
-        """Remove checkpoint ``cp_id`` with every file in it."""
-        remove_tree(self.path(cp_id))
+        """Remove checkpoint ``cp_id`` with every file in it (a link in its place: the link, not what it points to)."""
+        if self.is_link(cp_id):
+            os.unlink(self.path(cp_id))
+        else:
+            remove_tree(self.path(cp_id))
         self._places.pop(cp_id, None)
 
     def remove_all(self) -> None:
