@@ -161,7 +161,7 @@ class CheckpointBlock:
             lines = "; ".join(f"{c}: {stored.describe(c)} on disk, {recipe.describe(c)} now" for c in differs)
             raise IncompatibleCheckpointError(
                 f"{self._where} was trained with another set-up ({lines}). Its saved states do not fit the new "
-                f"components; delete the checkpoint first to train it anew: model.delete_checkpoint({self.id!r})")
+                f"components; delete the checkpoint first to train it anew: {self.model.deletion_hint(self.id)}")
 
     # ---------------------------------------------------------------- train
 
@@ -231,8 +231,8 @@ class CheckpointBlock:
         cached = record["results"][call]
         if cached["key"] != key:
             log.warning("%s: train() call %d was trained with %s; this run asks %s. The cached result is returned; "
-                        "delete the checkpoint to train it again: model.delete_checkpoint(%r)",
-                        self._where, call + 1, cached["key"], key, self.id)
+                        "delete the checkpoint to train it again: %s",
+                        self._where, call + 1, cached["key"], key, self.model.deletion_hint(self.id))
         if call == len(record["results"]) - 1 and not self._state_loaded:
             self._load_end_state()  # the code after the block's last cached call sees the model it left
         streams.restore(cached["rng"], train_dl, val_dl)

@@ -113,11 +113,10 @@ def parent_of(model: "Model", record: Optional[Mapping[str, Any]], cp_id: str, w
             f"{where} continued from "
             + ("the model as built" if record["parent"] is None else f"checkpoint {record['parent']}")
             + f", but the model now stands at {'no checkpoint' if parent is None else 'checkpoint ' + parent}. "
-            f"To read it back, {load}; to train it from here, delete it: model.delete_checkpoint({cp_id!r})")
+            f"To read it back, {load}; to train it from here, delete it: {model.deletion_hint(cp_id)}")
     if record is not None and record.get("parent_token") != model.current_token:
         raise IncompatibleCheckpointError(
             f"{where} continued from another state of checkpoint {parent}: that checkpoint was trained "
             f"again or extended since, or it is loaded another way now (from_backup=, load_schedulers=). "
-            f"Delete {where} to train it from the state the model stands at: "
-            f"model.delete_checkpoint({cp_id!r})")
+            f"Delete {where} to train it from the state the model stands at: {model.deletion_hint(cp_id)}")
     return parent, model.current_token

@@ -16,7 +16,7 @@ from experiment_io.format.names import qualified_name
 from experiment_io.frontends.lineage.blocks import CheckpointBlock
 from experiment_io.frontends.lineage.cache import Cache
 from experiment_io.frontends.lineage.holding import BUILT, Held, Holding
-from experiment_io.frontends.lineage.listing import blocks, tree
+from experiment_io.frontends.lineage.listing import blocks, descendants, tree
 from experiment_io.frontends.lineage.recipes import Classes, Recipe, build_components
 from experiment_io.frontends.lineage.records import BACKUP_NAME, STATE_NAME, Records, check_id, check_pair
 
@@ -166,7 +166,7 @@ class Model:
             raise IncompatibleCheckpointError(
                 f"{where} was trained with another model architecture (its layers, shapes or dtypes differ from this "
                 f"model's). Build the model as it was, or delete the checkpoint to train it anew: "
-                f"model.delete_checkpoint({record['id']!r})")
+                f"{self.deletion_hint(str(record.get('id')))}")
 
     def detached(self) -> "Model":
         """A copy with a module of its own, to load another checkpoint into without changing this model (its
@@ -255,10 +255,32 @@ class Model:
         log.info("model %s now at checkpoint %s%s (epoch %d)", self.id, cp_id, " (backup)" if from_backup else "",
                  self.epoch)
 
-    def delete_checkpoint(self, id: Union[int, str]) -> None:
-        """Delete checkpoint ``id`` with its cache (checkpoints that continued from it keep their own files)."""
+    def descendants(self, id: Union[int, str]) -> list[str]:
+        """The ids of the checkpoints that continued from checkpoint ``id``, directly or through others (nearest
+        first): those a changed set-up of ``id`` makes stale too."""
+        return descendants(self.directory, check_id(id, "a checkpoint's id"))
+
+    def deletion_hint(self, cp_id: str) -> str:
+        """How to delete checkpoint ``cp_id`` to train it anew, naming the checkpoints that continued from it (they
+        would fail next, one by one)."""
+        after = self.descendants(cp_id)
+        if not after:
+            return f"model.delete_checkpoint({cp_id!r})"
+        return (f"model.delete_checkpoint({cp_id!r}, descendants=True), which also deletes the {len(after)} "
+                f"checkpoint(s) that continued from it: {', '.join(after)}")
+
+    def delete_checkpoint(self, id: Union[int, str], *, descendants: bool = False) -> None:
+        """Delete checkpoint ``id`` with its cache.
+
+        :param descendants: also delete every checkpoint that continued from it,
+            directly or through others (:meth:`descendants`), the farthest first;
+            without it they keep their own files.
+        """
         cp_id = check_id(id, "a checkpoint's id")
-        if not os.path.isdir(self.records.path(cp_id)):
+        if descendants:
+            for other in reversed(self.descendants(cp_id)):
+                self.delete_checkpoint(other)
+        if not os.path.lexists(self.records.path(cp_id)):
             log.info("checkpoint %s of model %s does not exist; nothing to delete", cp_id, self.id)
             return
         self.records.remove(cp_id)
