@@ -360,3 +360,43 @@ def test_a_run_killed_during_its_first_save_starts_again(tmp_path, async_save, s
     assert check["controller"].current_epoch == 2
     aside = [n for n in os.listdir(tmp_path) if n.startswith(LAST_NAME + ".orphan-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == leftover  # nothing is lost
+
+
+KILLED_IN_FIRST_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from helpers import make_database, make_training_modules
+from experiment_io import SetupParams, setup_training, train_model
+from experiment_io.storage import atomic as storage
+
+def kill(at, path):
+    if at == "file_saved" and os.path.basename(path) == "last_checkpoint.pt":
+        os.kill(os.getpid(), signal.SIGKILL)  # after the rename into place, before the manifest's commit
+
+tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,
+                                                                              max_epochs=2))
+with storage.observe_write_steps(kill):
+    train_model(tm, make_database(), controller, tracker, None, None, quiet=True, directory={run!r})
+"""
+
+
+def test_files_of_saves_killed_before_their_commit_are_kept_bounded(tmp_path):
+    """Every SIGKILL between a first save's renames and its commit leaves files no manifest records; the next
+    start sets them aside, and only the newest few per name are kept, each removal said."""
+    import subprocess
+    import sys
+    from experiment_io.storage.writer import ORPHANS_KEPT
+
+    code = KILLED_IN_FIRST_SAVE.format(tests=os.path.dirname(os.path.abspath(__file__)), run=str(tmp_path))
+    outputs = []
+    for _ in range(ORPHANS_KEPT + 2):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -9, proc.stderr[-2000:]
+        outputs.append(proc.stderr)
+    aside = sorted(n for n in os.listdir(tmp_path) if ".orphan-" in n)
+    by_name = {}
+    for name in aside:
+        by_name.setdefault(name.split(".orphan-")[0], []).append(name)
+    assert by_name and all(len(names) <= ORPHANS_KEPT for names in by_name.values())
+    assert any(len(names) == ORPHANS_KEPT for names in by_name.values())
+    assert any("removed" in out and "set aside earlier" in out for out in outputs)

@@ -15,9 +15,13 @@ from experiment_io.storage.generations import previous_name
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest, write_manifest
 
-__all__ = ["RunWriter"]
+__all__ = ["RunWriter", "ORPHANS_KEPT"]
 
 log = logging.getLogger(__name__)
+
+#: How many files that no save committed are kept (set aside as ``<name>.orphan-<time>-<pid>``) per file name.
+ORPHANS_KEPT = 3
+_ORPHAN = ".orphan-"
 
 
 class RunWriter:
@@ -161,13 +165,32 @@ class RunWriter:
         return bool(retired)
 
     def _set_aside(self, name):
-        """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name."""
+        """Keep a file that no record describes (a checkpoint whose record was lost?) under a new name; of the
+        files so kept for one name, the newest :data:`ORPHANS_KEPT` stay, older ones are removed (and said)."""
         for candidate in (name, previous_name(name)):
             if self.storage.stat(candidate) is not None:
-                aside = f"{candidate}.orphan-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                now = time.time_ns()  # to the nanosecond: names sort by time, also within one second
+                when = time.strftime('%Y%m%d-%H%M%S', time.localtime(now // 10**9)) + f".{now % 10**9:09d}"
+                aside = f"{candidate}{_ORPHAN}{when}-{os.getpid()}"
                 self.storage.move_aside(candidate, aside)
                 log.warning("%s has no manifest record: moved aside to %s before a new save takes its name",
                             self.path(candidate), aside)
+                self._bound_orphans(candidate)
+
+    def _bound_orphans(self, name):
+        """Remove the files set aside for ``name`` beyond the newest :data:`ORPHANS_KEPT` (the name sorts by time).
+
+        Such a file might be a checkpoint whose record was lost, so a few are kept; each of a run's kills between
+        a save's renames and its commit leaves one, and they are not kept without end."""
+        kept = sorted((n for n in self.storage.names() if n.startswith(name + _ORPHAN)), reverse=True)
+        for old in kept[ORPHANS_KEPT:]:
+            try:
+                self.storage.remove(old)
+            except OSError as e:
+                log.warning("could not remove %s: %s", self.path(old), e)
+                continue
+            log.warning("removed %s: a file no save committed, set aside earlier; the newest %d such files of %s "
+                        "are kept", self.path(old), ORPHANS_KEPT, name)
 
     def _identity(self, name):
         found = self.storage.stat(name)
