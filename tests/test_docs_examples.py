@@ -79,3 +79,39 @@ def test_the_readme_shows_the_start_and_restart_scripts():
     names = [name for name, _ in named_blocks("README.rst")]
     for expected in ("mynets.py", "train.py", "restart.py", "predict.py", "run.py"):
         assert expected in names
+
+
+def _history(directory):
+    """metrics.csv without its timings."""
+    lines = (directory / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [i for i, column in enumerate(header) if column != "time_s"]
+    return [[line.split(",")[i] for i in keep] for line in lines]
+
+
+def test_the_readme_s_seeded_scripts_show_that_an_interrupted_run_ends_as_an_uninterrupted_one(tmp_path):
+    """As the README says: Ctrl-C in train.py, run.py to finish; train.py uninterrupted elsewhere; same history."""
+    import signal
+    import torch
+
+    blocks = named_blocks("README.rst")
+    for name in ("interrupted", "uninterrupted"):
+        prepare(tmp_path / name, blocks)
+        write_data(tmp_path / name / "data.h5", n=40000)  # epochs long enough to be interrupted in
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([sys.executable, "train.py"], cwd=tmp_path / "interrupted", stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stderr:
+        if re.search(r"\bepoch 1\b", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    from experiment_io.storage.manifest import read_manifest
+    record = read_manifest(str(tmp_path / "interrupted"))[1]["last_checkpoint.pt"]
+    assert not record["finished"], "train.py ended before Ctrl-C reached it"
+    run("run.py", tmp_path / "interrupted")
+    run("train.py", tmp_path / "uninterrupted")
+    assert _history(tmp_path / "interrupted") == _history(tmp_path / "uninterrupted")
+    best = [torch.load(tmp_path / name / "best_model.pt", weights_only=True) for name in ("interrupted", "uninterrupted")]
+    assert best[0].keys() == best[1].keys() and all(torch.equal(best[0][k], best[1][k]) for k in best[0])
