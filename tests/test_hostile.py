@@ -425,16 +425,24 @@ from hypothesis import strategies as st  # noqa: E402
 
 from experiment_io.run.payloads import BEST_NAME, STRUCTURE_NAME
 from experiment_io.storage.manifest import MANIFEST_NAME
+from test_security import plant_structure
 
 TARGETS = [LAST_NAME, "last_checkpoint.prev.pt", BEST_NAME, BEST_MODEL_NAME, STRUCTURE_NAME, MANIFEST_NAME]
 ACTIONS = ["keep", "delete", "link outside", "link to /dev/zero", "fifo", "directory", "truncate", "garbage",
-           "link loop"]
+           "link loop", "gadget: a constructor", "gadget: growth"]
 ABSURD = [None, "24", [1], {"a": 1}, -5, 10**30, 1e300, float("nan"), "../x", "/dev/zero", True]
 
 
 def plant(directory, outside, name, action):
     path = directory / name
     if action == "keep":
+        return
+    if action.startswith("gadget"):  # whatever name was drawn: the structure file, vouched for by the manifest
+        from test_security import Doubling, Gadget
+        gadget = Gadget(torch.nn.Linear, 20000, 20000) if action == "gadget: a constructor" else Doubling(28)
+        if (directory / MANIFEST_NAME).is_file() and not (directory / MANIFEST_NAME).is_symlink():
+            with contextlib.suppress(ExperimentIOError, OSError, ValueError, KeyError):
+                plant_structure(directory, gadget)
         return
     if path.exists() or path.is_symlink():
         if path.is_dir() and not path.is_symlink():
