@@ -214,3 +214,15 @@ def test_to_hdf5_empty_tracker_and_overwrite(tmp_path):
         assert h5.attrs["best_epoch"] == -1
         assert h5["epochs"].shape == (0,)
     assert sorted(os.listdir(tmp_path)) == ["history.h5"]
+
+
+def test_stopping_values_of_some_epochs_equal_those_of_the_whole_history():
+    tracker = MetricTracker("mse")
+    values = [3.0, 2.0, float("nan"), 2.5, 1.0, 4.0]
+    for epoch, value in enumerate(values):
+        tracker.register_metrics(metrics(value), epoch)
+    whole = tracker.stopping_values()
+    for wanted in ([], [0], [5, 1], [2, 3, 4], [9, 0], range(6)):
+        part = tracker.stopping_values(wanted)
+        assert set(part) == set(wanted) & set(whole)
+        assert all(same(part[e], whole[e]) for e in part)

@@ -10,6 +10,7 @@ goes with, and the tracker is rebuilt from the state and that text
 (:meth:`~experiment_io.MetricTracker.from_state_dict`). A checkpoint written at every epoch then
 costs the same at epoch 10,000 as at epoch 10.
 """
+import bisect
 import csv
 import io
 import logging
@@ -70,10 +71,23 @@ class MetricTracker:
             return None
         return self.best_metric_values[self.stopping_split][self.stopping_key]
 
-    def stopping_values(self) -> dict:
-        """The stopping metric of every recorded epoch: ``{epoch: value}``."""
+    def stopping_values(self, epochs: Optional[Iterable[int]] = None) -> dict:
+        """The stopping metric of every recorded epoch, or of ``epochs`` only: ``{epoch: value}``.
+
+        :param epochs: the epochs wanted (an epoch not recorded is left out). The cost is then that of those
+            epochs, not of the whole history: a retention asks for the few epochs it keeps at every epoch.
+        """
         series = self.history.get(self.stopping_split, {}).get(self.stopping_key, [])
-        return dict(zip(self.epochs, series))
+        if epochs is None:
+            return dict(zip(self.epochs, series))
+        wanted, found = set(epochs), {}
+        for epoch in wanted:
+            row = bisect.bisect_left(self.epochs, epoch)  # epochs are recorded in increasing order
+            if row < len(self.epochs) and self.epochs[row] == epoch and row < len(series):
+                found[epoch] = series[row]
+            elif epoch in self.epochs:  # not in order (a tracker built by hand): the slow way
+                return {e: v for e, v in zip(self.epochs, series) if e in wanted}
+        return found
 
     def stopping_value(self, metric_info: dict) -> float:
         """Read the stopping metric from ``{split: {name: value}}``.

@@ -279,11 +279,11 @@ class RunCheckpointer:
         if retention is None:
             return epoch_files.keep, ((), None)
         tracker = self.metric_tracker
-        values = tracker.stopping_values()
         # a snapshot (one C-level copy): a save in flight in the background may be changing the records
         names = [name for name, record in list(self.writer.files.items())
                  if epoch_of(name) is not None and not is_retired(record)]
         existing = {epoch_of(name) for name in names} - {ended}
+        values = tracker.stopping_values(existing | {ended})  # the kept epochs only: no cost that grows with the run
         keep = epoch_files.keep and retention.keeps(ended, existing, values, tracker.larger_is_better)
         kept = retention.reasons(existing | ({ended} if keep else set()), values, tracker.larger_is_better)
         if keep:

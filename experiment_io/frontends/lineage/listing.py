@@ -42,7 +42,7 @@ def _summary(cp_id: str, record: Any) -> dict[str, Any]:
         result = entry.get("result") if isinstance(entry, dict) else None
         history = result.get("history") if isinstance(result, dict) else None
         epochs = history.get("epoch") if isinstance(history, dict) else None
-        if not isinstance(epochs, list):
+        if not isinstance(result, dict) or not isinstance(epochs, list):
             raise ValueError("a train() result without its epochs")
         calls.append({"epochs": len(epochs), "watch": _text(result.get("watch")) or "?",
                       "best_value": _number(result.get("best_value")), "best_epoch": result.get("best_epoch")})
