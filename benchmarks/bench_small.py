@@ -95,13 +95,14 @@ def checkpoint_cost(directory, reps, seed):
     return results, n_params, n_tensors, database
 
 
-def hand_written_loop(database, tm, controller, tracker, epochs, where):
+def hand_written_loop(database, tm, controller, tracker, epochs, where, first=0):
     """The same training written by hand, with hippynn's saves: at a better epoch, ``torch.save`` of the model's
-    state_dict and of a checkpoint dict (no fsync, no manifest, nothing at other epochs)."""
+    state_dict and of a checkpoint dict (no fsync, no manifest, nothing at other epochs). Epochs ``first`` to
+    ``first + epochs - 1``."""
     os.makedirs(where, exist_ok=True)
     model, loss_fn, evaluator = tm
     optimizer = controller.optimizer
-    for epoch in range(epochs):
+    for epoch in range(first, first + epochs):
         model.train()
         for inputs, targets in database.batches("train", controller.batch_size, order=database.epoch_order(epoch)):
             optimizer.zero_grad(set_to_none=True)

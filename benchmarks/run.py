@@ -25,9 +25,11 @@ import bench_load
 import bench_many
 import bench_memory
 import bench_save
+import bench_scaling
 import bench_small
 
-SECTIONS = {module.NAME: module for module in (bench_save, bench_async, bench_load, bench_small, bench_many, bench_memory)}
+SECTIONS = {module.NAME: module for module in (bench_save, bench_async, bench_load, bench_small, bench_many, bench_memory,
+                                               bench_scaling)}
 
 
 def parse(argv=None):
