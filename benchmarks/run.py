@@ -1,6 +1,6 @@
 """Benchmarks of experiment_io's saves and loads against plain torch and raw I/O.
 
-    python benchmarks/run.py            # full sizes (a few minutes)
+    python benchmarks/run.py            # full sizes (about 12 minutes)
     python benchmarks/run.py --quick    # small sizes (every section runs; not a measurement)
     python benchmarks/run.py --dir /scratch/me --reps 7 --only save,async --seed 3
 
