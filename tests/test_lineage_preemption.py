@@ -120,6 +120,13 @@ def test_a_signal_stops_the_call_at_the_next_batch_after_a_progress_save(tmp_pat
 
 
 def test_without_signals_a_signal_acts_as_before(tmp_path):
-    with pytest.raises(KeyboardInterrupt):  # Python's own SIGINT handler: no progress save at the batch
-        block(tmp_path, signalling(signal.SIGINT, 3), signals=())
+    # Python's own SIGINT handler, whatever this process inherited (a shell's background job starts with SIGINT
+    # ignored, and Python then installs none)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the handler the library found: no progress save at the batch
+            block(tmp_path, signalling(signal.SIGINT, 3), signals=())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert read_manifest(tmp_path / "net" / "1")[1][PROGRESS_NAME]["step"] == 0
