@@ -134,3 +134,12 @@ def test_every_checkpoint_damaged_names_the_intact_best_model(run):
     assert f"load_model_from_cwd(directory={str(run)!r})" in str(info.value)
     assert load_model_from_cwd(directory=str(run)) is not None  # the way on it names works
 
+
+
+def test_with_the_structure_file_damaged_too_the_best_model_is_not_offered(run):
+    for name in os.listdir(run):
+        if ("checkpoint" in name or "structure" in name) and name.endswith(".pt"):
+            flip_bit(run / name)
+    with pytest.raises(CorruptCheckpointError) as info:
+        load_checkpoint_from_cwd(directory=str(run), database=make_database())
+    assert "load_model_from_cwd" not in str(info.value) and "Ways on:" in str(info.value)

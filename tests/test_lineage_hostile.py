@@ -92,9 +92,12 @@ def test_folders_of_killed_removals_are_removed_and_others_kept(tmp_path):
     pid = int(dead.stdout)
     leftovers = [f".deleting-1-{pid}", f".deleting-2-{pid}@{os.uname().nodename}"]
     kept = [f".deleting-3-{pid}@another-host", ".deleting-of-the-user", f".deleting-4-{os.getpid() + 0}x"]
+    leftovers.append(f".deleting-5-{10**30}")  # a pid no kernel gives: no such process, and no crash
     for name in leftovers + kept:
         shutil.copytree(model_dir / "1", model_dir / name)
-    Records(str(model_dir))
+    tree(model_dir)  # a listing only reads
+    assert set(leftovers) <= set(os.listdir(model_dir))
+    Model("net", torch.nn.Linear(2, 2), root=tmp_path, quiet=True)  # a model used to train sweeps
     names = set(os.listdir(model_dir))
     assert not names & set(leftovers) and set(kept) <= names and "1" in names
 
@@ -122,3 +125,20 @@ def test_a_changed_set_up_names_every_stale_checkpoint_and_one_call_deletes_them
     assert model.checkpoints() == []
     chain(0.05)
     assert model.checkpoints() == ["1", "2", "3"]
+
+
+def test_descendants_are_found_through_a_checkpoint_whose_record_is_lost(tmp_path):
+    model_dir = tmp_path / "net"
+    forge(model_dir, "2", good("2", "1", 2.0))  # checkpoint 1's own record is gone
+    forge(model_dir, "3", good("3", "2", 3.0))
+    assert descendants(model_dir, "1") == ["2", "3"]
+
+
+def test_the_lineage_command_escapes_what_the_records_say(tmp_path, capsys):
+    model_dir = tmp_path / "net"
+    record = good("1", None, 1.0)
+    record["description"] = "fine\n└── 9 (forged line)\x1b[2J"
+    forge(model_dir, "1", record)
+    assert cli_main(["lineage", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and not any(line.startswith("└── 9") for line in out.splitlines())

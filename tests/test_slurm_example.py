@@ -168,8 +168,12 @@ def test_job_script_asks_the_run_when_the_exit_status_does_not_say(tmp_path, lau
         assert requeues == ["requeue 4242"] and status == 0
 
 
-def test_job_script_does_not_requeue_a_failure_after_a_signal_without_a_checkpoint(tmp_path):
-    status, output, requeues = run_job_script(tmp_path, signal_name="USR1", slurm=True, signal_exit=1, run_status=1)
+@pytest.mark.parametrize("run_status", [1, 4])
+def test_job_script_does_not_requeue_a_failure_after_a_signal(tmp_path, run_status):
+    """No intact checkpoint (1), or a run that did not stop on the signal although python was running (4: a crash
+    after the signal, a final save that failed): a failure, not a preemption."""
+    status, output, requeues = run_job_script(tmp_path, signal_name="USR1", slurm=True, signal_exit=1,
+                                              run_status=run_status)
     assert requeues == [] and status == 1 and "train.py failed with exit status 1" in output
 
 

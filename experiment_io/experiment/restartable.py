@@ -147,10 +147,12 @@ def data_file_of(descriptor: dict, run_directory: Optional[str] = None,
             log.warning("the database reads %s (data_file=), not %s where the run was trained on it", chosen, recorded)
         return chosen
     relative = descriptor.get("run_relative_path")
+    outside = not isinstance(relative, str) or os.path.normpath(relative) == os.pardir or \
+        os.path.normpath(relative).startswith(os.pardir + os.sep)
     candidates = []
     if run_directory is not None and isinstance(relative, str):
         inside = os.path.normpath(os.path.join(run_directory, relative))
-        if not relative.startswith(os.pardir):  # kept inside the run directory: it travels with the run
+        if not outside:  # kept inside the run directory: it travels with the run
             candidates.append(inside)
         candidates.append(recorded)
         candidates.append(inside)
@@ -163,7 +165,7 @@ def data_file_of(descriptor: dict, run_directory: Optional[str] = None,
             if path != recorded:
                 log.warning("the run was trained on %s; the restart reads %s instead (the data file %s with the run "
                             "directory). Pass data_file=<path> to the load function to read another.", recorded, path,
-                            "kept" if relative and not relative.startswith(os.pardir) else "found")
+                            "kept" if not outside else "found")
             return path
     return recorded
 

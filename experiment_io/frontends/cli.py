@@ -28,6 +28,7 @@ Every name taken from the run directory is printed with its control characters
 escaped.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -211,8 +212,10 @@ def _newest_tracker(run):
     """The metric tracker of the newest intact checkpoint, its path, and why it is not the committed last one
     (``None`` when it is)."""
     verifier = run.verifier()
+    last_problems: list = []
     for name in (LAST_NAME, BEST_NAME):
         generations, problems = Search(verifier, [name]).all()
+        last_problems = problems if name == LAST_NAME else last_problems
         if generations:
             path, record = generations[0]
             with verified_source(path, verifier) as source:  # the very file that was verified
@@ -221,8 +224,9 @@ def _newest_tracker(run):
             fmt.check_payload(state, path, ("checkpoint",))
             older = None
             if name != LAST_NAME or record is not verifier.files.get(LAST_NAME):
-                older = (f"the committed {LAST_NAME} does not verify ({'; '.join(problems) or 'missing'}); this is the "
-                         f"history of {os.path.basename(path)} (step {record.get('step', '?')}), which may lack the "
+                why = "; ".join(last_problems) or "missing"
+                older = (f"the committed {LAST_NAME} does not verify ({why}); this is the history of "
+                         f"{os.path.basename(path)} (step {record.get('step', '?')}), which may lack the "
                          "newest epochs. experiment-io verify lists what is damaged.")
             return restore_tracker(state, run.storage, path), path, older
     raise ExperimentIOError(f"{run.location} holds no intact checkpoint")
@@ -237,7 +241,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"metric history of {len(tracker.epochs)} epochs from {shown(path)} written to {args.hdf5}")
         return ROLLED_BACK if older else 0
     columns = [(split, name) for split, values in tracker.history.items() for name in values]
-    print("epoch " + " ".join(f"{split + '/' + name:>14}" for split, name in columns))
+    print("epoch " + " ".join(f"{shown(split + '/' + name):>14}" for split, name in columns))
     for row, epoch in enumerate(tracker.epochs):
         marker = " *" if epoch == tracker.best_epoch else ""
         print(f"{epoch:5d} " + " ".join(f"{tracker.history[s][n][row]:14.6g}" for s, n in columns) + marker)
@@ -269,13 +273,14 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"error: {args.directory} is not a directory", file=sys.stderr)
         return 1
     text = tree(args.directory)
-    print(text)
+    for line in text.splitlines():
+        print(shown(line))
     if text.endswith("(no checkpoints)"):
         models = sorted(n for n in os.listdir(args.directory) if os.path.isdir(os.path.join(args.directory, n))
                         and not n.startswith("."))
         if models:
-            print(f"{args.directory} looks like the root of several models; give one of them: "
-                  + ", ".join(os.path.join(args.directory, m) for m in models[:5]))
+            print(f"{shown(args.directory)} looks like the root of several models; give one of them: "
+                  + ", ".join(shown(os.path.join(args.directory, m)) for m in models[:5]))
     return 0
 
 
@@ -348,12 +353,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
     except BrokenPipeError:  # the reader went away (verify . | head): stop quietly, as other tools do
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # stdout without a descriptor: nothing to do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE
     except ExperimentIOError as e:
-        print(f"error: {shown(e)}", file=sys.stderr)
+        print("error: " + "\n".join(shown(line) for line in str(e).splitlines()), file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - a command line ends in a message, never in a traceback
-        print(f"error: {type(e).__name__}: {shown(e)}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: " + "\n".join(shown(line) for line in str(e).splitlines()),
+              file=sys.stderr)
         return 1

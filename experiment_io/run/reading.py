@@ -268,10 +268,10 @@ def with_remedy(error: CorruptCheckpointError, directory: Union[RunStorage, str,
     """``error`` (no intact checkpoint) with the way on: the best model, when it is intact and was not asked for."""
     if BEST_MODEL_NAME in roles or "\nWays on:" in str(error):
         return error
-    try:
+    try:  # load_model_from_cwd needs the best model and the structure file
         verifier = run_verifier(directory)
-        intact = bool(Search(verifier, [BEST_MODEL_NAME]).all()[0])
-    except (CorruptCheckpointError, CheckpointNotFoundError):
+        intact = all(Search(verifier, [name]).all()[0] for name in (BEST_MODEL_NAME, STRUCTURE_NAME))
+    except Exception:  # noqa: BLE001 - the remedy is a hint: the error it adds to is the one to raise
         intact = False
     where = verifier.directory if intact else as_storage(directory).location
     if intact:

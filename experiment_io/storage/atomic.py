@@ -306,9 +306,11 @@ def is_temporary(name: str) -> bool:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` runs on this machine (one of another user counts)."""
+    if not 0 < pid < 2**22:  # beyond any pid a kernel gives (a name forged with a huge number): no such process
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

@@ -170,7 +170,8 @@ class RunWriter:
         for candidate in (name, previous_name(name)):
             if self.storage.stat(candidate) is not None:
                 now = time.time_ns()  # to the nanosecond: names sort by time, also within one second
-                when = time.strftime('%Y%m%d-%H%M%S', time.localtime(now // 10**9)) + f".{now % 10**9:09d}"
+                # in UTC: a change of the local clock (daylight saving) keeps the order
+                when = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now // 10**9)) + f".{now % 10**9:09d}"
                 aside = f"{candidate}{_ORPHAN}{when}-{os.getpid()}"
                 self.storage.move_aside(candidate, aside)
                 log.warning("%s has no manifest record: moved aside to %s before a new save takes its name",

@@ -76,7 +76,7 @@ class CheckpointBlock:
         model = self.model
         record = self._record = model.records.block(self.id)
         if record is not None:
-            model.check_fingerprint(record, self._where)
+            model.check_fingerprint(record, self._where, self.id)
         self._entered_midway = model.holding.midway_in(self.id)
         self._parent, self._parent_token = parent_of(model, record, self.id, self._where)
         self._recipe = Recipe.of(model.recipe)

@@ -8,11 +8,13 @@ a chain of thousands of parents or a loop of parents is shown, not followed.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
 from typing import Any, Optional
 
+from experiment_io.frontends.describe import shown
 from experiment_io.frontends.lineage.records import BLOCK_NAME, Records, cached_names
 
 __all__ = ["blocks", "tree", "descendants"]
@@ -88,16 +90,17 @@ def _label(record):
         best = f"{last['best_value']:.4g}" if last["best_value"] is not None and math.isfinite(last["best_value"]) \
             else "?"
         parts.append(f"{len(calls)} train call{'s' if len(calls) > 1 else ''}, {sum(c['epochs'] for c in calls)} "
-                     f"epochs to epoch {record['epoch']}, best {last['watch']} {best} at epoch {last['best_epoch']}")
+                     f"epochs to epoch {record['epoch']}, best {shown(last['watch'])} {best} at epoch "
+                     f"{shown(last['best_epoch'])}")
     else:
         parts.append("no training")
     if record["cached"]:
-        parts.append("cached: " + ", ".join(record["cached"]))
+        parts.append("cached: " + ", ".join(shown(name) for name in record["cached"]))
     if not record["complete"]:
         parts.append("UNFINISHED")
-    text = record["id"]
+    text = shown(record["id"])
     if record["description"]:
-        text += f" \"{record['description']}\""
+        text += f" \"{shown(record['description'])}\""
     return text + " (" + "; ".join(parts) + ")"
 
 
@@ -111,11 +114,14 @@ def _children(records):
 
 
 def descendants(directory: "str | os.PathLike", cp_id: str) -> list[str]:
-    """The ids of the checkpoints that continued from ``cp_id``, directly or through others (nearest first)."""
-    children = _children(blocks(directory))
-    found, queue, seen = [], [cp_id], {cp_id}
+    """The ids of the checkpoints that continued from ``cp_id``, directly or through others (nearest first); found
+    by the parent each record names, also where ``cp_id`` itself or a checkpoint between cannot be read."""
+    children: dict[Optional[str], list[dict]] = {}
+    for record in blocks(directory):
+        children.setdefault(record["parent"], []).append(record)
+    found, queue, seen = [], collections.deque([cp_id]), {cp_id}
     while queue:
-        for child in children.get(queue.pop(0), []):
+        for child in children.get(queue.popleft(), []):
             if child["id"] not in seen:
                 seen.add(child["id"])
                 found.append(child["id"])
@@ -132,10 +138,11 @@ def tree(directory: "str | os.PathLike", title: Optional[str] = None) -> str:
     if title is None:
         described = [r["model_description"] for r in records if r["model_description"]]
         title = os.path.basename(os.path.abspath(directory)) + (f": {described[-1]}" if described else "")
+    title = shown(title)
     lines = [title]
     if not records:
         lines.append("  (no checkpoints)")
-    shown: set[str] = set()
+    done: set[str] = set()
     roots = list(children.get(None, []))
     # records on a loop of parents are reached from no root: each loop is shown from its oldest record
     root_ids = {r["id"] for r in roots}
@@ -144,17 +151,17 @@ def tree(directory: "str | os.PathLike", title: Optional[str] = None) -> str:
     while stack or unreached:
         if not stack:
             record = unreached.pop(0)
-            if record["id"] in shown:
+            if record["id"] in done:
                 continue
-            stack.append((record, "", True, f" [its parents loop back to {record['parent']}]"))
+            stack.append((record, "", True, f" [its parents loop back to {shown(record['parent'])}]"))
         record, prefix, last, note = stack.pop()
-        if record["id"] in shown:
+        if record["id"] in done:
             continue
-        shown.add(record["id"])
+        done.add(record["id"])
         if not note and record["parent"] is not None and record["parent"] not in ids:
-            note = f" [parent {record['parent']} deleted]"
+            note = f" [parent {shown(record['parent'])} deleted]"
         lines.append(prefix + ("└── " if last else "├── ") + _label(record) + note)
-        kids = [k for k in children.get(record["id"], []) if k["id"] not in shown]
+        kids = [k for k in children.get(record["id"], []) if k["id"] not in done]
         for i, kid in reversed(list(enumerate(kids))):
             stack.append((kid, prefix + ("    " if last else "│   "), i == len(kids) - 1, ""))
     return "\n".join(lines)

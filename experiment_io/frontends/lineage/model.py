@@ -68,7 +68,7 @@ class Model:
         self.epoch = 0
         self.step = 0
         #: the files of the model's checkpoints
-        self.records = Records(self.directory)
+        self.records = Records(self.directory, sweep=True)
         #: the classes the recipes name
         self.classes = Classes()
         self._holding = BUILT
@@ -157,7 +157,7 @@ class Model:
                   else f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in self.model.state_dict().items()]
         return xxhash.xxh3_64("\n".join(parts).encode()).hexdigest()
 
-    def check_fingerprint(self, record: Mapping[str, Any], where: str) -> None:
+    def check_fingerprint(self, record: Mapping[str, Any], where: str, cp_id: str) -> None:
         """Refuse the block record of a checkpoint trained with another architecture.
 
         :raises IncompatibleCheckpointError: naming the fix.
@@ -166,7 +166,7 @@ class Model:
             raise IncompatibleCheckpointError(
                 f"{where} was trained with another model architecture (its layers, shapes or dtypes differ from this "
                 f"model's). Build the model as it was, or delete the checkpoint to train it anew: "
-                f"{self.deletion_hint(str(record.get('id')))}")
+                f"{self.deletion_hint(cp_id)}")
 
     def detached(self) -> "Model":
         """A copy with a module of its own, to load another checkpoint into without changing this model (its
@@ -224,7 +224,7 @@ class Model:
                 f"checkpoint {cp_id} of model {self.id} never ran to its end (its block was interrupted): re-run "
                 f"its block to finish it, or model.delete_checkpoint({cp_id!r})")
         where = f"checkpoint {cp_id} of model {self.id}"
-        self.check_fingerprint(record, where)
+        self.check_fingerprint(record, where, cp_id)
         self.build_components(Recipe.of(record["recipe"]), where)
         built_lrs: list[tuple[Any, Any]] = (
             [(group.get("lr"), group.get("initial_lr")) for group in self.optimizer.param_groups]

@@ -206,12 +206,15 @@ class Records:
     was removed meanwhile).
 
     :param directory: the model's directory, ``<root>/<model id>``.
+    :param sweep: remove what removals killed midway left there (:func:`sweep_deletions`); a model that is used
+        to train does, a listing (which only reads) does not.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, sweep: bool = False):
         self.directory = directory
         self._places: dict[str, RunDirectory] = {}
-        sweep_deletions(directory)
+        if sweep:
+            sweep_deletions(directory)
 
     def path(self, cp_id: str) -> str:
         """The directory of checkpoint ``cp_id``."""
