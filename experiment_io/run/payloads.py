@@ -199,8 +199,7 @@ def _tensor_bytes(obj):
     return 0
 
 
-def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
-                  extra: Optional[Mapping[str, tuple[bytes, dict[str, Any]]]] = None, retire: Sequence[str] = (),
+def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]], retire: Sequence[str] = (),
                   kept: Optional[Mapping[str, str]] = None,
                   appended: Optional[Mapping[str, tuple[Any, dict[str, Any]]]] = None) -> "dict[str, FileRecord]":
     """Write payloads through ``writer`` (a :class:`~experiment_io.storage.writer.RunWriter`) and commit them.
@@ -210,7 +209,6 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
 
     :param payloads: ``{file name: payload dict}``; the plain fields of each
         payload's header (kind, step, epochs done...) go into the file's record.
-    :param extra: ``{file name: (bytes, fields)}``: further files committed with the same save.
     :param retire: files removed once the save has committed, and
     :param kept: why files are kept (see :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
     :param appended: files that only grow, committed as far as they go (see
@@ -231,8 +229,6 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]],
             writes[name] = (lambda f, data=serialized[id(payload)]: f.write(data), fields)
         else:
             writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
-    for name, (data, fields) in (extra or {}).items():
-        writes[name] = (lambda f, d=data: f.write(d), fields)
     return writer.save_files(writes, retire, kept, appended)
 
 

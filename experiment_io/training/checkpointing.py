@@ -239,22 +239,21 @@ class RunCheckpointer:
                 files[epoch_checkpoint_name(ended)] = payload
                 files[epoch_model_name(ended)] = model_file
         # the history as far as this save goes, committed with it
-        extra = None
         appended = {METRICS_CSV_NAME: (self.history, history, {"kind": "metrics", "rows": self._history_rows})}
         if self.background is not None and _tensor_bytes(payload) < ASYNC_MIN_BYTES:
             # a small save is quicker written here than handed over: the background thread would compete with
             # training for the interpreter for longer than the write takes
             self.background.wait()
-            save_payloads(self.writer, files, extra, *retention, appended)
+            save_payloads(self.writer, files, *retention, appended)
             log.debug("saved %s (small: written synchronously)", ", ".join(files))
         elif self.background is not None:
             self.background.submit(files,
-                                   lambda staged: save_payloads(self.writer, staged, extra, *retention, appended),
+                                   lambda staged: save_payloads(self.writer, staged, *retention, appended),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
-            save_payloads(self.writer, files, extra, *retention, appended)
+            save_payloads(self.writer, files, *retention, appended)
             log.debug("saved %s", ", ".join(files))
 
     def _append_history(self):
