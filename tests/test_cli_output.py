@@ -90,6 +90,7 @@ def test_status_of_a_finished_run_of_a_crashed_one_and_of_none(run, tmp_path, ca
     assert main(["status", str(run)]) == PREEMPTED_EXIT_CODE
     (tmp_path / "empty").mkdir()
     assert main(["status", str(tmp_path / "empty")]) == NOT_FINISHED
+    assert main(["status", str(tmp_path / "mistyped")]) == 1  # an error, never "not started: requeue me"
     for name in os.listdir(run):
         if name.endswith(".pt") and "checkpoint" in name:
             flip_bit(run / name)

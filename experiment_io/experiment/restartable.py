@@ -132,8 +132,10 @@ def data_file_of(descriptor: dict, run_directory: Optional[str] = None,
 
     In this order: ``data_file`` (the user's word); a data file kept inside the run
     directory, found relative to where the run is now (a run copied or moved with its
-    data reads its own copy); the recorded absolute path; a file of the same name in
-    the run directory. A choice other than the recorded path is logged at WARNING.
+    data reads its own copy); the recorded absolute path; the recorded path relative
+    to the run, from where the run is now (a project moved as a whole); a file of the
+    same name in the run directory. A choice other than the recorded path is logged at
+    WARNING.
 
     :return: the path, or ``None`` for a descriptor without a data file.
     """
@@ -147,25 +149,21 @@ def data_file_of(descriptor: dict, run_directory: Optional[str] = None,
             log.warning("the database reads %s (data_file=), not %s where the run was trained on it", chosen, recorded)
         return chosen
     relative = descriptor.get("run_relative_path")
-    outside = not isinstance(relative, str) or os.path.normpath(relative) == os.pardir or \
-        os.path.normpath(relative).startswith(os.pardir + os.sep)
-    candidates = []
+    inside = beside = None
+    kept = False  # a data file kept inside the run directory travels with the run
     if run_directory is not None and isinstance(relative, str):
         inside = os.path.normpath(os.path.join(run_directory, relative))
-        if not outside:  # kept inside the run directory: it travels with the run
-            candidates.append(inside)
-        candidates.append(recorded)
-        candidates.append(inside)
-    else:
-        candidates.append(recorded)
+        up = os.path.normpath(relative)
+        kept = up != os.pardir and not up.startswith(os.pardir + os.sep)
     if run_directory is not None and isinstance(recorded, str):
-        candidates.append(os.path.join(run_directory, os.path.basename(recorded)))
+        beside = os.path.join(run_directory, os.path.basename(recorded))
+    candidates = [inside if kept else None, recorded, inside, beside]
     for path in dict.fromkeys(c for c in candidates if isinstance(c, str)):
         if os.path.isfile(path):
             if path != recorded:
                 log.warning("the run was trained on %s; the restart reads %s instead (the data file %s with the run "
                             "directory). Pass data_file=<path> to the load function to read another.", recorded, path,
-                            "kept" if not outside else "found")
+                            "kept" if kept else "found")
             return path
     return recorded
 

@@ -42,13 +42,13 @@ from experiment_io.errors import CheckpointNotFoundError, ExperimentIOError
 from experiment_io.training.preemption import PREEMPTED_EXIT_CODE
 from experiment_io.storage.generations import Search, base_name, is_previous_name, previous_name
 from experiment_io.run.payloads import (BEST_NAME, LAST_NAME, run_status)
-from experiment_io.run.reading import restore_tracker, verified_source
+from experiment_io.run.reading import restore_tracker, run_verifier, verified_source
 from experiment_io.storage.run_directory import RunDirectory
 from experiment_io.storage.verification import check_archive
 from experiment_io.frontends.export import cmd_export
 from experiment_io.frontends.describe import EPOCH_LEGEND, epoch_of_record, provenance_line, shown, what, when
 from experiment_io.version import __version__
-from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
+from experiment_io.storage.manifest import MANIFEST_NAME
 
 __all__ = ["main", "ROLLED_BACK", "BROKEN_PIPE", "NOT_FINISHED"]
 
@@ -62,10 +62,6 @@ BROKEN_PIPE = 141
 NOT_FINISHED = 4
 
 
-def _manifest(run):
-    return run.verifier().files
-
-
 def _roles(files):
     """The file names of a run without their previous generations, in a stable order."""
     return sorted({base_name(name) for name in files})
@@ -73,7 +69,7 @@ def _roles(files):
 
 def cmd_info(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
-    files = _manifest(run)
+    files = run_verifier(run.storage).files
     print(f"run directory {shown(run.location)}")
     status = run_status(files)
     print(f"run: {shown(status.describe())}" if status is not None else "run: no checkpoint committed yet")
@@ -91,13 +87,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Where the run stands, as an exit status a job script can act on (see :data:`STATUS_CODES`)."""
+    """Where the run stands, as an exit status a job script can act on: 0, :data:`PREEMPTED_EXIT_CODE`,
+    :data:`NOT_FINISHED` or 1 (an error)."""
     run = RunDirectory(args.directory)
-    if read_manifest(run.storage) is None:
-        print(f"{shown(run.location)}: no checkpoint yet (not started, or stopped before its first save)")
-        return NOT_FINISHED
+    if not run.exists():  # a mistyped path is an error, not a run that has not started
+        raise CheckpointNotFoundError(f"run directory {run.location} does not exist")
     try:
-        pick = Search(run.verifier(), [LAST_NAME, BEST_NAME], newest_first=True).first()
+        pick = Search(run_verifier(run.storage), [LAST_NAME, BEST_NAME], newest_first=True).first()
     except CheckpointNotFoundError:
         print(f"{shown(run.location)}: no checkpoint yet (not started, or stopped before its first save)")
         return NOT_FINISHED
@@ -120,7 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
-    verifier = run.verifier()
+    verifier = run_verifier(run.storage)
     files = verifier.files
     failures = rollbacks = 0
     for name in sorted(verifier.retired):
@@ -172,7 +168,7 @@ def _uncommitted(run, files):
 
 def cmd_list(args: argparse.Namespace) -> int:
     run = RunDirectory(args.directory)
-    verifier = run.verifier()
+    verifier = run_verifier(run.storage)
     files, retired = verifier.files, verifier.retired
     print(EPOCH_LEGEND)
     print(f"{'file':36} {'generation':12} {'epoch':>5} {'size':>12}  holds")
@@ -209,33 +205,32 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _newest_tracker(run):
-    """The metric tracker of the newest intact checkpoint, its path, and why it is not the committed last one
-    (``None`` when it is)."""
-    verifier = run.verifier()
+    """The metric tracker of the newest intact checkpoint, its path, and whether that is an older one than the
+    committed last checkpoint (which is then said on stderr)."""
+    verifier = run_verifier(run.storage)
     last_problems: list = []
     for name in (LAST_NAME, BEST_NAME):
         generations, problems = Search(verifier, [name]).all()
-        last_problems = problems if name == LAST_NAME else last_problems
+        if name == LAST_NAME:
+            last_problems = problems
         if generations:
             path, record = generations[0]
             with verified_source(path, verifier) as source:  # the very file that was verified
                 check_archive(source or path)
                 state = torch.load(source or path, map_location="cpu", weights_only=True)
             fmt.check_payload(state, path, ("checkpoint",))
-            older = None
-            if name != LAST_NAME or record is not verifier.files.get(LAST_NAME):
+            older = name != LAST_NAME or record is not verifier.files.get(LAST_NAME)
+            if older:
                 why = "; ".join(last_problems) or "missing"
-                older = (f"the committed {LAST_NAME} does not verify ({why}); this is the history of "
-                         f"{os.path.basename(path)} (step {record.get('step', '?')}), which may lack the "
-                         "newest epochs. experiment-io verify lists what is damaged.")
+                print(f"warning: the committed {LAST_NAME} does not verify ({shown(why)}); this is the history of "
+                      f"{shown(os.path.basename(path))} (step {shown(record.get('step', '?'))}), which may lack the "
+                      "newest epochs. experiment-io verify lists what is damaged.", file=sys.stderr)
             return restore_tracker(state, run.storage, path), path, older
     raise ExperimentIOError(f"{run.location} holds no intact checkpoint")
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     tracker, path, older = _newest_tracker(RunDirectory(args.directory))
-    if older:
-        print(f"warning: {shown(older)}", file=sys.stderr)
     if args.hdf5:
         tracker.to_hdf5(args.hdf5)
         print(f"metric history of {len(tracker.epochs)} epochs from {shown(path)} written to {args.hdf5}")
@@ -258,8 +253,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 1
     run = RunDirectory(args.directory)
     tracker, path, older = _newest_tracker(run)
-    if older:
-        print(f"warning: {shown(older)}", file=sys.stderr)
     out = args.out or run.folder(PLOTS_DIRECTORY)
     written = plot_history(tracker, out)
     print(f"{len(written)} plot(s) of {len(tracker.epochs)} epochs from {shown(path)} written to {out}")

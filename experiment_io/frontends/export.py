@@ -12,7 +12,7 @@ import torch
 from experiment_io.errors import ExperimentIOError
 from experiment_io.frontends.describe import shown
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
-from experiment_io.run.reading import load_state_file
+from experiment_io.run.reading import load_state_file, run_verifier
 from experiment_io.storage import atomic as storage
 from experiment_io.storage.generations import Search
 from experiment_io.storage.run_directory import RunDirectory
@@ -23,7 +23,7 @@ __all__ = ["cmd_export"]
 
 def _model_state(run, which, epoch):
     """The verified model ``state_dict`` of a run (state files only, never the structure file), and its record."""
-    verifier = run.verifier()
+    verifier = run_verifier(run.storage)
     if epoch is not None:
         candidates = [(epoch_model_name(epoch), "model"), (epoch_checkpoint_name(epoch), "checkpoint")]
     elif which == "last":

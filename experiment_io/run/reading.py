@@ -273,11 +273,10 @@ def with_remedy(error: CorruptCheckpointError, directory: Union[RunStorage, str,
         intact = all(Search(verifier, [name]).all()[0] for name in (BEST_MODEL_NAME, STRUCTURE_NAME))
     except Exception:  # noqa: BLE001 - the remedy is a hint: the error it adds to is the one to raise
         intact = False
-    where = verifier.directory if intact else as_storage(directory).location
     if intact:
-        way = (f"{BEST_MODEL_NAME} is intact: load_model_from_cwd(directory={where!r}) loads the best model for "
-               "prediction. Training cannot resume exactly without a checkpoint: start it again in another directory, "
-               "or in this one with overwrite=True (which replaces the run, its best model included).")
+        way = (f"{BEST_MODEL_NAME} is intact: load_model_from_cwd(directory={verifier.directory!r}) loads the best "
+               "model for prediction. Training cannot resume exactly without a checkpoint: start it again in another "
+               "directory, or in this one with overwrite=True (which replaces the run, its best model included).")
     else:
         way = ("restore the run's files from a copy, or start the run again in another directory (or in this one "
                "with overwrite=True).")

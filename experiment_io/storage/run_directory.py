@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 from typing import Union
 
-from experiment_io.errors import CheckpointNotFoundError, CheckpointWriteError
+from experiment_io.errors import CheckpointWriteError
 from experiment_io.storage.interface import RunStorage, as_storage
-from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
-from experiment_io.storage.verification import Verifier
 from experiment_io.storage.lock import RunLock
 from experiment_io.storage.writer import RunWriter
 
@@ -56,16 +54,6 @@ class RunDirectory:
                 f"{path} is {what}: the run's {name!r} folder must be a folder of the run, which the library makes "
                 f"itself. Remove it ({path}) and the next write makes the folder.")
         return path
-
-    def verifier(self) -> Verifier:
-        """The :class:`~experiment_io.storage.verification.Verifier` of the run's committed files.
-
-        :raises CheckpointNotFoundError: when the place holds no manifest (no run).
-        """
-        manifest = read_manifest(self.storage)
-        if manifest is None:
-            raise CheckpointNotFoundError(f"{self.location} has no {MANIFEST_NAME}: it holds no experiment_io run")
-        return Verifier(self.storage, manifest[1])
 
     def exists(self) -> bool:
         """Whether the run's place exists."""
