@@ -3,8 +3,6 @@ import logging
 import os
 import shutil
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
@@ -12,13 +10,7 @@ from experiment_io import (Evaluator, HDF5Database, SetupParams, TrainingModules
                            setup_training, train_model)
 from experiment_io.errors import DatabaseRestartError, IncompatibleCheckpointError
 
-
-def write_data(path, seed=0, n=96):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3)).astype("float32")
-    with h5py.File(path, "w") as h5:
-        h5["x"] = x
-        h5["y"] = np.sin(x.sum(axis=1, keepdims=True)).astype("float32")
+from test_first_hour import write_data
 
 
 def train(run, data):
