@@ -176,7 +176,17 @@ def test_rng_state_is_plain_data():
     state = get_rng_state()
     assert set(state) == {"torch", "cuda", "numpy", "python"}
     assert state["torch"].dtype == torch.uint8 and state["torch"].device.type == "cpu"
-    assert isinstance(state["python"]["internal"], list)
+    internal = state["python"]["internal"]  # one tensor, not 625 objects to pickle at every save
+    assert internal.dtype == torch.int64 and internal.shape == (625,)
+
+
+def test_python_random_state_of_older_checkpoints_a_list_still_restores():
+    import random
+    state = get_rng_state()
+    expected = [random.random() for _ in range(3)]
+    old = {**state, "python": {**state["python"], "internal": state["python"]["internal"].tolist()}}
+    set_rng_state(old)
+    assert [random.random() for _ in range(3)] == expected
     assert state["numpy"]["key"].dtype == torch.int64
     assert len(state["cuda"]) == (torch.cuda.device_count() if HAS_CUDA else 0)
 

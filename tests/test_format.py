@@ -151,7 +151,7 @@ def test_manifest_round_trip():
 
 
 def test_manifest_golden_bytes():
-    """Pin the wire format: sorted keys, one-space indent, UTF-8 JSON."""
+    """Pin the wire format: sorted keys, one line per file record, UTF-8 JSON."""
     data = fmt.manifest_to_bytes({"b.pt": {"size": 2, "digest": "xxh3_128:02"}, "a.pt": {"size": 1, "digest": "xxh3_128:01"}})
     # the manifest's own digest: xxh3-128 of the compact, key-sorted JSON of its records and its header without it
     content = (
@@ -161,27 +161,18 @@ def test_manifest_golden_bytes():
     )
     digest = "xxh3_128:" + xxhash.xxh3_128(content.encode("utf-8")).hexdigest()
     expected = (
-        '{\n'
-        ' "files": {\n'
-        '  "a.pt": {\n'
-        '   "digest": "xxh3_128:01",\n'
-        '   "size": 1\n'
-        '  },\n'
-        '  "b.pt": {\n'
-        '   "digest": "xxh3_128:02",\n'
-        '   "size": 2\n'
-        '  }\n'
+        '{"files": {\n'
+        ' "a.pt": {"digest": "xxh3_128:01", "size": 1},\n'
+        ' "b.pt": {"digest": "xxh3_128:02", "size": 2}\n'
         ' },\n'
-        ' "header": {\n'
-        f'  "digest": "{digest}",\n'
-        f'  "format_version": {fmt.FORMAT_VERSION},\n'
-        '  "kind": "manifest",\n'
-        f'  "library_version": "{__version__}",\n'
-        f'  "torch_version": "{torch.__version__}"\n'
-        ' }\n'
-        '}'
+        f' "header": {{"digest": "{digest}", "format_version": {fmt.FORMAT_VERSION}, "kind": "manifest", '
+        f'"library_version": "{__version__}", "torch_version": "{torch.__version__}"}}\n'
+        '}\n'
     ).encode("utf-8")
     assert data == expected
+    # the indented layout of earlier releases is the same document: it still reads, its digest still checks
+    older = json.dumps(json.loads(data), sort_keys=True, indent=1).encode("utf-8")
+    assert fmt.manifest_from_bytes(older, "m") == fmt.manifest_from_bytes(data, "m")
 
 
 def test_manifest_bytes_do_not_depend_on_insertion_order():

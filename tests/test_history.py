@@ -12,7 +12,7 @@ import experiment_io.storage.atomic as storage
 from experiment_io import MetricTracker, SetupParams, setup_training, train_model
 from experiment_io.errors import CorruptCheckpointError
 from experiment_io.frontends.cli import main as cli
-from experiment_io.loading.loaders import load_checkpoint_from_cwd
+from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd
 from experiment_io.run.payloads import LAST_NAME, METRICS_CSV_NAME
 from experiment_io.storage.manifest import read_manifest
 
@@ -120,3 +120,27 @@ def test_a_tracker_kept_out_of_its_state_comes_back_exactly():
     assert [math.isnan(t) for t in restored.epoch_times] == [math.isnan(t) for t in tracker.epoch_times]
     with pytest.raises(ValueError, match="rows"):
         MetricTracker.from_state_dict(state, tracker.csv_header() + tracker.csv_rows(1))
+
+
+def test_a_metric_that_appears_mid_run_leaves_the_older_checkpoints_loadable(tmp_path):
+    database = make_database()
+    torch.manual_seed(0)
+    tm, controller, tracker = setup_training(make_training_modules(), SetupParams(stopping_key="mse", batch_size=32,
+                                                                                  max_epochs=4))
+
+    def add_a_metric(epoch, better):
+        if epoch == 1:
+            tm.evaluator.evaluation_losses["max_error"] = lambda p, t: (p - t).abs().max()
+
+    train_model(tm, database, controller, tracker, [add_a_metric], None, quiet=True, directory=str(tmp_path),
+                plots=False, evaluate_best=False, store_every=1)
+    header = _rows(tmp_path)[0]
+    assert any("max_error" in cell for cell in header) and len(_rows(tmp_path)) == 1 + 4
+    assert cli(["verify", str(tmp_path)]) == 0
+    for epoch in range(4):  # each epoch's checkpoint has the history as it was saved, with its own columns
+        state = load_checkpoint(str(tmp_path / "experiment_structure.pt"),
+                                str(tmp_path / f"checkpoint_epoch_{epoch}.pt"), database=database)["metric_tracker"]
+        assert state.epochs == list(range(epoch + 1))
+        assert ("max_error" in state.history["valid"]) == (epoch >= 2)
+        assert state.history["valid"]["mse"] == tracker.history["valid"]["mse"][:epoch + 1]
+    assert sorted(p.name for p in tmp_path.glob("metrics*.csv")) == ["metrics.csv", "metrics.earlier-1.csv"]

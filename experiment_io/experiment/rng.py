@@ -36,7 +36,8 @@ def get_rng_state() -> dict[str, Any]:
             "has_gauss": int(np_state["has_gauss"]),
             "gauss": float(np_state["gauss"]),
         },
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        # one tensor, not 625 ints: a checkpoint written at every epoch pickles a few hundred objects, not a thousand
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
     return state
 
@@ -71,7 +72,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         "gauss": float(np_state["gauss"]),
     })
     py_state = state["python"]
-    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss"]))
+    internal = py_state["internal"]  # a list in checkpoints written before 0.2.1
+    internal = internal.tolist() if isinstance(internal, torch.Tensor) else internal
+    random.setstate((py_state["version"], tuple(int(v) for v in internal), py_state["gauss"]))
 
 
 def placed_on_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,6 +85,10 @@ def placed_on_cpu(state: Mapping[str, Any]) -> dict[str, Any]:
     numpy_state = dict(state["numpy"])
     numpy_state["key"] = numpy_state["key"].cpu()
     placed["numpy"] = numpy_state
+    python_state = dict(state["python"])
+    if isinstance(python_state["internal"], torch.Tensor):
+        python_state["internal"] = python_state["internal"].cpu()
+    placed["python"] = python_state
     return placed
 
 

@@ -141,7 +141,15 @@ def manifest_to_bytes(files: Mapping[str, Mapping[str, Any]], **fields: Any) -> 
     """
     header = make_header(MANIFEST_KIND, **fields)
     header["digest"] = _manifest_digest(header, files)
-    return json.dumps({"header": header, "files": files}, sort_keys=True, indent=1).encode("utf-8")
+    # one line per file, each through json's C encoder (an indented dump runs the pure-Python one, ten times slower
+    # on the manifest written at every save); a JSON reader sees the same document
+    lines = [f" {_compact(name)}: {_compact(files[name])}" for name in sorted(files)]
+    body = "{\n" + ",\n".join(lines) + "\n }" if lines else "{}"
+    return f'{{"files": {body},\n "header": {_compact(header)}\n}}\n'.encode("utf-8")
+
+
+def _compact(doc):
+    return json.dumps(doc, sort_keys=True, separators=(", ", ": "))
 
 
 def model_from_record(payload: Any, name: str, record: Any) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:

@@ -13,10 +13,17 @@ that resumes starts its file again at the prefix of the checkpoint it resumed fr
 
 The manifest record of such a file carries ``"appended": true``: its size and digest
 are those of the file's first ``size`` bytes.
+
+A file that must begin differently (a metric appeared, so the header changed) is
+written again once; what it held is kept first under an *earlier* name
+(``metrics.earlier-1.csv``: :func:`earlier_names`), where the checkpoints saved before
+the change still find their part of it.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import xxhash
@@ -25,7 +32,9 @@ from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError
 from experiment_io.storage.interface import RunStorage
 from experiment_io.storage.verification import DIGEST_NAME, FileRecord, read_exactly
 
-__all__ = ["AppendedFile", "read_prefix", "APPENDED"]
+log = logging.getLogger(__name__)
+
+__all__ = ["AppendedFile", "read_prefix", "earlier_names", "APPENDED"]
 
 #: The field of a manifest record that marks a file which only grows.
 APPENDED = "appended"
@@ -35,14 +44,40 @@ def _digest(hasher: Any) -> str:
     return f"{DIGEST_NAME}:{hasher.hexdigest()}"
 
 
-def read_prefix(storage: RunStorage, name: str, record: Mapping[str, Any]) -> bytes:
-    """The first ``record["size"]`` bytes of the run's file ``name``, verified against ``record["digest"]``.
+def _earlier_name(name: str, number: int) -> str:
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.earlier-{number}{ext}"
 
-    :raises CorruptCheckpointError: when the file is missing, shorter, or its prefix has another digest.
+
+def earlier_names(storage: RunStorage, name: str) -> list:
+    """The names under which earlier contents of the growing file ``name`` are kept, the newest first."""
+    stem, ext = os.path.splitext(name)
+    pattern = re.compile(re.escape(stem) + r"\.earlier-([1-9][0-9]{0,8})" + re.escape(ext))
+    found = [(int(m.group(1)), n) for n in storage.names() if (m := pattern.fullmatch(n))]
+    return [n for _, n in sorted(found, reverse=True)]
+
+
+def read_prefix(storage: RunStorage, name: str, record: Mapping[str, Any]) -> bytes:
+    """The first ``record["size"]`` bytes of the run's file ``name``, verified against ``record["digest"]``; when
+    the file has since been written again, those of the earlier content kept aside that has them.
+
+    :raises CorruptCheckpointError: when no such file holds a prefix of that size and digest.
     """
     size, expected = record.get("size"), record.get("digest")
     if not isinstance(size, int) or size < 0 or not isinstance(expected, str):
         raise CorruptCheckpointError(f"{storage.path(name)}: the record of its committed part is malformed ({record})")
+    try:
+        return _read_prefix(storage, name, size, expected)
+    except CorruptCheckpointError as e:
+        for earlier in earlier_names(storage, name):
+            try:
+                return _read_prefix(storage, earlier, size, expected)
+            except CorruptCheckpointError:
+                continue
+        raise e
+
+
+def _read_prefix(storage, name, size, expected):
     try:
         fd, _ = storage.open(name)
     except (OSError, ValueError) as e:
@@ -72,11 +107,15 @@ class AppendedFile:
         self._hash = xxhash.xxh3_128()
         self.size = 0
 
-    def start(self, beginning: bytes) -> None:
+    def start(self, beginning: bytes, *, keep_earlier: bool = True) -> None:
         """Make the file begin with exactly ``beginning`` and end there: a file that already begins so is cut
-        after it (what a lost save appended goes); any other is replaced by ``beginning``."""
+        after it (what a lost save appended goes); any other is replaced by ``beginning``.
+
+        :param keep_earlier: keep what a replaced file held under the next free earlier name first (see the
+            module's description); ``False`` when no checkpoint refers to it.
+        """
         self.close()
-        keep = False
+        keep, held = False, None
         try:
             fd, st = self.storage.open(self.name)
         except (OSError, ValueError):
@@ -84,9 +123,19 @@ class AppendedFile:
         else:
             try:
                 keep = st.st_size >= len(beginning) and read_exactly(fd, len(beginning)) == beginning
+                if not keep and st.st_size and keep_earlier:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    held = read_exactly(fd, st.st_size)
             finally:
                 os.close(fd)
         if not keep:
+            if held:
+                names = earlier_names(self.storage, self.name)
+                number = int(os.path.splitext(names[0])[0].rsplit("-", 1)[1]) + 1 if names else 1
+                aside = _earlier_name(self.name, number)
+                self.storage.write_file(aside, lambda f: f.write(held))
+                log.info("%s is written again from its beginning; what it held is kept in %s, where older "
+                         "checkpoints find their part of the history", self.storage.path(self.name), aside)
             self.storage.write_file(self.name, lambda f: f.write(beginning))
         try:
             self._fd = self.storage.open_for_append(self.name)

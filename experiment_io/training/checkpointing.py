@@ -264,7 +264,8 @@ class RunCheckpointer:
             # a metric or a parameter group appeared (or the history was cut): the file is written again once
             if self.background is not None:
                 self.background.wait()  # the save in flight makes the file it has durable first
-            history.start(tracker.to_csv().encode("utf-8"))
+            # what it held stays where the checkpoints saved so far find it (none refers to a file without rows)
+            history.start(tracker.to_csv().encode("utf-8"), keep_earlier=self._history_rows > 0)
             self._history_header = header
         else:
             history.append(tracker.csv_rows(self._history_rows).encode("utf-8"))
