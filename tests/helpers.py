@@ -135,8 +135,10 @@ def build_run(directory):
     return saver(directory), database
 
 
-def saver(directory):
-    """A save function as a new process would have it: its own writer, reading the manifest afresh.
+def saver(directory, *, durable=True):
+    """A save function as a new process would have it: its own writer, reading the manifest afresh
+    (``durable=False``: each save made durable behind the caller, as ``train_model`` saves; ``save.writer`` is
+    the writer).
 
     ``save(step)`` writes ``last_checkpoint.pt`` and, every third step, also the best
     checkpoint and best model (three files in one save).
@@ -156,8 +158,9 @@ def saver(directory):
         files = {LAST_NAME: payload}
         if step % 3 == 0:
             files.update({BEST_NAME: payload, BEST_MODEL_NAME: model_payload(payload["model"], position.epoch, step, digest, "cpu")})
-        save_payloads(writer, files)
+        save_payloads(writer, files, durable=durable)
 
+    save.writer = writer
     return save
 
 

@@ -201,7 +201,8 @@ def _tensor_bytes(obj):
 
 def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]], retire: Sequence[str] = (),
                   kept: Optional[Mapping[str, str]] = None,
-                  appended: Optional[Mapping[str, tuple[Any, dict[str, Any]]]] = None) -> "dict[str, FileRecord]":
+                  appended: Optional[Mapping[str, tuple[Any, dict[str, Any]]]] = None, *,
+                  durable: bool = True) -> "dict[str, FileRecord]":
     """Write payloads through ``writer`` (a :class:`~experiment_io.storage.writer.RunWriter`) and commit them.
 
     A small payload given under several names is serialized once (see
@@ -211,7 +212,8 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]], r
         payload's header (kind, step, epochs done...) go into the file's record.
     :param retire: files removed once the save has committed, and
     :param kept: why files are kept (see :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
-    :param appended: files that only grow, committed as far as they go (see
+    :param appended: files that only grow, committed as far as they go, and
+    :param durable: ``False`` to make the save durable behind the caller (see
         :meth:`~experiment_io.storage.writer.RunWriter.save_files`).
     :return: ``{file name: FileRecord}``.
     """
@@ -229,7 +231,7 @@ def save_payloads(writer: "RunWriter", payloads: Mapping[str, dict[str, Any]], r
             writes[name] = (lambda f, data=serialized[id(payload)]: f.write(data), fields)
         else:
             writes[name] = (lambda f, p=payload: save_payload(p, f), fields)
-    return writer.save_files(writes, retire, kept, appended)
+    return writer.save_files(writes, retire, kept, appended, durable=durable)
 
 
 @dataclass

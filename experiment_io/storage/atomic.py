@@ -155,6 +155,7 @@ class FileBatch:
 
     def __init__(self) -> None:
         self._pending: dict[str, tuple] = {}  # path: (temporary, raw file or None once closed, record)
+        self._unsynced: list[tuple[str, Any]] = []  # published before they were durable: (path, raw file)
 
     def __enter__(self) -> FileBatch:
         return self
@@ -165,6 +166,9 @@ class FileBatch:
                 raw.close()
             _discard(temporary)
         self._pending.clear()
+        for _, raw in self._unsynced:  # published, never detached: they stay as they are
+            raw.close()
+        self._unsynced.clear()
         return False
 
     def write(self, path: str | os.PathLike, write: Callable[[Any], Any], *, hashed: bool = True) -> FileRecord | None:
@@ -231,12 +235,20 @@ class FileBatch:
             except OSError as e:
                 raise CheckpointWriteError(_write_failure(path, os.path.dirname(path), e)) from e
 
-    def publish(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> None:
-        """Rename ``path``'s durable new content into place (the file there first to ``keep_previous``, if given)."""
+    def publish(self, path: str | os.PathLike, keep_previous: str | os.PathLike | None = None, *,
+                durable: bool = True) -> None:
+        """Rename ``path``'s durable new content into place (the file there first to ``keep_previous``, if given).
+
+        :param durable: ``False``: the content need not be durable yet; :meth:`detach_unsynced` hands it over to
+            be made durable later.
+        """
         path = os.path.abspath(path)
         temporary, raw, record = self._pending[path]
-        if raw is not None:
+        if raw is not None and durable:
             raise RuntimeError(f"{path} is published before it was made durable")
+        if raw is not None:
+            self._unsynced.append((path, raw))
+            self._pending[path] = (temporary, None, record)
         try:
             if keep_previous is not None and os.path.exists(path):
                 os.replace(path, keep_previous)
@@ -247,6 +259,29 @@ class FileBatch:
         except OSError as e:
             raise CheckpointWriteError(_write_failure(path, os.path.dirname(path), e)) from e
         log.debug("wrote %s (%s)", path, record.digest if record else "no digest")
+
+    def detach_unsynced(self) -> Callable[[], None]:
+        """What makes the files published with ``durable=False`` durable, with their renames, to be called later
+        (in another thread); the batch no longer closes them."""
+        files, self._unsynced = self._unsynced, []
+        directories = sorted({os.path.dirname(path) for path, _ in files})
+
+        def make_durable():
+            try:
+                for path, raw in files:
+                    try:
+                        os.fsync(raw.fileno())
+                    except OSError as e:
+                        raise CheckpointWriteError(_write_failure(path, os.path.dirname(path), e)) from e
+                    write_step("fsynced", path)
+                for directory in directories:
+                    FileBatch.sync_directory(directory)
+                    write_step("directory_fsynced", directory)
+            finally:
+                for _, raw in files:
+                    raw.close()
+
+        return make_durable
 
     @staticmethod
     def sync_directory(directory: str | os.PathLike) -> None:

@@ -83,6 +83,20 @@ class WriteBatch(abc.ABC):
     def sync(self) -> None:
         """Make the publications so far durable."""
 
+    def publish_unsynced(self, name: str, keep_previous: Optional[str] = None) -> None:
+        """Put ``name``'s new bytes in place before they are durable (:meth:`detach` makes them durable later).
+
+        A storage that cannot defer durability keeps this default: durable first, then in place."""
+        self.make_durable()
+        self.publish(name, keep_previous)
+
+    def detach(self) -> Callable[[], None]:
+        """What makes the files published by :meth:`publish_unsynced` durable, with their publication, to be
+        called later (in another thread). The default makes them durable now and returns a call that does
+        nothing."""
+        self.sync()
+        return lambda: None
+
     def __enter__(self) -> "WriteBatch":
         return self
 

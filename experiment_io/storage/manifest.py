@@ -4,6 +4,8 @@ The manifest (:data:`MANIFEST_NAME`) records, per file, its size and digest and 
 it holds (its bytes are :mod:`experiment_io.format.codec`'s). It is always written
 last: a save counts once its manifest is renamed into place.
 """
+import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
@@ -15,10 +17,15 @@ from experiment_io.storage.interface import RunStorage, as_storage
 if TYPE_CHECKING:
     from experiment_io.storage.verification import FileRecord
 
-__all__ = ["MANIFEST_NAME", "read_manifest", "write_manifest", "manifest_path", "manifest_identity"]
+log = logging.getLogger(__name__)
+
+__all__ = ["MANIFEST_NAME", "PREVIOUS_MANIFEST_NAME", "read_manifest", "write_manifest", "manifest_path",
+           "manifest_identity"]
 
 #: The manifest's file name inside a run directory.
 MANIFEST_NAME = "experiment_manifest.json"
+#: The manifest a save made durable behind the loop replaced (read when a power loss took the newer one).
+PREVIOUS_MANIFEST_NAME = "experiment_manifest.prev.json"
 #: The largest manifest a reader reads (a run of hundreds of thousands of files).
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 
@@ -30,9 +37,33 @@ def read_manifest(where: Union[RunStorage, str, os.PathLike]) -> Optional[tuple[
     :return: ``(header, files)``, or ``None`` when the run has no manifest.
     """
     storage = as_storage(where)
-    path = storage.path(MANIFEST_NAME)
+    data = _manifest_bytes(storage, MANIFEST_NAME)
+    if data is None or not _is_whole(data):
+        # no manifest, or a torn one (a power loss before a save made it durable): the one it replaced
+        previous = _manifest_bytes(storage, PREVIOUS_MANIFEST_NAME)
+        if previous is not None:
+            log.warning("%s is %s; reading %s, the manifest of the save before (a power loss or a crash of the "
+                        "machine lost the newest save)", storage.path(MANIFEST_NAME),
+                        "missing" if data is None else "torn", PREVIOUS_MANIFEST_NAME)
+            return fmt.manifest_from_bytes(previous, storage.path(PREVIOUS_MANIFEST_NAME))
+    if data is None:
+        return None
+    return fmt.manifest_from_bytes(data, storage.path(MANIFEST_NAME))
+
+
+def _is_whole(data):
+    """Whether ``data`` is a whole JSON document (not empty, not cut, not zeros as a lost write leaves)."""
     try:
-        fd, st = storage.open(MANIFEST_NAME)
+        json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _manifest_bytes(storage, name):
+    path = storage.path(name)
+    try:
+        fd, st = storage.open(name)
     except NotARegularFile as e:
         raise CorruptCheckpointError(f"{e}: a manifest is a regular file; the run directory was tampered with.") from e
     except (FileNotFoundError, NotADirectoryError):
@@ -45,7 +76,7 @@ def read_manifest(where: Union[RunStorage, str, os.PathLike]) -> Optional[tuple[
             data = f.read(MANIFEST_MAX_BYTES + 1)
     finally:
         os.close(fd)
-    return fmt.manifest_from_bytes(data, path)
+    return data
 
 
 def write_manifest(where: Union[RunStorage, str, os.PathLike], files: Mapping[str, Mapping[str, Any]],

@@ -43,6 +43,13 @@ class _Batch(WriteBatch):
         for directory in sorted(self._directories) or [self._storage.location]:
             self._files.sync_directory(directory)
 
+    def publish_unsynced(self, name, keep_previous=None):
+        self._files.publish(self._storage.path(name),
+                            None if keep_previous is None else self._storage.path(keep_previous), durable=False)
+
+    def detach(self):
+        return self._files.detach_unsynced()
+
     def __exit__(self, *exc):
         return self._files.__exit__(*exc)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Mapping, Sequence, cast
 
@@ -13,7 +14,9 @@ from experiment_io.storage import verification
 from experiment_io.storage.appended import APPENDED
 from experiment_io.storage.generations import previous_name
 from experiment_io.storage.interface import RunStorage, as_storage
-from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, read_manifest, write_manifest
+from experiment_io.storage.manifest import (MANIFEST_NAME, PREVIOUS_MANIFEST_NAME, manifest_identity, read_manifest,
+                                            write_manifest)
+from experiment_io.platform.threads import worker_thread
 
 __all__ = ["RunWriter", "ORPHANS_KEPT"]
 
@@ -44,6 +47,9 @@ class RunWriter:
         self.directory = self.storage.location
         self.storage.create()
         self._manifest_identity: tuple | None = None
+        self._behind: threading.Thread | None = None  # making the newest save durable
+        self._behind_error: BaseException | None = None
+        self._durable_known = False  # whether the committed files are known to be durable
         self._reload()
 
     def _reload(self):
@@ -72,8 +78,54 @@ class RunWriter:
         except OSError:
             return False
 
+    def wait_durable(self) -> None:
+        """Wait until the save made durable behind the caller (``save_files(durable=False)``) is durable.
+
+        :raises CheckpointWriteError: when it could not be made durable (the save is committed: a crash of the
+            process does not lose it, a power loss may).
+        """
+        if self._behind is not None:
+            self._behind.join()
+            self._behind = None
+            self._durable_known = self._behind_error is None
+        error, self._behind_error = self._behind_error, None
+        if error is not None:
+            self._durable_known = False
+            raise CheckpointWriteError(f"the checkpoint committed last in {self.directory} could not be made durable "
+                                       f"({error}); it is kept, and a power loss could take it") from error
+
+    def _make_committed_durable(self):
+        """fsync the files the manifest records, the manifest and the directory (before the first save made
+        durable behind: a process before this one may have committed files it never made durable)."""
+        for name in [n for n, r in self.files.items() if not verification.is_retired(r)] + [MANIFEST_NAME]:
+            try:
+                fd, _ = self.storage.open(name)
+            except (OSError, ValueError):
+                continue
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise CheckpointWriteError(f"could not make {self.path(name)} durable: {e}") from e
+            finally:
+                os.close(fd)
+        storage.FileBatch.sync_directory(self.directory)
+        self._durable_known = True
+
+    def _durable_behind(self, detached, appended):
+        def make_durable():
+            try:
+                for grown, _, _ in (appended or {}).values():
+                    grown.make_durable()
+                detached()
+            except BaseException as e:  # reported by the next wait_durable()
+                self._behind_error = e
+
+        self._behind = worker_thread(make_durable, name="experiment_io-durability", daemon=False)
+        self._behind.start()
+
     def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (),
-                   kept: Mapping[str, str] | None = None, appended: Mapping[str, tuple] | None = None) -> dict:
+                   kept: Mapping[str, str] | None = None, appended: Mapping[str, tuple] | None = None, *,
+                   durable: bool = True) -> dict:
         """Write several files, then commit them by writing the manifest.
 
         :param writes: ``{file name: (write, fields)}``: ``write(f)`` writes the
@@ -86,14 +138,22 @@ class RunWriter:
             (:class:`~experiment_io.storage.appended.AppendedFile`): each is made durable
             with the save's files and committed as ``record`` (its size and digest as
             far as this save goes), with ``"appended": true``; never rotated.
+        :param durable: ``False``: the save is committed when its files and manifest are renamed into place (a
+            crash of the process cannot lose it) and made durable (fsync) in a thread behind the caller. Before
+            the next save rotates it into the previous generation, it is waited for: of the two generations a
+            save keeps, the older one is always durable, so a power loss costs at most the newest save (the
+            manifest it replaced is kept as ``experiment_manifest.prev.json`` for that case).
         :return: ``{file name: FileRecord}``.
         """
+        self.wait_durable()  # the save before is durable before this one rotates it
+        if not durable and not self._durable_known:
+            self._make_committed_durable()
         if manifest_identity(self.storage) != self._manifest_identity:
             log.info("the manifest of %s was changed by another writer; reading it again", self.directory)
             self._reload()
         self._unlink_retired()  # left by a save that did not finish its removals
         snapshot = {name: dict(record) if isinstance(record, dict) else record for name, record in self.files.items()}
-        self._written = {}
+        self._written: dict = {}
         for name in retire:
             for candidate in (name, previous_name(name)):
                 if candidate in self.files and candidate not in writes:
@@ -116,28 +176,53 @@ class RunWriter:
                     if name in self.files and not verification.is_retired(self.files[name]):
                         self.files[name] = {**self.files[name], "kept": why}
                 batch.write(MANIFEST_NAME, lambda f: f.write(fmt.manifest_to_bytes(self.files)))
-                # the files and the manifest are fsynced together (one wait); the manifest is renamed
-                # into place only once every file's rename is durable
-                for grown, _, _ in (appended or {}).values():
-                    grown.make_durable()
-                batch.make_durable()
-                for name in writes:
-                    batch.publish(name, keep_previous[name])
-                    self._written[name] = self._identity(name)
-                batch.sync()
-                for name in writes:
-                    storage.write_step("directory_fsynced", self.path(name))
-                for name in writes:
-                    storage.write_step("file_saved", self.path(name))
-                storage.write_step("manifest", self.directory)
-                batch.publish(MANIFEST_NAME)
-                batch.sync()
-                storage.write_step("directory_fsynced", self.path(MANIFEST_NAME))
+                if durable:
+                    for grown, _, _ in (appended or {}).values():
+                        grown.make_durable()
+                    self._publish_durably(batch, writes, keep_previous)
+                else:
+                    detached = self._publish_unsynced(batch, writes, keep_previous)
         except BaseException:
             self.files = snapshot  # nothing of this save was committed
             self._known_good.clear()
             self._manifest_identity = None  # read the manifest again before the next save
             raise
+        if not durable:
+            self._durable_behind(detached, appended)
+        return self._committed(records)
+
+    def _publish_durably(self, batch, writes, keep_previous):
+        """The files and the manifest fsynced together (one wait); the manifest renamed into place only once
+        every file's rename is durable."""
+        batch.make_durable()
+        for name in writes:
+            batch.publish(name, keep_previous[name])
+            self._written[name] = self._identity(name)
+        batch.sync()
+        for name in writes:
+            storage.write_step("directory_fsynced", self.path(name))
+        for name in writes:
+            storage.write_step("file_saved", self.path(name))
+        storage.write_step("manifest", self.directory)
+        batch.publish(MANIFEST_NAME)
+        batch.sync()
+        storage.write_step("directory_fsynced", self.path(MANIFEST_NAME))
+        self._durable_known = True
+
+    def _publish_unsynced(self, batch, writes, keep_previous):
+        """The files, then the manifest (the one it replaces kept as the previous manifest), renamed into place
+        before they are durable; what makes them durable, to be called behind."""
+        for name in writes:
+            batch.publish_unsynced(name, keep_previous[name])
+            self._written[name] = self._identity(name)
+            storage.write_step("file_saved", self.path(name))
+        storage.write_step("manifest", self.directory)
+        batch.publish_unsynced(MANIFEST_NAME, PREVIOUS_MANIFEST_NAME)
+        self._durable_known = False
+        return batch.detach()
+
+    def _committed(self, records):
+        """After a save's commit: what this writer knows of it; the retired files removed."""
         self._manifest_identity = manifest_identity(self.storage)
         self._known_good.update(self._written)
         if self._unlink_retired():

@@ -27,7 +27,7 @@ from experiment_io.run.payloads import (BEST_MODEL_NAME, BEST_NAME, LAST_NAME, M
                                         unpicklable_part)
 from experiment_io.experiment.devices import module_device
 from experiment_io.training.distributed import SINGLE
-from experiment_io.errors import RunExistsError, SetupError
+from experiment_io.errors import CheckpointWriteError, RunExistsError, SetupError
 from experiment_io.training.policy import EpochFiles
 from experiment_io.format.codec import HEADER_KEY
 from experiment_io.training.provenance import process_provenance
@@ -244,16 +244,17 @@ class RunCheckpointer:
             # a small save is quicker written here than handed over: the background thread would compete with
             # training for the interpreter for longer than the write takes
             self.background.wait()
-            save_payloads(self.writer, files, *retention, appended)
+            save_payloads(self.writer, files, *retention, appended, durable=False)
             log.debug("saved %s (small: written synchronously)", ", ".join(files))
         elif self.background is not None:
             self.background.submit(files,
-                                   lambda staged: save_payloads(self.writer, staged, *retention, appended),
+                                   lambda staged: save_payloads(self.writer, staged, *retention, appended,
+                                                                 durable=False),
                                    f"{', '.join(files)} in {self.writer.directory}",
                                    defer=self._deferrable() if self.overlap else ())
             log.debug("saving %s in the background", ", ".join(files))
         else:
-            save_payloads(self.writer, files, *retention, appended)
+            save_payloads(self.writer, files, *retention, appended, durable=False)
             log.debug("saved %s", ", ".join(files))
 
     def _append_history(self):
@@ -316,7 +317,10 @@ class RunCheckpointer:
                     add_note = getattr(e, "add_note", None)  # Python 3.11+; 3.10 has the log line alone
                     if add_note is not None:
                         add_note(f"The checkpoint written in the background failed too: {background_error!r}")
-            self._close_history()
+            try:
+                self._close_history()
+            except CheckpointWriteError as durability_error:  # the exception on its way out stays the one raised
+                log.error("%s", durability_error)
             raise
         # every rank waits until the last save has committed, and learns if it failed
         try:
@@ -326,5 +330,10 @@ class RunCheckpointer:
         self.distribution.barrier()
 
     def _close_history(self):
-        if self.history is not None:
-            self.history.close()
+        """Wait until the last save is durable (it was made durable behind the loop), then close the history."""
+        try:
+            if self.writer is not None:
+                self.writer.wait_durable()
+        finally:
+            if self.history is not None:
+                self.history.close()
