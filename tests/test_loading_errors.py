@@ -24,7 +24,7 @@ from experiment_io.errors import (
     StructureClassError,
 )
 from experiment_io.loading.loaders import load_checkpoint, load_checkpoint_from_cwd, load_model_from_cwd
-from experiment_io.storage.manifest import MANIFEST_NAME
+from experiment_io.storage.manifest import MANIFEST_NAME, PREVIOUS_MANIFEST_NAME
 
 from helpers import flip_bit, make_database, snapshot_directory, train_tiny_run
 
@@ -243,8 +243,14 @@ def test_best_model_without_best_model_file(run, trained):
         assert torch.equal(value, best[key]), key
 
 
-def test_damaged_manifest(run):
+def test_damaged_manifest(run, caplog):
     (run / MANIFEST_NAME).write_bytes(b"{ not json")
+    # the manifest the last save replaced is read instead: the save before the last one loads, and it is said
+    with caplog.at_level(logging.WARNING):
+        loaded = load_last(run)
+    assert loaded["controller"].current_epoch == 1
+    assert any(MANIFEST_NAME in r.getMessage() and PREVIOUS_MANIFEST_NAME in r.getMessage() for r in caplog.records)
+    os.remove(run / PREVIOUS_MANIFEST_NAME)
     with pytest.raises(CorruptCheckpointError) as info:
         load_last(run)
     assert MANIFEST_NAME in str(info.value)
@@ -252,6 +258,7 @@ def test_damaged_manifest(run):
 
 def test_missing_manifest(run):
     os.remove(run / MANIFEST_NAME)
+    os.remove(run / PREVIOUS_MANIFEST_NAME)
     with pytest.raises(CorruptCheckpointError) as info:
         load_last(run)
     assert MANIFEST_NAME in str(info.value)
@@ -370,6 +377,7 @@ def damage_last(run):
 
 def damage_manifest(run):
     (run / MANIFEST_NAME).write_bytes(b"garbage")
+    os.remove(run / PREVIOUS_MANIFEST_NAME)  # with it, the save before the last one loads
 
 
 def version_99(run):
