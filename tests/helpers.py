@@ -183,8 +183,9 @@ def kill_storm(directory, kills, *, async_save=False, seed=0, max_delay=0.3, on_
     for attempt in range(kills):
         def body(report):
             def report_commits(step, path):
-                # the save is committed once the manifest's rename is durable
-                if step == "directory_fsynced" and os.path.basename(path) == MANIFEST_NAME:
+                # the save is committed once the manifest is renamed into place (a kill keeps what the process
+                # wrote; train_model makes it durable behind the loop)
+                if step in ("replaced", "directory_fsynced") and os.path.basename(path) == MANIFEST_NAME:
                     _, files = read_manifest(os.path.dirname(path))
                     if LAST_NAME in files:
                         report(files[LAST_NAME]["step"])

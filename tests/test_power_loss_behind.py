@@ -134,6 +134,6 @@ def test_a_save_made_durable_behind_is_waited_for_before_the_next_rotates_it(tmp
     # save 1's durability, behind, comes before save 2 rotates its file; save 2's own comes after its renames
     first_rotation = order.index(("rotated", "last_checkpoint.prev.pt"))
     assert ("fsynced", "last_checkpoint.pt") in order[:first_rotation]
-    assert ("directory_fsynced", "run") in order[:first_rotation]
+    assert ("directory_fsynced", "last_checkpoint.pt") in order[:first_rotation]
     assert order[-1][0] == "directory_fsynced" and ("fsynced", "last_checkpoint.pt") in order[first_rotation:]
     assert (run / PREVIOUS_MANIFEST_NAME).exists()

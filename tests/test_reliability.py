@@ -331,9 +331,10 @@ class KilledBeforeCommit(BaseException):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-@pytest.mark.parametrize("step", ["replaced", "directory_fsynced", "file_saved"])
+@pytest.mark.parametrize("step", ["replaced", "file_saved"])
 def test_a_run_killed_during_its_first_save_starts_again(tmp_path, async_save, step, capsys):
-    """The first last_checkpoint.pt is in place, the manifest records only the structure file."""
+    """The first last_checkpoint.pt is in place, the manifest records only the structure file (train_model's
+    saves are made durable behind the loop: the fsyncs come after the commit, so these are the steps before it)."""
     database = make_database()
 
     def kill_first_checkpoint(at, path):

@@ -276,7 +276,8 @@ class FileBatch:
                     write_step("fsynced", path)
                 for directory in directories:
                     FileBatch.sync_directory(directory)
-                    write_step("directory_fsynced", directory)
+                for path, _ in files:  # as for a durable publication: the rename of each path is durable
+                    write_step("directory_fsynced", path)
             finally:
                 for _, raw in files:
                     raw.close()
