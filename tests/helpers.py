@@ -359,3 +359,20 @@ __all__ = [
     "snapshot_directory", "make_controller", "flip_bit", "fork_child", "sigkill_after", "assert_bitwise_equal",
     "record_torch_loads", "rewrite_manifest", "kill_storm", "race", "payload_at", "find_generations", "build_run", "saver",
 ]
+
+
+def load_crash_state(directory, state, database, what):
+    """Rebuild the crash state ``state`` (``{name: bytes}``) in the new ``directory`` and load it; the step it
+    loads. A state that loads no checkpoint fails the test: ``what`` says which state it was."""
+    import pytest
+    from experiment_io import load_checkpoint_from_cwd
+    from experiment_io.errors import CheckpointNotFoundError
+
+    directory.mkdir()
+    for name, content in state.items():
+        (directory / name).write_bytes(content)
+    try:
+        check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
+    except CheckpointNotFoundError as e:  # pragma: no cover - would be a lost run
+        pytest.fail(f"{what} ({sorted(state)}) lost the run: {e}")
+    return check["controller"].position.step

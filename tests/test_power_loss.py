@@ -10,15 +10,12 @@ in a directory of its own and loaded; in the style of ALICE and CrashMonkey.
 import os
 import shutil
 
-import pytest
 
-from experiment_io import load_checkpoint_from_cwd
 from experiment_io.storage import atomic as storage
-from experiment_io.errors import CheckpointNotFoundError
 from experiment_io.storage.generations import base_name
 from experiment_io.storage.manifest import MANIFEST_NAME
 
-from helpers import build_run, saver
+from helpers import build_run, load_crash_state, saver
 
 
 def snapshot(directory):
@@ -93,14 +90,7 @@ def test_every_state_a_power_loss_leaves_loads_a_committed_checkpoint(tmp_path):
     loaded_steps = set()
     for index, state in enumerate(states):
         directory = tmp_path / f"crash{index}"
-        directory.mkdir()
-        for name, content in state.items():
-            (directory / name).write_bytes(content)
-        try:
-            check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-        except CheckpointNotFoundError as e:  # pragma: no cover - would be a lost run
-            pytest.fail(f"crash state {index} ({sorted(state)}) lost the run: {e}")
-        step = check["controller"].position.step
+        step = load_crash_state(directory, state, database, f"crash state {index}")
         manifest = state.get(MANIFEST_NAME, b"")
         new_manifest_durable = b'"step": 6' in manifest
         assert step == (6 if new_manifest_durable else committed_before), f"crash state {index} loaded step {step}"

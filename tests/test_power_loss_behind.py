@@ -12,15 +12,12 @@ state after a save's durability has finished must load that save.
 import os
 import shutil
 
-import pytest
 
-from experiment_io import load_checkpoint_from_cwd
-from experiment_io.errors import CheckpointNotFoundError
 from experiment_io.storage import atomic as storage
 from experiment_io.storage.generations import base_name
 from experiment_io.storage.manifest import MANIFEST_NAME, PREVIOUS_MANIFEST_NAME
 
-from helpers import build_run, saver
+from helpers import build_run, load_crash_state, saver
 
 
 class InodeRecorder:
@@ -102,14 +99,7 @@ def test_every_state_a_power_loss_leaves_behind_durable_saves_loads_the_newest_s
     loaded = set()
     for index, (step, durable, state) in enumerate(recorder.crash_states()):
         directory = tmp_path / f"crash{index}"
-        directory.mkdir()
-        for name, content in state.items():
-            (directory / name).write_bytes(content)
-        try:
-            check = load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
-        except CheckpointNotFoundError as e:  # pragma: no cover - would be a lost run
-            pytest.fail(f"crash state {index} during save {step} ({sorted(state)}) lost the run: {e}")
-        found = check["controller"].position.step
+        found = load_crash_state(directory, state, database, f"crash state {index} during save {step}")
         expected = {step} if durable else {step - 1, step}
         assert found in expected, f"crash state {index} during save {step} loaded step {found}"
         loaded.add(found)
