@@ -15,6 +15,9 @@ import os
 import random
 import threading
 import zipfile
+from unittest import mock
+
+import xxhash
 
 import pytest
 import torch
@@ -26,7 +29,8 @@ from experiment_io.storage.generations import previous_name
 from experiment_io.storage.generations import Generation, Role, Search
 import experiment_io.run.reading as reading
 import experiment_io.storage.atomic as storage
-from experiment_io.storage import hashing
+from experiment_io.storage import hashing, parts
+from experiment_io.format import codec
 from experiment_io.storage import manifest as run_manifest
 from experiment_io.platform import maps, switch, writeback
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, STRUCTURE_NAME, save_payload
@@ -101,9 +105,12 @@ def test_run_files_load_with_plain_torch_load(tmp_path):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.sampled_from([0, 1, 7, 4096, hashing.DIRECT_WRITE - 1, hashing.DIRECT_WRITE,
-                                       hashing.WRITE_BLOCK - 3, hashing.WRITE_BLOCK + 5]), max_size=12),
+                                       hashing.WRITE_BLOCK - 3, hashing.WRITE_BLOCK + 5, 2 * hashing.WRITE_BLOCK + 1]),
+                      max_size=12),
        seed=st.integers(0, 2**16))
 def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, seed):
+    """Whatever the writes, the file holds them and its record describes it: one part, the whole file's digest;
+    more, consecutive parts that cover it, each the digest of its bytes, large writes in parts of their own."""
     rng = random.Random(seed)
     chunks = [rng.randbytes(n) for n in sizes]
     path = tmp_path / f"w{seed}.bin"
@@ -112,10 +119,30 @@ def test_any_pattern_of_writes_gives_the_data_and_its_digest(tmp_path, sizes, se
         for i, chunk in enumerate(chunks):  # bytes, bytearrays and memoryviews, as torch.save passes them
             f.write(chunk if i % 3 == 0 else bytearray(chunk) if i % 3 == 1 else memoryview(chunk))
 
-    record = storage.atomic_write(path, write)
+    with mock.patch.object(hashing, "PART_AT_MOST", 6 * 1024 * 1024):  # parts cut within the sizes written here
+        record = storage.atomic_write(path, write)
     data = b"".join(chunks)
     assert path.read_bytes() == data
-    assert record == verification.file_digest(path) and record.size == len(data)
+    assert record.size == len(data)
+    if record.parts is None:
+        assert record == verification.file_digest(path)
+        large = [n for n in sizes if n >= parts.PART_AT_LEAST]  # a large write alone in the file is its one part
+        assert not large or len([n for n in sizes if n]) == 1
+        return
+    assert record.digest == codec.parts_digest(record.parts) and len(record.parts) > 1
+    offset, starts = 0, set()
+    for size, digest in record.parts:
+        assert 0 < size <= 6 * 1024 * 1024
+        assert xxhash.xxh3_128(data[offset:offset + size]).hexdigest() == digest
+        starts.add(offset)
+        offset += size
+    assert offset == len(data)
+    written = 0
+    for n in sizes:  # a large write starts a part, and the bytes after it start another
+        if n >= parts.PART_AT_LEAST:
+            assert written in starts and (written + n in starts or written + n == len(data))
+        written += n
+    assert verification.Verifier(tmp_path, {path.name: record.as_dict()}).matches(path, record.as_dict())
 
 
 @pytest.mark.parametrize("size", [0, 1, verification.READ_BLOCK - 1, verification.READ_BLOCK, verification.READ_BLOCK + 1,

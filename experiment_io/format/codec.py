@@ -27,6 +27,8 @@ __all__ = [
     "record_fields",
     "manifest_to_bytes",
     "manifest_from_bytes",
+    "PARTS_DIGEST_NAME",
+    "parts_digest",
 ]
 
 #: Version of the on-disk layout. Raise it whenever a payload or the manifest
@@ -179,7 +181,7 @@ _RECORD_FIELDS = {
     "library_version": (str,), "torch_version": (str,), "max_epochs": (int,), "best_epoch": (int, type(None)),
     "finished": (bool,), "stop_reason": (str, type(None)), "retired": (bool,), "kept": (str,), "host": (str,),
     "command": (str,), "slurm_job_id": (str,), "slurm_restart_count": (int,), "git_commit": (str,),
-    "git_dirty": (bool,), "resumes": (int,), "stopping_value": (int, float, type(None)),
+    "git_dirty": (bool,), "resumes": (int,), "stopping_value": (int, float, type(None)), "parts": (list,),
 }
 _SCALARS = (str, int, float, bool, type(None))
 
@@ -212,6 +214,8 @@ def _check_record(name, fname, record):
         if field not in record:
             raise CorruptCheckpointError(f"{name}: the record of {fname!r} lacks its {field!r}; the manifest is "
                                          "damaged.")
+    if "parts" in record:
+        _check_parts(name, fname, record)
     for field, value in record.items():
         types = _RECORD_FIELDS.get(field, _SCALARS)
         bad = (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
@@ -221,6 +225,28 @@ def _check_record(name, fname, record):
             raise CorruptCheckpointError(
                 f"{name}: field {field!r} of the record of {fname!r} is {value!r}, which is not a valid value; "
                 "the manifest is damaged or forged. Restore the run directory from a copy, or start a new run.")
+
+
+#: The algorithm name of the digest of a record's list of parts (:mod:`experiment_io.storage.parts`).
+PARTS_DIGEST_NAME = "xxh3_128-parts"
+
+
+def parts_digest(parts: Any) -> str:
+    """The digest of a file's parts (``(size, xxh3-128 hex)`` each, in file order), as its record's ``digest``."""
+    listed = ";".join(f"{size}:{digest}" for size, digest in parts)
+    return f"{PARTS_DIGEST_NAME}:{xxhash.xxh3_128(listed.encode()).hexdigest()}"
+
+
+def _check_parts(name, fname, record):
+    parts = record["parts"]
+    well_formed = isinstance(parts, list) and len(parts) > 1 and all(
+        isinstance(part, list) and len(part) == 2 and isinstance(part[0], int) and not isinstance(part[0], bool)
+        and part[0] > 0 and isinstance(part[1], str) and len(part[1]) == 32 for part in parts)
+    if not (well_formed and sum(size for size, _ in parts) == record.get("size")
+            and record.get("digest") == parts_digest(parts)):
+        raise CorruptCheckpointError(f"{name}: the parts of the record of {fname!r} do not add up to its size and "
+                                     "digest; the manifest is damaged or forged. Restore the run directory from a "
+                                     "copy, or start a new run.")
 
 
 def manifest_from_bytes(data: bytes, name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

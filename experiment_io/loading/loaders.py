@@ -26,7 +26,8 @@ from experiment_io.errors import (CheckpointNotFoundError, CorruptCheckpointErro
 from experiment_io.storage.generations import Generation, Role, base_name
 from experiment_io.storage.lock import writer_now
 from experiment_io.run.payloads import BEST_MODEL_NAME, BEST_NAME, LAST_NAME, epoch_checkpoint_name, epoch_model_name
-from experiment_io.run.reading import (check_pairing, load_state_file, load_structure_file, pick_structure_and_state,
+from experiment_io.run.picking import pick_structure_and_state
+from experiment_io.run.reading import (check_pairing, load_state_file, load_structure_file,
                                        require_file, restore_tracker, run_verifier, until_stable, verified_record,
                                        with_remedy)
 from experiment_io.platform import switch
@@ -35,6 +36,7 @@ from experiment_io.experiment.rng import placed_on_cpu, rank_rng_state, set_rank
 from experiment_io.run.skeleton import materialize
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import read_manifest
+from experiment_io.format.codec import HEADER_KEY
 from experiment_io.experiment.training_modules import TrainingModules
 
 if TYPE_CHECKING:
@@ -239,7 +241,7 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
 
     def load():
-        verifier = run_verifier(directory)
+        verifier = run_verifier(directory, defer=True)
         # memory for the checkpoint's tensors is made ready while the file is verified
         # (see experiment_io.platform.residence)
         destination = (Destination.for_file(*map(verifier.path, roles))
@@ -330,13 +332,15 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
                  Role(BEST_MODEL_NAME, Generation.PREVIOUS)]
         wanted = "the best model"
 
+    best = which == "best" and epoch is None
+
     def load():
-        verifier = run_verifier(directory)
+        verifier = run_verifier(directory, defer=True)
         structure_path, structure_record, structure, model_path, record = pick_structure_and_state(
             verifier, roles, strict, False,
             lambda path, record: load_structure_file(path, allow, trusted, record, verifier, model_only=True))
         payload, header = load_state_file(model_path, ("model", "checkpoint"), _location(map_location), record,
-                                          verifier)
+                                          verifier, wanted=lambda payload: _model_of(payload, best))
         return verifier.directory, structure, structure_path, structure_record, payload, header, model_path
 
     try:
@@ -373,6 +377,17 @@ def load_model_from_cwd(map_location: Any = None, model_device: Any = None, *, d
     model.eval()
     log.info("%s (after %s epochs) loaded from %s", wanted, header.get("epochs_done"), model_path)
     return model
+
+
+def _model_of(payload, best):
+    """What of a loaded state file :func:`load_model_from_cwd` uses (``None``: all of it, a model file)."""
+    header = payload.get(HEADER_KEY) if isinstance(payload, dict) else None
+    if not isinstance(header, dict) or header.get("kind") != "checkpoint":
+        return None
+    if not best:
+        return payload.get("model")
+    tracker = payload.get("metric_tracker")
+    return tracker.get("best_model_state") if isinstance(tracker, dict) else None
 
 
 def _kept_epochs(directory):

@@ -19,7 +19,7 @@ import ctypes
 import logging
 import mmap
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -27,7 +27,7 @@ from experiment_io.errors import NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.maps import libc
 
-__all__ = ["Destination", "CannotAdopt", "storage_sizes", "available_memory"]
+__all__ = ["Destination", "CannotAdopt", "storage_sizes", "available_memory", "tensors_in"]
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Destination:
             quantized): its storage cannot be re-pointed, so the caller reads the file instead of mapping it.
         """
         groups: dict[tuple[int, int], tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
-        for tensor in _tensors(payload):
+        for tensor in tensors_in(payload):
             if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized:
                 raise CannotAdopt(f"a {tensor.layout} tensor (nested: {tensor.is_nested}, quantized: "
                                   f"{tensor.is_quantized}) cannot be moved out of the file's map")
@@ -190,7 +190,7 @@ class Destination:
         return payload
 
 
-def _tensors(obj):
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
     """Every tensor in ``obj`` (dicts, lists, tuples), each once."""
     seen = set()
     stack = [obj]

@@ -12,7 +12,7 @@ import signal
 import threading
 from typing import Any, Callable
 
-__all__ = ["worker_thread", "side_thread", "SIDE_DIGEST_BYTES", "in_forked_children"]
+__all__ = ["worker_thread", "side_thread", "on_every_core", "usable_cores", "SIDE_DIGEST_BYTES", "in_forked_children"]
 
 #: Writes at least this large are digested on :func:`side_thread` while they are written.
 SIDE_DIGEST_BYTES = 1024 * 1024
@@ -60,15 +60,16 @@ class _Task:
 
 
 class _SideThread:
-    """One daemon thread that runs calls in the order they were submitted.
+    """Daemon threads (one unless asked) that run calls in the order they were submitted.
 
     Not a ``ThreadPoolExecutor``: that refuses new work once the interpreter starts
     to shut down, while a background save may still be writing.
     """
 
-    def __init__(self):
+    def __init__(self, threads=1, name="experiment_io-digest"):
         self._queue = queue.SimpleQueue()
-        worker_thread(self._serve, name="experiment_io-digest", daemon=True).start()
+        for i in range(threads):
+            worker_thread(self._serve, name=f"{name}-{i}" if threads > 1 else name, daemon=True).start()
 
     def _serve(self):
         while True:
@@ -99,8 +100,66 @@ def side_thread() -> _SideThread:
 
 
 def _forget_side_thread():
-    global _side, _side_lock
+    global _side, _side_lock, _cores, _cores_lock
     _side, _side_lock = None, threading.Lock()  # a forked child has no such thread
+    _cores, _cores_lock = None, threading.Lock()
+
+
+def usable_cores() -> int:
+    """The number of cores this process may run on (its CPU affinity, where the system tells it)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+_cores = None
+_cores_lock = threading.Lock()
+
+
+def on_every_core(function: Callable[[Any], Any], items: Any) -> list[Any]:
+    """``[function(item) for item in items]``, run by one thread per usable core (:func:`usable_cores`).
+
+    For work that lets go of the GIL (digests of large buffers): the calling thread
+    takes part, so a machine of one core runs it in the caller alone. The first error
+    raised is raised here, once every call has ended.
+    """
+    items = list(items)
+    helpers = min(usable_cores(), len(items)) - 1
+    if helpers <= 0:
+        return [function(item) for item in items]
+    global _cores
+    with _cores_lock:
+        if _cores is None:
+            in_forked_children(_forget_side_thread)
+            _cores = _SideThread(usable_cores() - 1, name="experiment_io-parts")
+        pool = _cores
+    results: list[Any] = [None] * len(items)
+    claimed = iter(range(len(items)))
+    claim = threading.Lock()
+
+    def work():
+        while True:
+            with claim:
+                index = next(claimed, None)
+            if index is None:
+                return
+            results[index] = function(items[index])
+
+    tasks = [pool.submit(work) for _ in range(helpers)]
+    error = None
+    try:
+        work()
+    except BaseException as e:  # the helpers are waited for before it goes on
+        error = e
+    for task in tasks:
+        try:
+            task.result()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return results
 
 
 

@@ -37,18 +37,17 @@ from experiment_io.experiment.metric_tracker import MetricTracker
 from experiment_io.storage.appended import read_prefix
 from experiment_io.experiment.training_modules import TrainingModules
 from experiment_io.platform.files import NotARegularFile, descriptor_path
-from experiment_io.storage.verification import Verifier, check_archive
-from experiment_io.platform.threads import worker_thread
+from experiment_io.storage.verification import PartMismatch, Verifier, check_archive, remembering_mismatches
+from experiment_io.platform.residence import tensors_in
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import MANIFEST_NAME, manifest_identity, manifest_path, read_manifest
 
 __all__ = ["restore_tracker", "require_file", "run_verifier", "verified_record", "load_state_file",
-           "load_structure_file", "check_pairing", "pick_structure_and_state", "until_stable", "verified_source",
+           "load_structure_file", "check_pairing", "until_stable", "verified_source",
            "Replaced"]
 
 if TYPE_CHECKING:
     from experiment_io.platform.residence import Destination
-    from experiment_io.storage.generations import Role
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +78,11 @@ def until_stable(load: Callable[[], _T], directory: Union[RunStorage, str, os.Pa
         again too: the files it found were those of a newer save than the manifest
         it had read.
     """
+    with remembering_mismatches():
+        return _until_stable(load, directory)
+
+
+def _until_stable(load, directory):
     replaced = None
     for attempt in range(_ATTEMPTS):
         before = manifest_identity(directory) if directory is not None else None
@@ -86,6 +90,9 @@ def until_stable(load: Callable[[], _T], directory: Union[RunStorage, str, os.Pa
             return load()
         except Replaced as e:
             replaced = e.args[0]
+        except PartMismatch as e:  # found after the file was mapped: load again, taking that file for damaged
+            log.warning("%s", e)
+            continue
         except (CorruptCheckpointError, CheckpointNotFoundError, NotACheckpointError):
             if directory is None or manifest_identity(directory) == before:
                 raise
@@ -158,13 +165,20 @@ def torch_load(path: Union[str, os.PathLike], map_location: Any, *, mmap: bool =
 
 
 @contextlib.contextmanager
-def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier]) -> Iterator[Optional[str]]:
+def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier], *,
+                    finished_by_caller: bool = False) -> Iterator[Optional[str]]:
     """A read of a verified file. Yields the path to read: that of a descriptor opened on the very file that was
     verified, so that what a writer (or anyone) renames over ``path`` meanwhile is never read; :class:`Replaced`
-    when ``path`` names another file by then."""
+    when ``path`` names another file by then.
+
+    What a deferring verifier left unverified (the parts of a file's large tensors) is verified before the read,
+    unless ``finished_by_caller``: the caller then calls :meth:`Verifier.finish` with what it read, before it hands
+    anything over."""
     if verifier is None:
         yield None
         return
+    if not finished_by_caller:
+        verifier.finish(path)
     try:
         fd = verifier.open_verified(path)
     except (FileNotFoundError, NotARegularFile):
@@ -186,17 +200,24 @@ def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier])
 
 def load_state_file(path: str, kinds: Collection[str], map_location: Any, record: Optional[Mapping[str, Any]],
                     verifier: Optional[Verifier] = None, *, mmap: bool = True,
-                    destination: "Optional[Destination]" = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    destination: "Optional[Destination]" = None,
+                    wanted: Optional[Callable[[Any], Any]] = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a verified state file (through a memory map, with ``mmap``); check its kind and version.
 
     With a ``destination`` (:class:`~experiment_io.platform.residence.Destination`), the tensors are copied from
-    the map into the memory it made ready.
+    the map into the memory it made ready. The parts of large tensors that the verifier left (it defers them,
+    :mod:`experiment_io.storage.parts`) are verified once the file is mapped, in the map; with ``wanted`` (a
+    function of the payload that gives what the caller will hand over), only the parts of those tensors: the
+    caller must use nothing else of the payload's tensors.
 
     A model file of format 3 (a plain ``state_dict``) is returned as ``{"model": state_dict}`` with the header
     of its manifest record.
     """
-    with verified_source(path, verifier) as source:
+    with verified_source(path, verifier, finished_by_caller=True) as source:
         payload = torch_load(path, map_location, mmap=mmap, read_from=source, destination=destination)
+        if verifier is not None:
+            chosen = wanted(payload) if wanted is not None else None
+            verifier.finish(path, tensors_in(payload), None if chosen is None else tensors_in(chosen))
     plain_model = fmt.model_from_record(payload, path, record)
     if plain_model is not None:
         if "model" not in kinds:
@@ -283,8 +304,12 @@ def with_remedy(error: CorruptCheckpointError, directory: Union[RunStorage, str,
     return CorruptCheckpointError(f"{error}\nWays on: {way}")
 
 
-def run_verifier(directory: Union[RunStorage, str, os.PathLike, None]) -> Verifier:
+def run_verifier(directory: Union[RunStorage, str, os.PathLike, None], *, defer: bool = False) -> Verifier:
     """The :class:`~experiment_io.storage.verification.Verifier` of a run directory (default: the current one).
+
+    :param defer: leave the parts of large tensors to be verified where the file is mapped
+        (:class:`~experiment_io.storage.verification.Verifier`'s ``defer``); for loaders that read state files with
+        :func:`load_state_file`.
 
     :raises CheckpointNotFoundError: for a missing directory, or one that holds no run.
     :raises CorruptCheckpointError: for state files without a manifest.
@@ -312,88 +337,9 @@ def run_verifier(directory: Union[RunStorage, str, os.PathLike, None]) -> Verifi
             f"{directory} holds no experiment_io run (no {MANIFEST_NAME} or {STRUCTURE_NAME}). "
             "Change to the directory train_model ran in, or start a new run."
         )
-    return Verifier(storage, manifest[1])
+    return Verifier(storage, manifest[1], defer=defer)
 
 
 def _is_file(storage, name):
     found = storage.stat(name)
     return found is not None and found.regular
-
-
-
-class _Concurrently:
-    """Runs ``fn()`` in a thread; :meth:`result` waits for it and returns or raises what it did."""
-
-    def __init__(self, fn):
-        self._outcome = None
-        self._thread = worker_thread(self._run, fn, name="experiment_io-verify", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn):
-        try:
-            self._outcome = (True, fn())
-        except BaseException as e:  # handed to the caller by result()
-            self._outcome = (False, e)
-
-    def result(self):
-        self._thread.join()
-        ok, value = self._outcome
-        if not ok:
-            raise value
-        return value
-
-
-def pick_structure_and_state(verifier: Verifier, roles: "Sequence[Union[Role, str]]", strict: bool, newest_first: bool,
-                             load_structure: Callable[[str, dict], Any],
-                             meanwhile: Optional[Callable[[], Any]] = None) -> tuple[str, dict, Any, str, dict]:
-    """A structure generation, loaded, and a state generation written for it (newest first).
-
-    While the structure file is loaded (``load_structure(path, record)``), the state
-    file is looked for and verified in a second thread: the verification of the
-    state reads its file while the structure is unpickled, and then while
-    ``meanwhile()`` runs, if given (once, after the first structure loaded).
-
-    :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
-    """
-    structures = Search(verifier, [STRUCTURE_NAME], strict)
-    error = None
-    for structure_path, structure_record in structures:
-        digest = structure_record["digest"]
-        state_pick = _Concurrently(lambda: Search(verifier, roles, strict, newest_first=newest_first).first(digest))
-        try:
-            structure = load_structure(structure_path, structure_record)
-        except BaseException as load_error:
-            try:
-                state_pick.result()
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                if isinstance(load_error, Exception):  # no state for this structure: it would not be loaded
-                    error = error or e
-                    continue
-            except Exception:  # the load's error is the one to report
-                pass
-            raise
-        if meanwhile is not None:
-            run, meanwhile = meanwhile, None
-            try:
-                run()
-            except BaseException:  # the verification thread is joined before the error goes on
-                with contextlib.suppress(Exception):
-                    state_pick.result()
-                raise
-        try:
-            pick = state_pick.result()
-        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-            error = error or e
-            continue
-        if structures.problems:
-            log.warning("using %s; skipped: %s", structure_path, "; ".join(structures.problems))
-        return structure_path, structure_record, structure, pick.path, pick.record
-    if error is not None:
-        raise error
-    if not structures.problems:
-        raise CheckpointNotFoundError(f"{verifier.directory} holds no {STRUCTURE_NAME}: nothing there can be loaded "
-                                      "as a model (its manifest records no structure file)")
-    raise CorruptCheckpointError(f"no intact {STRUCTURE_NAME} in {verifier.directory}:\n  - "
-                                 + "\n  - ".join(structures.problems))
-
-

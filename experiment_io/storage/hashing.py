@@ -1,7 +1,11 @@
 """The writer of a file's bytes: digested while written, small writes gathered, write-back started early.
 
 :class:`HashingWriter` is the file object that a save's serializer writes into. It
-digests exactly the bytes of the file, in order (large writes on the side thread,
+digests exactly the bytes of the file, in order, in consecutive parts
+(:mod:`experiment_io.storage.parts`: a write of at least :data:`PART_AT_LEAST` bytes,
+a tensor's data, is a part of its own, cut every :data:`PART_AT_MOST` bytes; the
+bytes between such writes make the other parts), so that a load can verify the
+parts on every core and a tensor's part where the load maps it (large writes on the side thread,
 :func:`~experiment_io.platform.threads.side_thread`, while they are written), gathers
 small writes into blocks of :data:`WRITE_BLOCK` bytes, writes large ones straight
 from the caller's memory, and every :data:`WRITEBACK_EVERY` bytes asks the kernel to
@@ -19,6 +23,8 @@ import xxhash
 
 from experiment_io.platform.threads import SIDE_DIGEST_BYTES, side_thread
 from experiment_io.platform.writeback import Writeback
+from experiment_io.format.codec import parts_digest
+from experiment_io.storage.parts import PART_AT_LEAST, PART_AT_MOST
 from experiment_io.storage.verification import DIGEST_NAME, FileRecord
 
 __all__ = ["HashingWriter", "DIRECT_WRITE", "WRITE_BLOCK", "WRITEBACK_EVERY"]
@@ -54,7 +60,9 @@ class HashingWriter:
     def __init__(self, fd: int, writeback: Writeback | None = None):
         self._fd = fd
         self._writeback = writeback if writeback is not None else Writeback()
-        self._hash = xxhash.xxh3_128()
+        self._hash = xxhash.xxh3_128()  # of the part being written
+        self._part_size = 0
+        self._parts: list[tuple[int, str]] = []  # (size, xxh3-128 hex) of each part written whole
         self._pending = bytearray()
         self._written_back = 0
         self.size = 0
@@ -85,9 +93,9 @@ class HashingWriter:
             raise self.error
         # a large write is digested on the side thread while it is written, and the digest is complete before this
         # returns: the caller may free or reuse its buffer as soon as write() returns
-        digesting = side_thread().submit(self._hash.update, view) if len(view) >= SIDE_DIGEST_BYTES else None
+        digesting = side_thread().submit(self._digest, view) if len(view) >= SIDE_DIGEST_BYTES else None
         if digesting is None:
-            self._hash.update(view)
+            self._digest(view)
         try:
             while view:
                 written = os.write(self._fd, view[:WRITEBACK_EVERY])
@@ -102,12 +110,38 @@ class HashingWriter:
             if digesting is not None:
                 digesting.result()
 
+    def _digest(self, view):
+        if len(view) >= PART_AT_LEAST:  # a part (or parts) of its own
+            self._end_part()
+            for start in range(0, len(view), PART_AT_MOST):
+                piece = view[start:start + PART_AT_MOST]
+                self._parts.append((len(piece), xxhash.xxh3_128(piece).hexdigest()))
+            return
+        while view:
+            piece = view[:PART_AT_MOST - self._part_size]
+            self._hash.update(piece)
+            self._part_size += len(piece)
+            view = view[len(piece):]
+            if self._part_size == PART_AT_MOST:
+                self._end_part()
+
+    def _end_part(self):
+        if self._part_size:
+            self._parts.append((self._part_size, self._hash.hexdigest()))
+            self._hash, self._part_size = xxhash.xxh3_128(), 0
+
     def _start_writeback(self):
         self._writeback.start(self._fd, self._written_back, self.size - self._written_back)
         self._written_back = self.size
 
     def record(self) -> FileRecord:
-        return FileRecord(self.size, f"{DIGEST_NAME}:{self._hash.hexdigest()}")
+        """The file's record: its size and digest, and its parts when it has more than one."""
+        self.flush()
+        self._end_part()
+        if len(self._parts) <= 1:  # the digest of the whole file, as a file of one part always had
+            whole = self._parts[0][1] if self._parts else xxhash.xxh3_128().hexdigest()
+            return FileRecord(self.size, f"{DIGEST_NAME}:{whole}")
+        return FileRecord(self.size, parts_digest(self._parts), tuple(self._parts))
 
     def written(self) -> io.BufferedReader:
         """A readable file object over what was written so far (it reads with ``pread``: the write offset stays)."""

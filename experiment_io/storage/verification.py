@@ -5,21 +5,24 @@ A record holds a file's size and its xxh3-128 digest (:data:`DIGEST_NAME`).
 once, and remembers which file (device and inode) it digested, so that a loader
 can prove that the file it then reads is the one it verified.
 """
+import contextlib
+import contextvars
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import xxhash
 
-from experiment_io.errors import NotACheckpointError
+from experiment_io.errors import CorruptCheckpointError, NotACheckpointError
 from experiment_io.platform.archive import archive_directory
 from experiment_io.platform.files import NotARegularFile, open_regular
 from experiment_io.platform.maps import DIGEST_PART, map_for_reading
 from experiment_io.storage.interface import RunStorage, as_storage
+from experiment_io.storage.parts import record_parts, split_frame, storage_spans, verify_in_memory, verify_parts
 
 __all__ = ["DIGEST_NAME", "MAP_AT_LEAST", "READ_BLOCK", "FileRecord", "file_digest", "file_matches", "Verifier",
-           "check_archive"]
+           "check_archive", "PartMismatch", "remembering_mismatches"]
 
 #: The digest algorithm; its name is stored with every digest.
 DIGEST_NAME = "xxh3_128"
@@ -36,15 +39,20 @@ class FileRecord:
     """What is known of a written file: its size in bytes and its digest.
 
     :ivar size: number of bytes.
-    :ivar digest: ``"<algorithm>:<hex>"``.
+    :ivar digest: ``"<algorithm>:<hex>"``: of the whole file, or (``xxh3_128-parts``) of the list of its parts.
+    :ivar parts: ``None``, or the ``(size, xxh3-128 hex)`` of each of the file's consecutive parts
+        (:mod:`experiment_io.storage.parts`).
     """
 
     size: int
     digest: str
+    parts: Optional[tuple[tuple[int, str], ...]] = None
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"size": ..., "digest": ...}``."""
-        return {"size": self.size, "digest": self.digest}
+        """``{"size": ..., "digest": ...}``, and ``"parts": [[size, hex], ...]`` when it has them."""
+        if self.parts is None:
+            return {"size": self.size, "digest": self.digest}
+        return {"size": self.size, "digest": self.digest, "parts": [list(part) for part in self.parts]}
 
 
 def _digest_fd(fd, map_at_least=MAP_AT_LEAST, part=DIGEST_PART):
@@ -122,6 +130,37 @@ def _identity(stat_result):
     return stat_result.st_dev, stat_result.st_ino
 
 
+class PartMismatch(CorruptCheckpointError):
+    """A part of a file's tensor data, verified after the file was mapped, does not match its record.
+
+    :ivar path: the file's path.
+    """
+
+    def __init__(self, message: str, path: str, identity: tuple[int, int]):
+        super().__init__(message)
+        self.path, self.identity = path, identity
+
+
+#: The files (device, inode) found damaged by a late verification during the current load, with why: a load that
+#: starts over (:func:`remembering_mismatches`) no longer takes them for intact.
+_MISMATCHES: contextvars.ContextVar[Optional[dict[tuple[int, int], str]]] = contextvars.ContextVar(
+    "experiment_io_mismatches", default=None)
+
+
+@contextlib.contextmanager
+def remembering_mismatches() -> Iterator[dict[tuple[int, int], str]]:
+    """Within it, every :class:`Verifier` takes a file that a :class:`PartMismatch` was raised for as damaged."""
+    known = _MISMATCHES.get()
+    if known is not None:
+        yield known
+        return
+    token = _MISMATCHES.set({})
+    try:
+        yield _MISMATCHES.get()  # type: ignore[misc]
+    finally:
+        _MISMATCHES.reset(token)
+
+
 def is_retired(record: Any) -> bool:
     """Whether a manifest record is of a file being removed (see :mod:`experiment_io.training.retention`)."""
     return isinstance(record, dict) and record.get("retired") is True
@@ -142,14 +181,21 @@ class Verifier:
     :param directory: the run's :class:`~experiment_io.storage.interface.RunStorage`, or its directory.
     :param files: the manifest's records; those marked ``"retired"`` (files being
         removed by a retention) are kept apart in ``retired`` and never used.
+    :param defer: a file recorded in parts (:mod:`experiment_io.storage.parts`) is verified by :meth:`matches`
+        only in its frame; the parts of its large tensors are left to :meth:`finish`, which the reader calls once
+        the file is mapped. Without it, :meth:`matches` verifies every byte.
     """
 
-    def __init__(self, directory: Union[RunStorage, str, os.PathLike], files: Mapping[str, Any]):
+    def __init__(self, directory: Union[RunStorage, str, os.PathLike], files: Mapping[str, Any], *,
+                 defer: bool = False):
         self.storage = as_storage(directory)
         self.directory = self.storage.location
         self.files = {name: record for name, record in files.items() if not is_retired(record)}
         self.retired = {name: record for name, record in files.items() if is_retired(record)}
+        self.defer = defer
         self._digests: dict[str, tuple[FileRecord, tuple[int, int]]] = {}
+        self._pending: dict[str, tuple[list, list]] = {}  # path: (parts of tensor data not verified yet, spans)
+        self._problems: dict[str, str] = {}  # path: which part did not match
 
     def path(self, name: str) -> str:
         """The path of ``name`` in the run."""
@@ -177,6 +223,8 @@ class Verifier:
         """
         if record.get("appended") is True:
             return self._prefix_matches(path, record)
+        if record.get("parts") is not None:
+            return self._parts_match(os.path.abspath(path), record)
         try:
             if os.path.abspath(path) not in self._digests and os.lstat(path).st_size != record["size"]:
                 return False
@@ -184,6 +232,65 @@ class Verifier:
         except (FileNotFoundError, NotARegularFile):
             return False
         return actual.size == record["size"] and actual.digest == record["digest"]
+
+    def _parts_match(self, path, record):
+        if path in self._digests and self._digests[path][0].digest == record["digest"]:
+            return True
+        try:
+            fd, st = open_regular(path)
+        except (FileNotFoundError, NotARegularFile):
+            return False
+        try:
+            known = _MISMATCHES.get() or {}
+            if st.st_size != record["size"] or _identity(st) in known:
+                self._problems[path] = known.get(_identity(st), f"found {st.st_size} bytes")
+                return False
+            parts = record_parts(record) or []
+            layout = storage_spans(fd) if self.defer else None
+            frame, data = split_frame(parts, *layout) if layout is not None else (parts, [])
+            bad = verify_parts(fd, frame)
+            if bad is not None:
+                self._problems[path] = _part_problem(bad)
+                return False
+        finally:
+            os.close(fd)
+        parts_held = tuple((size, digest) for _, size, digest in parts)
+        self._digests[path] = (FileRecord(record["size"], record["digest"], parts_held), _identity(st))
+        if data:
+            self._pending[path] = (data, layout[0] if layout is not None else [])
+        return True
+
+    def finish(self, path: Union[str, os.PathLike], tensors: Iterable[Any] = (),
+               wanted: Optional[Iterable[Any]] = None) -> None:
+        """Verify what :meth:`matches` left of the file at ``path``: the parts of its large tensors' data.
+
+        :param tensors: every tensor of the file as just loaded; the parts are digested in their memory when it is
+            the file's map (``torch.load(mmap=True)``), else in the file.
+        :param wanted: only these tensors will be handed over: only their parts are verified.
+        :raises PartMismatch: when a part does not match (a load that starts over in :func:`remembering_mismatches`
+            then takes the file for damaged).
+        """
+        path = os.path.abspath(path)
+        pending = self._pending.pop(path, None)
+        if pending is None:
+            return
+        data, spans = pending
+        bad, left = verify_in_memory(data, spans, tensors, wanted)
+        if bad is None and left:
+            fd = self.open_verified(path)
+            if fd is None:
+                raise CorruptCheckpointError(f"{path} was replaced while it was read; load again.")
+            try:
+                bad = verify_parts(fd, left)
+            finally:
+                os.close(fd)
+        if bad is not None:
+            identity = self._digests.pop(path)[1]
+            problem = self._problems[path] = _part_problem(bad)
+            known = _MISMATCHES.get()
+            if known is not None:
+                known[identity] = problem
+            raise PartMismatch(f"{path}: {problem}. The file was modified after it was written.", path, identity)
 
     def _prefix_matches(self, path, record):
         try:
@@ -219,6 +326,9 @@ class Verifier:
     def describe(self, path: Union[str, os.PathLike], record: Optional[Mapping[str, Any]], *,
                  size: Optional[int] = None) -> str:
         """Why the file at ``path`` is not the generation that ``record`` describes."""
+        problem = self._problems.get(os.path.abspath(path))
+        if problem is not None and record is not None and record.get("parts") is not None and size is None:
+            return f"{path}: expected {record['size']} bytes in {len(record['parts'])} parts, {problem}"
         if size is None:
             try:
                 actual = self.digest(path)
@@ -232,6 +342,11 @@ class Verifier:
         if record is None:
             return f"{path}: {found}, which no manifest record describes"
         return f"{path}: expected {record['size']} bytes with digest {record['digest']}, {found}"
+
+
+def _part_problem(part):
+    offset, size, _ = part
+    return f"the part of bytes {offset} to {offset + size} does not match its digest"
 
 
 def check_archive(path: Union[str, os.PathLike]) -> None:
