@@ -44,7 +44,9 @@ __all__ = [
 #: 4. A checkpoint's metric history is kept in the run's ``metrics.csv``, which every
 #:    epoch appends to: the checkpoint's metric tracker records how far the file goes
 #:    (its size and the digest of that part) instead of holding the history.
-FORMAT_VERSION = 4
+#: 5. A large file's manifest record may list its digest in parts (``"parts"``, see
+#:    :mod:`experiment_io.storage.parts`); its ``digest`` is then that of the list.
+FORMAT_VERSION = 5
 
 #: Key of the header entry in every payload.
 HEADER_KEY = "experiment_io"
