@@ -5,6 +5,10 @@ it wrote at each format version is kept (``run_v1``: format version 1, whose
 structure file still holds the model's initial weights); the tests load every
 kept directory with the current code. The model and losses are torch classes and
 the database is in memory, so that loading needs nothing from the tests.
+
+The files are digested in parts of at most 4 KiB (a large file's parts, format
+version 5), so that the small files of the run are recorded in parts as large
+files are.
 """
 import os
 import sys
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 
 from experiment_io import Database, Evaluator, SetupParams, TrainingModules, setup_training, train_model
+from experiment_io.storage import hashing
 
 
 def golden_database():
@@ -42,4 +47,5 @@ def main(directory):
 
 
 if __name__ == "__main__":
+    hashing.PART_AT_LEAST, hashing.PART_AT_MOST = 1024, 4096
     main(sys.argv[1])
