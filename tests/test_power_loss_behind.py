@@ -11,6 +11,8 @@ state after a save's durability has finished must load that save.
 """
 import os
 import shutil
+import subprocess
+import sys
 
 
 from experiment_io.storage import atomic as storage
@@ -127,3 +129,31 @@ def test_a_save_made_durable_behind_is_waited_for_before_the_next_rotates_it(tmp
     assert ("directory_fsynced", "last_checkpoint.pt") in order[:first_rotation]
     assert order[-1][0] == "directory_fsynced" and ("fsynced", "last_checkpoint.pt") in order[first_rotation:]
     assert (run / PREVIOUS_MANIFEST_NAME).exists()
+
+
+def test_a_process_that_exits_right_after_a_save_waits_for_its_durability(tmp_path):
+    """The fsyncs run on one long-lived thread behind the loop; a process that ends straight after a save (no
+    wait of its own) still makes that save durable before it exits."""
+    run = tmp_path / "run"
+    build_run(str(run))
+    marker = tmp_path / "fsynced.txt"
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from experiment_io.storage import atomic as storage
+from helpers import saver
+real = os.fsync
+def slow(fd):
+    time.sleep(0.05)
+    real(fd)
+    with open({str(marker)!r}, "a") as f:
+        f.write("x")
+save = saver({str(run)!r}, durable=False)
+save(3)
+os.fsync = slow
+save(4)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # save 4's file, its manifest and the directory: each fsync slowed, none cut off by the exit
+    assert marker.exists() and len(marker.read_text()) >= 3

@@ -11,7 +11,10 @@ read and check them) at the disk's speed.
 
 The records come from torch's own serializer (``torch.serialization._save``), so
 the pickle is exactly what ``torch.save`` writes; only the zip container is written
-here. Where that function is missing or does not take the expected arguments (another
+here. An object of few tensor bytes (under :data:`IN_MEMORY_BELOW`: a small model's
+checkpoint) is written by ``torch.save`` itself into memory, then in one write: there
+torch's C++ container costs less than records written from Python, and the file gets
+one write instead of hundreds. Where that function is missing or does not take the expected arguments (another
 torch release), :func:`save` is ``torch.save``.
 """
 
@@ -59,6 +62,32 @@ _END = struct.Struct("<IHHHHIIH")
 _UTF8 = 0x0800  # names in UTF-8
 _FLAGS = 0x0808  # names in UTF-8; sizes and CRC-32 in a data descriptor after the data
 _VERSION_ZIP64 = 45
+
+#: An object whose tensors hold fewer bytes than this is written by ``torch.save`` into memory, then in one write.
+IN_MEMORY_BELOW = 1024 * 1024
+_PLAIN = (str, int, float, bool, type(None), bytes)
+
+
+def _few_tensor_bytes(obj, limit):
+    """Whether ``obj`` is made of containers, plain values and tensors holding fewer than ``limit`` bytes."""
+    total, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _PLAIN):
+            continue
+        if isinstance(item, torch.Tensor):
+            if item.layout != torch.strided:  # sparse, nested: torch's writer the usual way
+                return False
+            total += item.untyped_storage().nbytes() if item.device.type != "meta" else 0
+            if total >= limit:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,6 +227,14 @@ def save(obj: Any, f: Any, pickle_module: Any = None) -> None:
     ``torch.save``'s. With the fast paths off (:mod:`experiment_io.platform.switch`) it is ``torch.save``.
     """
     pickle_module = pickle_module or torch.serialization.pickle
+    if switch.enabled() and _few_tensor_bytes(obj, IN_MEMORY_BELOW):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, pickle_module=pickle_module)
+        f.write(buffer.getbuffer())
+        flush = getattr(f, "flush", None)
+        if flush is not None:
+            flush()
+        return
     serializer: Any = _usable_serializer(getattr(torch.serialization, "_save", None)) if switch.enabled() else None
     layout = _torch_archive_layout(torch.serialization.save) if serializer is not None else None
     if layout is None:
