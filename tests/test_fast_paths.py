@@ -28,6 +28,7 @@ from experiment_io.storage import verification
 from experiment_io.storage.generations import previous_name
 from experiment_io.storage.generations import Generation, Role, Search
 import experiment_io.run.reading as reading
+import experiment_io.run.picking as picking
 import experiment_io.storage.atomic as storage
 from experiment_io.storage import hashing, parts
 from experiment_io.format import codec
@@ -507,6 +508,7 @@ def test_digest_reads_the_file_where_it_cannot_be_mapped(tmp_path, monkeypatch):
 
 def test_state_is_verified_in_a_second_thread_while_the_structure_loads(run_copy, monkeypatch):
     directory, database = run_copy
+    monkeypatch.setattr(picking, "INLINE_BELOW", 0)  # this run's files are small: verified inline otherwise
     threads, real = {}, verification.Verifier.digest
 
     def digest(self, path):
@@ -518,6 +520,23 @@ def test_state_is_verified_in_a_second_thread_while_the_structure_loads(run_copy
     assert threads[STRUCTURE_NAME] == threading.main_thread().name
     assert threads[LAST_NAME] == "experiment_io-verify"
     assert not any(t.name == "experiment_io-verify" for t in threading.enumerate())
+
+
+def test_small_state_files_are_verified_without_a_thread(run_copy, monkeypatch):
+    directory, database = run_copy
+    threads, real = {}, verification.Verifier.digest
+    started = []
+    real_start = threading.Thread.start
+
+    def digest(self, path):
+        threads.setdefault(os.path.basename(path), threading.current_thread().name)
+        return real(self, path)
+
+    monkeypatch.setattr(verification.Verifier, "digest", digest)
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name) or real_start(self))
+    load_model_from_cwd(directory=str(directory))
+    assert threads[BEST_MODEL_NAME] == threading.main_thread().name
+    assert "experiment_io-verify" not in started
 
 
 def test_an_error_of_the_structure_load_waits_for_the_verification_thread(run_copy, monkeypatch):
@@ -636,6 +655,7 @@ def test_a_resume_makes_memory_ready_while_the_state_is_verified(run_copy, monke
 
     monkeypatch.setattr(residence.Destination, "fill", fill)
     monkeypatch.setattr(verification.Verifier, "digest", digest)
+    monkeypatch.setattr(picking, "INLINE_BELOW", 0)  # this run's files are small: verified inline otherwise
     load_checkpoint_from_cwd(directory=str(directory), database=database, restore_rng=False)
     fills = [c for c in calls if c[0] == "fill"]
     assert fills == [("fill", threading.main_thread().name, fills[0][2])] and fills[0][2] > 0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 from experiment_io.errors import CheckpointNotFoundError, CorruptCheckpointError
 from experiment_io.platform.threads import worker_thread
 from experiment_io.run.payloads import STRUCTURE_NAME
-from experiment_io.storage.generations import Search
+from experiment_io.storage.generations import Search, previous_name
 from experiment_io.storage.verification import Verifier
 
 __all__ = ["pick_structure_and_state"]
@@ -22,12 +22,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: State files that hold fewer bytes than this together are verified after the structure is loaded, in the
+#: caller's thread: starting a thread would cost more than it saves.
+INLINE_BELOW = 1024 * 1024
+
+
 class _Concurrently:
     """Runs ``fn()`` in a thread, in a copy of the caller's context (:mod:`contextvars`); :meth:`result` waits for
-    it and returns or raises what it did."""
+    it and returns or raises what it did. ``inline``: ``fn()`` runs in :meth:`result` instead."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, inline=False):
         self._outcome = None
+        if inline:
+            self._thread, self._fn = None, fn
+            return
         context = contextvars.copy_context()
         self._thread = worker_thread(self._run, lambda: context.run(fn), name="experiment_io-verify", daemon=True)
         self._thread.start()
@@ -39,7 +47,12 @@ class _Concurrently:
             self._outcome = (False, e)
 
     def result(self):
-        self._thread.join()
+        if self._thread is None:
+            fn, self._fn = self._fn, None
+            if fn is not None:
+                self._run(fn)
+        else:
+            self._thread.join()
         ok, value = self._outcome
         if not ok:
             raise value
@@ -54,15 +67,20 @@ def pick_structure_and_state(verifier: Verifier, roles: "Sequence[Union[Role, st
     While the structure file is loaded (``load_structure(path, record)``), the state
     file is looked for and verified in a second thread: the verification of the
     state reads its file while the structure is unpickled, and then while
-    ``meanwhile()`` runs, if given (once, after the first structure loaded).
+    ``meanwhile()`` runs, if given (once, after the first structure loaded). State
+    files of fewer than :data:`INLINE_BELOW` bytes are verified after, in this thread.
 
     :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
     """
     structures = Search(verifier, [STRUCTURE_NAME], strict)
+    names = [getattr(role, "name", role) for role in roles]
+    small = sum(verifier.files[n].get("size", 0) for n in {*names, *map(previous_name, names)}
+                if n in verifier.files) < INLINE_BELOW
     error = None
     for structure_path, structure_record in structures:
         digest = structure_record["digest"]
-        state_pick = _Concurrently(lambda: Search(verifier, roles, strict, newest_first=newest_first).first(digest))
+        state_pick = _Concurrently(lambda: Search(verifier, roles, strict, newest_first=newest_first).first(digest),
+                                   inline=small)
         try:
             structure = load_structure(structure_path, structure_record)
         except BaseException as load_error:
