@@ -241,7 +241,9 @@ def load_checkpoint_from_cwd(map_location: Any = None, model_device: Any = None,
     roles = [LAST_NAME, BEST_NAME] if which == "last" else [BEST_NAME]
 
     def load():
-        verifier = run_verifier(directory, defer=True)
+        # verified whole while the structure loads: a resume copies the tensors out of the map (or reads them), so
+        # verifying them in the map would only come after, instead of beside the memory made ready
+        verifier = run_verifier(directory)
         # memory for the checkpoint's tensors is made ready while the file is verified
         # (see experiment_io.platform.residence)
         destination = (Destination.for_file(*map(verifier.path, roles))
