@@ -119,6 +119,19 @@ class _LibcMap:
                 part.release()
                 self._libc.madvise(self._address + offset, length, mmap.MADV_DONTNEED)
 
+    def digest(self, offset, length, digest):
+        """``digest(bytes)`` of ``length`` bytes at ``offset``: faulted in by one call, let go after (several
+        threads may digest parts of one map at once)."""
+        start = offset - offset % mmap.PAGESIZE
+        if self._cached:
+            self._libc.madvise(self._address + start, offset + length - start, _MADV_POPULATE_READ)
+        part = self.view[offset:offset + length]
+        try:
+            return digest(part)
+        finally:
+            part.release()
+            self._libc.madvise(self._address + start, offset + length - start, mmap.MADV_DONTNEED)
+
     def __enter__(self):
         return self
 
@@ -138,6 +151,11 @@ class _PythonMap:
 
     def parts(self, size=DIGEST_PART):
         yield self._map
+
+    def digest(self, offset, length, digest):
+        """``digest(bytes)`` of ``length`` bytes at ``offset``."""
+        with memoryview(self._map) as view:
+            return digest(view[offset:offset + length])
 
     def __enter__(self):
         return self

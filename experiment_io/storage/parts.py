@@ -34,7 +34,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import xxhash
 
-from experiment_io.platform.maps import libc
+from experiment_io.platform.maps import libc, map_for_reading
 from experiment_io.platform.threads import on_every_core
 
 __all__ = ["PART_AT_LEAST", "PART_AT_MOST", "Part", "record_parts",
@@ -75,6 +75,10 @@ def _populate(address, size):
         functions.madvise(start, address + size - start, _MADV_POPULATE_READ)  # fails harmlessly before Linux 5.14
 
 
+def _hex(data):
+    return xxhash.xxh3_128(data).hexdigest()
+
+
 def _hex_at(address, size):
     """The xxh3-128 of ``size`` bytes of this process's memory at ``address`` (faulted in by one call first)."""
     _populate(address, size)
@@ -92,18 +96,12 @@ def verify_parts(fd: int, parts: Sequence[Part]) -> Optional[Part]:
     if any(offset + length > size for offset, length, _ in parts):
         return next(part for part in parts if part[0] + part[1] > size)
     try:
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if hasattr(mmap, "PROT_READ") else mmap.mmap(
-            fd, size, access=mmap.ACCESS_READ)
+        mapped = map_for_reading(fd, size)
     except (OSError, ValueError):  # a file system without mmap: read each part
-        digests = on_every_core(lambda part: xxhash.xxh3_128(os.pread(fd, part[1], part[0])).hexdigest(), parts)
+        digests = on_every_core(lambda part: _hex(os.pread(fd, part[1], part[0])), parts)
     else:
-        with mapped:
-            view = memoryview(mapped)
-            try:
-                digests = on_every_core(lambda part: xxhash.xxh3_128(view[part[0]:part[0] + part[1]]).hexdigest(),
-                                        parts)
-            finally:
-                view.release()
+        with mapped:  # each part faulted in by one call and let go after: the map never holds the whole file
+            digests = on_every_core(lambda part: mapped.digest(part[0], part[1], _hex), parts)
     return next((part for part, digest in zip(parts, digests) if digest != part[2]), None)
 
 
