@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib computes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save", "archive_directory"]
+__all__ = ["save", "archive_directory", "IN_MEMORY_BELOW"]
 
 #: What a record's data offset is a multiple of (``torch.load(mmap=True)`` maps storages in place), unless
 #: torch's configuration says otherwise (``torch.utils.serialization.config.save.storage_alignment``).

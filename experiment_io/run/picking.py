@@ -14,7 +14,7 @@ from experiment_io.run.payloads import STRUCTURE_NAME
 from experiment_io.storage.generations import Search, previous_name
 from experiment_io.storage.verification import Verifier
 
-__all__ = ["pick_structure_and_state"]
+__all__ = ["pick_structure_and_state", "INLINE_BELOW"]
 
 if TYPE_CHECKING:
     from experiment_io.storage.generations import Role
@@ -73,8 +73,8 @@ def pick_structure_and_state(verifier: Verifier, roles: "Sequence[Union[Role, st
     :return: ``(structure_path, structure_record, structure, state_path, state_record)``.
     """
     structures = Search(verifier, [STRUCTURE_NAME], strict)
-    names = [getattr(role, "name", role) for role in roles]
-    small = sum(verifier.files[n].get("size", 0) for n in {*names, *map(previous_name, names)}
+    names = [str(getattr(role, "name", role)) for role in roles]
+    small = sum(verifier.files[n].get("size", 0) for n in {*names, *(previous_name(n) for n in names)}
                 if n in verifier.files) < INLINE_BELOW
     error = None
     for structure_path, structure_record in structures:

@@ -172,7 +172,8 @@ def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier],
     when ``path`` names another file by then.
 
     What a deferring verifier left unverified (the parts of a file's large tensors) is verified before the read,
-    unless ``finished_by_caller``: the caller then calls :meth:`Verifier.finish` with what it read, before it hands
+    unless ``finished_by_caller``: the caller then calls
+    :meth:`~experiment_io.storage.verification.Verifier.finish` with what it read, before it hands
     anything over."""
     if verifier is None:
         yield None

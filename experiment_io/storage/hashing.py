@@ -2,14 +2,16 @@
 
 :class:`HashingWriter` is the file object that a save's serializer writes into. It
 digests exactly the bytes of the file, in order, in consecutive parts
-(:mod:`experiment_io.storage.parts`: a write of at least :data:`PART_AT_LEAST` bytes,
-a tensor's data, is a part of its own, cut every :data:`PART_AT_MOST` bytes; the
-bytes between such writes make the other parts), so that a load can verify the
-parts on every core and a tensor's part where the load maps it (large writes on the side thread,
-:func:`~experiment_io.platform.threads.side_thread`, while they are written), gathers
-small writes into blocks of :data:`WRITE_BLOCK` bytes, writes large ones straight
-from the caller's memory, and every :data:`WRITEBACK_EVERY` bytes asks the kernel to
-start writing back what was written so far
+(:mod:`experiment_io.storage.parts`): a write of at least
+:data:`~experiment_io.storage.parts.PART_AT_LEAST` bytes (a large tensor's data)
+makes parts of its own, at most :data:`~experiment_io.storage.parts.PART_AT_MOST`
+bytes each, and the bytes between such writes make the other parts, so that a load
+can verify the parts on every core and a tensor's parts where the load maps it.
+Large writes are digested on the side thread
+(:func:`~experiment_io.platform.threads.side_thread`) while they are written. The
+writer gathers small writes into blocks of :data:`WRITE_BLOCK` bytes, writes large
+ones straight from the caller's memory, and every :data:`WRITEBACK_EVERY` bytes asks
+the kernel to start writing back what was written so far
 (:class:`~experiment_io.platform.writeback.Writeback`), so that the final fsync
 has little left to wait for.
 """
