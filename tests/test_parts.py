@@ -4,6 +4,7 @@ a tensor's parts where the load maps it, only what a partial load hands over.
 import json
 import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,60 @@ def test_forged_parts_make_the_manifest_unreadable(run_copy, forge):
     rewrite_manifest(run_copy, edit)
     with pytest.raises(CorruptCheckpointError, match="parts of the record"):
         read_manifest(run_copy)
+
+
+def test_a_damaged_zip_directory_makes_the_load_fall_back(run_copy):
+    """Where the parts lie is read from the zip directory before the directory is verified: a directory whose
+    offsets point anywhere (here before the file's start) leaves the file to be verified whole, and it fails."""
+    path = run_copy / BEST_MODEL_NAME
+    data = bytearray(path.read_bytes())
+    for signature, field in ((b"PK\x06\x06", 48), (b"PK\x05\x06", 16)):  # zip64 end record, end record
+        at = data.rfind(signature)
+        if at >= 0:
+            width = 8 if signature == b"PK\x06\x06" else 4
+            data[at + field:at + field + width] = (len(data) * 3).to_bytes(width, "little")
+    path.write_bytes(bytes(data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert parts.storage_spans(fd) is None
+    finally:
+        os.close(fd)
+    with pytest.raises(CorruptCheckpointError):
+        load_model_from_cwd(directory=str(run_copy), mmap=True, allow=[WideNet], strict=True)
+    model = load_model_from_cwd(directory=str(run_copy), mmap=True, allow=[WideNet])
+    best = torch.load(run_copy / LAST_NAME, weights_only=True)["metric_tracker"]["best_model_state"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+
+
+def test_tensors_without_a_storage_of_their_own_are_left_to_the_file():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CSR support is "beta"
+        csr = torch.eye(4).to_sparse_csr()
+    assert parts._storages([csr, torch.zeros(0)]) == {}
+
+
+def test_an_interrupted_verification_waits_for_its_helpers(monkeypatch):
+    """A helper may be reading the map the caller frees once it gives up: the caller waits for every helper, and
+    the helpers take no new part, before the interrupt goes on."""
+    import threading
+    import time
+
+    from experiment_io.platform import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    running, finished, lock = [0], [], threading.Lock()
+
+    def work(item):
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.05)  # the helpers are in the middle of their first parts
+            raise KeyboardInterrupt
+        with lock:
+            running[0] += 1
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            finished.append(item)
+
+    with pytest.raises(KeyboardInterrupt):
+        threads.on_every_core(work, range(40))
+    assert running[0] == 0 and 0 < len(finished) < 39

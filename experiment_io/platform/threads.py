@@ -54,6 +54,9 @@ class _Task:
         finally:
             self._done.set()
 
+    def done(self):
+        return self._done.is_set()
+
     def result(self):
         self._done.wait()
         if self._error is not None:
@@ -126,7 +129,8 @@ def durability_thread() -> _SideThread:
 
 
 def _wait_for_durability(thread):
-    thread.submit(lambda: None).result()  # the calls run in order: every one submitted before has ended
+    if thread is _durability:  # not in a forked child, which has no such thread
+        thread.submit(lambda: None).result()  # the calls run in order: every one submitted before has ended
 
 
 def usable_cores() -> int:
@@ -161,9 +165,10 @@ def on_every_core(function: Callable[[Any], Any], items: Any) -> list[Any]:
     results: list[Any] = [None] * len(items)
     claimed = iter(range(len(items)))
     claim = threading.Lock()
+    stop = threading.Event()
 
     def work():
-        while True:
+        while not stop.is_set():
             with claim:
                 index = next(claimed, None)
             if index is None:
@@ -176,11 +181,17 @@ def on_every_core(function: Callable[[Any], Any], items: Any) -> list[Any]:
         work()
     except BaseException as e:  # the helpers are waited for before it goes on
         error = e
+        stop.set()
     for task in tasks:
-        try:
-            task.result()
-        except BaseException as e:
-            error = error or e
+        while True:
+            try:
+                task.result()
+            except BaseException as e:  # the helper's error, or an interrupt while waiting for it
+                error = error or e
+                stop.set()  # the helpers take no new item
+                if not task.done():  # interrupted: the helper may still read memory the caller is about to free
+                    continue
+            break
     if error is not None:
         raise error
     return results

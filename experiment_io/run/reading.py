@@ -92,6 +92,7 @@ def _until_stable(load, directory):
             replaced = e.args[0]
         except PartMismatch as e:  # found after the file was mapped: load again, taking that file for damaged
             log.warning("%s", e)
+            replaced = e.path
             continue
         except (CorruptCheckpointError, CheckpointNotFoundError, NotACheckpointError):
             if directory is None or manifest_identity(directory) == before:
@@ -178,8 +179,6 @@ def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier],
     if verifier is None:
         yield None
         return
-    if not finished_by_caller:
-        verifier.finish(path)
     try:
         fd = verifier.open_verified(path)
     except (FileNotFoundError, NotARegularFile):
@@ -188,6 +187,8 @@ def verified_source(path: Union[str, os.PathLike], verifier: Optional[Verifier],
         raise Replaced(path)
     source = descriptor_path(fd)
     try:
+        if not finished_by_caller:
+            verifier.finish(path, read_from=source)
         yield source
     except NotACheckpointError:
         if not verifier.unchanged(path):
@@ -218,7 +219,8 @@ def load_state_file(path: str, kinds: Collection[str], map_location: Any, record
         payload = torch_load(path, map_location, mmap=mmap, read_from=source, destination=destination)
         if verifier is not None:
             chosen = wanted(payload) if wanted is not None else None
-            verifier.finish(path, tensors_in(payload), None if chosen is None else tensors_in(chosen))
+            verifier.finish(path, tensors_in(payload), None if chosen is None else tensors_in(chosen),
+                            read_from=source)
     plain_model = fmt.model_from_record(payload, path, record)
     if plain_model is not None:
         if "model" not in kinds:

@@ -32,6 +32,7 @@ import struct
 import zipfile
 from typing import Any, Iterable, Optional, Sequence
 
+import torch
 import xxhash
 
 from experiment_io.platform.maps import libc, map_for_reading
@@ -118,15 +119,16 @@ def storage_spans(fd: int) -> Optional[tuple[list[tuple[int, int]], int]]:
             large = [(info.header_offset, info.file_size) for info in archive.infolist()
                      if info.file_size >= PART_AT_LEAST and _DATA_RECORD.match(info.filename)
                      and info.compress_type == zipfile.ZIP_STORED]
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        spans = []
+        for header_offset, size in large:  # the directory is not verified yet: any offset may be found here
+            header = os.pread(fd, _LOCAL_HEADER.size, header_offset)
+            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                return None
+            *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+            spans.append((header_offset + _LOCAL_HEADER.size + name_length + extra_length, size))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, OverflowError, EOFError,
+            NotImplementedError, struct.error):
         return None
-    spans = []
-    for header_offset, size in large:
-        header = os.pread(fd, _LOCAL_HEADER.size, header_offset)
-        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-            return None
-        *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-        spans.append((header_offset + _LOCAL_HEADER.size + name_length + extra_length, size))
     return sorted(spans), start
 
 
@@ -154,7 +156,7 @@ def split_frame(parts: Sequence[Part], spans: Sequence[tuple[int, int]],
 def _storages(tensors):
     found = {}
     for tensor in tensors:
-        if tensor.device.type == "cpu" and not tensor.is_sparse:
+        if tensor.device.type == "cpu" and tensor.layout == torch.strided:  # sparse, nested: no storage of its own
             storage = tensor.untyped_storage()
             if storage.nbytes():
                 found[storage.data_ptr()] = storage.nbytes()

@@ -261,12 +261,15 @@ class Verifier:
         return True
 
     def finish(self, path: Union[str, os.PathLike], tensors: Iterable[Any] = (),
-               wanted: Optional[Iterable[Any]] = None) -> None:
+               wanted: Optional[Iterable[Any]] = None, *, read_from: Optional[str] = None) -> None:
         """Verify what :meth:`matches` left of the file at ``path``: the parts of its large tensors' data.
 
         :param tensors: every tensor of the file as just loaded; the parts are digested in their memory when it is
             the file's map (``torch.load(mmap=True)``), else in the file.
         :param wanted: only these tensors will be handed over: only their parts are verified.
+        :param read_from: the path of a descriptor open on the verified file (what
+            :func:`~experiment_io.platform.files.descriptor_path` gives): the parts left are read there, whatever was
+            renamed over ``path`` since.
         :raises PartMismatch: when a part does not match (a load that starts over in :func:`remembering_mismatches`
             then takes the file for damaged).
         """
@@ -277,9 +280,7 @@ class Verifier:
         data, spans = pending
         bad, left = verify_in_memory(data, spans, tensors, wanted)
         if bad is None and left:
-            fd = self.open_verified(path)
-            if fd is None:
-                raise CorruptCheckpointError(f"{path} was replaced while it was read; load again.")
+            fd = self._reopen(path, read_from)
             try:
                 bad = verify_parts(fd, left)
             finally:
@@ -291,6 +292,23 @@ class Verifier:
             if known is not None:
                 known[identity] = problem
             raise PartMismatch(f"{path}: {problem}. The file was modified after it was written.", path, identity)
+
+    def _reopen(self, path, read_from):
+        """A descriptor of the very file verified at ``path`` (through ``read_from`` when given)."""
+        try:
+            if read_from is not None:
+                fd = os.open(read_from, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if _identity(os.fstat(fd)) == self._digests[path][1]:
+                    return fd
+                os.close(fd)
+            else:
+                fd = self.open_verified(path)
+                if fd is not None:
+                    return fd
+        except (FileNotFoundError, NotARegularFile):
+            pass
+        raise CorruptCheckpointError(f"{path} was replaced or removed while it was read (a process is writing the "
+                                     "run); load again.")
 
     def _prefix_matches(self, path, record):
         try:
