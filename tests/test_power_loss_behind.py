@@ -132,8 +132,8 @@ def test_a_save_made_durable_behind_is_waited_for_before_the_next_rotates_it(tmp
 
 
 def test_a_process_that_exits_right_after_a_save_waits_for_its_durability(tmp_path):
-    """The fsyncs run on one long-lived thread behind the loop; a process that ends straight after a save (no
-    wait of its own) still makes that save durable before it exits."""
+    """The fsyncs run on a thread behind the loop; a process that ends straight after a save (no wait of its own)
+    still makes that save durable before it exits."""
     run = tmp_path / "run"
     build_run(str(run))
     marker = tmp_path / "fsynced.txt"

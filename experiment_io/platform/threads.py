@@ -5,7 +5,6 @@ outside, so that they reach the main thread, where Python runs their handlers.
 :func:`side_thread` is the one worker that digests (and checksums) large writes
 while the writing thread writes them.
 """
-import atexit
 import functools
 import os
 import queue
@@ -13,8 +12,7 @@ import signal
 import threading
 from typing import Any, Callable
 
-__all__ = ["worker_thread", "side_thread", "durability_thread", "on_every_core", "usable_cores", "SIDE_DIGEST_BYTES",
-           "in_forked_children"]
+__all__ = ["worker_thread", "side_thread", "on_every_core", "usable_cores", "SIDE_DIGEST_BYTES", "in_forked_children"]
 
 #: Writes at least this large are digested on :func:`side_thread` while they are written.
 SIDE_DIGEST_BYTES = 1024 * 1024
@@ -105,32 +103,9 @@ def side_thread() -> _SideThread:
 
 
 def _forget_side_thread():
-    global _side, _side_lock, _cores, _cores_lock, _durability, _durability_lock
+    global _side, _side_lock, _cores, _cores_lock
     _side, _side_lock = None, threading.Lock()  # a forked child has no such thread
     _cores, _cores_lock = None, threading.Lock()
-    _durability, _durability_lock = None, threading.Lock()
-
-
-_durability = None
-_durability_lock = threading.Lock()
-
-
-def durability_thread() -> _SideThread:
-    """The one worker thread that makes saves durable (fsyncs) behind the training loop, in the order they were
-    submitted. Started once (a thread started at every save cost a small model's loop half a millisecond an
-    epoch); the interpreter waits for what was submitted to it before it exits."""
-    global _durability
-    with _durability_lock:
-        if _durability is None:
-            in_forked_children(_forget_side_thread)
-            _durability = _SideThread(name="experiment_io-durability")
-            atexit.register(_wait_for_durability, _durability)
-        return _durability
-
-
-def _wait_for_durability(thread):
-    if thread is _durability:  # not in a forked child, which has no such thread
-        thread.submit(lambda: None).result()  # the calls run in order: every one submitted before has ended
 
 
 def usable_cores() -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from typing import Any, Mapping, Optional
 
 import xxhash
@@ -104,6 +105,7 @@ class AppendedFile:
     def __init__(self, storage: RunStorage, name: str):
         self.storage, self.name = storage, name
         self._fd: Optional[int] = None
+        self._closing = threading.Lock()  # make_durable (behind the loop) and close, one at a time
         self._hash = xxhash.xxh3_128()
         self.size = 0
 
@@ -163,12 +165,13 @@ class AppendedFile:
         self.size += len(data)
 
     def make_durable(self) -> None:
-        """fsync what was appended."""
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
-                raise CheckpointWriteError(f"could not make {self.storage.path(self.name)} durable: {e}") from e
+        """fsync what was appended (nothing once closed: a thread behind the loop may call it as the file closes)."""
+        with self._closing:
+            if self._fd is not None:
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:
+                    raise CheckpointWriteError(f"could not make {self.storage.path(self.name)} durable: {e}") from e
 
     def record(self) -> FileRecord:
         """The size and digest of the file as far as it goes now."""
@@ -176,6 +179,7 @@ class AppendedFile:
 
     def close(self) -> None:
         """Close the file (it stays as it is)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._closing:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

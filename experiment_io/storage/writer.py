@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from typing import Any, Mapping, Sequence, cast
+from typing import Mapping, Sequence, cast
 
 from experiment_io.errors import CheckpointWriteError, CorruptCheckpointError, NotACheckpointError
 from experiment_io.format import codec as fmt
@@ -15,7 +16,7 @@ from experiment_io.storage.generations import previous_name
 from experiment_io.storage.interface import RunStorage, as_storage
 from experiment_io.storage.manifest import (MANIFEST_NAME, PREVIOUS_MANIFEST_NAME, manifest_identity, read_manifest,
                                             write_manifest)
-from experiment_io.platform.threads import durability_thread
+from experiment_io.platform.threads import worker_thread
 
 __all__ = ["RunWriter", "ORPHANS_KEPT"]
 
@@ -46,7 +47,7 @@ class RunWriter:
         self.directory = self.storage.location
         self.storage.create()
         self._manifest_identity: tuple | None = None
-        self._behind: Any = None  # the task making the newest save durable (on durability_thread())
+        self._behind: threading.Thread | None = None  # making the newest save durable
         self._behind_error: BaseException | None = None
         self._durable_known = False  # whether the committed files are known to be durable
         self._reload()
@@ -84,7 +85,7 @@ class RunWriter:
             process does not lose it, a power loss may).
         """
         if self._behind is not None:
-            self._behind.result()
+            self._behind.join()
             self._behind = None
             self._durable_known = self._behind_error is None
         error, self._behind_error = self._behind_error, None
@@ -119,7 +120,8 @@ class RunWriter:
             except BaseException as e:  # reported by the next wait_durable()
                 self._behind_error = e
 
-        self._behind = durability_thread().submit(make_durable)
+        self._behind = worker_thread(make_durable, name="experiment_io-durability", daemon=False)
+        self._behind.start()
 
     def save_files(self, writes: Mapping[str, tuple], retire: Sequence[str] = (),
                    kept: Mapping[str, str] | None = None, appended: Mapping[str, tuple] | None = None, *,
