@@ -13,6 +13,7 @@ from experiment_io import Evaluator, SetupParams, TrainingModules, setup_trainin
 from experiment_io.errors import CorruptCheckpointError
 from experiment_io.frontends.cli import main as cli_main
 from experiment_io.loading.loaders import load_checkpoint_from_cwd, load_model_from_cwd
+from experiment_io.platform.residence import tensors_in
 from experiment_io.run.payloads import BEST_MODEL_NAME, LAST_NAME
 from experiment_io.storage import parts
 from experiment_io.storage.manifest import MANIFEST_NAME, read_manifest
@@ -67,21 +68,10 @@ def _offset_of(path, select):
     finally:
         os.close(fd)
     storages = sorted({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                       for t in _tensors(payload)}.items())
+                       for t in tensors_in(payload)}.items())
     large = [pointer for pointer, size in storages if size >= parts.PART_AT_LEAST]
     distance = large[0] - spans[0][0]
     return select(payload).untyped_storage().data_ptr() - distance
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
 
 
 def test_large_files_are_recorded_in_parts_that_cover_them(wide_run):
